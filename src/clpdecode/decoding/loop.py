@@ -1,0 +1,219 @@
+"""The one decoding loop. Every method (AR, naive, gate, CLP, verified, competing) is a
+policy plugged into it (see policies.py).
+
+A step, after the prefill:
+
+1. ``propose``: the policy picks token t+1 (the backbone's, drawn from its logits) and
+   0..k head tokens after it.
+2. ``emit``: t+1 is emitted; unverified policies emit their head tokens too.
+3. ``forward``: ONE backbone forward over [t+1, drafts...] extends the KV cache.
+4. ``verify`` (verified policy only): the logits at each draft's position say whether the
+   backbone would have produced it; keep the agreeing prefix, emit it, roll the cache
+   back past the first disagreement.
+5. the hidden state at the last kept position feeds the next step.
+
+Batch size 1; the steps take (B, T) tensors so that batches can come later.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import ClpError
+from .policies import Policy
+from .sampling import Sampler, SamplingConfig
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128  # hard cap on emitted tokens
+    stop: tuple[str, ...] = ()  # stop strings: output ends after the token completing one
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ClpError("--max-new-tokens must be at least 1")
+
+
+@dataclass
+class GenerationResult:
+    method: str
+    prompt_ids: list[int]
+    token_ids: list[int]  # new tokens, EOS included when reached (as transformers does)
+    text: str
+    forward_passes: int  # backbone forwards, the prefill included
+    accepted_per_step: list[int]  # head tokens kept after each forward's backbone token
+    from_heads: list[bool]  # per new token: emitted by an MTP head rather than the LM head
+    seconds: float  # end to end, prefill included
+    prefill_seconds: float
+    decode_tokens: int  # tokens emitted after the prefill forward's own
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / max(1, self.forward_passes)
+
+    def as_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "new_tokens": self.new_tokens,
+            "forward_passes": self.forward_passes,
+            "seconds": round(self.seconds, 4),
+            "accepted_per_step": self.accepted_per_step,
+            "tokens_per_forward": round(self.tokens_per_forward, 4),
+        }
+
+
+class _Output:
+    """Collects emitted tokens; knows when generation must end (budget, EOS, stop string)."""
+
+    def __init__(self, backbone, cfg: GenerationConfig, on_tokens):
+        self.backbone, self.cfg, self.on_tokens = backbone, cfg, on_tokens
+        self.ids: list[int] = []
+        self.from_heads: list[bool] = []
+        self.done = False
+
+    @property
+    def remaining(self) -> int:
+        return self.cfg.max_new_tokens - len(self.ids)
+
+    def emit(self, tokens: list[int], from_heads: bool) -> None:
+        """Append tokens one by one, ending exactly where AR decoding would end."""
+        start = len(self.ids)
+        for t in tokens:
+            if self.done:
+                break
+            self.ids.append(t)
+            self.from_heads.append(from_heads)
+            if t in self.backbone.eos_ids or self.remaining <= 0 or self._hit_stop():
+                self.done = True
+        if self.on_tokens and len(self.ids) > start:
+            self.on_tokens(self.ids[start:], from_heads)
+
+    def _hit_stop(self) -> bool:
+        if not self.cfg.stop:
+            return False
+        # Only the tail can complete a stop string that was absent a token ago.
+        tail = self.backbone.decode(self.ids[-16:])
+        return any(s in tail for s in self.cfg.stop)
+
+
+def prefill(backbone, prompt_ids: list[int], cache) -> torch.Tensor:
+    """Run the prompt through the backbone.
+
+    Args:
+        prompt_ids: the prompt's token ids.
+        cache: an empty cache; holds the prompt afterwards.
+    Returns:
+        (T, d) hidden states of the prompt positions.
+    """
+    return backbone.forward(torch.tensor([prompt_ids]), cache)[0]
+
+
+def decode_forward(backbone, pending: list[int], cache) -> torch.Tensor:
+    """One decode forward over the tokens of the last step.
+
+    Args:
+        pending: [t+1, draft_1 .. draft_m], not yet in the cache.
+        cache: grows by len(pending) positions.
+    Returns:
+        (len(pending), d) hidden states.
+    """
+    return backbone.forward(torch.tensor([pending]), cache)[0]
+
+
+def verify(backbone, drafts: list[int], hidden: torch.Tensor, sampler: Sampler) -> tuple[int, torch.Tensor]:
+    """Check drafts against the backbone's own predictions at their positions.
+
+    Args:
+        drafts: the m draft tokens fed after t+1 in the last forward.
+        hidden: (m+1, d) hidden states of [t+1, drafts...].
+    Returns:
+        (n_ok, p): how many drafts the backbone agrees with (a prefix), and the (V,)
+        distribution of the token after the last kept one (the residual after a rejection).
+    """
+    logits = backbone.logits(hidden[: len(drafts) + 1])  # (m+1, V)
+    for j, d in enumerate(drafts):
+        ok, p = sampler.accept(sampler.probs(logits[j]), d)
+        if not ok:
+            return j, p
+    return len(drafts), sampler.probs(logits[len(drafts)])
+
+
+def generate(
+    backbone,
+    prompt_ids: list[int],
+    policy: Policy,
+    cfg: GenerationConfig | None = None,
+    on_tokens: Callable[[list[int], bool], None] | None = None,
+) -> GenerationResult:
+    """Decode a continuation of `prompt_ids` with `policy`.
+
+    Args:
+        backbone: a Backbone.
+        prompt_ids: prompt token ids (chat template already applied).
+        policy: from make_policy(); decides t+1 and the head tokens of each step.
+        cfg: budget, stop strings, sampling.
+        on_tokens: called with (new token ids, emitted_by_heads) as tokens are emitted.
+    Returns:
+        A GenerationResult with the tokens, text and acceptance statistics.
+    """
+    cfg = cfg or GenerationConfig()
+    if not prompt_ids:
+        raise ClpError("the prompt is empty")
+    sampler = Sampler(cfg.sampling)
+    out = _Output(backbone, cfg, on_tokens)
+    accepted: list[int] = []
+    cache = backbone.new_cache()
+
+    t0 = time.perf_counter()
+    hidden = prefill(backbone, prompt_ids, cache)[-1]  # (d,)
+    p = sampler.probs(backbone.logits(hidden))  # (V,)
+    forwards, prefill_seconds, prefill_tokens = 1, None, 0
+    while True:
+        prop = policy.propose(hidden, p, sampler)
+        out.emit([prop.token], from_heads=prop.token_from_heads)
+        drafts = prop.drafts[: max(0, out.remaining)]
+        if not policy.verifies:
+            before = len(out.ids)
+            out.emit(drafts, from_heads=True)
+            accepted.append(len(out.ids) - before)
+        if prefill_seconds is None:
+            prefill_seconds, prefill_tokens = time.perf_counter() - t0, len(out.ids)
+        if out.done:
+            break
+        states = decode_forward(backbone, [prop.token] + drafts, cache)  # (1+m, d)
+        forwards += 1
+        if policy.verifies:
+            n_ok, p = verify(backbone, drafts, states, sampler)
+            out.emit(drafts[:n_ok], from_heads=True)
+            accepted.append(n_ok)
+            if out.done:
+                break
+            backbone.rollback(cache, len(drafts) - n_ok)
+            hidden = states[n_ok]
+        else:
+            hidden = states[-1]
+            p = sampler.probs(backbone.logits(hidden))
+    seconds = time.perf_counter() - t0
+    return GenerationResult(
+        method=policy.name,
+        prompt_ids=list(prompt_ids),
+        token_ids=out.ids,
+        text=backbone.decode(out.ids),
+        forward_passes=forwards,
+        accepted_per_step=accepted,
+        from_heads=out.from_heads,
+        seconds=seconds,
+        prefill_seconds=prefill_seconds or seconds,
+        decode_tokens=len(out.ids) - prefill_tokens,
+    )

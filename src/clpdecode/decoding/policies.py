@@ -1,0 +1,156 @@
+"""Drafting policies: what to emit after each backbone forward.
+
+Every method is a policy plugged into the ONE loop in ``loop.py``:
+
+| policy      | token t+1 from | head tokens emitted                  | checked by backbone |
+| ----------- | -------------- | ------------------------------------ | ------------------- |
+| ``ar``      | backbone       | none                                 | -                   |
+| ``naive``   | backbone       | all k                                | no                  |
+| ``gate``    | backbone       | while each gate clears its threshold | no                  |
+| ``clp``     | backbone       | m from CLP's decision rule           | no                  |
+| ``verified``| backbone       | m from CLP (or all k), kept only if the next forward agrees | yes |
+| ``competing``| heads         | all heads' tokens (the prior design) | no                  |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ClpError
+
+METHODS = ("ar", "naive", "gate", "clp", "verified", "competing")
+
+
+@dataclass
+class Proposal:
+    token: int  # token t+1
+    drafts: list[int]  # head tokens t+2 .. t+1+m (or t+2.. for competing)
+    token_from_heads: bool = False
+
+
+class Policy:
+    """Base policy: the backbone picks t+1; subclasses add head drafts."""
+
+    name = "ar"
+    verifies = False  # drafts wait for the backbone's check in the next forward
+
+    def __init__(self, backbone=None, drafter=None):
+        self.backbone = backbone
+        self.drafter = drafter
+
+    def propose(self, hidden: torch.Tensor, p: torch.Tensor, sampler) -> Proposal:
+        """Pick token t+1 and the head tokens after it.
+
+        Args:
+            hidden: (d,) the backbone's last hidden state at t.
+            p: (V,) the distribution of token t+1 (the backbone's, after sampling rules).
+            sampler: the Sampler that draws from p.
+        Returns:
+            A Proposal: token t+1 and 0..k draft tokens.
+        """
+        token = sampler.select(p)
+        m = self.span(hidden)
+        return Proposal(token, self.head_tokens(hidden, token)[:m] if m else [])
+
+    def span(self, hidden: torch.Tensor) -> int:
+        """How many head tokens to take this step (before any verification)."""
+        return 0
+
+    def head_tokens(self, hidden: torch.Tensor, token: int) -> list[int]:
+        heads = self.drafter.heads
+        emb = self.backbone.embed(torch.tensor(token)).float() if heads.cfg.design == "fused" else None
+        return heads.propose(hidden, emb)
+
+
+class AR(Policy):
+    name = "ar"
+
+
+class Naive(Policy):
+    name = "naive"
+
+    def span(self, hidden):
+        return self.drafter.k
+
+
+class Gate(Policy):
+    name = "gate"
+
+    def __init__(self, backbone, drafter, threshold: float = 0.5):
+        super().__init__(backbone, drafter)
+        if drafter.gates is None:
+            raise ClpError("these heads have no gate networks: train them with `clp train`")
+        self.threshold = threshold
+
+    def span(self, hidden):
+        return self.drafter.gates.decide(hidden, self.threshold)
+
+
+class CLPPolicy(Policy):
+    name = "clp"
+
+    def __init__(self, backbone, drafter, threshold: float = 0.5):
+        super().__init__(backbone, drafter)
+        if drafter.clp is None:
+            raise ClpError("these heads have no CLP layer: train it with `clp train`")
+        self.threshold = threshold
+
+    def span(self, hidden):
+        return self.drafter.clp.decide(hidden, self.threshold)
+
+
+class Verified(Policy):
+    """Lossless: drafts are emitted only once the next forward's logits agree."""
+
+    name = "verified"
+    verifies = True
+
+    def __init__(self, backbone, drafter, draft: str = "clp", threshold: float = 0.5):
+        super().__init__(backbone, drafter)
+        if draft not in ("clp", "all"):
+            raise ClpError(f"--draft must be clp or all, got {draft!r}")
+        if draft == "clp" and drafter.clp is None:
+            raise ClpError("--draft clp needs a CLP layer in the heads folder; use --draft all")
+        self.draft, self.threshold = draft, threshold
+
+    def span(self, hidden):
+        if self.draft == "all":
+            return self.drafter.k
+        return self.drafter.clp.decide(hidden, self.threshold)
+
+
+class Competing(Policy):
+    """The head-competition ablation: heads predict t+1 too and the span is theirs."""
+
+    name = "competing"
+
+    def __init__(self, backbone, drafter):
+        super().__init__(backbone, drafter)
+        if drafter.competing is None:
+            raise ClpError("these heads have no competing-ablation heads: train them with `clp train`")
+
+    def propose(self, hidden, p, sampler):
+        tokens = self.drafter.competing.propose(hidden)
+        return Proposal(tokens[0], tokens[1:], token_from_heads=True)
+
+
+def make_policy(method: str, backbone=None, drafter=None, *, clp_threshold: float = 0.5,
+                gate_threshold: float = 0.5, draft: str = "clp") -> Policy:
+    """Build the policy for a method name (see METHODS)."""
+    if method not in METHODS:
+        raise ClpError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "ar":
+        return AR(backbone)
+    if drafter is None:
+        raise ClpError(f"method {method!r} needs MTP heads")
+    if method == "naive":
+        return Naive(backbone, drafter)
+    if method == "gate":
+        return Gate(backbone, drafter, gate_threshold)
+    if method == "clp":
+        return CLPPolicy(backbone, drafter, clp_threshold)
+    if method == "verified":
+        return Verified(backbone, drafter, draft, clp_threshold)
+    return Competing(backbone, drafter)

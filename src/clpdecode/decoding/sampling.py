@@ -1,0 +1,72 @@
+"""Token selection: greedy, or temperature / top-p sampling with a seed, and the
+speculative-sampling acceptance test used by verified decoding.
+
+Everything works on a probability vector over the vocabulary. Greedy decoding is the
+point-mass distribution on the argmax, so one acceptance rule serves both: a draft token
+d is accepted with probability p(d) (exactly "d is the argmax" when greedy), and after a
+rejection the next token is drawn from p with d removed, renormalised. With a draft that
+is a deterministic choice (a point mass q on d) that residual is norm(max(0, p - q)),
+the standard rule, so sampled output keeps the backbone's distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept when sampling
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+class Sampler:
+    def __init__(self, cfg: SamplingConfig):
+        self.cfg = cfg
+        self.greedy = cfg.temperature == 0
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(V,) logits -> (V,) the distribution the next token is drawn from."""
+        if self.greedy:
+            p = torch.zeros_like(logits, dtype=torch.float32)
+            p[int(logits.argmax())] = 1.0
+            return p
+        p = torch.softmax(logits.float() / self.cfg.temperature, -1)
+        if self.cfg.top_p < 1:
+            sorted_p, idx = p.sort(descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the top token always).
+            drop = sorted_p.cumsum(0) - sorted_p >= self.cfg.top_p
+            sorted_p[drop] = 0
+            p = torch.zeros_like(p).scatter_(0, idx, sorted_p)
+            p = p / p.sum()
+        return p
+
+    def select(self, p: torch.Tensor) -> int:
+        if self.greedy:
+            return int(p.argmax())
+        return int(torch.multinomial(p, 1, generator=self.gen))
+
+    def accept(self, p: torch.Tensor, draft: int) -> tuple[bool, torch.Tensor]:
+        """Speculative acceptance of a draft token under p.
+
+        Returns (accepted, p_next): p_next is the residual distribution to draw the
+        replacement token from when the draft is rejected.
+        """
+        if self.greedy:
+            return int(p.argmax()) == draft, p
+        if torch.rand((), generator=self.gen) < p[draft]:
+            return True, p
+        residual = p.clone()
+        residual[draft] = 0
+        total = residual.sum()
+        return False, residual / total if total > 0 else p

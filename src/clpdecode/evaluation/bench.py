@@ -1,0 +1,247 @@
+"""`clp bench`: every method on the same prompts, interleaved, against AR in the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..decoding import GenerationConfig, generate, make_policy
+from ..decoding.loop import GenerationResult
+from .metrics import DEFINITIONS, backbone_nll, common_prefix, mean_repetition
+
+
+@dataclass
+class BenchSettings:
+    prompts: str = "mtbench"
+    limit: int | None = 10
+    methods: tuple[str, ...] = ("ar", "naive", "gate", "clp", "verified", "competing")
+    max_new_tokens: int = 128
+    numerics: str = "fp32"
+    clp_threshold: float = 0.5
+    gate_threshold: float = 0.5
+    draft: str = "clp"
+    k: int = 2
+    warmup_tokens: int = 16
+    threads: int = 0
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, reference=None,
+              progress: bool = True) -> dict:
+    """Run every method on every prompt, methods interleaved per prompt.
+
+    Args:
+        backbone: the backbone with the numerics under test.
+        drafter: heads + CLP + gates (None if only `ar` is benchmarked).
+        prompts: user messages.
+        settings: what to run.
+        reference: an fp32 backbone for NLL and fp32-AR agreement (None: `backbone` itself).
+    Returns:
+        The results dict written to results.json.
+    """
+    from tqdm import tqdm
+
+    methods = list(dict.fromkeys(["ar", *settings.methods]))  # AR is always the reference
+    policies = {m: make_policy(m, backbone, drafter, clp_threshold=settings.clp_threshold,
+                               gate_threshold=settings.gate_threshold, draft=settings.draft) for m in methods}
+    encoded = [backbone.encode_prompt(p) for p in prompts]
+    cfg = GenerationConfig(max_new_tokens=settings.max_new_tokens)
+    # Warm-up: first calls pay for allocator growth and lazy initialisation.
+    for m in methods:
+        generate(backbone, encoded[0], policies[m], GenerationConfig(max_new_tokens=settings.warmup_tokens))
+    runs: dict[str, list[GenerationResult]] = {m: [] for m in methods}
+    bar = tqdm(total=len(encoded) * len(methods), desc="bench", unit="run", disable=not progress)
+    for ids in encoded:
+        for m in methods:
+            runs[m].append(generate(backbone, ids, policies[m], cfg))
+            bar.update(1)
+            bar.set_postfix(method=m)
+    bar.close()
+
+    ref = reference or backbone
+    fp32_ar = None
+    if reference is not None and reference is not backbone:
+        fp32_policy = make_policy("ar", reference)
+        fp32_ar = [generate(reference, ids, fp32_policy, cfg).token_ids
+                   for ids in tqdm(encoded, desc="bench: fp32 AR reference", disable=not progress)]
+
+    def rate(rs, key):
+        toks = sum(r.decode_tokens if key == "decode" else r.new_tokens for r in rs)
+        secs = sum(r.seconds - r.prefill_seconds if key == "decode" else r.seconds for r in rs)
+        return toks / secs if secs > 0 else 0.0
+
+    ar_decode, ar_e2e = rate(runs["ar"], "decode"), rate(runs["ar"], "e2e")
+    results = {}
+    for m in methods:
+        rs = runs[m]
+        samples = [r.token_ids for r in rs]
+        ar_ids = [r.token_ids for r in runs["ar"]]
+        entry = {
+            "speedup": round(rate(rs, "decode") / ar_decode, 4) if ar_decode else None,
+            "speedup_e2e": round(rate(rs, "e2e") / ar_e2e, 4) if ar_e2e else None,
+            "tokens_per_s": round(rate(rs, "decode"), 3),
+            "tokens_per_s_e2e": round(rate(rs, "e2e"), 3),
+            "tokens_per_forward": round(sum(r.new_tokens for r in rs) / sum(r.forward_passes for r in rs), 4),
+            "rep4": round(mean_repetition(samples, 4), 5),
+            "rep3": round(mean_repetition(samples, 3), 5),
+            "rep2": round(mean_repetition(samples, 2), 5),
+            "agreement_exact": round(sum(a == b for a, b in zip(samples, ar_ids)) / len(rs), 4),
+            "common_prefix_mean": round(sum(common_prefix(a, b) for a, b in zip(samples, ar_ids)) / len(rs), 2),
+            "nll": round(sum(backbone_nll(ref, r.prompt_ids, r.token_ids) for r in rs) / len(rs), 4),
+            "n_prompts": len(rs),
+            "mean_new_tokens": round(sum(r.new_tokens for r in rs) / len(rs), 1),
+            "accepted_hist": _hist([a for r in rs for a in r.accepted_per_step], drafter.k if drafter else 0),
+        }
+        if fp32_ar is not None:
+            entry["agreement_fp32_ar"] = round(sum(a == b for a, b in zip(samples, fp32_ar)) / len(rs), 4)
+            entry["common_prefix_fp32_ar"] = round(
+                sum(common_prefix(a, b) for a, b in zip(samples, fp32_ar)) / len(rs), 2)
+        results[m] = entry
+    out = {
+        "backbone": backbone.info.as_dict(),
+        "settings": {**asdict(settings), "n_prompts": len(prompts), "torch_threads": torch.get_num_threads(),
+                     "machine": platform.processor() or platform.machine()},
+        "methods": results,
+        "definitions": DEFINITIONS,
+    }
+    if drafter is not None:
+        out["drafter"] = drafter.sizes()
+        training = drafter.meta.get("training", {})
+        if "heads" in training:
+            out["head_accuracy"] = training["heads"]
+    out["examples"] = {m: runs[m][0].text for m in methods}
+    return out
+
+
+def _hist(values: list[int], k: int) -> list[int]:
+    h = [0] * (k + 1)
+    for v in values:
+        h[min(v, k)] += 1
+    return h
+
+
+def write_report(results: dict, out_dir: Path, command: str) -> list[Path]:
+    """results.json, report.md and PNG plots in out_dir; returns the written paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    p = out_dir / "results.json"
+    _write_atomic(p, json.dumps(results, indent=1).encode())
+    written.append(p)
+    p = out_dir / "report.md"
+    _write_atomic(p, render_markdown(results, command).encode())
+    written.append(p)
+    written.extend(_plots(results, out_dir))
+    return written
+
+
+def table(results: dict) -> str:
+    rows = ["| method | speedup | speedup e2e | tok/s | tokens/forward | rep4 | rep3 | rep2 | = AR | common prefix | NLL |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m, r in results["methods"].items():
+        rows.append(f"| {m} | {r['speedup']:.2f}x | {r['speedup_e2e']:.2f}x | {r['tokens_per_s']:.1f} | "
+                    f"{r['tokens_per_forward']:.2f} | {r['rep4']:.4f} | {r['rep3']:.4f} | {r['rep2']:.4f} | "
+                    f"{r['agreement_exact']:.2f} | {r['common_prefix_mean']:.1f} | {r['nll']:.3f} |")
+    return "\n".join(rows)
+
+
+def render_markdown(results: dict, command: str) -> str:
+    s = results["settings"]
+    b = results["backbone"]
+    lines = [
+        "# clp-decode benchmark",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Backbone {b['name']} (d = {b['hidden_size']}, {b['num_layers']} layers, {b['params']:,} parameters), "
+        f"numerics {b['numerics']}, prompts {s['prompts']} (n = {s['n_prompts']}), greedy, "
+        f"max_new_tokens {s['max_new_tokens']}, k = {s['k']}, CLP threshold {s['clp_threshold']}, "
+        f"gate threshold {s['gate_threshold']}, verified drafts from {s['draft']}, "
+        f"{s['torch_threads']} torch threads.",
+        "",
+        table(results),
+        "",
+    ]
+    if any("agreement_fp32_ar" in r for r in results["methods"].values()):
+        lines += ["Agreement with fp32 AR (numerics check): " + ", ".join(
+            f"{m} {r['agreement_fp32_ar']:.2f} (prefix {r['common_prefix_fp32_ar']:.1f})"
+            for m, r in results["methods"].items()), ""]
+    if "drafter" in results:
+        d = results["drafter"]
+        lines += ["Sizes: " + ", ".join(f"{k} {v['params']:,} parameters" for k, v in d.items()), ""]
+    if "head_accuracy" in results:
+        h = results["head_accuracy"]
+        lines += [f"Held-out head accuracy (k = {h['k']}, {h['tokens']} positions): top-1 {h['head_top1']}, "
+                  f"top-5 {h['head_top5']}", ""]
+    lines += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in results["definitions"].items()]
+    lines += ["", "## First answer of each method", ""]
+    for m, text in results.get("examples", {}).items():
+        lines += [f"**{m}**:", "", "> " + text.replace("\n", "\n> "), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(results: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    ms = results["methods"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, r in ms.items():
+        ax.scatter(r["rep4"], r["speedup"], s=60)
+        ax.annotate(m, (r["rep4"], r["speedup"]), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("repetition ratio rep-4 (lower is better)")
+    ax.set_ylabel("decode speedup vs AR")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_title("speed vs repetition")
+    fig.tight_layout()
+    p = out_dir / "speedup_vs_repetition.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / max(1, len(ms))
+    for j, (m, r) in enumerate(ms.items()):
+        h = r["accepted_hist"]
+        total = max(1, sum(h))
+        ax.bar([i + 1 + j * width for i in range(len(h))], [c / total for c in h], width=width, label=m)
+    ax.set_xlabel("tokens emitted per forward (1 + accepted head tokens)")
+    ax.set_ylabel("share of steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / "tokens_per_forward_hist.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+
+    acc = results.get("head_accuracy_by_k") or ({str(results["head_accuracy"]["k"]): results["head_accuracy"]}
+                                                if "head_accuracy" in results else {})
+    if acc:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k, h in acc.items():
+            xs = [f"t+{i + 2}" for i in range(len(h["head_top1"]))]
+            ax.plot(xs, h["head_top1"], marker="o", label=f"k={k} top-1")
+            ax.plot(xs, h["head_top5"], marker="x", ls="--", label=f"k={k} top-5")
+        ax.set_ylabel("held-out accuracy vs greedy continuation")
+        ax.set_xlabel("head target")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / "head_accuracy_vs_horizon.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    return written

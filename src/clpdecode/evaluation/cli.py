@@ -1,0 +1,100 @@
+"""`clp eval-heads` and `clp bench`."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from ..errors import ClpError
+
+
+def cmd_eval_heads(args) -> int:
+    from ..backbone import load_backbone
+    from ..heads import default_drafter
+    from ..training.cli import default_features_dir
+    from ..training.data import load_features
+    from ..training.train import head_accuracy, training_embed
+
+    backbone = load_backbone(args.model)
+    if args.heads is not None and not Path(args.heads).exists():
+        raise ClpError(f"heads folder {args.heads!r} does not exist")
+    drafter = default_drafter(backbone, k=args.k, folder=args.heads)
+    features = Path(args.features) if args.features else default_features_dir(backbone.name)
+    if not features.is_dir():
+        raise ClpError(f"no cached hidden states at {features}: run `clp distill` first")
+    feats = load_features(features)
+    if len(feats.rows("heldout")) == 0:
+        raise ClpError(f"{features} has no held-out positions")
+    res = head_accuracy(drafter.heads, feats, training_embed(backbone))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"k = {res['k']}, {res['tokens']} held-out positions")
+        for i, (a1, a5) in enumerate(zip(res["head_top1"], res["head_top5"])):
+            print(f"  head {i + 1} (token t+{i + 2}): top-1 {a1:.3f}  top-5 {a5:.3f}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from ..backbone import load_backbone
+    from ..decoding import METHODS
+    from ..heads import default_drafter
+    from .bench import BenchSettings, run_bench, table, write_report
+    from .prompts import load_prompts
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ClpError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    if args.max_new_tokens < 1:
+        raise ClpError("--max-new-tokens must be at least 1")
+    prompts = load_prompts(args.prompts, args.limit)
+    if args.heads is not None and not Path(args.heads).exists():
+        raise ClpError(f"heads folder {args.heads!r} does not exist")
+    backbone = load_backbone(args.model, numerics=args.numerics)
+    drafter = None
+    if any(m != "ar" for m in methods):
+        drafter = default_drafter(backbone, k=args.k, folder=args.heads)
+    reference = load_backbone(args.model, numerics="fp32", progress=False) if args.numerics != "fp32" else None
+    settings = BenchSettings(prompts=args.prompts, limit=args.limit, methods=methods,
+                             max_new_tokens=args.max_new_tokens, numerics=args.numerics,
+                             clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
+                             draft=args.draft, k=drafter.k if drafter else args.k, threads=torch.get_num_threads())
+    results = run_bench(backbone, drafter, prompts, settings, reference=reference)
+    command = "clp " + " ".join(shlex.quote(a) for a in args.argv)
+    written = write_report(results, Path(args.out), command)
+    print(table(results))
+    print(f"\nreport: {written[1]}  (results.json and plots beside it)")
+    return 0
+
+
+def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_args) -> None:
+    e = sub.add_parser(
+        "eval-heads", help="held-out top-1/top-5 accuracy of each MTP head",
+        description="Top-1 and top-5 accuracy of each head against the backbone's greedy continuation, on the "
+                    "held-out split of the cached hidden states (see `clp distill`).")
+    add_model_args(e)
+    add_drafter_args(e)
+    e.add_argument("--features", default=None, help="hidden-state cache (default: <cache>/features/<backbone>)")
+    e.add_argument("--json", action="store_true", help='print {"k", "head_top1", "head_top5", "tokens"}')
+    e.set_defaults(func=cmd_eval_heads)
+
+    b = sub.add_parser(
+        "bench", help="speed and quality of every method against AR, in one run",
+        description="Run the methods interleaved prompt by prompt (same backbone, numerics, prompts and "
+                    "max_new_tokens, after a warm-up) and write DIR/results.json, DIR/report.md and PNG plots. "
+                    "Speedups are ratios against AR measured in the same run.")
+    add_model_args(b)
+    add_drafter_args(b)
+    add_policy_args(b)
+    b.add_argument("--prompts", default="mtbench",
+                   help="mtbench, gsm8k, humaneval, sharegpt or a JSONL file of {\"prompt\": ...} (default: mtbench)")
+    b.add_argument("--limit", type=int, default=10, help="first N prompts (default: 10)")
+    b.add_argument("--methods", default="ar,naive,gate,clp,verified,competing",
+                   help="comma-separated methods (default: all six)")
+    b.add_argument("--max-new-tokens", type=int, default=128, help="(default: 128)")
+    b.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
+    b.set_defaults(func=cmd_bench)

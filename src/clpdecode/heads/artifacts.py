@@ -1,0 +1,175 @@
+"""The drafter bundle: MTP heads + CLP + gates + competing heads for one backbone and k.
+
+On disk a bundle is a folder with ``config.json`` and ``model.safetensors`` (weights in
+fp16 to keep shipped files small; loaded back as fp32). ``config.json`` records the
+backbone's name, hidden size, vocab size and a fingerprint of its LM head, so a bundle
+loaded onto another backbone fails with a clear error instead of drafting garbage.
+Writes go to a temporary folder that is renamed into place: a killed save never leaves a
+half-written bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..errors import ClpError
+from ..predictors.modules import CLP, Gates, PredictorConfig
+from .modules import HeadsConfig, MTPHeads
+
+FORMAT = "clp-decode-drafter/1"
+
+
+@dataclass
+class Drafter:
+    """Everything a multi-token policy needs besides the backbone."""
+
+    heads: MTPHeads
+    clp: CLP | None = None
+    gates: Gates | None = None
+    competing: MTPHeads | None = None
+    meta: dict = field(default_factory=dict)  # backbone identity, training notes
+
+    @property
+    def k(self) -> int:
+        return self.heads.cfg.k
+
+    def attach(self, backbone) -> "Drafter":
+        check_backbone(self.meta, backbone)
+        for h in (self.heads, self.competing):
+            if h is not None:
+                h.attach(backbone.lm_head_weight)
+        return self
+
+    def sizes(self) -> dict:
+        out = {"heads": {"k": self.k, "params": self.heads.num_params, "design": self.heads.cfg.design,
+                         "draft_vocab": int(self.heads.draft_ids.numel())}}
+        if self.clp is not None:
+            out["clp"] = {"params": self.clp.num_params}
+        if self.gates is not None:
+            out["gate"] = {"params": self.gates.num_params, "params_at_d1536": Gates.params_at(1536, self.k)}
+        if self.competing is not None:
+            out["competing"] = {"params": self.competing.num_params}
+        return out
+
+
+def backbone_meta(backbone) -> dict:
+    return {
+        "name": backbone.name,
+        "hidden_size": backbone.info.hidden_size,
+        "vocab_size": backbone.info.vocab_size,
+        "lm_head_fingerprint": backbone.fingerprint,
+    }
+
+
+def check_backbone(meta: dict, backbone) -> None:
+    want = meta.get("backbone", {})
+    have = backbone_meta(backbone)
+    for key in ("hidden_size", "vocab_size", "lm_head_fingerprint"):
+        if want.get(key) != have[key]:
+            raise ClpError(
+                f"these heads were trained for backbone {want.get('name')!r} "
+                f"({key} {want.get(key)}), not for {have['name']!r} ({key} {have[key]})"
+            )
+
+
+def save_drafter(drafter: Drafter, folder: Path, backbone=None) -> Path:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    meta = dict(drafter.meta)
+    if backbone is not None:
+        meta["backbone"] = backbone_meta(backbone)
+    config = {"format": FORMAT, "heads": drafter.heads.cfg.as_dict(), **meta}
+    tensors = {}
+    for prefix, mod in (("heads", drafter.heads), ("clp", drafter.clp), ("gates", drafter.gates),
+                        ("competing", drafter.competing)):
+        if mod is None:
+            continue
+        if prefix == "competing":
+            config["competing"] = mod.cfg.as_dict()
+        for name, t in mod.state_dict().items():
+            t = t.detach().cpu()
+            t = t.to(torch.int32) if t.dtype == torch.long else t.to(torch.float16)
+            tensors[f"{prefix}.{name}"] = t.contiguous()
+    config["components"] = sorted({k.split(".")[0] for k in tensors})
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_drafter(folder: Path, backbone=None) -> Drafter:
+    """Load a bundle; with `backbone`, check it matches and attach the LM-head rows."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise ClpError(f"{str(folder)!r} is not a heads folder (needs config.json and model.safetensors)")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        tensors = load_file(str(folder / "model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - corrupt files of any kind
+        raise ClpError(f"cannot read heads in {str(folder)!r}: {e}") from None
+    if config.get("format") != FORMAT:
+        raise ClpError(f"{str(folder)!r} is not a clp-decode heads folder (format {config.get('format')!r})")
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix) + 1 :]: (v.long() if v.dtype == torch.int32 else v.float())
+                for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+    hcfg = HeadsConfig(**config["heads"])
+    heads = MTPHeads(hcfg)
+    heads.load_state_dict(part("heads"))
+    pcfg = PredictorConfig(k=hcfg.k, hidden_size=hcfg.hidden_size)
+    clp = gates = competing = None
+    if part("clp"):
+        clp = CLP(pcfg)
+        clp.load_state_dict(part("clp"))
+    if part("gates"):
+        gates = Gates(pcfg)
+        gates.load_state_dict(part("gates"))
+    if part("competing"):
+        competing = MTPHeads(HeadsConfig(**config["competing"]))
+        competing.load_state_dict(part("competing"))
+    meta = {k: v for k, v in config.items() if k not in ("format", "heads", "competing", "components")}
+    drafter = Drafter(heads=heads, clp=clp, gates=gates, competing=competing, meta=meta)
+    for m in (heads, clp, gates, competing):
+        if m is not None:
+            m.eval()
+    return drafter.attach(backbone) if backbone is not None else drafter
+
+
+def shipped_drafter_dir(backbone_name: str, k: int) -> Path | None:
+    """The bundle shipped inside the package for this backbone and k, if any."""
+    root = resources.files("clpdecode") / "assets" / "drafters" / backbone_name / f"k{k}"
+    path = Path(str(root))
+    return path if (path / "config.json").is_file() else None
+
+
+def default_drafter(backbone, k: int = 2, folder: str | Path | None = None) -> Drafter:
+    """Heads from `folder` (its own k), else the ones shipped for this backbone and k."""
+    if folder is None:
+        shipped = shipped_drafter_dir(backbone.name, k)
+        if shipped is None:
+            raise ClpError(
+                f"no heads are shipped for {backbone.name!r} with k={k}: train some with "
+                "`clp distill` and `clp train`, then pass --heads DIR"
+            )
+        folder = shipped
+    return load_drafter(Path(folder), backbone)

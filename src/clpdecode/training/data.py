@@ -1,0 +1,102 @@
+"""Training examples from cached hidden states.
+
+A features shard holds, per answer position j of each sequence: ``hidden[j]`` (d,), the
+backbone state whose LM-head argmax is answer token j (the backbone's "t+1"), and
+``tokens[j]``. For a head with target offset o (o = 2 under Backbone-as-Architect: head i
+-> t+1+i), the target of head i at j is tokens[j + o - 2 + i], when the sequence is that
+long.
+
+Splits, by sequence: ``heldout`` (chosen at generation, for every evaluation), and the
+rest split again into ``heads`` (trains the heads) and ``predictor`` (trains CLP and the
+gates on head predictions the heads were not fitted to, so that their labels are honest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ClpError
+
+IGNORE = -100
+
+
+@dataclass
+class Features:
+    hidden: torch.Tensor  # (N, d) fp16
+    tokens: torch.Tensor  # (N,) answer tokens; tokens[j] is the backbone's t+1 at row j
+    seq: torch.Tensor  # (N,) sequence id (negative: teacher-forced ShareGPT text)
+    split: np.ndarray  # (N,) "heads" | "predictor" | "heldout"
+    on_path: torch.Tensor  # (N,) bool: the sequence's next row follows the backbone's greedy choice
+
+    def targets(self, k: int, offset: int = 2) -> torch.Tensor:
+        """(N, k) target token of head i at each row.
+
+        IGNORE past the sequence end, and where the sequence left the backbone's greedy
+        path before the target (teacher-forced text), since the target is then unknown.
+        """
+        n = len(self.tokens)
+        out = torch.full((n, k), IGNORE, dtype=torch.long)
+        valid = torch.ones(n, dtype=torch.bool)  # chain from j to j+shift is on the path
+        shift_done = 0
+        for i in range(k):
+            shift = offset - 1 + i  # rows ahead of j holding head i's target
+            while shift_done < shift:
+                s = shift_done
+                step = torch.zeros(n, dtype=torch.bool)
+                step[: n - s - 1] = (self.seq[s + 1 :] == self.seq[: n - s - 1]) & self.on_path[s : n - 1]
+                valid &= step
+                shift_done += 1
+            if shift == 0:
+                out[:, i] = self.tokens
+                continue
+            tgt = torch.full((n,), IGNORE, dtype=torch.long)
+            tgt[: n - shift] = self.tokens[shift:]
+            out[:, i] = torch.where(valid, tgt, torch.tensor(IGNORE))
+        return out
+
+    def rows(self, split: str) -> torch.Tensor:
+        return torch.from_numpy(np.nonzero(self.split == split)[0])
+
+
+def load_features(features_dir: Path, predictor_share: float = 0.2, max_rows: int | None = None) -> Features:
+    shards = sorted(Path(features_dir).glob("shard-*.npz")) + sorted(Path(features_dir).glob("tf-*.npz"))
+    if not shards:
+        raise ClpError(f"no cached hidden states in {features_dir}: run `clp distill` first")
+    parts = [np.load(s) for s in shards]
+    hidden = np.concatenate([p["hidden"] for p in parts])
+    tokens = np.concatenate([p["tokens"] for p in parts]).astype(np.int64)
+    seq = np.concatenate([p["seq"] for p in parts]).astype(np.int64)
+    heldout = np.concatenate([p["heldout"] for p in parts])
+    on_path = np.concatenate([p["on_path"] if "on_path" in p else np.ones(len(p["tokens"]), bool) for p in parts])
+    # A fixed hash of the sequence id: the same sequences train CLP on every run. CLP and
+    # the gates learn from self-distilled sequences only (seq >= 0), whose labels are exact.
+    predictor = (((seq * 2654435761) % 1000) < predictor_share * 1000) & (seq >= 0)
+    split = np.where(heldout, "heldout", np.where(predictor, "predictor", "heads"))
+    if max_rows:
+        hidden, tokens, seq, split = hidden[:max_rows], tokens[:max_rows], seq[:max_rows], split[:max_rows]
+        on_path = on_path[:max_rows]
+    return Features(torch.from_numpy(hidden), torch.from_numpy(tokens), torch.from_numpy(seq), split,
+                    torch.from_numpy(on_path))
+
+
+def draft_vocabulary(tokens: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` most frequent answer tokens (all tokens when size is 0), sorted by id."""
+    if size <= 0 or size >= vocab_size:
+        return torch.arange(vocab_size)
+    counts = torch.bincount(tokens, minlength=vocab_size)
+    top = counts.argsort(descending=True)[:size]
+    return top.sort().values
+
+
+def to_draft_index(targets: torch.Tensor, draft_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Map backbone token ids to draft-vocabulary indices; tokens outside -> IGNORE."""
+    lut = torch.full((vocab_size,), IGNORE, dtype=torch.long)
+    lut[draft_ids] = torch.arange(len(draft_ids))
+    out = torch.full_like(targets, IGNORE)
+    valid = targets >= 0
+    out[valid] = lut[targets[valid]]
+    return out
