@@ -116,7 +116,8 @@ class Backbone:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) hidden states -> (..., V) fp32 logits."""
-        logits = self.lm_head(hidden).float()
+        # fbgemm's int8 Linear wants a 2-D input.
+        logits = self.lm_head(hidden.reshape(-1, hidden.shape[-1])).float().reshape(*hidden.shape[:-1], -1)
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits

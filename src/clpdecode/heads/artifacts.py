@@ -133,9 +133,14 @@ def load_drafter(folder: Path, backbone=None) -> Drafter:
         return {k[len(prefix) + 1 :]: (v.long() if v.dtype == torch.int32 else v.float())
                 for k, v in tensors.items() if k.startswith(prefix + ".")}
 
-    hcfg = HeadsConfig(**config["heads"])
-    heads = MTPHeads(hcfg)
-    heads.load_state_dict(part("heads"))
+    def make_heads(cfg: dict, state: dict) -> MTPHeads:
+        heads = MTPHeads(HeadsConfig(**cfg))
+        heads.set_draft_vocab(state["draft_ids"])  # sized by the file, so set before loading
+        heads.load_state_dict(state)
+        return heads
+
+    heads = make_heads(config["heads"], part("heads"))
+    hcfg = heads.cfg
     pcfg = PredictorConfig(k=hcfg.k, hidden_size=hcfg.hidden_size)
     clp = gates = competing = None
     if part("clp"):
@@ -145,8 +150,7 @@ def load_drafter(folder: Path, backbone=None) -> Drafter:
         gates = Gates(pcfg)
         gates.load_state_dict(part("gates"))
     if part("competing"):
-        competing = MTPHeads(HeadsConfig(**config["competing"]))
-        competing.load_state_dict(part("competing"))
+        competing = make_heads(config["competing"], part("competing"))
     meta = {k: v for k, v in config.items() if k not in ("format", "heads", "competing", "components")}
     drafter = Drafter(heads=heads, clp=clp, gates=gates, competing=competing, meta=meta)
     for m in (heads, clp, gates, competing):

@@ -72,9 +72,11 @@ def load_features(features_dir: Path, predictor_share: float = 0.2, max_rows: in
     seq = np.concatenate([p["seq"] for p in parts]).astype(np.int64)
     heldout = np.concatenate([p["heldout"] for p in parts])
     on_path = np.concatenate([p["on_path"] if "on_path" in p else np.ones(len(p["tokens"]), bool) for p in parts])
-    # A fixed hash of the sequence id: the same sequences train CLP on every run. CLP and
-    # the gates learn from self-distilled sequences only (seq >= 0), whose labels are exact.
-    predictor = (((seq * 2654435761) % 1000) < predictor_share * 1000) & (seq >= 0)
+    # Every n-th self-distilled training sequence (by id) trains CLP and the gates: the same
+    # ones on every run. Teacher-forced rows (seq < 0) never do: their labels are partial.
+    own = np.unique(seq[(seq >= 0) & ~heldout])
+    every = max(1, round(1 / predictor_share)) if predictor_share > 0 else 0
+    predictor = np.isin(seq, own[::every]) if every else np.zeros(len(seq), bool)
     split = np.where(heldout, "heldout", np.where(predictor, "predictor", "heads"))
     if max_rows:
         hidden, tokens, seq, split = hidden[:max_rows], tokens[:max_rows], seq[:max_rows], split[:max_rows]

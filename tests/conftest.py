@@ -1,0 +1,99 @@
+"""Tiny randomly initialised backbones (Llama and Qwen2) with a character tokenizer.
+
+Most tests run on these: a forward takes about a millisecond, so property tests can
+afford hundreds of generations.
+"""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    chars = list(string.printable)
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                   bos_token="<|im_start|>", additional_special_tokens=specials[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=2, pad_token_id=0, bos_token_id=1, tie_word_embeddings=True)
+    return LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+
+
+def save_tiny_model(path, arch: str = "llama", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok)))
+    # Larger-than-default weights give peaked, varied distributions (and some EOS).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_llama_dir):
+    from clpdecode.backbone import load_backbone
+
+    return load_backbone(str(tiny_llama_dir))
+
+
+def random_drafter(backbone, k: int = 2, design: str = "fused", seed: int = 0, scale: float = 0.5):
+    """Heads, CLP, gates and competing heads with random (non-zero) weights."""
+    from clpdecode.heads import Drafter, HeadsConfig, MTPHeads
+    from clpdecode.predictors import CLP, Gates, PredictorConfig
+
+    g = torch.Generator().manual_seed(seed)
+    d = backbone.info.hidden_size
+
+    def randomise(mod):
+        with torch.no_grad():
+            for p in mod.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+        return mod
+
+    heads = randomise(MTPHeads(HeadsConfig(k=k, hidden_size=d, design=design, draft_vocab=0)))
+    competing = randomise(MTPHeads(HeadsConfig(k=k + 1, hidden_size=d, design="residual", offset=1,
+                                               draft_vocab=0)))
+    pc = PredictorConfig(k=k, hidden_size=d)
+    drafter = Drafter(heads=heads, clp=randomise(CLP(pc)), gates=randomise(Gates(pc)), competing=competing,
+                      meta={"backbone": {"name": backbone.name, "hidden_size": d,
+                                         "vocab_size": backbone.info.vocab_size,
+                                         "lm_head_fingerprint": backbone.fingerprint}})
+    return drafter.attach(backbone)

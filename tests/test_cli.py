@@ -1,0 +1,94 @@
+"""The `clp` command: JSON outputs, streaming, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clpdecode.cli import main
+from clpdecode.heads import save_drafter
+
+from conftest import random_drafter
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_json(capsys, tiny_llama_dir):
+    code, out, _ = run(capsys, "generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--max-new-tokens", "7",
+                       "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert set(res) >= {"method", "text", "token_ids", "new_tokens", "forward_passes", "seconds",
+                        "accepted_per_step", "tokens_per_forward"}
+    assert res["method"] == "ar" and res["new_tokens"] == len(res["token_ids"]) <= 7
+
+
+def test_all_methods_from_cli(capsys, tmp_path, tiny_backbone, tiny_llama_dir):
+    save_drafter(random_drafter(tiny_backbone, k=2), tmp_path / "h", tiny_backbone)
+    outs = {}
+    for m in ["ar", "naive", "gate", "clp", "verified", "competing"]:
+        code, out, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--heads", str(tmp_path / "h"),
+                             "--method", m, "--prompt", "abc", "--max-new-tokens", "12", "--json")
+        assert code == 0, err
+        outs[m] = json.loads(out)
+    assert outs["verified"]["token_ids"] == outs["ar"]["token_ids"]
+    code, out, _ = run(capsys, "info", "--model", str(tiny_llama_dir), "--heads", str(tmp_path / "h"), "--json")
+    info = json.loads(out)
+    assert info["backbone"]["hidden_size"] == 32
+    assert info["heads"]["k"] == 2 and info["clp"]["params"] == 32 * 3 + 3 and info["gate"]["params"] > 0
+
+
+def test_streaming_prints_text(capsys, tiny_llama_dir):
+    code, out, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--max-new-tokens", "5")
+    assert code == 0 and "tokens in" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", "   "], "empty"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "at least 1"),
+    (["generate", "--prompt", "x", "--model", "/no/such/model"], "does not exist"),
+    (["generate", "--prompt", "x", "--method", "clp", "--heads", "/no/such/heads"], "does not exist"),
+    (["bench", "--prompts", "/no/such.jsonl", "--methods", "ar"], "does not exist"),
+    (["bench", "--methods", "ar,turbo"], "unknown method"),
+])
+def test_errors_are_one_line_exit_2(capsys, tiny_llama_dir, argv, message):
+    if "--model" not in argv:
+        argv = argv + ["--model", str(tiny_llama_dir)]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("clp: error:") and message in err and err.count("\n") == 1
+
+
+def test_prompt_longer_than_context(capsys, tiny_llama_dir):
+    code, _, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--prompt", "y" * 500)
+    assert code == 2 and "context window" in err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "clpdecode.cli", "bench", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--methods" in out.stdout and "--out" in out.stdout
+
+
+def test_bench_on_user_file(capsys, tmp_path, tiny_backbone, tiny_llama_dir):
+    save_drafter(random_drafter(tiny_backbone, k=2), tmp_path / "h", tiny_backbone)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "what is up"}\n')
+    code, out, err = run(capsys, "bench", "--model", str(tiny_llama_dir), "--heads", str(tmp_path / "h"),
+                         "--prompts", str(prompts), "--max-new-tokens", "10", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert set(res["methods"]) == {"ar", "naive", "gate", "clp", "verified", "competing"}
+    assert res["methods"]["ar"]["speedup"] == 1.0
+    assert res["methods"]["verified"]["agreement_exact"] == 1.0
+    for key in ("speedup", "speedup_e2e", "tokens_per_s", "tokens_per_forward", "rep4", "rep3", "rep2",
+                "agreement_exact", "common_prefix_mean", "nll", "n_prompts"):
+        assert key in res["methods"]["clp"]
+    assert (tmp_path / "b" / "report.md").read_text().startswith("# clp-decode benchmark")
+    assert (tmp_path / "b" / "speedup_vs_repetition.png").exists()

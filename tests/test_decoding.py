@@ -1,0 +1,183 @@
+"""The decoding loop: AR equals transformers' generate; verified equals AR (property tests);
+oracle heads; EOS and stop strings inside spans; KV-cache rollback; seeded sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clpdecode.decoding import GenerationConfig, SamplingConfig, generate, make_policy
+from clpdecode.errors import ClpError
+
+from conftest import random_drafter
+
+prompts = st.lists(st.integers(3, 90), min_size=1, max_size=12)
+
+
+def hf_greedy(backbone, ids, n):
+    out = backbone.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n,
+                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=prompts, n=st.integers(1, 24))
+def test_ar_equals_transformers_generate(tiny_backbone, ids, n):
+    res = generate(tiny_backbone, ids, make_policy("ar"), GenerationConfig(max_new_tokens=n))
+    assert res.token_ids == hf_greedy(tiny_backbone, ids, n)
+    assert res.forward_passes == res.new_tokens
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=prompts, n=st.integers(1, 40), k=st.integers(1, 4), seed=st.integers(0, 10_000),
+       design=st.sampled_from(["fused", "residual"]), draft=st.sampled_from(["clp", "all"]),
+       thr=st.floats(0.0, 1.0))
+def test_verified_equals_ar(tiny_backbone, ids, n, k, seed, design, draft, thr):
+    drafter = random_drafter(tiny_backbone, k=k, design=design, seed=seed)
+    cfg = GenerationConfig(max_new_tokens=n)
+    ar = generate(tiny_backbone, ids, make_policy("ar"), cfg)
+    ver = generate(tiny_backbone, ids, make_policy("verified", tiny_backbone, drafter, draft=draft,
+                                                   clp_threshold=thr), cfg)
+    assert ver.token_ids == ar.token_ids
+    assert ver.forward_passes <= ar.forward_passes
+    # Each forward yields one backbone token plus the drafts it verified; the last
+    # forward's own token is not emitted when the output ends inside the verified drafts.
+    assert ver.new_tokens - sum(ver.accepted_per_step) in (ver.forward_passes, ver.forward_passes - 1)
+
+
+class OracleHeads:
+    """Heads that know the AR continuation: proposes the right k tokens every step."""
+
+    def __init__(self, reference, k):
+        from clpdecode.heads import HeadsConfig
+
+        self.cfg = HeadsConfig(k=k, hidden_size=32, design="residual", draft_vocab=0)
+        self.ref, self.pos = reference, 0
+
+    def propose(self, hidden, token_emb=None):
+        out = self.ref[self.pos + 1 : self.pos + 1 + self.cfg.k]
+        self.pos += 1 + self.cfg.k
+        return out + [0] * (self.cfg.k - len(out))
+
+
+def oracle_drafter(reference, k):
+    from clpdecode.heads import Drafter
+
+    return Drafter(heads=OracleHeads(reference, k))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_oracle_heads_naive_emits_one_plus_k_per_forward(tiny_backbone, k):
+    ids = [5, 17, 33, 40]
+    n = 1 + (1 + k) * 6  # the prefill's step and 6 decode steps, all full
+    tiny_backbone.eos_ids = set()  # no early stop
+    try:
+        ar = generate(tiny_backbone, ids, make_policy("ar"), GenerationConfig(max_new_tokens=n + k))
+        res = generate(tiny_backbone, ids, make_policy("naive", tiny_backbone, oracle_drafter(ar.token_ids, k)),
+                       GenerationConfig(max_new_tokens=(1 + k) * 7))
+    finally:
+        tiny_backbone.eos_ids = {2}
+    assert res.token_ids == ar.token_ids[: (1 + k) * 7]
+    assert res.forward_passes == 7
+    assert res.accepted_per_step == [k] * 7
+    assert res.tokens_per_forward == 1 + k
+
+
+def test_eos_inside_accepted_span_ends_like_ar(tiny_backbone):
+    ids = [8, 9, 10, 11]
+    tiny_backbone.eos_ids = set()
+    ar_free = generate(tiny_backbone, ids, make_policy("ar"), GenerationConfig(max_new_tokens=30))
+    # Declare the 6th AR token EOS: AR must stop there, and so must a method that emits it
+    # from inside a head span.
+    eos = ar_free.token_ids[5]
+    tiny_backbone.eos_ids = {eos}
+    try:
+        ar = generate(tiny_backbone, ids, make_policy("ar"), GenerationConfig(max_new_tokens=30))
+        naive = generate(tiny_backbone, ids, make_policy("naive", tiny_backbone, oracle_drafter(ar_free.token_ids, 3)),
+                         GenerationConfig(max_new_tokens=30))
+    finally:
+        tiny_backbone.eos_ids = {2}
+    assert ar.token_ids[-1] == eos and len(ar.token_ids) <= 6
+    assert naive.token_ids == ar.token_ids
+    assert any(naive.from_heads)
+
+
+def test_stop_string_inside_span(tiny_backbone):
+    ids = [20, 21, 22]
+    tiny_backbone.eos_ids = set()
+    try:
+        free = generate(tiny_backbone, ids, make_policy("ar"), GenerationConfig(max_new_tokens=30))
+        stop = tiny_backbone.decode(free.token_ids[6:8])
+        if not stop.strip():
+            pytest.skip("random model produced whitespace")
+        cfg = GenerationConfig(max_new_tokens=30, stop=(stop,))
+        ar = generate(tiny_backbone, ids, make_policy("ar"), cfg)
+        naive = generate(tiny_backbone, ids, make_policy("naive", tiny_backbone, oracle_drafter(free.token_ids, 3)),
+                         cfg)
+    finally:
+        tiny_backbone.eos_ids = {2}
+    assert stop in tiny_backbone.decode(ar.token_ids)
+    assert len(ar.token_ids) <= 8
+    assert naive.token_ids == ar.token_ids
+
+
+def test_cache_rollback_matches_fresh_forward(tiny_backbone):
+    bb = tiny_backbone
+    prompt = torch.tensor([[4, 5, 6, 7, 8]])
+    cache = bb.new_cache()
+    bb.forward(prompt, cache)
+    bb.forward(torch.tensor([[9, 10, 11]]), cache)  # drafts, two of them rejected
+    bb.rollback(cache, 2)
+    assert cache.get_seq_length() == 6
+    h = bb.forward(torch.tensor([[12, 13]]), cache)[0]
+    fresh = bb.forward(torch.tensor([[4, 5, 6, 7, 8, 9, 12, 13]]), bb.new_cache())[0, -2:]
+    assert torch.allclose(h, fresh, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ar", "naive", "clp", "gate", "verified", "competing"])
+def test_sampling_with_seed_is_reproducible(tiny_backbone, method):
+    drafter = random_drafter(tiny_backbone, k=2, seed=3)
+    cfg = GenerationConfig(max_new_tokens=20, sampling=SamplingConfig(temperature=1.0, top_p=0.9, seed=7))
+    pol = make_policy(method, tiny_backbone, drafter)
+    a = generate(tiny_backbone, [3, 4, 5], pol, cfg)
+    b = generate(tiny_backbone, [3, 4, 5], pol, cfg)
+    assert a.token_ids == b.token_ids
+
+
+def test_speculative_acceptance_keeps_the_backbone_distribution():
+    """Accept draft d with p(d), else draw from the residual: the token's law is p itself."""
+    from clpdecode.decoding import Sampler
+
+    sampler = Sampler(SamplingConfig(temperature=1.0, seed=0))
+    p = sampler.probs(torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]))
+    for draft in (0, 3):
+        counts = torch.zeros(5)
+        for _ in range(20_000):
+            ok, p_next = sampler.accept(p, draft)
+            counts[draft if ok else sampler.select(p_next)] += 1
+        assert torch.allclose(counts / counts.sum(), p, atol=0.015)
+
+
+@pytest.mark.parametrize("method", ["naive", "gate", "clp", "competing"])
+def test_multi_token_methods_run_and_count(tiny_backbone, method):
+    drafter = random_drafter(tiny_backbone, k=3, seed=11)
+    res = generate(tiny_backbone, [7, 8, 9], make_policy(method, tiny_backbone, drafter, clp_threshold=0.2,
+                                                         gate_threshold=0.2), GenerationConfig(max_new_tokens=25))
+    assert 1 <= res.new_tokens <= 25
+    # Unverified: each forward is followed by one backbone token and the head tokens emitted.
+    assert res.new_tokens == res.forward_passes + sum(res.accepted_per_step)
+    assert all(0 <= a <= 3 for a in res.accepted_per_step)
+
+
+def test_bad_inputs(tiny_backbone):
+    with pytest.raises(ClpError):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises(ClpError):
+        generate(tiny_backbone, [], make_policy("ar"))
+    with pytest.raises(ClpError):
+        make_policy("nope")
+    with pytest.raises(ClpError):
+        make_policy("clp", tiny_backbone, None)

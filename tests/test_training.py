@@ -1,0 +1,73 @@
+"""Distillation and training on the tiny backbone: the whole pipeline, resume, splits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clpdecode.heads import load_drafter, save_drafter
+from clpdecode.training.data import IGNORE, Features, load_features
+from clpdecode.training.distill import (DistillConfig, build_features, build_teacher_features,
+                                        generate_corpus, read_corpus)
+from clpdecode.training.train import TrainConfig, accepted_lengths, train_all
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory, tiny_backbone):
+    root = tmp_path_factory.mktemp("distill")
+    cfg = DistillConfig(n_prompts=12, max_new_tokens=24, batch_size=4, heldout_every=3, max_prompt_tokens=200)
+    generate_corpus(tiny_backbone, root / "corpus", cfg, progress=False)
+    build_features(tiny_backbone, root / "corpus", root / "feats", progress=False)
+    build_teacher_features(tiny_backbone, root / "feats", n_conversations=6, max_tokens=160, per_shard=3,
+                           progress=False)
+    return root
+
+
+def test_corpus_generation_resumes(features, tiny_backbone):
+    recs = read_corpus(features / "corpus")
+    assert len(recs) == 12 and {r["split"] for r in recs} <= {"train", "heldout"}
+    shards = sorted((features / "corpus").glob("shard-*.jsonl"))
+    cfg = DistillConfig(n_prompts=12, max_new_tokens=24, batch_size=4, heldout_every=3, max_prompt_tokens=200)
+    generate_corpus(tiny_backbone, features / "corpus", cfg, progress=False)  # nothing left to do
+    assert sorted((features / "corpus").glob("shard-*.jsonl")) == shards
+    # Greedy answers: the corpus is the backbone's own AR continuation.
+    from clpdecode.decoding import GenerationConfig, generate, make_policy
+
+    r = recs[0]
+    ar = generate(tiny_backbone, r["prompt"], make_policy("ar"), GenerationConfig(max_new_tokens=24))
+    assert ar.token_ids == r["answer"]
+
+
+def test_targets_follow_the_greedy_path():
+    tokens = torch.tensor([10, 11, 12, 13, 20, 21, 22])
+    seq = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    on_path = torch.tensor([True, False, True, True, True, True, True])
+    f = Features(torch.zeros(7, 4), tokens, seq, None, on_path)
+    t = f.targets(2, offset=2)
+    assert t[0].tolist() == [11, IGNORE]  # t+3 unknown: the text left the path at row 1
+    assert t[2].tolist() == [13, IGNORE]  # end of sequence 0
+    assert t[4].tolist() == [21, 22]
+    assert f.targets(2, offset=1)[0].tolist() == [10, 11]
+    assert accepted_lengths(torch.tensor([[1, 2], [1, 9], [5, 2]]), torch.tensor([[1, 2], [1, 2], [1, 2]])).tolist() == [2, 1, 0]
+
+
+def test_train_all_save_load_and_resume(features, tiny_backbone, tmp_path):
+    feats = load_features(features / "feats")
+    assert len(feats.rows("heldout")) > 0 and len(feats.rows("predictor")) > 0
+    assert (feats.seq[feats.rows("predictor")] >= 0).all()  # teacher-forced rows train heads only
+    tcfg = TrainConfig(k=2, steps=6, predictor_steps=4, batch_size=16, warmup=2, checkpoint_every=3, draft_vocab=50)
+    drafter, report = train_all(feats, tiny_backbone, tcfg, tmp_path / "work")
+    assert len(report["heads"]["head_top1"]) == 2 and report["competing"]["k"] == 3
+    assert drafter.heads.draft_ids.numel() == 50
+    save_drafter(drafter, tmp_path / "out", tiny_backbone)
+    back = load_drafter(tmp_path / "out", tiny_backbone)
+    assert back.meta["training"]["heads"] == report["heads"]
+    # Resume: a longer run continues from the saved step instead of starting over.
+    ckpt = torch.load(tmp_path / "work" / "heads.pt", weights_only=False)
+    assert ckpt["step"] == 6
+    tcfg.steps = 9
+    train_all(feats, tiny_backbone, tcfg, tmp_path / "work")
+    assert torch.load(tmp_path / "work" / "heads.pt", weights_only=False)["step"] == 9
+    assert json.loads((tmp_path / "work" / "report.json").read_text())["train_config"]["steps"] == 9
