@@ -71,3 +71,23 @@ def test_train_all_save_load_and_resume(features, tiny_backbone, tmp_path):
     train_all(feats, tiny_backbone, tcfg, tmp_path / "work")
     assert torch.load(tmp_path / "work" / "heads.pt", weights_only=False)["step"] == 9
     assert json.loads((tmp_path / "work" / "report.json").read_text())["train_config"]["steps"] == 9
+
+
+def test_two_process_training_with_accelerate_launch(features, tiny_llama_dir, tmp_path):
+    """The same `clp train` runs data-parallel on 2 CPU processes (gloo) under accelerate."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    launcher = Path(sys.executable).with_name("accelerate")
+    out = tmp_path / "heads"
+    cmd = [str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "clpdecode.cli", "train",
+           "--model", str(tiny_llama_dir), "--features", str(features / "feats"), "--out", str(out),
+           "--k", "2", "--steps", "4", "--predictor-steps", "2", "--batch-size", "8", "--draft-vocab", "40"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    back = load_drafter(out)
+    assert back.k == 2 and back.clp is not None

@@ -96,7 +96,7 @@ class MTPHeads(nn.Module):
         """(N, d) -> (N, k, Vd) logits over the draft vocabulary."""
         if self.proj is None:
             raise RuntimeError("heads are not attached to a backbone: call attach()")
-        return self.states(hidden, token_emb) @ self.proj.T
+        return self.states(hidden, token_emb) @ self.proj.to(hidden.device).T
 
     @torch.inference_mode()
     def propose(self, hidden: torch.Tensor, token_emb: torch.Tensor | None = None) -> list[int]:

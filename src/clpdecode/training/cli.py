@@ -55,6 +55,10 @@ def cmd_train(args) -> int:
                        batch_size=args.batch_size, predictor_steps=args.predictor_steps,
                        competing=not args.no_competing, seed=args.seed)
     drafter, report = train_all(feats, backbone, tcfg, work)
+    from .train import _accelerator
+
+    if not _accelerator().is_main_process:
+        return 0
     save_drafter(drafter, out, backbone)
     print(json.dumps({"out": str(out), **{k: report[k] for k in ("heads", "clp", "positions")}}, indent=1))
     return 0

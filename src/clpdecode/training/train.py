@@ -80,36 +80,63 @@ def _progress(total: int, desc: str, initial: int = 0):
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
 
+def _accelerator():
+    """The accelerate engine: one process here; several under `accelerate launch`."""
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
 def _optimise(module, loss_fn, steps, lr, warmup, ckpt: Path, desc: str, seed: int,
               checkpoint_every: int, weight_decay: float = 0.0) -> None:
-    """AdamW with warm-up and cosine decay; checkpoints and resumes from `ckpt`."""
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
-                            weight_decay=weight_decay)
+    """AdamW with warm-up and cosine decay; checkpoints and resumes from `ckpt`.
+
+    Under `accelerate launch` each process draws its own batches (seed + rank) and the
+    gradients are averaged across processes before every step, so N processes train with
+    an N-times larger batch; only the main process writes checkpoints.
+    """
+    acc = _accelerator()
+    module.to(acc.device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
     start = 0
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + acc.process_index)
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")
         module.load_state_dict(state["module"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         start = state["step"]
-    bar = _progress(steps, desc, start)
+    bar = _progress(steps, desc, start) if acc.is_main_process else None
     ema = None
     for step in range(start, steps):
         loss = loss_fn(gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if acc.num_processes > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.3f}")
+        if acc.is_main_process and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             _atomic_save({"module": module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                           "gen": gen.get_state(), "step": step + 1}, ckpt)
-    bar.close()
+    if bar is not None:
+        bar.close()
+    acc.wait_for_everyone()
+    module.to("cpu")
+
+
+def _dev(module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def train_heads(feats: Features, embed, lm_head_weight: torch.Tensor, cfg: HeadsConfig,
@@ -126,15 +153,16 @@ def train_heads(feats: Features, embed, lm_head_weight: torch.Tensor, cfg: Heads
 
     def loss_fn(gen):
         idx = rows[torch.randint(len(rows), (tcfg.batch_size,), generator=gen)]
-        h = feats.hidden[idx].float()
-        emb = embed(feats.tokens[idx]).float() if cfg.design == "fused" else None
+        dev = _dev(heads)
+        h = feats.hidden[idx].float().to(dev)
+        emb = embed(feats.tokens[idx]).float().to(dev) if cfg.design == "fused" else None
         logits = heads(h, emb)  # (B, k, Vd)
-        tgt = targets[idx]  # (B, k)
+        tgt = targets[idx].to(dev)  # (B, k)
         per_head = torch.stack([
             F.cross_entropy(logits[:, i], tgt[:, i], ignore_index=IGNORE) if (tgt[:, i] != IGNORE).any()
             else logits.sum() * 0 for i in range(cfg.k)
         ])
-        return (per_head * weights).sum() / weights.sum()
+        return (per_head * weights.to(dev)).sum() / weights.sum()
 
     _optimise(heads, loss_fn, tcfg.steps, tcfg.lr, tcfg.warmup, ckpt, desc, tcfg.seed,
               tcfg.checkpoint_every, tcfg.weight_decay)
@@ -201,7 +229,8 @@ def train_clp(feats: Features, heads: MTPHeads, embed, tcfg: TrainConfig, ckpt: 
         state["step"] += 1
         w = 1 + ramp * (final_w - 1)
         idx = torch.randint(len(rows), (tcfg.batch_size,), generator=gen)
-        return F.cross_entropy(clp(feats.hidden[rows[idx]].float()), labels[idx], weight=w)
+        dev = _dev(clp)
+        return F.cross_entropy(clp(feats.hidden[rows[idx]].float().to(dev)), labels[idx].to(dev), weight=w.to(dev))
 
     _optimise(clp, loss_fn, tcfg.predictor_steps, tcfg.predictor_lr, tcfg.warmup, ckpt, desc, tcfg.seed,
               tcfg.checkpoint_every)
@@ -223,9 +252,10 @@ def train_gates(feats: Features, heads: MTPHeads, embed, tcfg: TrainConfig, ckpt
 
     def loss_fn(gen):
         idx = torch.randint(len(rows), (tcfg.batch_size,), generator=gen)
-        logits = gates(feats.hidden[rows[idx]].float())
-        loss = F.binary_cross_entropy_with_logits(logits, correct[idx], weight=valid[idx], reduction="sum")
-        return loss / valid[idx].sum().clamp(min=1)
+        dev = _dev(gates)
+        logits = gates(feats.hidden[rows[idx]].float().to(dev))
+        c, v = correct[idx].to(dev), valid[idx].to(dev)
+        return F.binary_cross_entropy_with_logits(logits, c, weight=v, reduction="sum") / v.sum().clamp(min=1)
 
     _optimise(gates, loss_fn, tcfg.predictor_steps, tcfg.predictor_lr, tcfg.warmup, ckpt, "train: gates",
               tcfg.seed, tcfg.checkpoint_every)
@@ -286,5 +316,6 @@ def train_all(feats: Features, backbone, tcfg: TrainConfig, work: Path) -> tuple
     report["positions"] = {s: int(len(feats.rows(s))) for s in ("heads", "predictor", "heldout")}
     drafter = Drafter(heads=heads, clp=clp, gates=gates, competing=competing,
                       meta={"training": report})
-    (work / "report.json").write_text(json.dumps(report, indent=1))
+    if _accelerator().is_main_process:
+        (work / "report.json").write_text(json.dumps(report, indent=1))
     return drafter, report
