@@ -84,14 +84,18 @@ class Backbone:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.backends.quantized.engine = "fbgemm"
-            # The LM head is usually tied to the input embeddings: untie it first so that
-            # quantising the head leaves the embedding table in fp32.
-            head = nn.Linear(self.lm_head.in_features, self.lm_head.out_features, bias=self.lm_head.bias is not None)
-            head.weight = nn.Parameter(self.lm_head.weight.detach().clone(), requires_grad=False)
-            if self.lm_head.bias is not None:
-                head.bias = nn.Parameter(self.lm_head.bias.detach().clone(), requires_grad=False)
-            self.trunk = quantize_dynamic(self.trunk, {nn.Linear}, dtype=torch.qint8)
+            # The LM head is usually tied to the input embeddings: give it its own copy
+            # first, so that quantising the head leaves the embedding table in fp32.
+            old = self.lm_head
+            head = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+            head.weight = nn.Parameter(old.weight.detach().clone(), requires_grad=False)
+            if old.bias is not None:
+                head.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
+            # In place, inside the transformers model: transformers' own generate() then
+            # runs the same numerics, and no fp32 copy of the trunk stays in memory.
+            quantize_dynamic(self.trunk, {nn.Linear}, dtype=torch.qint8, inplace=True)
             self.lm_head = quantize_dynamic(nn.Sequential(head), {nn.Linear}, dtype=torch.qint8)[0]
+            self.model.set_output_embeddings(self.lm_head)
         self.info.numerics = "int8"
 
     # ---- the forward ----------------------------------------------------------------

@@ -29,6 +29,7 @@ class BenchSettings:
     k: int = 2
     warmup_tokens: int = 16
     threads: int = 0
+    hf_generate: bool = False  # also time transformers' generate() (greedy, same numerics) as AR's peer
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -62,12 +63,17 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
     for m in methods:
         generate(backbone, encoded[0], policies[m], GenerationConfig(max_new_tokens=settings.warmup_tokens))
     runs: dict[str, list[GenerationResult]] = {m: [] for m in methods}
-    bar = tqdm(total=len(encoded) * len(methods), desc="bench", unit="run", disable=not progress)
+    hf_times: list[tuple[int, float]] = []
+    bar = tqdm(total=len(encoded) * (len(methods) + settings.hf_generate), desc="bench", unit="run",
+               disable=not progress)
     for ids in encoded:
         for m in methods:
             runs[m].append(generate(backbone, ids, policies[m], cfg))
             bar.update(1)
             bar.set_postfix(method=m)
+        if settings.hf_generate:
+            hf_times.append(_time_hf_generate(backbone, ids, settings.max_new_tokens))
+            bar.update(1)
     bar.close()
 
     ref = reference or backbone
@@ -121,8 +127,24 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
         training = drafter.meta.get("training", {})
         if "heads" in training:
             out["head_accuracy"] = training["heads"]
+    if hf_times:
+        hf_rate = sum(n for n, _ in hf_times) / sum(t for _, t in hf_times)
+        out["transformers_generate"] = {"tokens_per_s_e2e": round(hf_rate, 3),
+                                        "our_ar_speedup_e2e": round(ar_e2e / hf_rate, 4)}
     out["examples"] = {m: runs[m][0].text for m in methods}
     return out
+
+
+@torch.inference_mode()
+def _time_hf_generate(backbone, ids: list[int], max_new_tokens: int) -> tuple[int, float]:
+    """(new tokens, seconds) of transformers' greedy generate() on the same model."""
+    import time
+
+    x = torch.tensor([ids])
+    t = time.perf_counter()
+    out = backbone.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                  max_new_tokens=max_new_tokens, pad_token_id=next(iter(backbone.eos_ids), 0))
+    return out.shape[1] - len(ids), time.perf_counter() - t
 
 
 def _hist(values: list[int], k: int) -> list[int]:
@@ -177,6 +199,10 @@ def render_markdown(results: dict, command: str) -> str:
         lines += ["Agreement with fp32 AR (numerics check): " + ", ".join(
             f"{m} {r['agreement_fp32_ar']:.2f} (prefix {r['common_prefix_fp32_ar']:.1f})"
             for m, r in results["methods"].items()), ""]
+    if "transformers_generate" in results:
+        t = results["transformers_generate"]
+        lines += [f"transformers' generate() (greedy, same numerics): {t['tokens_per_s_e2e']:.1f} tok/s end to end; "
+                  f"our AR loop is {t['our_ar_speedup_e2e']:.2f}x that.", ""]
     if "drafter" in results:
         d = results["drafter"]
         lines += ["Sizes: " + ", ".join(f"{k} {v['params']:,} parameters" for k, v in d.items()), ""]

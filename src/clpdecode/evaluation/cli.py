@@ -62,7 +62,8 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(prompts=args.prompts, limit=args.limit, methods=methods,
                              max_new_tokens=args.max_new_tokens, numerics=args.numerics,
                              clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
-                             draft=args.draft, k=drafter.k if drafter else args.k, threads=torch.get_num_threads())
+                             draft=args.draft, k=drafter.k if drafter else args.k, threads=torch.get_num_threads(),
+                             hf_generate=args.hf_generate)
     results = run_bench(backbone, drafter, prompts, settings, reference=reference)
     command = "clp " + " ".join(shlex.quote(a) for a in args.argv)
     written = write_report(results, Path(args.out), command)
@@ -97,4 +98,6 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
                    help="comma-separated methods (default: all six)")
     b.add_argument("--max-new-tokens", type=int, default=128, help="(default: 128)")
     b.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
+    b.add_argument("--hf-generate", action="store_true",
+                   help="also time transformers' generate() (greedy, same numerics) to compare our AR loop with it")
     b.set_defaults(func=cmd_bench)
