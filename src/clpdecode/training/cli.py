@@ -50,10 +50,10 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / f".{out.name}-work"
     torch.manual_seed(args.seed)
-    feats = load_features(features)
+    feats = load_features(features, sources=args.sources)
     tcfg = TrainConfig(k=args.k, design=args.design, draft_vocab=args.draft_vocab, steps=args.steps,
                        batch_size=args.batch_size, predictor_steps=args.predictor_steps,
-                       competing=not args.no_competing, seed=args.seed)
+                       competing=not args.no_competing, seed=args.seed, sources=args.sources)
     drafter, report = train_all(feats, backbone, tcfg, work)
     from .train import _accelerator
 
@@ -98,6 +98,8 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     t.add_argument("--batch-size", type=int, default=256, help="positions per step (default: 256)")
     t.add_argument("--no-competing", action="store_true", help="skip the competing-ablation heads")
     t.add_argument("--features", default=None, help="hidden-state cache (default: <cache>/features/<backbone>)")
+    t.add_argument("--sources", default="all", choices=["all", "distilled", "teacher"],
+                   help="head training data: self-distilled answers, teacher-forced ShareGPT, or both (default: all)")
     t.add_argument("--out", required=True, help="output heads folder")
     t.add_argument("--work", default=None, help="checkpoint folder (default: beside --out)")
     t.add_argument("--seed", type=int, default=0)

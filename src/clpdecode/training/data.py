@@ -62,8 +62,19 @@ class Features:
         return torch.from_numpy(np.nonzero(self.split == split)[0])
 
 
-def load_features(features_dir: Path, predictor_share: float = 0.2, max_rows: int | None = None) -> Features:
-    shards = sorted(Path(features_dir).glob("shard-*.npz")) + sorted(Path(features_dir).glob("tf-*.npz"))
+SOURCES = ("all", "distilled", "teacher")
+
+
+def load_features(features_dir: Path, predictor_share: float = 0.2, max_rows: int | None = None,
+                  sources: str = "all") -> Features:
+    """Load cached hidden states. `sources`: all, distilled (self-generated answers only) or
+    teacher (teacher-forced ShareGPT only, plus the distilled rows CLP and evaluation need)."""
+    if sources not in SOURCES:
+        raise ClpError(f"sources must be one of {', '.join(SOURCES)}")
+    shards = sorted(Path(features_dir).glob("shard-*.npz")) if sources != "teacher" else []
+    shards += sorted(Path(features_dir).glob("tf-*.npz")) if sources != "distilled" else []
+    if sources == "teacher":
+        shards += sorted(Path(features_dir).glob("shard-*.npz"))
     if not shards:
         raise ClpError(f"no cached hidden states in {features_dir}: run `clp distill` first")
     parts = [np.load(s) for s in shards]
@@ -78,6 +89,8 @@ def load_features(features_dir: Path, predictor_share: float = 0.2, max_rows: in
     every = max(1, round(1 / predictor_share)) if predictor_share > 0 else 0
     predictor = np.isin(seq, own[::every]) if every else np.zeros(len(seq), bool)
     split = np.where(heldout, "heldout", np.where(predictor, "predictor", "heads"))
+    if sources == "teacher":  # distilled sequences may serve CLP and evaluation, not the heads
+        split = np.where((seq >= 0) & (split == "heads"), "unused", split)
     if max_rows:
         hidden, tokens, seq, split = hidden[:max_rows], tokens[:max_rows], seq[:max_rows], split[:max_rows]
         on_path = on_path[:max_rows]

@@ -55,6 +55,7 @@ class TrainConfig:
     competing: bool = True  # also train the head-competition ablation heads
     checkpoint_every: int = 250
     seed: int = 0
+    sources: str = "all"  # head training data (recorded; the caller loads the features)
 
 
 def _lr_lambda(warmup: int, total: int):
