@@ -79,12 +79,32 @@ def test_partial_cache_is_detected(tmp_path):
     assert not _cache_is_complete(folder, "s")
 
 
-def test_int8_numerics(tiny_llama_dir):
+@pytest.mark.parametrize("numerics", ["fp16", "int8"])
+def test_quantised_numerics(tiny_llama_dir, numerics):
     from clpdecode import generate_text
 
-    bb = load_backbone(str(tiny_llama_dir), numerics="int8")
-    assert bb.info.numerics == "int8"
+    bb = load_backbone(str(tiny_llama_dir), numerics=numerics)
+    assert bb.info.numerics == numerics
     res = generate_text(bb, "abc", max_new_tokens=8)
     assert 1 <= res.new_tokens <= 8
     # Heads stay tied to the fp32 LM head: same fingerprint as the fp32 backbone.
     assert bb.fingerprint == load_backbone(str(tiny_llama_dir)).fingerprint
+    # transformers' generate() runs the same numerics (quantised in place).
+    ids = torch.tensor([bb.encode_prompt("abc")])
+    ref = bb.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                            pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert res.token_ids == ref
+
+
+def test_fp16_rows_are_independent_so_verified_equals_ar(tiny_llama_dir):
+    from clpdecode import generate_text
+
+    from conftest import random_drafter
+
+    bb = load_backbone(str(tiny_llama_dir), numerics="fp16")
+    for seed in range(6):
+        drafter = random_drafter(bb, k=3, seed=seed)
+        prompt = "xyz"[: 1 + seed % 3] + "q" * seed
+        ar = generate_text(bb, prompt, max_new_tokens=30)
+        ver = generate_text(bb, prompt, method="verified", drafter=drafter, draft="all", max_new_tokens=30)
+        assert ver.token_ids == ar.token_ids

@@ -20,9 +20,10 @@ MODEL_HELP = ("backbone: 'embedded' (SmolLM2-135M-Instruct, shipped in a PyPI pa
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded", help=MODEL_HELP + " (default: embedded)")
-    p.add_argument("--numerics", default="fp32", choices=["fp32", "int8"],
-                   help="backbone numerics; int8 = dynamic int8 quantisation of every Linear, "
-                        "the fast CPU path (default: fp32)")
+    p.add_argument("--numerics", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="backbone numerics: fp32; fp16 = fp16 weights with fp32 activations, the fast "
+                        "CPU path (~2x, verified stays exact); int8 = dynamic int8, fastest multi-token "
+                        "steps but rows of a step interact, so verified may differ from AR (default: fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 

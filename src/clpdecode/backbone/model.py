@@ -14,7 +14,12 @@ from torch import nn
 from ..errors import ClpError
 from .loading import resolve_model
 
-NUMERICS = ("fp32", "int8")
+# fp32: the model as trained. fp16: fp16 weights, fp32 activations (fbgemm), ~2x faster
+# per token here with near-fp32 outputs; each row of a multi-token step is computed
+# independently, so verified decoding stays exactly AR. int8: dynamic int8 (fbgemm), the
+# flattest multi-token cost, but activations are quantised per tensor, so a row's result
+# depends on the other rows of the step and verified output can differ from AR's.
+NUMERICS = ("fp32", "fp16", "int8")
 
 
 @dataclass
@@ -66,21 +71,21 @@ class Backbone:
             numerics="fp32",
         )
         self.eos_ids = _eos_ids(model, tokenizer)
-        if numerics == "int8":
-            self.quantize_int8()
+        if numerics != "fp32":
+            self.quantize(numerics)
 
     # ---- numerics -------------------------------------------------------------------
-    def quantize_int8(self) -> None:
-        """Dynamic int8 quantisation (fbgemm) of every Linear, LM head included.
+    def quantize(self, numerics: str) -> None:
+        """Dynamic quantisation (fbgemm) of every Linear, LM head included: "fp16" or "int8".
 
-        On this class of CPU an fp32 forward over 2-5 new tokens costs ~2x a 1-token one
-        (small-M GEMMs run as GEMV per row); fbgemm's int8 kernels are flat from 1 to 5 rows,
-        which is what lets a multi-token step cost about what a single-token step costs.
+        On this class of CPU an fp32 forward over 2-5 new tokens costs ~1.5-2x a 1-token
+        one (small-M GEMMs run as GEMV per row); see docs/design.md for the measurements.
         """
-        if self.info.numerics == "int8":
-            return
+        if self.info.numerics != "fp32":
+            raise ClpError(f"backbone is already {self.info.numerics}")
         from torch.ao.quantization import quantize_dynamic
 
+        dtype = {"fp16": torch.float16, "int8": torch.qint8}[numerics]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.backends.quantized.engine = "fbgemm"
@@ -93,10 +98,10 @@ class Backbone:
                 head.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
             # In place, inside the transformers model: transformers' own generate() then
             # runs the same numerics, and no fp32 copy of the trunk stays in memory.
-            quantize_dynamic(self.trunk, {nn.Linear}, dtype=torch.qint8, inplace=True)
-            self.lm_head = quantize_dynamic(nn.Sequential(head), {nn.Linear}, dtype=torch.qint8)[0]
+            quantize_dynamic(self.trunk, {nn.Linear}, dtype=dtype, inplace=True)
+            self.lm_head = quantize_dynamic(nn.Sequential(head), {nn.Linear}, dtype=dtype)[0]
             self.model.set_output_embeddings(self.lm_head)
-        self.info.numerics = "int8"
+        self.info.numerics = numerics
 
     # ---- the forward ----------------------------------------------------------------
     def new_cache(self):
@@ -120,7 +125,7 @@ class Backbone:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) hidden states -> (..., V) fp32 logits."""
-        # fbgemm's int8 Linear wants a 2-D input.
+        # fbgemm's dynamic Linear wants a 2-D input.
         logits = self.lm_head(hidden.reshape(-1, hidden.shape[-1])).float().reshape(*hidden.shape[:-1], -1)
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap

@@ -53,7 +53,8 @@ def cmd_train(args) -> int:
     feats = load_features(features, sources=args.sources)
     tcfg = TrainConfig(k=args.k, design=args.design, draft_vocab=args.draft_vocab, steps=args.steps,
                        batch_size=args.batch_size, predictor_steps=args.predictor_steps,
-                       competing=not args.no_competing, seed=args.seed, sources=args.sources)
+                       competing=not args.no_competing, competing_steps=args.competing_steps, seed=args.seed,
+                       sources=args.sources)
     drafter, report = train_all(feats, backbone, tcfg, work)
     from .train import _accelerator
 
@@ -97,6 +98,8 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     t.add_argument("--predictor-steps", type=int, default=1500, help="CLP / gate steps (default: 1500)")
     t.add_argument("--batch-size", type=int, default=256, help="positions per step (default: 256)")
     t.add_argument("--no-competing", action="store_true", help="skip the competing-ablation heads")
+    t.add_argument("--competing-steps", type=int, default=0,
+                   help="optimiser steps of the competing heads (default: half of --steps)")
     t.add_argument("--features", default=None, help="hidden-state cache (default: <cache>/features/<backbone>)")
     t.add_argument("--sources", default="all", choices=["all", "distilled", "teacher"],
                    help="head training data: self-distilled answers, teacher-forced ShareGPT, or both (default: all)")

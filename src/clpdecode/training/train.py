@@ -53,6 +53,7 @@ class TrainConfig:
     clp_alpha: float = 0.5  # final exponent of the inverse-frequency class weights
     clp_warmup: float = 0.3  # share of CLP steps over which alpha ramps from 0
     competing: bool = True  # also train the head-competition ablation heads
+    competing_steps: int = 0  # their optimiser steps (0 = half of `steps`: it is an ablation)
     checkpoint_every: int = 250
     seed: int = 0
     sources: str = "all"  # head training data (recorded; the caller loads the features)
@@ -311,7 +312,9 @@ def train_all(feats: Features, backbone, tcfg: TrainConfig, work: Path) -> tuple
     competing = None
     if tcfg.competing:
         ccfg = HeadsConfig(k=tcfg.k + 1, hidden_size=d, design="residual", offset=1, draft_vocab=tcfg.draft_vocab)
-        competing = train_heads(feats, embed, lm_w, ccfg, tcfg, work / "competing.pt", "train: competing heads")
+        csteps = tcfg.competing_steps or max(1, tcfg.steps // 2)
+        ctcfg = TrainConfig(**{**asdict(tcfg), "steps": csteps})
+        competing = train_heads(feats, embed, lm_w, ccfg, ctcfg, work / "competing.pt", "train: competing heads")
         report["competing"] = head_accuracy(competing, feats, embed)
     report["train_seconds"] = round(time.time() - t0, 1)
     report["positions"] = {s: int(len(feats.rows(s))) for s in ("heads", "predictor", "heldout")}
