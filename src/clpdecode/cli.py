@@ -81,7 +81,8 @@ def cmd_generate(args) -> int:
     backbone = _backbone(args)
     drafter = _drafter(args, backbone, required=args.method != "ar") if args.method != "ar" else None
     stream = not args.json
-    color = stream and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    color = stream and (args.color == "always" or (
+        args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
     state = {"ids": [], "text": ""}
 
     def on_tokens(ids, from_heads):
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--color", default="auto", choices=["auto", "always", "never"],
+                   help="highlight head-emitted tokens in cyan when streaming (default: auto, on a terminal)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object {method, text, token_ids, new_tokens, forward_passes, "
                         "seconds, accepted_per_step, tokens_per_forward} instead of streaming")

@@ -15,10 +15,9 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from ..atomic import atomic_file, atomic_folder
 from ..errors import ClpError
 
 EMBEDDED = "embedded"
@@ -70,14 +69,11 @@ def gemma_gguf_path() -> Path:
     target = cache_dir() / "gguf" / gemma.MODEL_NAME
     if target.is_file() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial")
     try:
-        gemma.assemble(tmp, overwrite=True)  # raises if the checksum does not match
+        # assemble() raises if the checksum does not match.
+        return atomic_file(target, lambda tmp: gemma.assemble(tmp, overwrite=True))
     except ValueError as e:
         raise ClpError(f"gemma3-270m chunks are corrupt: {e}") from None
-    os.replace(tmp, target)
-    return target
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -138,9 +134,7 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
         return folder
     if progress:
         print(f"[clp] converting {gguf.name} to fp32 in {folder} (once, ~35 s)...", flush=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -157,12 +151,6 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
         (tmp / _DONE_MARKER).write_text(
             json.dumps({"format": CACHE_FORMAT, "source": source, "files": files})
         )
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

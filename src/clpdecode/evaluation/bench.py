@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_file, atomic_write_text
 from ..decoding import GenerationConfig, generate, make_policy
 from ..decoding.loop import GenerationResult
 from .metrics import DEFINITIONS, backbone_nll, common_prefix, mean_repetition
@@ -30,13 +29,6 @@ class BenchSettings:
     warmup_tokens: int = 16
     threads: int = 0
     hf_generate: bool = False  # also time transformers' generate() (greedy, same numerics) as AR's peer
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, reference=None,
@@ -159,10 +151,10 @@ def write_report(results: dict, out_dir: Path, command: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     p = out_dir / "results.json"
-    _write_atomic(p, json.dumps(results, indent=1).encode())
+    atomic_write_text(p, json.dumps(results, indent=1))
     written.append(p)
     p = out_dir / "report.md"
-    _write_atomic(p, render_markdown(results, command).encode())
+    atomic_write_text(p, render_markdown(results, command))
     written.append(p)
     written.extend(_plots(results, out_dir))
     return written
@@ -235,7 +227,7 @@ def _plots(results: dict, out_dir: Path) -> list[Path]:
     ax.set_title("speed vs repetition")
     fig.tight_layout()
     p = out_dir / "speedup_vs_repetition.png"
-    fig.savefig(p, dpi=110)
+    atomic_file(p, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     written.append(p)
 
@@ -250,7 +242,7 @@ def _plots(results: dict, out_dir: Path) -> list[Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     p = out_dir / "tokens_per_forward_hist.png"
-    fig.savefig(p, dpi=110)
+    atomic_file(p, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     written.append(p)
 
@@ -267,7 +259,7 @@ def _plots(results: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         p = out_dir / "head_accuracy_vs_horizon.png"
-        fig.savefig(p, dpi=110)
+        atomic_file(p, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         written.append(p)
     return written

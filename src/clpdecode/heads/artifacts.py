@@ -11,15 +11,13 @@ half-written bundle.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_folder
 from ..errors import ClpError
 from ..predictors.modules import CLP, Gates, PredictorConfig
 from .modules import HeadsConfig, MTPHeads
@@ -100,17 +98,9 @@ def save_drafter(drafter: Drafter, folder: Path, backbone=None) -> Path:
             t = t.to(torch.int32) if t.dtype == torch.long else t.to(torch.float16)
             tensors[f"{prefix}.{name}"] = t.contiguous()
     config["components"] = sorted({k.split(".")[0] for k in tensors})
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

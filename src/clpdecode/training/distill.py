@@ -16,9 +16,7 @@ answer position t is simply the answer token at t+1+i.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_file, atomic_write_text
 from ..errors import ClpError
 
 
@@ -37,14 +36,6 @@ class DistillConfig:
     batch_size: int = 16  # batched greedy generation: ~4x the tokens/s of batch 1 on CPU
     heldout_every: int = 20  # every 20th prompt goes to the held-out split (5%)
     seed: int = 0
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def read_corpus(corpus_dir: Path) -> list[dict]:
@@ -169,17 +160,9 @@ def build_features(backbone, corpus_dir: Path, features_dir: Path, progress: boo
         on_path = [np.ones(len(t), dtype=np.bool_) for t in tokens]
         if not hidden:
             continue
-        fd, tmp = tempfile.mkstemp(dir=features_dir, prefix=".tmp-", suffix=".npz")
-        os.close(fd)
-        np.savez(
-            tmp,
-            hidden=np.concatenate(hidden),
-            tokens=np.concatenate(tokens),
-            seq=np.concatenate(seq),
-            heldout=np.concatenate(split),
-            on_path=np.concatenate(on_path),
-        )
-        os.replace(tmp, features_dir / (shard.stem + ".npz"))
+        arrays = dict(hidden=np.concatenate(hidden), tokens=np.concatenate(tokens), seq=np.concatenate(seq),
+                      heldout=np.concatenate(split), on_path=np.concatenate(on_path))
+        atomic_file(features_dir / (shard.stem + ".npz"), lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
     return features_dir
 
 
@@ -237,9 +220,7 @@ def build_teacher_features(backbone, features_dir: Path, n_conversations: int = 
             on_path.append((argmax == text).numpy())
         if not hidden:
             continue
-        fd, tmp = tempfile.mkstemp(dir=features_dir, prefix=".tmp-", suffix=".npz")
-        os.close(fd)
-        np.savez(tmp, hidden=np.concatenate(hidden), tokens=np.concatenate(tokens), seq=np.concatenate(seq),
-                 heldout=np.zeros(sum(len(t) for t in tokens), dtype=np.bool_), on_path=np.concatenate(on_path))
-        os.replace(tmp, features_dir / f"tf-{s:05d}.npz")
+        arrays = dict(hidden=np.concatenate(hidden), tokens=np.concatenate(tokens), seq=np.concatenate(seq),
+                      heldout=np.zeros(sum(len(t) for t in tokens), dtype=np.bool_), on_path=np.concatenate(on_path))
+        atomic_file(features_dir / f"tf-{s:05d}.npz", lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
     return features_dir

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_file
 from ..heads.artifacts import Drafter
 from ..heads.modules import HeadsConfig, MTPHeads
 from ..predictors.modules import CLP, Gates, PredictorConfig
@@ -69,11 +68,7 @@ def _lr_lambda(warmup: int, total: int):
 
 
 def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_file(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _progress(total: int, desc: str, initial: int = 0):
