@@ -92,3 +92,14 @@ def test_bench_on_user_file(capsys, tmp_path, tiny_backbone, tiny_llama_dir):
         assert key in res["methods"]["clp"]
     assert (tmp_path / "b" / "report.md").read_text().startswith("# clp-decode benchmark")
     assert (tmp_path / "b" / "speedup_vs_repetition.png").exists()
+
+
+def test_profile_json(capsys, tiny_llama_dir):
+    code, out, err = run(capsys, "profile", "--model", str(tiny_llama_dir), "--numerics-list", "fp32,fp16",
+                         "--context", "16", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["numerics"] for r in rows] == ["fp32", "fp16"]
+    for r in rows:
+        assert set(r["forward_ms"]) == {"1", "2", "3", "5"}
+        assert r["row_max_abs_diff"] < 1e-3  # rows of a step are independent: verified stays exact

@@ -72,6 +72,34 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from ..backbone import load_backbone
+    from ..heads import default_drafter
+    from .profile import profile_step
+
+    rows = []
+    for numerics in args.numerics_list.split(","):
+        backbone = load_backbone(args.model, numerics=numerics.strip())
+        try:
+            drafter = default_drafter(backbone, k=args.k, folder=args.heads)
+        except ClpError:
+            drafter = None
+        rows.append(profile_step(backbone, drafter, context=args.context))
+        del backbone
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print("| numerics | forward T=1 | T=2 | T=3 | T=5 | LM head 1 row | 3 rows | heads | CLP | row diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        f = r["forward_ms"]
+        print(f"| {r['numerics']} | {f[1]} | {f[2]} | {f[3]} | {f[5]} | {r['lm_head_ms_1_row']} | "
+              f"{r['lm_head_ms_3_rows']} | {r.get('heads_ms', '-')} | {r.get('clp_ms', '-')} | "
+              f"{r['row_max_abs_diff']:.2g} |")
+    print(f"(median ms, {rows[0]['threads']} threads, {rows[0]['context']} cached tokens)")
+    return 0
+
+
 def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_args) -> None:
     e = sub.add_parser(
         "eval-heads", help="held-out top-1/top-5 accuracy of each MTP head",
@@ -101,3 +129,15 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
     b.add_argument("--hf-generate", action="store_true",
                    help="also time transformers' generate() (greedy, same numerics) to compare our AR loop with it")
     b.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "profile", help="cost of each part of a decode step, per numerics",
+        description="Median milliseconds of the trunk forward over 1, 2, 3 and 5 new tokens on a KV cache, the "
+                    "LM head, the MTP heads and CLP; and the largest difference between a 3-token step and three "
+                    "1-token steps (0 or float noise: rows are independent and verified decoding is exact).")
+    add_model_args(p)
+    add_drafter_args(p)
+    p.add_argument("--numerics-list", default="fp32,fp16,int8", help="numerics to profile (default: fp32,fp16,int8)")
+    p.add_argument("--context", type=int, default=256, help="cached tokens before the step (default: 256)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per numerics")
+    p.set_defaults(func=cmd_profile)
