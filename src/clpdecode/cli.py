@@ -65,8 +65,6 @@ def _drafter(args, backbone, required: bool):
             return default_drafter(backbone, k=args.k)
         except ClpError:
             return None
-    if args.heads is not None and not Path(args.heads).exists():
-        raise ClpError(f"heads folder {args.heads!r} does not exist")
     return default_drafter(backbone, k=args.k, folder=args.heads)
 
 

@@ -12,6 +12,7 @@ import torch
 from ..atomic import atomic_file, atomic_write_text
 from ..decoding import GenerationConfig, generate, make_policy
 from ..decoding.loop import GenerationResult
+from ..heads.artifacts import shipped_head_accuracy
 from .metrics import DEFINITIONS, backbone_nll, common_prefix, mean_repetition
 
 
@@ -119,6 +120,12 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
         training = drafter.meta.get("training", {})
         if "heads" in training:
             out["head_accuracy"] = training["heads"]
+        # Every shipped horizon's held-out accuracy, for the accuracy-vs-horizon plot.
+        by_k = shipped_head_accuracy(backbone.name)
+        if "heads" in training:
+            by_k.setdefault(str(drafter.k), training["heads"])
+        if by_k:
+            out["head_accuracy_by_k"] = by_k
     if hf_times:
         hf_rate = sum(n for n, _ in hf_times) / sum(t for _, t in hf_times)
         out["transformers_generate"] = {"tokens_per_s_e2e": round(hf_rate, 3),
@@ -216,6 +223,14 @@ def _plots(results: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        path = out_dir / name
+        atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        plt.close(fig)
+        written.append(path)
+
     ms = results["methods"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, r in ms.items():
@@ -225,11 +240,7 @@ def _plots(results: dict, out_dir: Path) -> list[Path]:
     ax.set_ylabel("decode speedup vs AR")
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set_title("speed vs repetition")
-    fig.tight_layout()
-    p = out_dir / "speedup_vs_repetition.png"
-    atomic_file(p, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    written.append(p)
+    save(fig, "speedup_vs_repetition.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.8 / max(1, len(ms))
@@ -240,14 +251,9 @@ def _plots(results: dict, out_dir: Path) -> list[Path]:
     ax.set_xlabel("tokens emitted per forward (1 + accepted head tokens)")
     ax.set_ylabel("share of steps")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = out_dir / "tokens_per_forward_hist.png"
-    atomic_file(p, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    written.append(p)
+    save(fig, "tokens_per_forward_hist.png")
 
-    acc = results.get("head_accuracy_by_k") or ({str(results["head_accuracy"]["k"]): results["head_accuracy"]}
-                                                if "head_accuracy" in results else {})
+    acc = results.get("head_accuracy_by_k", {})
     if acc:
         fig, ax = plt.subplots(figsize=(6, 4))
         for k, h in acc.items():
@@ -257,9 +263,5 @@ def _plots(results: dict, out_dir: Path) -> list[Path]:
         ax.set_ylabel("held-out accuracy vs greedy continuation")
         ax.set_xlabel("head target")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out_dir / "head_accuracy_vs_horizon.png"
-        atomic_file(p, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-        plt.close(fig)
-        written.append(p)
+        save(fig, "head_accuracy_vs_horizon.png")
     return written

@@ -12,17 +12,13 @@ from ..errors import ClpError
 def cmd_eval_heads(args) -> int:
     from ..backbone import load_backbone
     from ..heads import default_drafter
-    from ..training.cli import default_features_dir
+    from ..training.cli import features_dir
     from ..training.data import load_features
     from ..training.train import head_accuracy, training_embed
 
     backbone = load_backbone(args.model)
-    if args.heads is not None and not Path(args.heads).exists():
-        raise ClpError(f"heads folder {args.heads!r} does not exist")
     drafter = default_drafter(backbone, k=args.k, folder=args.heads)
-    features = Path(args.features) if args.features else default_features_dir(backbone.name)
-    if not features.is_dir():
-        raise ClpError(f"no cached hidden states at {features}: run `clp distill` first")
+    features = features_dir(args.features, backbone.name)
     feats = load_features(features)
     if len(feats.rows("heldout")) == 0:
         raise ClpError(f"{features} has no held-out positions")
@@ -52,7 +48,7 @@ def cmd_bench(args) -> int:
     if args.max_new_tokens < 1:
         raise ClpError("--max-new-tokens must be at least 1")
     prompts = load_prompts(args.prompts, args.limit)
-    if args.heads is not None and not Path(args.heads).exists():
+    if args.heads is not None and not Path(args.heads).exists():  # before the slow backbone load
         raise ClpError(f"heads folder {args.heads!r} does not exist")
     backbone = load_backbone(args.model, numerics=args.numerics)
     drafter = None

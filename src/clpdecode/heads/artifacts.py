@@ -156,6 +156,20 @@ def shipped_drafter_dir(backbone_name: str, k: int) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def shipped_head_accuracy(backbone_name: str) -> dict[str, dict]:
+    """Held-out head accuracy recorded in each shipped bundle of a backbone, by k."""
+    import json as _json
+
+    out = {}
+    for k in range(1, 9):
+        folder = shipped_drafter_dir(backbone_name, k)
+        if folder is not None:
+            heads = _json.loads((folder / "config.json").read_text()).get("training", {}).get("heads")
+            if heads:
+                out[str(k)] = heads
+    return out
+
+
 def default_drafter(backbone, k: int = 2, folder: str | Path | None = None) -> Drafter:
     """Heads from `folder` (its own k), else the ones shipped for this backbone and k."""
     if folder is None:
@@ -166,4 +180,6 @@ def default_drafter(backbone, k: int = 2, folder: str | Path | None = None) -> D
                 "`clp distill` and `clp train`, then pass --heads DIR"
             )
         folder = shipped
+    elif not Path(folder).exists():
+        raise ClpError(f"heads folder {str(folder)!r} does not exist")
     return load_drafter(Path(folder), backbone)

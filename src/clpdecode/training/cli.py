@@ -12,10 +12,14 @@ def default_corpus_dir(backbone_name: str) -> Path:
     return Path("data") / "corpus" / backbone_name
 
 
-def default_features_dir(backbone_name: str) -> Path:
+def features_dir(arg: str | None, backbone_name: str, must_exist: bool = True) -> Path:
+    """--features, else <cache>/features/<backbone>; with must_exist, a clear error if absent."""
     from ..backbone.loading import cache_dir
 
-    return cache_dir() / "features" / backbone_name
+    path = Path(arg) if arg else cache_dir() / "features" / backbone_name
+    if must_exist and not path.is_dir():
+        raise ClpError(f"no cached hidden states at {path}: run `clp distill` first")
+    return path
 
 
 def cmd_distill(args) -> int:
@@ -24,7 +28,7 @@ def cmd_distill(args) -> int:
 
     backbone = load_backbone(args.model)
     corpus = Path(args.corpus) if args.corpus else default_corpus_dir(backbone.name)
-    features = Path(args.features) if args.features else default_features_dir(backbone.name)
+    features = features_dir(args.features, backbone.name, must_exist=False)
     if args.prompts:
         generate_corpus(backbone, corpus, DistillConfig(n_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
                                                         batch_size=args.batch_size))
@@ -44,9 +48,7 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, train_all
 
     backbone = load_backbone(args.model)
-    features = Path(args.features) if args.features else default_features_dir(backbone.name)
-    if not features.is_dir():
-        raise ClpError(f"no cached hidden states at {features}: run `clp distill` first")
+    features = features_dir(args.features, backbone.name)
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / f".{out.name}-work"
     torch.manual_seed(args.seed)
