@@ -1,10 +1,12 @@
 """Token selection: greedy, or temperature / top-p sampling with a seed, and the
 speculative-sampling acceptance test used by verified decoding.
 
-Everything works on a probability vector over the vocabulary. Greedy decoding is the
-point-mass distribution on the argmax, so one acceptance rule serves both: a draft token
-d is accepted with probability p(d) (exactly "d is the argmax" when greedy), and after a
-rejection the next token is drawn from p with d removed, renormalised. With a draft that
+Everything works on a distribution over the vocabulary. Greedy decoding is the point-mass
+distribution on the argmax, so one acceptance rule serves both: a draft token d is
+accepted with probability p(d) (exactly "d is the argmax" when greedy), and after a
+rejection the next token is drawn from p with d removed, renormalised. When greedy, the
+"distribution" passed around is the logits themselves: only their argmax is ever read,
+and building a 49k-entry one-hot vector per step would be pure overhead. With a draft that
 is a deterministic choice (a point mass q on d) that residual is norm(max(0, p - q)),
 the standard rule, so sampled output keeps the backbone's distribution.
 """
@@ -36,11 +38,10 @@ class Sampler:
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(V,) logits -> (V,) the distribution the next token is drawn from."""
+        """(V,) logits -> (V,) the distribution the next token is drawn from (greedy: the
+        logits, standing for the point mass on their argmax)."""
         if self.greedy:
-            p = torch.zeros_like(logits, dtype=torch.float32)
-            p[int(logits.argmax())] = 1.0
-            return p
+            return logits
         p = torch.softmax(logits.float() / self.cfg.temperature, -1)
         if self.cfg.top_p < 1:
             sorted_p, idx = p.sort(descending=True)
