@@ -77,7 +77,7 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise ClpError("the prompt is empty")
     backbone = _backbone(args)
-    drafter = _drafter(args, backbone, required=args.method != "ar") if args.method != "ar" else None
+    drafter = _drafter(args, backbone, required=True) if args.method != "ar" else None
     stream = not args.json
     color = stream and (args.color == "always" or (
         args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")))

@@ -158,13 +158,11 @@ def shipped_drafter_dir(backbone_name: str, k: int) -> Path | None:
 
 def shipped_head_accuracy(backbone_name: str) -> dict[str, dict]:
     """Held-out head accuracy recorded in each shipped bundle of a backbone, by k."""
-    import json as _json
-
     out = {}
     for k in range(1, 9):
         folder = shipped_drafter_dir(backbone_name, k)
         if folder is not None:
-            heads = _json.loads((folder / "config.json").read_text()).get("training", {}).get("heads")
+            heads = json.loads((folder / "config.json").read_text()).get("training", {}).get("heads")
             if heads:
                 out[str(k)] = heads
     return out
