@@ -131,7 +131,8 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
         description="Median milliseconds of the trunk forward over 1, 2, 3 and 5 new tokens on a KV cache, the "
                     "LM head, the MTP heads and CLP; and the largest difference between a 3-token step and three "
                     "1-token steps (0 or float noise: rows are independent and verified decoding is exact).")
-    add_model_args(p)
+    p.add_argument("--model", default="embedded", help="backbone (default: embedded)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     add_drafter_args(p)
     p.add_argument("--numerics-list", default="fp32,fp16,int8", help="numerics to profile (default: fp32,fp16,int8)")
     p.add_argument("--context", type=int, default=256, help="cached tokens before the step (default: 256)")
