@@ -129,18 +129,19 @@ def load_drafter(folder: Path, backbone=None) -> Drafter:
         heads.load_state_dict(state)
         return heads
 
-    heads = make_heads(config["heads"], part("heads"))
+    parts = {name: part(name) for name in ("heads", "clp", "gates", "competing")}
+    heads = make_heads(config["heads"], parts["heads"])
     hcfg = heads.cfg
     pcfg = PredictorConfig(k=hcfg.k, hidden_size=hcfg.hidden_size)
     clp = gates = competing = None
-    if part("clp"):
+    if parts["clp"]:
         clp = CLP(pcfg)
-        clp.load_state_dict(part("clp"))
-    if part("gates"):
+        clp.load_state_dict(parts["clp"])
+    if parts["gates"]:
         gates = Gates(pcfg)
-        gates.load_state_dict(part("gates"))
-    if part("competing"):
-        competing = make_heads(config["competing"], part("competing"))
+        gates.load_state_dict(parts["gates"])
+    if parts["competing"]:
+        competing = make_heads(config["competing"], parts["competing"])
     meta = {k: v for k, v in config.items() if k not in ("format", "heads", "competing", "components")}
     drafter = Drafter(heads=heads, clp=clp, gates=gates, competing=competing, meta=meta)
     for m in (heads, clp, gates, competing):

@@ -71,10 +71,9 @@ def load_features(features_dir: Path, predictor_share: float = 0.2, max_rows: in
     teacher (teacher-forced ShareGPT only, plus the distilled rows CLP and evaluation need)."""
     if sources not in SOURCES:
         raise ClpError(f"sources must be one of {', '.join(SOURCES)}")
-    shards = sorted(Path(features_dir).glob("shard-*.npz")) if sources != "teacher" else []
+    # Self-distilled shards are always read: even "teacher" needs them for CLP and evaluation.
+    shards = sorted(Path(features_dir).glob("shard-*.npz"))
     shards += sorted(Path(features_dir).glob("tf-*.npz")) if sources != "distilled" else []
-    if sources == "teacher":
-        shards += sorted(Path(features_dir).glob("shard-*.npz"))
     if not shards:
         raise ClpError(f"no cached hidden states in {features_dir}: run `clp distill` first")
     parts = [np.load(s) for s in shards]

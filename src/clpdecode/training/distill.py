@@ -160,10 +160,15 @@ def build_features(backbone, corpus_dir: Path, features_dir: Path, progress: boo
         on_path = [np.ones(len(t), dtype=np.bool_) for t in tokens]
         if not hidden:
             continue
-        arrays = dict(hidden=np.concatenate(hidden), tokens=np.concatenate(tokens), seq=np.concatenate(seq),
-                      heldout=np.concatenate(split), on_path=np.concatenate(on_path))
-        atomic_file(features_dir / (shard.stem + ".npz"), lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+        _save_shard(features_dir / (shard.stem + ".npz"), hidden, tokens, seq, split, on_path)
     return features_dir
+
+
+def _save_shard(path: Path, hidden, tokens, seq, heldout, on_path) -> None:
+    """Write one features shard atomically (lists of per-sequence arrays, concatenated)."""
+    arrays = {name: np.concatenate(parts) for name, parts in
+              dict(hidden=hidden, tokens=tokens, seq=seq, heldout=heldout, on_path=on_path).items()}
+    atomic_file(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
 
 
 def build_teacher_features(backbone, features_dir: Path, n_conversations: int = 2000, max_tokens: int = 512,
@@ -220,7 +225,6 @@ def build_teacher_features(backbone, features_dir: Path, n_conversations: int = 
             on_path.append((argmax == text).numpy())
         if not hidden:
             continue
-        arrays = dict(hidden=np.concatenate(hidden), tokens=np.concatenate(tokens), seq=np.concatenate(seq),
-                      heldout=np.zeros(sum(len(t) for t in tokens), dtype=np.bool_), on_path=np.concatenate(on_path))
-        atomic_file(features_dir / f"tf-{s:05d}.npz", lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+        heldout = [np.zeros(len(t), dtype=np.bool_) for t in tokens]
+        _save_shard(features_dir / f"tf-{s:05d}.npz", hidden, tokens, seq, heldout, on_path)
     return features_dir

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, atomic_write_text
 from ..heads.artifacts import Drafter
 from ..heads.modules import HeadsConfig, MTPHeads
 from ..predictors.modules import CLP, Gates, PredictorConfig
@@ -316,5 +316,5 @@ def train_all(feats: Features, backbone, tcfg: TrainConfig, work: Path) -> tuple
     drafter = Drafter(heads=heads, clp=clp, gates=gates, competing=competing,
                       meta={"training": report})
     if _accelerator().is_main_process:
-        (work / "report.json").write_text(json.dumps(report, indent=1))
+        atomic_write_text(work / "report.json", json.dumps(report, indent=1))
     return drafter, report
