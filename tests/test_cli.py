@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -57,6 +58,21 @@ def test_streaming_prints_text(capsys, tiny_llama_dir):
     (["generate", "--prompt", "x", "--method", "clp", "--heads", "/no/such/heads"], "does not exist"),
     (["bench", "--prompts", "/no/such.jsonl", "--methods", "ar"], "does not exist"),
     (["bench", "--methods", "ar,turbo"], "unknown method"),
+    (["generate", "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["generate", "--prompt", "x", "--temperature", "nan"], "temperature must be a finite number"),
+    (["generate", "--prompt", "x", "--temperature", "1", "--top-p", "0"], "top-p must be in (0, 1]"),
+    (["generate", "--prompt", "x", "--top-p", "1.5"], "top-p must be in (0, 1]"),
+    (["generate", "--prompt", "x", "--threads", "-1"], "--threads must be at least 1"),
+    (["generate", "--prompt", "x", "--threads", "0"], "--threads must be at least 1"),
+    (["generate", "--prompt", "x", "--stop", ""], "--stop must not be empty"),
+    (["generate", "--prompt", "x", "--method", "clp", "--clp-threshold", "2"], "--clp-threshold must be"),
+    (["generate", "--prompt", "x", "--method", "clp", "--clp-threshold", "nan"], "--clp-threshold must be"),
+    (["generate", "--prompt", "x", "--method", "gate", "--gate-threshold", "-1"], "--gate-threshold must be"),
+    (["bench", "--methods", "ar", "--clp-threshold", "1.5"], "--clp-threshold must be"),
+    (["bench", "--methods", "ar", "--limit", "0"], "--limit must be at least 1"),
+    (["bench", "--methods", "ar", "--limit", "-1"], "--limit must be at least 1"),
+    (["generate", "--prompt", b"caf\xe9 \xff".decode("utf-8", "surrogateescape")], "not valid UTF-8 (byte 0xe9"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "250"], "context window of 256; use --max-new-tokens"),
 ])
 def test_errors_are_one_line_exit_2(capsys, tiny_llama_dir, argv, message):
     if "--model" not in argv:
@@ -64,6 +80,33 @@ def test_errors_are_one_line_exit_2(capsys, tiny_llama_dir, argv, message):
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert err.startswith("clp: error:") and message in err and err.count("\n") == 1
+
+
+def test_interrupted_on_its_own_line(capsys, monkeypatch, tiny_llama_dir):
+    import clpdecode
+
+    def partial_then_ctrl_c(backbone, prompt, on_tokens=None, **kw):
+        on_tokens(backbone.tokenizer("abc")["input_ids"], False)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clpdecode, "generate_text", partial_then_ctrl_c)
+    code, out, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--prompt", "hi")
+    assert code == 130 and out == "abc\n" and err == "clp: interrupted\n"
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_broken_pipe_is_quiet(tiny_llama_dir, extra):
+    """`clp generate ... | head -c 20`: no traceback, status 141 as SIGPIPE'd tools give."""
+    cmd = [sys.executable, "-m", "clpdecode.cli", "generate", "--model", str(tiny_llama_dir), "--prompt", "Write",
+           "--max-new-tokens", "200", *extra]
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write: every write hits EPIPE
+    try:
+        proc = subprocess.run(cmd, stdout=w, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(w)
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141
 
 
 def test_prompt_longer_than_context(capsys, tiny_llama_dir):

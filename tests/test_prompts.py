@@ -32,3 +32,31 @@ def test_user_file(tmp_path):
         load_prompts(str(f))
     with pytest.raises(ClpError, match="unknown prompt set"):
         load_prompts("nope")
+
+
+def test_user_file_errors_name_file_lines(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n\n\n{"text": "b"}\n')
+    with pytest.raises(ClpError, match=r"p.jsonl:4: no string field"):
+        load_prompts(str(f))
+    f.write_text('{"prompt": "a"}\n\n{oops\n')
+    with pytest.raises(ClpError, match=r"p.jsonl:3: not valid JSON"):
+        load_prompts(str(f))
+    f.write_bytes(b'{"prompt": "a"}\n\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ClpError, match=r"p.jsonl:3: not valid UTF-8 \(byte 0xe9\)"):
+        load_prompts(str(f))
+    f.write_text('{"prompt": "a"}\n{"prompt": "\\ud800"}\n')  # valid JSON, not encodable text
+    with pytest.raises(ClpError, match=r"p.jsonl:2: the prompt is not valid UTF-8"):
+        load_prompts(str(f))
+    f.write_text('{"prompt": "a"}\n{"prompt": "  "}\n')
+    with pytest.raises(ClpError, match=r"p.jsonl:2: the prompt is empty"):
+        load_prompts(str(f))
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_limit_below_one_is_refused(tmp_path, limit):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    with pytest.raises(ClpError, match="--limit must be at least 1"):
+        load_prompts(str(f), limit=limit)
+    assert load_prompts(str(f), limit=1) == ["a"]

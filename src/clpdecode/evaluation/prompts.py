@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import ClpError
+from ..errors import ClpError, check_positive_int, check_text
 
 PROMPT_SETS = ("mtbench", "gsm8k", "humaneval", "sharegpt")
 
@@ -35,15 +35,28 @@ def data_file(name: str) -> Path:
     return path
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
+def _read_jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(file line number, record) for each non-blank line."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
+    try:
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
                 try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ClpError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ClpError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+                if line.strip():
+                    try:
+                        yield n, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ClpError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    except (OSError, EOFError) as e:
+        raise ClpError(f"cannot read {path}: {e}") from None
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    for _, rec in _read_jsonl_lines(path):
+        yield rec
 
 
 def mtbench() -> list[str]:
@@ -105,17 +118,22 @@ def user_file(path: str | Path) -> list[str]:
     if not p.is_file():
         raise ClpError(f"prompt file {str(path)!r} does not exist")
     prompts = []
-    for n, rec in enumerate(_read_jsonl(p), 1):
+    for n, rec in _read_jsonl_lines(p):
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise ClpError(f"{path}: line {n} has no string field \"prompt\"")
-        prompts.append(rec["prompt"])
+            raise ClpError(f"{path}:{n}: no string field \"prompt\"")
+        if not rec["prompt"].strip():
+            raise ClpError(f"{path}:{n}: the prompt is empty")
+        prompts.append(check_text(f"{path}:{n}: the prompt", rec["prompt"]))
     if not prompts:
         raise ClpError(f"prompt file {str(path)!r} holds no prompts")
     return prompts
 
 
 def load_prompts(name: str, limit: int | None = None) -> list[str]:
-    """A named set (mtbench, gsm8k, humaneval, sharegpt) or a path to a JSONL file."""
+    """A named set (mtbench, gsm8k, humaneval, sharegpt) or a path to a JSONL file;
+    `limit`: the first `limit` prompts (None: all)."""
+    if limit is not None:
+        check_positive_int("--limit", limit)
     loaders = {"mtbench": mtbench, "gsm8k": gsm8k, "humaneval": humaneval}
     if name == "sharegpt":
         return sharegpt(limit)
@@ -125,4 +143,4 @@ def load_prompts(name: str, limit: int | None = None) -> list[str]:
         prompts = user_file(name)
     else:
         raise ClpError(f"unknown prompt set {name!r}: use {', '.join(PROMPT_SETS)} or a .jsonl file")
-    return prompts[:limit] if limit else prompts
+    return prompts[:limit] if limit is not None else prompts
