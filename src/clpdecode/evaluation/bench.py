@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..atomic import atomic_file, atomic_write_text
-from ..decoding import GenerationConfig, generate, make_policy
+from ..decoding import METHODS, GenerationConfig, generate, make_policy
 from ..decoding.loop import GenerationResult
+from ..errors import ClpError, check_context
 from ..heads.artifacts import shipped_head_accuracy
 from .metrics import DEFINITIONS, backbone_nll, common_prefix, mean_repetition
 
@@ -20,7 +24,7 @@ from .metrics import DEFINITIONS, backbone_nll, common_prefix, mean_repetition
 class BenchSettings:
     prompts: str = "mtbench"
     limit: int | None = 10
-    methods: tuple[str, ...] = ("ar", "naive", "gate", "clp", "verified", "competing")
+    methods: tuple[str, ...] = METHODS
     max_new_tokens: int = 128
     numerics: str = "fp32"
     clp_threshold: float = 0.5
@@ -32,8 +36,62 @@ class BenchSettings:
     hf_generate: bool = False  # also time transformers' generate() (greedy, same numerics) as AR's peer
 
 
+# Settings that may differ between a bench and its resumption (more prompts, other threads).
+_RESUMABLE = {"limit", "threads"}
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Make sure results can be written to `out` (a folder), before anything is measured."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ClpError(f"--out {str(out)!r} is a file; give a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ClpError(f"cannot write results to --out {str(out)!r}: {e.strerror or e}") from None
+    return out
+
+
+def _prompt_key(ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+def _resumable_records(out_dir: Path, backbone, settings: BenchSettings, encoded: list[list[int]]) -> list[dict]:
+    """The per-prompt records of an earlier bench in out_dir with the same settings."""
+    path = out_dir / "results.json"
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        records, old_settings = old["runs"], old["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ClpError(f"cannot resume: {path} is not a results file of `clp bench`; "
+                       "use another --out or drop --resume") from None
+    now = asdict(settings)
+    differ = [k for k in now if k not in _RESUMABLE and json.loads(json.dumps(now[k])) != old_settings.get(k)]
+    if old.get("backbone") != backbone.info.as_dict():
+        differ.insert(0, "backbone")
+    if differ:
+        raise ClpError(f"cannot resume: {path} was measured with other settings ({', '.join(differ)}); "
+                       "use another --out or drop --resume")
+    for i, rec in enumerate(records[: len(encoded)]):
+        if rec.get("prompt_key") != _prompt_key(encoded[i]):
+            raise ClpError(f"cannot resume: prompt {i + 1} differs from the one measured in {path}; "
+                           "use another --out or drop --resume")
+    return records[: len(encoded)]
+
+
+def _record(r: GenerationResult) -> dict:
+    return {"token_ids": r.token_ids, "text": r.text, "new_tokens": r.new_tokens,
+            "forward_passes": r.forward_passes, "seconds": r.seconds, "prefill_seconds": r.prefill_seconds,
+            "decode_tokens": r.decode_tokens, "accepted_per_step": r.accepted_per_step}
+
+
 def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, reference=None,
-              progress: bool = True) -> dict:
+              progress: bool = True, out_dir: Path | None = None, resume: bool = False) -> dict:
     """Run every method on every prompt, methods interleaved per prompt.
 
     Args:
@@ -42,6 +100,10 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
         prompts: user messages.
         settings: what to run.
         reference: an fp32 backbone for NLL and fp32-AR agreement (None: `backbone` itself).
+        out_dir: when given, results.json there is rewritten (atomically) after every
+            prompt, so an interrupted or failed bench keeps what it measured.
+        resume: continue the bench whose results.json is in out_dir (same settings and
+            prompts; its measured prompts are kept, not rerun).
     Returns:
         The results dict written to results.json.
     """
@@ -51,67 +113,85 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
     policies = {m: make_policy(m, backbone, drafter, clp_threshold=settings.clp_threshold,
                                gate_threshold=settings.gate_threshold, draft=settings.draft) for m in methods}
     encoded = [backbone.encode_prompt(p) for p in prompts]
+    for i, ids in enumerate(encoded):  # before anything is measured
+        try:
+            check_context(len(ids), settings.max_new_tokens, backbone.max_positions)
+        except ClpError as e:
+            raise ClpError(f"prompt {i + 1}: {e}") from None
+    records = _resumable_records(out_dir, backbone, settings, encoded) if resume and out_dir else []
     cfg = GenerationConfig(max_new_tokens=settings.max_new_tokens)
-    # Warm-up: first calls pay for allocator growth and lazy initialisation.
-    for m in methods:
-        generate(backbone, encoded[0], policies[m], GenerationConfig(max_new_tokens=settings.warmup_tokens))
-    runs: dict[str, list[GenerationResult]] = {m: [] for m in methods}
-    hf_times: list[tuple[int, float]] = []
-    bar = tqdm(total=len(encoded) * (len(methods) + settings.hf_generate), desc="bench", unit="run",
-               disable=not progress)
-    for ids in encoded:
-        for m in methods:
-            runs[m].append(generate(backbone, ids, policies[m], cfg))
-            bar.update(1)
-            bar.set_postfix(method=m)
-        if settings.hf_generate:
-            hf_times.append(_time_hf_generate(backbone, ids, settings.max_new_tokens))
-            bar.update(1)
-    bar.close()
-
     ref = reference or backbone
-    fp32_ar = None
-    if reference is not None and reference is not backbone:
-        fp32_policy = make_policy("ar", reference)
-        fp32_ar = [generate(reference, ids, fp32_policy, cfg).token_ids
-                   for ids in tqdm(encoded, desc="bench: fp32 AR reference", disable=not progress)]
+    fp32_policy = make_policy("ar", reference) if reference is not None and reference is not backbone else None
+    if len(records) < len(encoded):
+        # Warm-up: first calls pay for allocator growth and lazy initialisation.
+        for m in methods:
+            generate(backbone, encoded[0], policies[m], GenerationConfig(max_new_tokens=settings.warmup_tokens))
+    # Closed on any exit, so that an error or "interrupted" line starts on a line of its own.
+    with tqdm(total=len(encoded) - len(records), desc="bench", unit="prompt", disable=not progress) as bar:
+        for ids in encoded[len(records):]:
+            rec: dict = {"prompt_key": _prompt_key(ids), "methods": {}}
+            for m in methods:  # timed runs first, interleaved; quality measures after them
+                rec["methods"][m] = _record(generate(backbone, ids, policies[m], cfg))
+                bar.set_postfix(method=m)
+            if settings.hf_generate:
+                rec["hf_generate"] = list(_time_hf_generate(backbone, ids, settings.max_new_tokens))
+            for m in methods:
+                rec["methods"][m]["nll"] = backbone_nll(ref, ids, rec["methods"][m]["token_ids"])
+            if fp32_policy is not None:
+                rec["fp32_ar"] = generate(reference, ids, fp32_policy, cfg).token_ids
+            records.append(rec)
+            bar.update(1)
+            if out_dir is not None:
+                atomic_write_text(Path(out_dir) / "results.json",
+                                  json.dumps(summarize(records, backbone, drafter, settings, len(prompts)), indent=1))
+    return summarize(records, backbone, drafter, settings, len(prompts))
+
+
+def summarize(records: list[dict], backbone, drafter, settings: BenchSettings, n_prompts: int) -> dict:
+    """The results dict (see run_bench) of the prompts measured so far."""
+    methods = list(records[0]["methods"])
+    runs = {m: [rec["methods"][m] for rec in records] for m in methods}
+    fp32_ar = [rec["fp32_ar"] for rec in records] if records and "fp32_ar" in records[0] else None
 
     def rate(rs, key):
-        toks = sum(r.decode_tokens if key == "decode" else r.new_tokens for r in rs)
-        secs = sum(r.seconds - r.prefill_seconds if key == "decode" else r.seconds for r in rs)
+        toks = sum(r["decode_tokens"] if key == "decode" else r["new_tokens"] for r in rs)
+        secs = sum(r["seconds"] - r["prefill_seconds"] if key == "decode" else r["seconds"] for r in rs)
         return toks / secs if secs > 0 else 0.0
 
     ar_decode, ar_e2e = rate(runs["ar"], "decode"), rate(runs["ar"], "e2e")
+    ar_ids = [r["token_ids"] for r in runs["ar"]]
     results = {}
     for m in methods:
         rs = runs[m]
-        samples = [r.token_ids for r in rs]
-        ar_ids = [r.token_ids for r in runs["ar"]]
+        n = len(rs)
+        samples = [r["token_ids"] for r in rs]
         entry = {
             "speedup": round(rate(rs, "decode") / ar_decode, 4) if ar_decode else None,
             "speedup_e2e": round(rate(rs, "e2e") / ar_e2e, 4) if ar_e2e else None,
             "tokens_per_s": round(rate(rs, "decode"), 3),
             "tokens_per_s_e2e": round(rate(rs, "e2e"), 3),
-            "tokens_per_forward": round(sum(r.new_tokens for r in rs) / sum(r.forward_passes for r in rs), 4),
+            "tokens_per_forward": round(sum(r["new_tokens"] for r in rs) / sum(r["forward_passes"] for r in rs), 4),
             "rep4": round(mean_repetition(samples, 4), 5),
             "rep3": round(mean_repetition(samples, 3), 5),
             "rep2": round(mean_repetition(samples, 2), 5),
-            "agreement_exact": round(sum(a == b for a, b in zip(samples, ar_ids)) / len(rs), 4),
-            "common_prefix_mean": round(sum(common_prefix(a, b) for a, b in zip(samples, ar_ids)) / len(rs), 2),
-            "nll": round(sum(backbone_nll(ref, r.prompt_ids, r.token_ids) for r in rs) / len(rs), 4),
-            "n_prompts": len(rs),
-            "mean_new_tokens": round(sum(r.new_tokens for r in rs) / len(rs), 1),
-            "accepted_hist": _hist([a for r in rs for a in r.accepted_per_step], drafter.k if drafter else 0),
+            "agreement_exact": round(sum(a == b for a, b in zip(samples, ar_ids)) / n, 4),
+            "common_prefix_mean": round(sum(common_prefix(a, b) for a, b in zip(samples, ar_ids)) / n, 2),
+            "nll": round(sum(r["nll"] for r in rs) / n, 4),
+            "n_prompts": n,
+            "mean_new_tokens": round(sum(r["new_tokens"] for r in rs) / n, 1),
+            "accepted_hist": _hist([a for r in rs for a in r["accepted_per_step"]], drafter.k if drafter else 0),
         }
         if fp32_ar is not None:
-            entry["agreement_fp32_ar"] = round(sum(a == b for a, b in zip(samples, fp32_ar)) / len(rs), 4)
+            entry["agreement_fp32_ar"] = round(sum(a == b for a, b in zip(samples, fp32_ar)) / n, 4)
             entry["common_prefix_fp32_ar"] = round(
-                sum(common_prefix(a, b) for a, b in zip(samples, fp32_ar)) / len(rs), 2)
+                sum(common_prefix(a, b) for a, b in zip(samples, fp32_ar)) / n, 2)
         results[m] = entry
     out = {
         "backbone": backbone.info.as_dict(),
-        "settings": {**asdict(settings), "n_prompts": len(prompts), "torch_threads": torch.get_num_threads(),
+        "settings": {**asdict(settings), "n_prompts": n_prompts, "torch_threads": torch.get_num_threads(),
                      "machine": platform.processor() or platform.machine()},
+        "complete": len(records) == n_prompts,
+        "n_prompts_done": len(records),
         "methods": results,
         "definitions": DEFINITIONS,
     }
@@ -126,11 +206,13 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
             by_k.setdefault(str(drafter.k), training["heads"])
         if by_k:
             out["head_accuracy_by_k"] = by_k
+    hf_times = [rec["hf_generate"] for rec in records if "hf_generate" in rec]
     if hf_times:
         hf_rate = sum(n for n, _ in hf_times) / sum(t for _, t in hf_times)
         out["transformers_generate"] = {"tokens_per_s_e2e": round(hf_rate, 3),
                                         "our_ar_speedup_e2e": round(ar_e2e / hf_rate, 4)}
-    out["examples"] = {m: runs[m][0].text for m in methods}
+    out["examples"] = {m: runs[m][0]["text"] for m in methods}
+    out["runs"] = records  # per prompt and method: what `--resume` continues from
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
 
 from ..errors import ClpError
@@ -38,18 +39,20 @@ def cmd_bench(args) -> int:
     from ..backbone import load_backbone
     from ..decoding import METHODS
     from ..heads import default_drafter
-    from .bench import BenchSettings, run_bench, table, write_report
+    from ..decoding import GenerationConfig
+    from .bench import BenchSettings, prepare_out_dir, run_bench, table, write_report
     from .prompts import load_prompts
 
+    # Every check a user can fail comes before the slow backbone load and the first prompt.
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ClpError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
-    if args.max_new_tokens < 1:
-        raise ClpError("--max-new-tokens must be at least 1")
+    if bad or not methods:
+        raise ClpError(f"unknown method(s) {', '.join(bad) or repr(args.methods)}; choose from {', '.join(METHODS)}")
+    GenerationConfig(max_new_tokens=args.max_new_tokens)
     prompts = load_prompts(args.prompts, args.limit)
-    if args.heads is not None and not Path(args.heads).exists():  # before the slow backbone load
+    if args.heads is not None and not Path(args.heads).exists():
         raise ClpError(f"heads folder {args.heads!r} does not exist")
+    out_dir = prepare_out_dir(Path(args.out))
     backbone = load_backbone(args.model, numerics=args.numerics)
     drafter = None
     if any(m != "ar" for m in methods):
@@ -60,9 +63,16 @@ def cmd_bench(args) -> int:
                              clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
                              draft=args.draft, k=drafter.k if drafter else args.k, threads=torch.get_num_threads(),
                              hf_generate=args.hf_generate)
-    results = run_bench(backbone, drafter, prompts, settings, reference=reference)
+    try:
+        results = run_bench(backbone, drafter, prompts, settings, reference=reference, out_dir=out_dir,
+                            resume=args.resume)
+    except KeyboardInterrupt:
+        if (out_dir / "results.json").is_file():
+            print(f"clp: the prompts measured so far are in {out_dir / 'results.json'}; "
+                  "rerun with --resume to continue", file=sys.stderr)
+        raise
     command = "clp " + " ".join(shlex.quote(a) for a in args.argv)
-    written = write_report(results, Path(args.out), command)
+    written = write_report(results, out_dir, command)
     print(table(results))
     print(f"\nreport: {written[1]}  (results.json and plots beside it)")
     return 0
@@ -118,10 +128,17 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
     b.add_argument("--prompts", default="mtbench",
                    help="mtbench, gsm8k, humaneval, sharegpt or a JSONL file of {\"prompt\": ...} (default: mtbench)")
     b.add_argument("--limit", type=int, default=10, help="first N prompts (default: 10)")
-    b.add_argument("--methods", default="ar,naive,gate,clp,verified,competing",
-                   help="comma-separated methods (default: all six)")
+    from ..decoding import METHODS
+
+    b.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated methods (default: all of {','.join(METHODS)})")
     b.add_argument("--max-new-tokens", type=int, default=128, help="(default: 128)")
-    b.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
+    b.add_argument("--out", default="bench-out",
+                   help="output folder, checked before the first prompt; results.json there is rewritten after "
+                        "every prompt (default: bench-out)")
+    b.add_argument("--resume", action="store_true",
+                   help="continue the bench whose results.json is in --out (same settings; --limit may grow): "
+                        "prompts already measured there are kept, not rerun")
     b.add_argument("--hf-generate", action="store_true",
                    help="also time transformers' generate() (greedy, same numerics) to compare our AR loop with it")
     b.set_defaults(func=cmd_bench)
