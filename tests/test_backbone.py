@@ -69,13 +69,13 @@ def test_cache_dir_honours_env(monkeypatch, tmp_path):
 def test_partial_cache_is_detected(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"x" * 10)
-    marker = {"format": 1, "source": "s", "files": {"model.safetensors": 10}}
+    (folder / "weights.bin").write_bytes(b"x" * 10)  # not safetensors: its header is not checked
+    marker = {"format": 1, "source": "s", "files": {"weights.bin": 10}}
     assert not _cache_is_complete(folder, "s")  # no marker: a conversion that never finished
     (folder / "clp_cache_complete.json").write_text(json.dumps(marker))
     assert _cache_is_complete(folder, "s")
     assert not _cache_is_complete(folder, "other-gguf")
-    (folder / "model.safetensors").write_bytes(b"x" * 5)  # truncated
+    (folder / "weights.bin").write_bytes(b"x" * 5)  # truncated
     assert not _cache_is_complete(folder, "s")
 
 

