@@ -146,3 +146,45 @@ def test_profile_json(capsys, tiny_llama_dir):
     for r in rows:
         assert set(r["forward_ms"]) == {"1", "2", "3", "5"}
         assert r["row_max_abs_diff"] < 1e-3  # rows of a step are independent: verified stays exact
+
+
+def test_streamed_text_equals_the_answer(capsys, tiny_llama_dir):
+    argv = ["generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--max-new-tokens", "40", "--color",
+            "never"]
+    _, streamed, _ = run(capsys, *argv)
+    _, out, _ = run(capsys, *argv, "--json")
+    assert streamed == json.loads(out)["text"] + "\n"
+
+
+def _smollm2_tokenizer():
+    from clpdecode.backbone import cache_dir
+
+    folder = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip("the embedded model has not been converted yet")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("which", ["char", "smollm2"])
+def test_stream_decoder_pieces_add_up(which):
+    """Incremental decoding (linear time) gives the full decode's text, multi-byte
+    characters split across byte-level tokens included."""
+    from clpdecode.cli import StreamDecoder
+
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer() if which == "char" else _smollm2_tokenizer()
+    text = "Hello world, two  spaces\nnew line." if which == "char" else \
+        "Café ☕ naïve 日本語 — done.\n  Indented 🙂 x"
+    ids = tok(text)["input_ids"]
+
+    def decode(x):
+        return tok.decode(list(x), skip_special_tokens=True)
+
+    for step in (1, 2, 3):
+        sd = StreamDecoder(decode)
+        pieces = [sd.push(ids[i:i + step]) for i in range(0, len(ids), step)]
+        assert "".join(pieces) + sd.finish() == decode(ids)
+        assert not any("\ufffd" in p for p in pieces)

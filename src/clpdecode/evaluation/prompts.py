@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import ClpError, check_positive_int, check_text
+from ..errors import ClpError, check_positive_int, check_prompt
 
 PROMPT_SETS = ("mtbench", "gsm8k", "humaneval", "sharegpt")
 
@@ -121,9 +121,7 @@ def user_file(path: str | Path) -> list[str]:
     for n, rec in _read_jsonl_lines(p):
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
             raise ClpError(f"{path}:{n}: no string field \"prompt\"")
-        if not rec["prompt"].strip():
-            raise ClpError(f"{path}:{n}: the prompt is empty")
-        prompts.append(check_text(f"{path}:{n}: the prompt", rec["prompt"]))
+        prompts.append(check_prompt(rec["prompt"], f"{path}:{n}: the prompt"))
     if not prompts:
         raise ClpError(f"prompt file {str(path)!r} holds no prompts")
     return prompts
