@@ -211,3 +211,20 @@ def test_mistyped_model_name_fails_at_once(capsys, monkeypatch, tmp_path, offlin
     assert time.perf_counter() - t < 10
     assert code == 2 and "did you mean 'embedded'?" in err and err.count("\n") == 1
     assert ("HF_HUB_OFFLINE is set" in err) == (offline == "env")
+
+
+# ---- the Python API raises the same ClpError ------------------------------------------
+@pytest.mark.parametrize("kw", [dict(temperature=-1.0), dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                dict(temperature=1.0, top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan"))])
+def test_sampling_config_raises_clp_error(kw):
+    from clpdecode import ClpError, SamplingConfig
+
+    with pytest.raises(ClpError):
+        SamplingConfig(**kw)
+
+
+def test_generate_text_sampling_checks(tiny_backbone):
+    from clpdecode import ClpError, generate_text
+
+    with pytest.raises(ClpError, match="top-p"):
+        generate_text(tiny_backbone, "hi", top_p=0.0, temperature=1.0)
