@@ -1,6 +1,12 @@
 """The frozen backbone: one forward that returns the post-norm hidden states, an LM head
 applied only where logits are needed, and a KV cache that grows by several tokens at once
-and rolls back."""
+and rolls back.
+
+Two engines run the trunk: "lean" (fast.py: fused projections, our static KV cache and
+copy-free grouped-query attention; Llama/SmolLM2 and Qwen2) and "hf" (the transformers
+module stack with its DynamicCache: the reference, and the path for every other
+architecture). Both return the same hidden states to float tolerance (tests/test_engine.py).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import ClpError
+from .cache import StaticKVCache
+from .fast import LeanForward, lean_unsupported_reason
 from .loading import resolve_model
 
 # fp32: the model as trained. fp16: fp16 weights, fp32 activations (fbgemm), ~2x faster
@@ -20,6 +28,8 @@ from .loading import resolve_model
 # flattest multi-token cost, but activations are quantised per tensor, so a row's result
 # depends on the other rows of the step and verified output can differ from AR's.
 NUMERICS = ("fp32", "fp16", "int8")
+# "auto": the lean forward where the architecture supports it, else transformers'.
+ENGINES = ("auto", "lean", "hf")
 
 
 @dataclass
@@ -30,6 +40,7 @@ class BackboneInfo:
     num_layers: int
     params: int
     numerics: str
+    engine: str = "hf"  # the trunk that runs: "lean" (fast.py) or "hf" (transformers)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -42,9 +53,14 @@ class Backbone:
     MTP heads and CLP read the same hidden state the LM head reads.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, name: str, numerics: str = "fp32"):
+    def __init__(self, model: nn.Module, tokenizer, name: str, numerics: str = "fp32", engine: str = "auto"):
         if numerics not in NUMERICS:
             raise ClpError(f"unknown numerics {numerics!r}; choose one of {', '.join(NUMERICS)}")
+        if engine not in ENGINES:
+            raise ClpError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        why_not = lean_unsupported_reason(model) if engine != "hf" else None
+        if engine == "lean" and why_not:
+            raise ClpError(f"the lean engine does not support {name}: {why_not}")
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -71,8 +87,20 @@ class Backbone:
             numerics="fp32",
         )
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._lean: LeanForward | None = None
+        self._use_lean = engine != "hf" and why_not is None
         if numerics != "fp32":
-            self.quantize(numerics)
+            self.quantize(numerics)  # builds the lean forward from the quantised linears
+        elif self._use_lean:
+            self._build_lean()
+
+    def _build_lean(self) -> None:
+        self._lean = LeanForward(self.model)
+        self.info.engine = "lean"
+
+    @property
+    def engine(self) -> str:
+        return self.info.engine
 
     # ---- numerics -------------------------------------------------------------------
     def quantize(self, numerics: str) -> None:
@@ -102,9 +130,18 @@ class Backbone:
             self.lm_head = quantize_dynamic(nn.Sequential(head), {nn.Linear}, dtype=dtype)[0]
             self.model.set_output_embeddings(self.lm_head)
         self.info.numerics = numerics
+        if self._use_lean:
+            self._build_lean()  # fused copies of the now quantised projections
 
     # ---- the forward ----------------------------------------------------------------
-    def new_cache(self):
+    def new_cache(self, capacity: int | None = None):
+        """An empty KV cache for forward(): static (lean engine) or transformers' DynamicCache.
+
+        capacity: optional hint, the positions it will hold (prompt + new tokens + draft
+        room); the static cache grows by chunks beyond it anyway.
+        """
+        if self._lean is not None:
+            return self._lean.new_cache(capacity=capacity or 0)
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)
@@ -119,6 +156,8 @@ class Backbone:
         Returns:
             (B, T, d) post-norm hidden states, the input of the LM head.
         """
+        if isinstance(cache, StaticKVCache):
+            return self._lean.forward(input_ids, cache)
         out = self.trunk(input_ids=input_ids, cache=cache, use_cache=True)
         return out.last_hidden_state
 
@@ -135,7 +174,10 @@ class Backbone:
     def rollback(cache, n: int) -> None:
         """Drop the last n positions from the cache (rejected draft tokens)."""
         if n > 0:
-            cache.crop(-n)
+            if isinstance(cache, StaticKVCache):
+                cache.rollback(n)  # moves the length back, no copy
+            else:
+                cache.crop(-n)
 
     @torch.inference_mode()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -192,13 +234,19 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def load_backbone(name: str = "embedded", numerics: str = "fp32", progress: bool = True) -> Backbone:
-    """Load a frozen backbone by name ("embedded", "gemma3-270m"), hub id or local directory."""
+def load_backbone(name: str = "embedded", numerics: str = "fp32", progress: bool = True,
+                  engine: str = "auto") -> Backbone:
+    """Load a frozen backbone by name ("embedded", "gemma3-270m"), hub id or local directory.
+
+    engine: "auto" (the lean forward for Llama/Qwen2, transformers' otherwise), "lean" or "hf".
+    """
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if numerics not in NUMERICS:
         raise ClpError(f"unknown numerics {numerics!r}; choose one of {', '.join(NUMERICS)}")
+    if engine not in ENGINES:
+        raise ClpError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     display, path = resolve_model(name, progress=progress)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -215,4 +263,4 @@ def load_backbone(name: str = "embedded", numerics: str = "fp32", progress: bool
         raise ClpError(f"cannot load {name!r}: {msg[:200]}") from None
     except OSError as e:
         raise ClpError(f"cannot load model {name!r}: {str(e).splitlines()[0][:200]}") from None
-    return Backbone(model, tokenizer, display, numerics=numerics)
+    return Backbone(model, tokenizer, display, numerics=numerics, engine=engine)

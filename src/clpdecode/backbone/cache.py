@@ -1,0 +1,83 @@
+"""A static KV cache: preallocated per layer, written in place, rolled back by moving a length.
+
+transformers' DynamicCache concatenates every layer's whole cache on every step, so a
+step's cost grows with the context (~10 ms of a 24 ms step at 1,000 cached tokens here).
+This cache keeps one (B, n_kv_heads, capacity, head_dim) buffer per layer for keys and
+one for values; a step writes its T new positions into [length, length + T) and the
+attention reads the view [:length + T] (no copy). Rolling back rejected drafts only moves
+`length` back: the stale entries are overwritten by the next step.
+
+Callers need not know the final length: when a step does not fit, every buffer grows by
+whole chunks (one copy, amortised over `chunk` positions). A capacity hint (prompt +
+max_new_tokens + draft room) avoids even that.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    """Per-layer key/value buffers of shape (B, n_kv_heads, capacity, head_dim)."""
+
+    def __init__(self, num_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int = 0,
+                 chunk: int = 256, dtype: torch.dtype = torch.float32, device=None):
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1")
+        self.num_layers, self.batch, self.n_kv_heads, self.head_dim = num_layers, batch, n_kv_heads, head_dim
+        self.chunk, self.dtype, self.device = chunk, dtype, device
+        self.length = 0  # positions held (the next step writes at [length, length + T))
+        self.capacity = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._alloc(self._round(capacity))
+
+    # ---- size ---------------------------------------------------------------------------
+    def _round(self, n: int) -> int:
+        return -(-max(0, n) // self.chunk) * self.chunk
+
+    def _alloc(self, capacity: int) -> None:
+        shape = (self.batch, self.n_kv_heads, capacity, self.head_dim)
+        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        for old, new in zip(self.keys + self.values, new_k + new_v):
+            new[:, :, : self.length].copy_(old[:, :, : self.length])
+        self.keys, self.values, self.capacity = new_k, new_v, capacity
+
+    def reserve(self, n: int) -> None:
+        """Make room for n more positions after `length` (grows by whole chunks)."""
+        need = self.length + n
+        if need > self.capacity:
+            self._alloc(self._round(need))
+
+    # ---- steps --------------------------------------------------------------------------
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a step's (B, n_kv, T, hd) keys and values at [length, length + T).
+
+        Call reserve(T) first, and advance(T) after the last layer. Returns views of the
+        layer's keys and values over [0, length + T): what the step's queries attend to.
+        """
+        t = k.shape[2]
+        end = self.length + t
+        kb, vb = self.keys[layer], self.values[layer]
+        kb[:, :, self.length : end].copy_(k)
+        vb[:, :, self.length : end].copy_(v)
+        return kb[:, :, :end], vb[:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def rollback(self, n: int) -> None:
+        """Forget the last n positions (no copy: the next step overwrites them)."""
+        if n < 0 or n > self.length:
+            raise ValueError(f"cannot roll back {n} of {self.length} positions")
+        self.length -= n
+
+    # ---- the parts of transformers' Cache API that our code uses -------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def crop(self, max_length: int) -> None:
+        """As DynamicCache.crop: keep max_length positions, or drop -max_length if negative."""
+        keep = self.length + max_length if max_length < 0 else min(max_length, self.length)
+        self.rollback(self.length - keep)

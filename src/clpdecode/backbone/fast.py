@@ -1,0 +1,230 @@
+"""A lean decode forward for the Llama family (SmolLM2) and Qwen2, in the manner of
+gpt-fast's model.py.
+
+The transformers module stack costs ~20 ms per 1-token step on this CPU even without a
+cache (fp16 numerics, of which the linears are ~8-10 ms), and its DynamicCache and
+`repeat_kv` copy the cache on every step. This forward reads the weights of the loaded
+transformers model (nothing is retrained or converted on disk) and runs:
+
+- fused projections: one QKV linear and one gate/up linear per layer (fewer, larger
+  GEMMs), quantised the way the backbone's numerics say (fp32, fbgemm fp16 weights with
+  fp32 activations, fbgemm dynamic int8), the output and down projections as loaded;
+- RMSNorm as one op, rotary tables precomputed by the model's own rotary module;
+- our static KV cache (cache.py) and copy-free grouped-query attention (attention.py).
+
+It returns the post-norm hidden states, as the transformers trunk does; the transformers
+model stays the reference (tests compare the two) and the path for other architectures.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import gqa_attention_folded, prepare_mask
+from .cache import StaticKVCache
+
+LEAN_MODEL_TYPES = ("llama", "qwen2")
+# Rotary variants whose tables depend only on the position (not on the sequence length).
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def lean_unsupported_reason(model: nn.Module) -> str | None:
+    """None when the lean forward can run `model`, else why not (it then uses transformers)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in LEAN_MODEL_TYPES:
+        return f"architecture {getattr(cfg, 'model_type', '?')!r} (lean forward: {', '.join(LEAN_MODEL_TYPES)})"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in _STATIC_ROPE:
+        return f"rope type {rope_type!r}"
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return "sliding-window layers"
+    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
+        return f"activation {cfg.hidden_act!r}"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "unexpected module layout"
+    return None
+
+
+# ---- linears -----------------------------------------------------------------------------
+def _numerics_of(mod: nn.Module) -> str:
+    if isinstance(mod, nn.Linear):
+        return "fp32"
+    packed = getattr(mod, "_packed_params", None)
+    if packed is not None:
+        return {torch.float16: "fp16", torch.qint8: "int8"}[packed.dtype]
+    raise TypeError(f"not a linear layer: {type(mod).__name__}")
+
+
+class LinearOp:
+    """y = x W^T + b on 2-D fp32 activations, with the numerics of the modules it came from.
+
+    Built from one or several linears that read the same input (QKV, gate/up): their
+    output rows are concatenated into one weight, so one GEMM replaces several.
+    - fp32: plain weights (F.linear);
+    - fp16: fbgemm fp16 weights, fp32 activations (rows stay independent);
+    - int8: fbgemm dynamic int8. Each source keeps its own per-tensor weight scale (the
+      fused weight is per-channel with those scales), and activations are quantised per
+      tensor exactly as in each source module, so results equal the separate linears'.
+    """
+
+    def __init__(self, mods: list[nn.Module], bf16: bool = False):
+        kinds = {_numerics_of(m) for m in mods}
+        if len(kinds) != 1:
+            raise ValueError(f"mixed numerics in one fused linear: {kinds}")
+        self.kind = kinds.pop()
+        biases = [_bias(m) for m in mods]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else torch.zeros(_out_features(m))
+                              for b, m in zip(biases, mods)]).float().contiguous()
+        self.out_features = sum(_out_features(m) for m in mods)
+        if self.kind == "fp32":
+            w = torch.cat([m.weight.detach() for m in mods]) if len(mods) > 1 else mods[0].weight.detach()
+            self.bf16 = bf16
+            if bf16:
+                self.weight = w.to(torch.bfloat16).contiguous()
+                self.bias = bias.to(torch.bfloat16) if bias is not None else None
+            else:
+                self.weight, self.bias = w.contiguous(), bias
+        elif self.kind == "fp16":
+            w = torch.cat([m.weight() for m in mods]).float().contiguous()
+            self.packed = torch.ops.quantized.linear_prepack_fp16(w, bias)
+        else:  # int8
+            qws = [m.weight() for m in mods]
+            if len(qws) == 1:
+                qw = qws[0]
+            else:
+                if any(q.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric) for q in qws):
+                    raise ValueError("int8 fusion expects per-tensor weight scales")
+                ints = torch.cat([q.int_repr() for q in qws])
+                scales = torch.cat([torch.full((q.shape[0],), q.q_scale(), dtype=torch.double) for q in qws])
+                zps = torch.cat([torch.full((q.shape[0],), q.q_zero_point(), dtype=torch.long) for q in qws])
+                qw = torch._make_per_channel_quantized_tensor(ints, scales, zps, 0)
+            self.packed = torch.ops.quantized.linear_prepack(qw, bias)
+            self.reduce_range = getattr(mods[0], "version", 4) is None or mods[0].version >= 4
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "fp32":
+            if self.bf16:
+                return F.linear(x.to(torch.bfloat16), self.weight, self.bias).float()
+            return F.linear(x, self.weight, self.bias)
+        if self.kind == "fp16":
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=self.reduce_range)
+
+
+def _bias(m: nn.Module) -> torch.Tensor | None:
+    b = m.bias() if callable(getattr(m, "bias", None)) else getattr(m, "bias", None)
+    return None if b is None else b.detach()
+
+
+def _out_features(m: nn.Module) -> int:
+    return m.out_features
+
+
+# ---- the forward -------------------------------------------------------------------------
+class _Layer:
+    def __init__(self, layer: nn.Module, bf16: bool):
+        a, mlp = layer.self_attn, layer.mlp
+        self.in_norm = layer.input_layernorm.weight.detach()
+        self.post_norm = layer.post_attention_layernorm.weight.detach()
+        self.in_eps = layer.input_layernorm.variance_epsilon
+        self.post_eps = layer.post_attention_layernorm.variance_epsilon
+        self.qkv = LinearOp([a.q_proj, a.k_proj, a.v_proj], bf16)
+        self.o = LinearOp([a.o_proj], bf16)
+        self.gate_up = LinearOp([mlp.gate_proj, mlp.up_proj], bf16)
+        self.down = LinearOp([mlp.down_proj], bf16)
+        self.scale = getattr(a, "scaling", None)
+
+
+class LeanForward:
+    """The trunk of a Llama/Qwen2 transformers model as a handful of fused ops per layer.
+
+    Build it after the model's numerics are set (quantised in place or not): it copies the
+    projections it fuses and reads the others as they are.
+    """
+
+    def __init__(self, model: nn.Module, bf16: bool = False):
+        reason = lean_unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the lean forward does not support this model: {reason}")
+        cfg = model.config
+        inner = model.model
+        self.embed_tokens = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm.weight.detach()
+        self.norm_eps = inner.norm.variance_epsilon
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.hidden_size = cfg.hidden_size
+        self.layers = [_Layer(layer, bf16) for layer in inner.layers]
+        self.bf16 = bf16
+        self._cos = self._sin = None
+        self._table_len = 0
+
+    # ---- cache and rotary tables ----------------------------------------------------------
+    def new_cache(self, batch: int = 1, capacity: int = 0, chunk: int = 256) -> StaticKVCache:
+        return StaticKVCache(len(self.layers), batch, self.n_kv, self.head_dim, capacity=capacity, chunk=chunk)
+
+    def _rope_tables(self, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin of shape (>= upto, head_dim), from the model's own rotary module."""
+        if upto > self._table_len:
+            n = -(-upto // 1024) * 1024
+            pos = torch.arange(n)[None, :]
+            cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), pos)
+            sin = sin[0].float().clone()
+            sin[:, : self.head_dim // 2].neg_()  # rotate_half's sign folded into the table
+            self._cos, self._sin, self._table_len = cos[0].float(), sin, n
+        return self._cos, self._sin
+
+    # ---- forward --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the new tokens through every layer, writing their K/V at [cache.length, +T).
+
+        Args:
+            input_ids: (B, T) token ids.
+            cache: a StaticKVCache; its length grows by T.
+            mask: optional bool (T, L + T) or (B, T, L + T) attention mask (True = attend);
+                default: causal (token i at position L + i sees keys 0 .. L + i).
+            positions: optional (T,) rotary positions of the new tokens (default L .. L+T-1),
+                for draft trees whose nodes share depths.
+        Returns:
+            (B, T, d) post-norm hidden states.
+        """
+        b, t = input_ids.shape
+        start = cache.length
+        cache.reserve(t)
+        if positions is None:
+            cos, sin = self._rope_tables(start + t)
+            cos, sin = cos[start : start + t], sin[start : start + t]
+        else:
+            cos, sin = self._rope_tables(int(positions.max()) + 1)
+            cos, sin = cos[positions], sin[positions]
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, hd)
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        folded = prepare_mask(mask, t, start + t, nh // nkv)  # once per step, shared by the layers
+        x = self.embed_tokens(input_ids).reshape(b * t, -1).float()  # (N, d), N = B*T
+        d = x.shape[-1]
+        for i, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (d,), layer.in_norm, layer.in_eps)
+            qkv = layer.qkv(h).view(b, t, nh + 2 * nkv, hd)
+            qk = qkv[:, :, : nh + nkv]
+            # Rotary on queries and keys at once: x * cos + rotate_half(x) * sin, where
+            # rotate_half(x) * sin = roll(x, hd/2) * [-sin_1, sin_2] (sin_signed).
+            qk = torch.addcmul(qk * cos, torch.roll(qk, hd // 2, -1), sin)  # (B, T, nh + nkv, hd)
+            keys, values = cache.write(i, qk[:, :, nh:].transpose(1, 2), qkv[:, :, nh + nkv :].transpose(1, 2))
+            att = gqa_attention_folded(qk[:, :, :nh].transpose(1, 2), keys, values, folded, layer.scale)
+            x = x + layer.o(att.reshape(b * t, nh * hd))
+            h = F.rms_norm(x, (d,), layer.post_norm, layer.post_eps)
+            gu = layer.gate_up(h)
+            inter = gu.shape[-1] // 2
+            x = x + layer.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+        cache.advance(t)
+        return F.rms_norm(x, (d,), self.norm, self.norm_eps).view(b, t, -1)
