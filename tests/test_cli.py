@@ -144,7 +144,8 @@ def test_profile_json(capsys, tiny_llama_dir):
     rows = json.loads(out)
     assert [r["numerics"] for r in rows] == ["fp32", "fp16"]
     for r in rows:
-        assert set(r["forward_ms"]) == {"1", "2", "3", "5"}
+        assert set(r["forward_ms"]) == {"1", "2", "3", "5", "8"} and r["engine"] == "lean"
+        assert set(r["forward_ms_by_engine"]) == {"lean", "hf"}
         assert r["row_max_abs_diff"] < 1e-3  # rows of a step are independent: verified stays exact
 
 

@@ -134,13 +134,15 @@ class Backbone:
             self._build_lean()  # fused copies of the now quantised projections
 
     # ---- the forward ----------------------------------------------------------------
-    def new_cache(self, capacity: int | None = None):
+    def new_cache(self, capacity: int | None = None, engine: str | None = None):
         """An empty KV cache for forward(): static (lean engine) or transformers' DynamicCache.
 
         capacity: optional hint, the positions it will hold (prompt + new tokens + draft
         room); the static cache grows by chunks beyond it anyway.
+        engine: "hf" gives a DynamicCache even when the lean engine runs, so forward() on it
+        runs the transformers reference (forward() follows the cache's kind).
         """
-        if self._lean is not None:
+        if self._lean is not None and engine != "hf":
             return self._lean.new_cache(capacity=capacity or 0)
         from transformers import DynamicCache
 

@@ -81,8 +81,13 @@ def cmd_bench(args) -> int:
 def cmd_profile(args) -> int:
     from ..backbone import load_backbone
     from ..heads import default_drafter
-    from .profile import profile_step
+    from .profile import STEP_TOKENS, profile_step
 
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    if not engines or any(e not in ("lean", "hf") for e in engines):
+        raise ClpError(f"--engines takes lean and/or hf, not {args.engines!r}")
+    if args.context < 1 or args.repeats < 1:
+        raise ClpError("--context and --repeats must be at least 1")
     rows = []
     for numerics in args.numerics_list.split(","):
         backbone = load_backbone(args.model, numerics=numerics.strip())
@@ -90,19 +95,23 @@ def cmd_profile(args) -> int:
             drafter = default_drafter(backbone, k=args.k, folder=args.heads)
         except ClpError:
             drafter = None
-        rows.append(profile_step(backbone, drafter, context=args.context))
+        rows.append(profile_step(backbone, drafter, context=args.context, repeats=args.repeats, engines=engines))
         del backbone
     if args.json:
         print(json.dumps(rows))
         return 0
-    print("| numerics | forward T=1 | T=2 | T=3 | T=5 | LM head 1 row | 3 rows | heads | CLP | row diff |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    steps = " | ".join(f"T={t}" for t in STEP_TOKENS)
+    print(f"| numerics | engine | {steps} | T=5 / T=1 | LM head 1 row | 3 rows | heads | CLP | row diff |")
+    print("| --- | --- | " + " | ".join("---" for _ in STEP_TOKENS) + " | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        f = r["forward_ms"]
-        print(f"| {r['numerics']} | {f[1]} | {f[2]} | {f[3]} | {f[5]} | {r['lm_head_ms_1_row']} | "
-              f"{r['lm_head_ms_3_rows']} | {r.get('heads_ms', '-')} | {r.get('clp_ms', '-')} | "
-              f"{r['row_max_abs_diff']:.2g} |")
-    print(f"(median ms, {rows[0]['threads']} threads, {rows[0]['context']} cached tokens)")
+        for engine, f in r["forward_ms_by_engine"].items():
+            own = engine == r["engine"]
+            ms = " | ".join(str(f[t]) for t in STEP_TOKENS)
+            extra = (f"{r['lm_head_ms_1_row']} | {r['lm_head_ms_3_rows']} | {r.get('heads_ms', '-')} | "
+                     f"{r.get('clp_ms', '-')} | {r['row_max_abs_diff']:.2g}") if own else "| | | |"
+            print(f"| {r['numerics']} | {engine} | {ms} | {f[5] / f[1]:.2f} | {extra} |")
+    print(f"(median ms over {rows[0]['repeats']} interleaved rounds, {rows[0]['threads']} threads, "
+          f"{rows[0]['context']} cached tokens; LM head, heads, CLP and row diff with the backbone's own engine)")
     return 0
 
 
@@ -145,13 +154,17 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
 
     p = sub.add_parser(
         "profile", help="cost of each part of a decode step, per numerics",
-        description="Median milliseconds of the trunk forward over 1, 2, 3 and 5 new tokens on a KV cache, the "
-                    "LM head, the MTP heads and CLP; and the largest difference between a 3-token step and three "
-                    "1-token steps (0 or float noise: rows are independent and verified decoding is exact).")
+        description="Median milliseconds of the trunk forward over 1, 2, 3, 5 and 8 new tokens on a KV cache of "
+                    "--context tokens (the lean engine and transformers' forward, same weights), the LM head, the "
+                    "MTP heads and CLP; and the largest difference between a 3-token step and three 1-token steps "
+                    "(0 or float noise: rows are independent and verified decoding is exact).")
     p.add_argument("--model", default="embedded", help="backbone (default: embedded)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     add_drafter_args(p)
     p.add_argument("--numerics-list", default="fp32,fp16,int8", help="numerics to profile (default: fp32,fp16,int8)")
     p.add_argument("--context", type=int, default=256, help="cached tokens before the step (default: 256)")
+    p.add_argument("--engines", default="lean,hf",
+                   help="forwards to time: lean (ours, Llama/Qwen2) and/or hf (transformers'); default: lean,hf")
+    p.add_argument("--repeats", type=int, default=9, help="timed rounds per measurement (default: 9)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per numerics")
     p.set_defaults(func=cmd_profile)

@@ -1,9 +1,14 @@
 """`clp profile`: what one decode step costs, piece by piece, for each numerics.
 
 The numbers that decide whether multi-token decoding pays on a machine: the trunk forward
-over T = 1..5 new tokens on a KV cache, the LM head per position, the MTP heads, and
-whether the rows of a multi-token step are computed independently (required for verified
-decoding to reproduce AR exactly).
+over T = 1, 2, 3, 5 and 8 new tokens on a KV cache of `context` positions (with the lean
+engine and with transformers' forward, same weights and numerics), the LM head per
+position, the MTP heads, and whether the rows of a multi-token step are computed
+independently (required for verified decoding to reproduce AR exactly).
+
+Timings are medians over rounds that interleave the step sizes (and engines), so a burst
+of load from other processes on a shared machine spreads over all of them instead of
+landing on one.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import statistics
 import time
 
 import torch
+
+STEP_TOKENS = (1, 2, 3, 5, 8)
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -24,23 +31,52 @@ def _median_ms(fn, repeats: int) -> float:
     return round(statistics.median(times) * 1000, 2)
 
 
+def _step_costs(backbone, caches: dict, new: dict, repeats: int) -> dict:
+    """Median ms of a forward over new[t] on each cache (then rolled back), interleaved."""
+    times = {(e, t): [] for e in caches for t in new}
+    for r in range(repeats + 1):
+        for e, cache in caches.items():
+            for t, ids in new.items():
+                a = time.perf_counter()
+                backbone.forward(ids, cache)
+                dt = time.perf_counter() - a
+                backbone.rollback(cache, t)
+                if r:  # round 0 warms up
+                    times[(e, t)].append(dt)
+    return {e: {t: round(statistics.median(times[(e, t)]) * 1000, 2) for t in new} for e in caches}
+
+
 @torch.inference_mode()
-def profile_step(backbone, drafter=None, context: int = 256, repeats: int = 7) -> dict:
-    """Median milliseconds of each part of a decode step at `context` cached tokens."""
+def profile_step(backbone, drafter=None, context: int = 256, repeats: int = 9, engines=("lean", "hf"),
+                 tokens=STEP_TOKENS) -> dict:
+    """Median milliseconds of each part of a decode step at `context` cached tokens.
+
+    engines: which forwards to time: "lean" (skipped where the backbone runs transformers'
+    forward) and "hf" (transformers' module stack and DynamicCache, the reference).
+    `forward_ms` is the backbone's own engine (lean where supported); every timed engine is
+    in `forward_ms_by_engine`.
+    """
     g = torch.Generator().manual_seed(0)
     lo, hi = min(100, backbone.info.vocab_size // 2), min(10_000, backbone.info.vocab_size)
     prompt = torch.randint(lo, hi, (1, context), generator=g)
-    cache = backbone.new_cache()
-    backbone.forward(prompt, cache)
-    out = {"numerics": backbone.info.numerics, "threads": torch.get_num_threads(), "context": context,
-           "forward_ms": {}}
-    for t in (1, 2, 3, 5):
-        new = torch.randint(lo, hi, (1, t), generator=g)
-
-        def step():
-            backbone.forward(new, cache)
-            backbone.rollback(cache, t)
-        out["forward_ms"][t] = _median_ms(step, repeats)
+    own = backbone.info.engine
+    caches = {}
+    for e in engines:
+        if e == "lean" and own != "lean":
+            continue
+        cache = backbone.new_cache(capacity=context + max(tokens), engine=e)
+        backbone.forward(prompt, cache)
+        caches[e] = cache
+    new = {t: torch.randint(lo, hi, (1, t), generator=g) for t in tokens}
+    by_engine = _step_costs(backbone, caches, new, repeats)
+    out = {"numerics": backbone.info.numerics, "engine": own, "threads": torch.get_num_threads(),
+           "context": context, "repeats": repeats}
+    if own in by_engine:
+        out["forward_ms"] = by_engine[own]
+        if 1 in tokens and 5 in tokens:
+            out["ratio_5_to_1"] = round(by_engine[own][5] / by_engine[own][1], 3)
+    out["forward_ms_by_engine"] = by_engine
+    del caches
     h = torch.randn(3, backbone.info.hidden_size, generator=g)
     out["lm_head_ms_1_row"] = _median_ms(lambda: backbone.logits(h[:1]), repeats)
     out["lm_head_ms_3_rows"] = _median_ms(lambda: backbone.logits(h), repeats)
@@ -49,7 +85,7 @@ def profile_step(backbone, drafter=None, context: int = 256, repeats: int = 7) -
         out["heads_ms"] = _median_ms(lambda: drafter.heads.propose(h[0], emb), repeats)
         if drafter.clp is not None:
             out["clp_ms"] = _median_ms(lambda: drafter.clp.decide(h[0], 0.5), repeats)
-    # Row independence: a 3-token step against three 1-token steps.
+    # Row independence (the backbone's own engine): a 3-token step against three 1-token steps.
     x = torch.randint(lo, hi, (1, 3), generator=g)
     c1, c2 = backbone.new_cache(), backbone.new_cache()
     backbone.forward(prompt, c1)
