@@ -1,0 +1,215 @@
+"""Pack what the GPU drafter run needs into files small enough to send to a device machine.
+
+The device machine has torch and transformers but no `gguf` package, no ShareGPT package
+and a 64 MiB limit on what one call carries. So:
+
+- the embedded GGUF's tensors are written as their raw quantised blocks (Q8_0 / Q4_1 /
+  F32, 96.6 MB in all), q/k rows already un-permuted into transformers' layout, split in
+  two parts sent by two calls; `scripts/device_train.py` dequantises them exactly as
+  gguf-py does (checked here against transformers' own GGUF loader: bit-identical);
+- the token data: ShareGPT prompts to self-distil on the GPU, teacher-forced ShareGPT
+  conversations, and the committed corpus's held-out answers, as uint16 arrays.
+
+Held-out prompts (every 20th ShareGPT prompt, the committed corpus's rule) are excluded
+from everything that trains.
+
+    python scripts/device_pack.py --out .gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def hf_name(gguf_name: str) -> str:
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if gguf_name == "output_norm.weight":
+        return "model.norm.weight"
+    _, i, *rest = gguf_name.split(".")
+    part = ".".join(rest)
+    table = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+             "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+             "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+             "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+             "ffn_down.weight": "mlp.down_proj.weight"}
+    return f"model.layers.{i}.{table[part]}"
+
+
+def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp stores q/k rows permuted for its rotary layout; transformers undoes it."""
+    dim = rows.shape[0] // n_head // 2
+    return rows.reshape(n_head, dim, 2, *rows.shape[1:]).swapaxes(2, 1).reshape(rows.shape)
+
+
+def pack_weights(gguf_path: Path, cfg: dict, out: Path, parts: int = 2) -> list[Path]:
+    import gguf
+
+    r = gguf.GGUFReader(str(gguf_path))
+    items = []
+    for t in r.tensors:
+        name = hf_name(t.name)
+        kind = t.tensor_type.name
+        shape = [int(x) for x in reversed(t.shape.tolist())]  # (out, in) as torch sees it
+        raw = np.asarray(t.data)
+        if kind != "F32":
+            raw = raw.reshape(shape[0], -1)  # one row of blocks per output row
+        if name.endswith("q_proj.weight"):
+            raw = unpermute_rows(raw, cfg["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            raw = unpermute_rows(raw, cfg["num_key_value_heads"])
+        items.append((name, kind, shape, np.ascontiguousarray(raw)))
+    total = sum(a.nbytes for *_, a in items)
+    files, cur, size, n = [], {}, 0, 0
+    for name, kind, shape, arr in items:
+        cur[f"{kind}|{'x'.join(map(str, shape))}|{name}"] = arr
+        size += arr.nbytes
+        if size >= total / parts and n < parts - 1:
+            files.append(_save(out / f"w{n}", cur))
+            cur, size, n = {}, 0, n + 1
+    files.append(_save(out / f"w{n}", cur))
+    return files
+
+
+def _save(folder: Path, arrays: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "weights.npz", **arrays)
+    return folder
+
+
+def dequantize(kind: str, shape: list[int], raw: np.ndarray) -> np.ndarray:
+    """gguf-py's arithmetic: Q4_1 = d * q + m, Q8_0 = d * q, float32."""
+    if kind == "F32":
+        return raw.view(np.float32).reshape(shape)
+    if kind == "Q8_0":
+        b = raw.reshape(-1, 34)
+        d = b[:, :2].copy().view(np.float16).astype(np.float32)
+        q = b[:, 2:].copy().view(np.int8).astype(np.float32)
+        return (d * q).reshape(shape)
+    if kind == "Q4_1":
+        b = raw.reshape(-1, 20)
+        d = b[:, :2].copy().view(np.float16).astype(np.float32)
+        m = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+        qs = b[:, 4:]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+        return ((d * q) + m).reshape(shape)
+    raise ValueError(kind)
+
+
+def load_packed(folders: list[Path]) -> dict:
+    import torch
+
+    state = {}
+    for f in folders:
+        with np.load(Path(f) / "weights.npz") as z:
+            for key in z.files:
+                kind, shape, name = key.split("|")
+                state[name] = torch.from_numpy(dequantize(kind, [int(x) for x in shape.split("x")], z[key]).copy())
+    return state
+
+
+def pack_tokens(backbone, out: Path, n_sd: int, n_tf: int, max_prompt: int = 320, max_len: int = 640,
+                heldout_every: int = 20, seed: int = 0) -> dict:
+    from clpdecode.errors import ClpError
+    from clpdecode.evaluation.prompts import sharegpt_conversations
+    from clpdecode.training.distill import read_corpus
+
+    tok = backbone.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    records = []  # (sharegpt index, human text, gpt text or None)
+    idx = 0
+    for rec in sharegpt_conversations():
+        turns = rec.get("conversations") or []
+        if turns and turns[0].get("from") == "human" and (turns[0].get("value") or "").strip():
+            ans = turns[1].get("value") if len(turns) > 1 and turns[1].get("from") == "gpt" else None
+            records.append((idx, turns[0]["value"], ans))
+            idx += 1
+    train = [r for r in records if r[0] % heldout_every != 0]
+    random.Random(seed).shuffle(train)
+    sd_prompts, tf_seqs, tf_plen = [], [], []
+    for i, human, _ in train:
+        if len(sd_prompts) >= n_sd:
+            break
+        try:
+            ids = backbone.encode_prompt(human)
+        except ClpError:
+            continue
+        if len(ids) <= max_prompt:
+            sd_prompts.append(ids)
+    for i, human, ans in train:
+        if len(tf_seqs) >= n_tf:
+            break
+        if not ans or not ans.strip():
+            continue
+        try:
+            p = backbone.encode_prompt(human)
+        except ClpError:
+            continue
+        if len(p) > max_prompt:
+            continue
+        a = tok(ans, add_special_tokens=False)["input_ids"] + [eos]
+        seq = (p + a)[:max_len]
+        if len(seq) - len(p) < 16:
+            continue
+        tf_seqs.append(seq)
+        tf_plen.append(len(p))
+    held = [r for r in read_corpus(ROOT / "data" / "corpus" / backbone.name) if r["split"] == "heldout"]
+    ho_seqs = [r["prompt"] + r["answer"] for r in held]
+    ho_plen = [len(r["prompt"]) for r in held]
+
+    def flat(seqs):
+        return np.concatenate([np.asarray(s, np.uint16) for s in seqs]), np.cumsum([0] + [len(s) for s in seqs])
+
+    arrays = {}
+    for name, seqs in (("sd_prompts", sd_prompts), ("tf", tf_seqs), ("heldout", ho_seqs)):
+        arrays[f"{name}_ids"], arrays[f"{name}_off"] = flat(seqs)
+    arrays["tf_plen"] = np.asarray(tf_plen, np.int32)
+    arrays["heldout_plen"] = np.asarray(ho_plen, np.int32)
+    out.mkdir(parents=True, exist_ok=True)
+    # Two files, so that each of the two device calls carries one beside a weights part.
+    tf_keys = ("tf_ids", "tf_off", "tf_plen")
+    np.savez_compressed(out / "tf.npz", **{k: arrays[k] for k in tf_keys})
+    np.savez_compressed(out / "tokens.npz", **{k: v for k, v in arrays.items() if k not in tf_keys})
+    return {"sd_prompts": len(sd_prompts), "tf": len(tf_seqs), "tf_tokens": int(sum(map(len, tf_seqs))),
+            "heldout": len(ho_seqs), "heldout_tokens": int(sum(len(r["answer"]) for r in held))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".gpu")
+    ap.add_argument("--sd-prompts", type=int, default=12000)
+    ap.add_argument("--tf", type=int, default=4000)
+    ap.add_argument("--check", action="store_true", help="compare dequantised weights with transformers'")
+    ap.add_argument("--skip-weights", action="store_true", help="only (re)write tokens.npz")
+    args = ap.parse_args()
+    from clpdecode.backbone import load_backbone
+    from clpdecode.backbone.loading import embedded_gguf_path
+
+    out = Path(args.out)
+    bb = load_backbone("embedded")
+    cfg = bb.model.config.to_dict()
+    (out).mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg))
+    folders = [] if args.skip_weights else pack_weights(embedded_gguf_path(), cfg, out)
+    print("weights:", [(str(f), (f / "weights.npz").stat().st_size) for f in folders])
+    if args.check and folders:
+        import torch
+
+        state = load_packed(folders)
+        ref = bb.model.state_dict()
+        bad = [k for k, v in state.items() if not torch.equal(v, ref[k])]
+        print("dequantised tensors:", len(state), "differing from transformers':", bad[:5], len(bad))
+    print("tokens:", pack_tokens(bb, out, args.sd_prompts, args.tf))
+
+
+if __name__ == "__main__":
+    main()

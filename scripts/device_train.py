@@ -1,0 +1,355 @@
+"""Distil and train the chained drafter on a GPU, in one run, bringing back only weights.
+
+Run on a device machine (torch + transformers there; no gguf, no network) with the files
+that `scripts/device_pack.py` wrote:
+
+    PYTHONPATH=src python3 scripts/device_train.py --weights /tmp/w0 .gpu/w1 --data .gpu --out $OUT
+
+Phases, each under a wall-clock budget so the whole run fits a device lease:
+
+1. rebuild the embedded backbone (fp32) from the packed GGUF blocks;
+2. self-distil: greedy answers of the backbone to ShareGPT prompts, in large batches;
+3. prefill every sequence (self-distilled + teacher-forced ShareGPT + held-out) in fp32
+   (TF32 off), keeping the post-norm states in fp16 on the GPU;
+4. train the chained drafter variants (time-budgeted each, cosine schedule over the
+   budget), with soft targets recomputed from the cached states through the LM head;
+5. CLP and gates (k = 2 and 4) on the chain's accepted lengths over a predictor split;
+6. held-out acceptance of every variant; weights and report.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def _bare_package(name: str, folder: Path) -> None:
+    """Register a package without running its __init__ (which imports the CPU-only stack)."""
+    import types
+
+    mod = types.ModuleType(name)
+    mod.__path__ = [str(folder)]
+    sys.modules[name] = mod
+
+
+for _name in ("clpdecode", "clpdecode.heads", "clpdecode.training", "clpdecode.predictors"):
+    _bare_package(_name, ROOT / "src" / Path(*_name.split(".")))
+
+from clpdecode.heads.chained import ChainConfig, ChainedHeads  # noqa: E402
+from clpdecode.predictors.modules import CLP, Gates, PredictorConfig  # noqa: E402
+from clpdecode.training.chain import ChainLossConfig, chain_acceptance, chain_loss, chain_lengths  # noqa: E402
+
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
+
+
+def unflat(z, name):
+    ids, off = z[f"{name}_ids"].astype(np.int64), z[f"{name}_off"]
+    return [ids[off[i] : off[i + 1]].tolist() for i in range(len(off) - 1)]
+
+
+def build_backbone(weight_dirs, config_path, dev):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from device_pack import load_packed
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in json.loads(Path(config_path).read_text()).items()
+                                  if k not in ("transformers_version",)})
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    state = load_packed(weight_dirs)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    log("backbone: missing", missing, "unexpected", unexpected)
+    return model.to(dev).eval()
+
+
+@torch.no_grad()
+def self_distil(model, prompts, eos, budget_s, batch, max_new, dev):
+    """Greedy answers (TF32 on, as fast as possible); stops starting batches at the budget."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out, t0, n_tok = [], time.time(), 0
+    for b in range(0, len(order), batch):
+        if time.time() - t0 > budget_s:
+            break
+        idx = order[b : b + batch]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), eos, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]) :] = 1
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+                             max_new_tokens=max_new, pad_token_id=eos, eos_token_id=eos)
+        for r, i in enumerate(idx):
+            ans = gen[r, width:].tolist()
+            if eos in ans:
+                ans = ans[: ans.index(eos) + 1]
+            n_tok += len(ans)
+            out.append((prompts[i], ans))
+        log(f"self-distil: {len(out)} answers, {n_tok} tokens, {n_tok / (time.time() - t0):.0f} tok/s")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return out
+
+
+@torch.no_grad()
+def prefill_all(model, seqs, plens, L, dev, batch=64):
+    """fp32 post-norm states of every sequence, padded to L: (N, L, d) fp16, tokens, masks."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    N, d = len(seqs), model.config.hidden_size
+    feats = torch.zeros(N, L, d, dtype=torch.float16, device=dev)
+    tokens = torch.zeros(N, L, dtype=torch.long, device=dev)
+    mask = torch.zeros(N, L, dtype=torch.bool, device=dev)  # p's next token is an answer token
+    order = sorted(range(N), key=lambda i: len(seqs[i]))
+    for b in range(0, N, batch):
+        idx = order[b : b + batch]
+        w = max(len(seqs[i]) for i in idx)
+        ids = torch.zeros(len(idx), w, dtype=torch.long)
+        am = torch.zeros(len(idx), w, dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+            am[r, : len(seqs[i])] = 1
+        h = model.model(input_ids=ids.to(dev), attention_mask=am.to(dev)).last_hidden_state  # (b, w, d)
+        for r, i in enumerate(idx):
+            n = len(seqs[i])
+            feats[i, :n] = h[r, :n].half()
+            tokens[i, :n] = ids[r, :n].to(dev)
+            mask[i, plens[i] - 1 : n - 1] = True
+    return feats, tokens, mask
+
+
+def train_variant(name, ccfg, lcfg, data, embed, lm_head, draft_ids, budget_s, dev, batch, lr=1e-3, seed=0):
+    torch.manual_seed(seed)
+    chain = ChainedHeads(ccfg).to(dev)
+    chain.set_draft_vocab(draft_ids.to(dev))
+    chain.attach(lm_head, embed)
+    feats, tokens, mask, rows = data
+    opt = torch.optim.AdamW(chain.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    t0, step, ema, seen = time.time(), 0, None, 0
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    while True:
+        frac = (time.time() - t0) / budget_s
+        if frac >= 1:
+            break
+        warm = min(1.0, (step + 1) / 100)
+        for gr in opt.param_groups:
+            gr["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        idx = rows[torch.randint(len(rows), (batch,), generator=gen)].to(dev)
+        m = mask[idx]
+        width = int(m.any(0).nonzero().max()) + 2
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss, st = chain_loss(chain, feats[idx, :width], tokens[idx, :width], m[:, :width], embed, lcfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(chain.parameters(), 1.0)
+        opt.step()
+        step += 1
+        seen += int(m.sum())
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 200 == 0:
+            log(f"{name}: step {step} loss {ema:.3f} top1 {[round(x, 3) for x in st['top1']]} positions {seen}")
+    log(f"{name}: done, {step} steps, {seen} positions seen")
+    return chain.eval(), {"steps": step, "positions_seen": seen, "budget_s": budget_s}
+
+
+@torch.no_grad()
+def evaluate(chain, data, embed, steps, chunk=64):
+    feats, tokens, mask = data
+    parts = []
+    for b in range(0, len(feats), chunk):
+        parts.append((feats[b : b + chunk], tokens[b : b + chunk], mask[b : b + chunk]))
+    tot = None
+    for f, t, m in parts:
+        r = chain_acceptance(chain, f, t, m, embed, steps)
+        w = r["tokens"]
+        if tot is None:
+            tot = {"n": 0, "top1": [0.0] * steps, "acc": [0.0] * steps}
+        tot["n"] += w
+        for i in range(steps):
+            tot["top1"][i] += r["head_top1"][i] * w
+            tot["acc"][i] += r["chain_accept"][i] * w
+    n = max(1, tot["n"])
+    acc = [round(a / n, 4) for a in tot["acc"]]
+    return {"k": steps, "head_top1": [round(a / n, 4) for a in tot["top1"]], "chain_accept": acc,
+            "mean_accepted": round(sum(acc), 4), "tokens": tot["n"]}
+
+
+def clp_weights(labels, k, alpha):
+    counts = torch.bincount(labels, minlength=k + 1).float().clamp(min=1)
+    w = (counts.sum() / ((k + 1) * counts)) ** alpha
+    return w / (w * counts).sum() * counts.sum()
+
+
+def train_predictors(chain, pdata, embed, lm_head, k, dev, steps=1500, batch=512, lr=3e-3, alpha=0.5, warmup=0.3):
+    """CLP (weighted, ramped) and gates on the chain's accepted lengths at the predictor split."""
+    feats, tokens, mask = pdata
+    H, LAB, COR = [], [], []
+    for b in range(0, len(feats), 64):
+        f, t, m = feats[b : b + 64], tokens[b : b + 64], mask[b : b + 64]
+        lengths, correct = chain_lengths(chain, f, t, m, embed, lm_head, k)
+        H.append(f[m].float())
+        LAB.append(lengths[m])
+        COR.append(correct[m])
+    h, lab, cor = torch.cat(H), torch.cat(LAB), torch.cat(COR).float()
+    pc = PredictorConfig(k=k, hidden_size=h.shape[1])
+    clp, gates = CLP(pc).to(dev), Gates(pc).to(dev)
+    final_w = clp_weights(lab, k, alpha).to(dev)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for mod, kind in ((clp, "clp"), (gates, "gates")):
+        opt = torch.optim.AdamW(mod.parameters(), lr=lr)
+        for step in range(steps):
+            frac = step / steps
+            for gr in opt.param_groups:
+                gr["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            idx = torch.randint(len(h), (batch,), generator=g).to(dev)
+            if kind == "clp":
+                ramp = min(1.0, step / max(1, int(warmup * steps)))
+                w = 1 + ramp * (final_w - 1)
+                loss = F.cross_entropy(clp(h[idx]), lab[idx], weight=w)
+            else:
+                loss = F.binary_cross_entropy_with_logits(gates(h[idx]), cor[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return clp.eval(), gates.eval(), {"label_counts": torch.bincount(lab, minlength=k + 1).tolist(),
+                                      "alpha": alpha, "positions": int(len(h))}
+
+
+def tensors(module, prefix=""):
+    return {prefix + n: (t.detach().cpu().to(torch.int32) if t.dtype == torch.long else t.detach().cpu().half()).contiguous()
+            for n, t in module.state_dict().items()}
+
+
+def save(module, path):
+    from safetensors.torch import save_file
+
+    save_file(tensors(module), str(path))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", nargs="+", required=True)
+    ap.add_argument("--data", required=True, help="folder with config.json and tokens.npz")
+    ap.add_argument("--tf", required=True, help="tf.npz: teacher-forced ShareGPT sequences")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--distil-seconds", type=float, default=120)
+    ap.add_argument("--distil-batch", type=int, default=512)
+    ap.add_argument("--max-new", type=int, default=256)
+    ap.add_argument("--main-seconds", type=float, default=150)
+    ap.add_argument("--ablation-seconds", type=float, default=45)
+    ap.add_argument("--batch", type=int, default=32, help="sequences per training step")
+    ap.add_argument("--max-len", type=int, default=640)
+    ap.add_argument("--draft-vocab", type=int, default=8192)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny random model")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(args.data)
+    report = {"args": vars(args)}
+
+    if args.tiny:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=2048, tie_word_embeddings=True,
+                                             eos_token_id=2, pad_token_id=2)).eval()
+    else:
+        model = build_backbone([Path(w) for w in args.weights], data_dir / "config.json", dev)
+    cfg = model.config
+    eos = 2
+    embed = model.get_input_embeddings().weight.detach()
+    lm_head = model.get_output_embeddings().weight.detach()
+    z, ztf = np.load(data_dir / "tokens.npz"), np.load(args.tf)
+    sd_prompts, tf, held = unflat(z, "sd_prompts"), unflat(ztf, "tf"), unflat(z, "heldout")
+    tf_plen, ho_plen = ztf["tf_plen"].tolist(), z["heldout_plen"].tolist()
+    if args.tiny:
+        sd_prompts, tf, tf_plen, held, ho_plen = sd_prompts[:24], tf[:12], tf_plen[:12], held[:6], ho_plen[:6]
+    log(f"data: {len(sd_prompts)} prompts, {len(tf)} teacher-forced, {len(held)} held-out")
+
+    sd = self_distil(model, sd_prompts, eos, args.distil_seconds, args.distil_batch, args.max_new, dev)
+    sd_seqs = [(p + a)[: args.max_len] for p, a in sd if len(a) >= 2]
+    sd_plen = [len(p) for p, a in sd if len(a) >= 2]
+    # The last 8% of the self-distilled answers train CLP and the gates only.
+    n_pred = max(1, len(sd_seqs) // 12)
+    seqs = sd_seqs + tf
+    plens = sd_plen + tf_plen
+    feats, tokens, mask = prefill_all(model, seqs, plens, args.max_len, dev)
+    ho = prefill_all(model, held, ho_plen, args.max_len, dev)
+    log(f"prefill: {feats.shape[0]} sequences, {int(mask.sum())} target positions "
+        f"({int(mask[: len(sd_seqs)].sum())} self-distilled)")
+    n_sd = len(sd_seqs)
+    pred_rows = torch.arange(n_sd - n_pred, n_sd)
+    train_rows = torch.cat([torch.arange(0, n_sd - n_pred), torch.arange(n_sd, len(seqs))])
+    report["data"] = {"self_distilled_sequences": n_sd, "self_distilled_tokens": int(sum(len(a) for _, a in sd)),
+                      "teacher_forced_sequences": len(tf), "train_positions": int(mask[train_rows].sum()),
+                      "predictor_positions": int(mask[pred_rows].sum()), "heldout_positions": int(ho[2].sum())}
+    # Draft vocabulary: the most frequent tokens the backbone emits in the training answers.
+    greedy_next = tokens[train_rows][:, 1:][mask[train_rows][:, :-1]]
+    counts = torch.bincount(greedy_next, minlength=lm_head.shape[0])
+    draft_ids = counts.topk(min(args.draft_vocab, lm_head.shape[0])).indices.sort().values.cpu()
+    report["data"]["draft_vocab_coverage"] = round(float(counts[draft_ids.to(dev)].sum() / counts.sum()), 4)
+    log("data:", report["data"])
+
+    base = dict(k=4, draft_vocab=len(draft_ids))
+    ccfg = lambda **kw: ChainConfig.from_backbone_config(cfg, **{**base, **kw})  # noqa: E731
+    variants = [
+        ("attn_soft_feat", ccfg(attention=True), ChainLossConfig(steps=4, feature_weight=0.5), args.main_seconds),
+        ("attn_soft_feat_short", ccfg(attention=True), ChainLossConfig(steps=4, feature_weight=0.5), args.ablation_seconds),
+        ("attn_soft", ccfg(attention=True), ChainLossConfig(steps=4, feature_weight=0.0), args.ablation_seconds),
+        ("mlp_soft_feat", ccfg(attention=False), ChainLossConfig(steps=4, feature_weight=0.5), args.ablation_seconds),
+        ("attn_soft_feat_no_ttt", ccfg(attention=True), ChainLossConfig(steps=1, feature_weight=0.5), args.ablation_seconds),
+    ]
+    tdata = (feats, tokens, mask, train_rows)
+    report["variants"] = {}
+    chains = {}
+    for name, cc, lc, budget in variants:
+        chain, info = train_variant(name, cc, lc, tdata, embed, lm_head, draft_ids, budget, dev, args.batch)
+        res = evaluate(chain, ho, embed, 4)
+        log(name, res)
+        report["variants"][name] = {"chain": cc.as_dict(), "loss": lc.as_dict(), "train": info, "heldout": res,
+                                    "params": chain.num_params}
+        chains[name] = chain
+        save(chain, out / f"chain-{name}.safetensors")
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+
+    main_chain = chains["attn_soft_feat"]
+    pdata = (feats[pred_rows], tokens[pred_rows], mask[pred_rows])
+    report["predictors"] = {}
+    pred = {}
+    for k in (2, 4):
+        clp, gates, info = train_predictors(main_chain, pdata, embed, lm_head, k, dev)
+        pred.update(tensors(clp, f"k{k}.clp."))
+        pred.update(tensors(gates, f"k{k}.gates."))
+        report["predictors"][f"k{k}"] = info
+        log(f"predictors k={k}:", info)
+    from safetensors.torch import save_file
+
+    save_file(pred, str(out / "predictors.safetensors"))
+    report["seconds"] = round(time.time() - T0, 1)
+    report["device"] = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

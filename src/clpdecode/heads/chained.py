@@ -1,0 +1,298 @@
+"""A chained (sequential) MTP module: one small block applied k times.
+
+The design family of DeepSeek-V3's MTP modules and EAGLE's draft layer, kept under
+Backbone-as-Architect: the backbone's LM head emits t+1; the chain drafts t+2 .. t+1+k.
+
+One block, shared by every step::
+
+    x = fc([RMSNorm(f) ; RMSNorm(e(token))])        # (.., 2d) -> (.., d)
+    x = x + Attn(RMSNorm(x))                         # optional: over the drafter's own states
+    x = x + MLP(RMSNorm(x))                          # SwiGLU, as the backbone's
+    g = RMSNorm(x)                                   # a feature in the backbone's post-norm space
+    logits = g @ E[draft_ids].T                      # the backbone's frozen LM head, draft rows
+
+Step 1 reads (f_t, e(x_{t+1})): the backbone's post-norm state at t and the token it just
+chose, and predicts t+2. Step s reads the previous step's feature g and the token it
+drafted. With ``attention`` the block attends over the drafter's entries for every earlier
+position (f_j, e(x_{j+1})), j <= t, kept in a small KV cache of its own, plus the chain's
+own earlier entries of this step (as EAGLE's draft layer does); without it each step is a
+position-wise MLP block (cheaper, no cache).
+
+Training (``forward_train``) is teacher-forced and unrolled ("training-time test", as in
+EAGLE-3 / HASS): step s at chain start j reads step s-1's *own* output feature and the
+text's token x_{j+s}, and its query attends to the step-1 entries 0..j and to the chain's
+entries 2..s at j. That is exactly what it attends to at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ChainConfig:
+    k: int = 4  # draft steps (tokens t+2 .. t+1+k)
+    hidden_size: int = 576  # d, the backbone's hidden size
+    num_heads: int = 9  # attention heads (the backbone's, so the block is a Llama layer)
+    num_kv_heads: int = 3  # grouped K/V heads
+    head_dim: int = 64
+    intermediate_size: int = 1536  # SwiGLU width
+    rope_theta: float = 100000.0
+    rms_eps: float = 1e-5
+    attention: bool = True  # False: position-wise block, no drafter KV cache
+    draft_vocab: int = 8192  # LM-head rows the chain may propose (0 = all)
+    design: str = "chained"
+
+    def __post_init__(self):
+        if not 1 <= self.k <= 8:
+            raise ValueError(f"k must be in 1..8, got {self.k}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+
+    @classmethod
+    def from_backbone_config(cls, cfg, **kw) -> "ChainConfig":
+        heads = cfg.num_attention_heads
+        return cls(hidden_size=cfg.hidden_size, num_heads=heads,
+                   num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+                   intermediate_size=cfg.intermediate_size,
+                   rope_theta=float(getattr(cfg, "rope_theta", None) or
+                                    (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
+                   rms_eps=float(getattr(cfg, "rms_norm_eps", 1e-5)), **kw)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (Llama's rotate-half form). x: (B, H, T, hd); pos: (B, T) or (T,)."""
+    hd = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
+    ang = pos.to(torch.float32)[..., None] * inv  # (.., T, hd/2)
+    if ang.dim() == 3:
+        ang = ang[:, None]  # (B, 1, T, hd/2)
+    cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class ChainState:
+    """Per-generation state of a chain with attention: its KV cache over earlier positions."""
+
+    def __init__(self, cfg: ChainConfig, capacity: int = 256):
+        self.cfg = cfg
+        self.k = torch.zeros(cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0  # entries 0..length-1 are the true context (f_j, x_{j+1})
+
+    def ensure(self, n: int) -> None:
+        if n > self.k.shape[1]:
+            cap = max(n, 2 * self.k.shape[1])
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                new = torch.zeros(old.shape[0], cap, old.shape[2])
+                new[:, : old.shape[1]] = old
+                setattr(self, name, new)
+
+
+class ChainedHeads(nn.Module):
+    """The chained drafter. ``cfg.k`` steps; projects through frozen LM-head draft rows."""
+
+    def __init__(self, cfg: ChainConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, eps = cfg.hidden_size, cfg.rms_eps
+        self.norm_feature = RMSNorm(d, eps)
+        self.norm_token = RMSNorm(d, eps)
+        self.fc = nn.Linear(2 * d, d, bias=False)
+        if cfg.attention:
+            self.norm_attn = RMSNorm(d, eps)
+            self.q_proj = nn.Linear(d, cfg.num_heads * cfg.head_dim, bias=False)
+            self.k_proj = nn.Linear(d, cfg.num_kv_heads * cfg.head_dim, bias=False)
+            self.v_proj = nn.Linear(d, cfg.num_kv_heads * cfg.head_dim, bias=False)
+            self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, d, bias=False)
+        self.norm_mlp = RMSNorm(d, eps)
+        self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=False)
+        self.norm_out = RMSNorm(d, eps)
+        self.register_buffer("draft_ids", torch.zeros(0, dtype=torch.long))
+        self.proj: torch.Tensor | None = None  # (Vd, d) LM-head rows, bound by attach()
+        self._embed = None  # (V, d) input embedding table, bound by attach()
+
+    # ---- set-up (the same interface as MTPHeads) -------------------------------------
+    def set_draft_vocab(self, draft_ids: torch.Tensor) -> None:
+        self.draft_ids = draft_ids.to(torch.long).clone()
+
+    def attach(self, lm_head_weight: torch.Tensor, embed_weight: torch.Tensor | None = None) -> "ChainedHeads":
+        """Bind the frozen LM-head rows of the draft vocabulary and the embedding table."""
+        if self.draft_ids.numel() == 0:
+            self.draft_ids = torch.arange(lm_head_weight.shape[0])
+        self.proj = lm_head_weight.detach()[self.draft_ids.to(lm_head_weight.device)].float().contiguous()
+        self._embed = (embed_weight if embed_weight is not None else lm_head_weight).detach()
+        return self
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- the block ----------------------------------------------------------------------
+    def _input(self, feature: torch.Tensor, token_emb: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.norm_feature(feature), self.norm_token(token_emb)], -1))
+
+    def _qkv(self, x: torch.Tensor, pos: torch.Tensor):
+        """(B, T, d) residual stream, (B, T) positions -> q (B,H,T,hd), k, v (B,KV,T,hd)."""
+        c = self.cfg
+        h = self.norm_attn(x)
+        B, T, _ = h.shape
+        q = self.q_proj(h).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        return rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta), v
+
+    def _attend(self, q, k, v, mask) -> torch.Tensor:
+        """q (B,H,T,hd), k/v (B,KV,S,hd), mask (T,S) or (B,1,T,S) bool -> (B,T,H*hd)."""
+        c = self.cfg
+        group = c.num_heads // c.num_kv_heads
+        B, H, T, hd = q.shape
+        # Fold the query group into the query length: K/V are never expanded.
+        qg = q.reshape(B, c.num_kv_heads, group * T, hd)
+        if mask.dim() == 2:
+            mask = mask.repeat(group, 1)
+        else:
+            mask = mask.repeat(1, 1, group, 1)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+        return o.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm_mlp(x)
+        x = x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return self.norm_out(x)
+
+    def logits(self, g: torch.Tensor) -> torch.Tensor:
+        """(.., d) chain features -> (.., Vd) logits over the draft vocabulary."""
+        if self.proj is None:
+            raise RuntimeError("the chain is not attached to a backbone: call attach()")
+        return g.float() @ self.proj.to(g.device).T
+
+    # ---- training: teacher-forced, unrolled ---------------------------------------------
+    def forward_train(self, features: torch.Tensor, next_tokens_emb: list[torch.Tensor],
+                      steps: int | None = None, own_tokens: bool = False) -> list[torch.Tensor]:
+        """Unrolled chain over whole sequences.
+
+        Args:
+            features: (B, L, d) backbone post-norm states f_0..f_{L-1}.
+            next_tokens_emb: for step s (1-based), (B, L, d) embeddings of x_{j+s} at chain
+                start j (the text's tokens; rows past the end are padding). With
+                ``own_tokens``, only step 1's is used and later steps embed the chain's
+                own top-1 drafts (evaluation of what inference would propose).
+            steps: number of unrolled steps (default cfg.k).
+        Returns:
+            A list of `steps` tensors (B, L, d): step s's output feature at chain start j,
+            which predicts token x_{j+s+1} (its target: the backbone's distribution at
+            position j+s, and the feature f_{j+s}).
+        """
+        c = self.cfg
+        steps = steps or c.k
+        B, L, _ = features.shape
+        dev = features.device
+        pos = torch.arange(L, device=dev)
+        outs: list[torch.Tensor] = []
+        feat = features
+        keys, values = [], []
+        causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+        eye = torch.eye(L, dtype=torch.bool, device=dev)
+        emb = next_tokens_emb[0]
+        for s in range(steps):
+            x = self._input(feat, emb)
+            if c.attention:
+                q, k, v = self._qkv(x, (pos + s).expand(B, L))
+                keys.append(k)
+                values.append(v)
+                # Step s's query at j sees step-1 entries 0..j and the chain's entries at j.
+                mask = torch.cat([causal] + [eye] * s, dim=1)  # (L, (s+1) L)
+                x = x + self.o_proj(self._attend(q, torch.cat(keys, 2), torch.cat(values, 2), mask))
+            g = self._finish(x)
+            outs.append(g)
+            feat = g
+            if s + 1 < steps:
+                if own_tokens:
+                    emb = self._embed[self.draft_ids[self.logits(g).argmax(-1)]].to(g.dtype)
+                else:
+                    emb = next_tokens_emb[s + 1]
+        return outs
+
+    # ---- inference (batch 1) -------------------------------------------------------------
+    def new_state(self) -> ChainState | None:
+        return ChainState(self.cfg) if self.cfg.attention else None
+
+    @torch.inference_mode()
+    def extend(self, state: ChainState | None, features: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+        """Add true context entries (f_j, x_{j+1}) for the next len(tokens) positions.
+
+        Args:
+            features: (n, d) backbone states of positions state.length .. +n-1.
+            tokens: the n tokens that followed them.
+        Returns:
+            (d,) the chain's step-1 feature at the last entry (it predicts the token after
+            the last of `tokens`).
+        """
+        emb = self._embed[torch.tensor(tokens)].float()
+        x = self._input(features.float(), emb)[None]  # (1, n, d)
+        if self.cfg.attention:
+            n, L0 = len(tokens), state.length
+            pos = torch.arange(L0, L0 + n)[None]
+            q, k, v = self._qkv(x, pos)
+            state.ensure(L0 + n)
+            state.k[:, L0 : L0 + n] = k[0]
+            state.v[:, L0 : L0 + n] = v[0]
+            state.length = L0 + n
+            keys, vals = state.k[None, :, : L0 + n], state.v[None, :, : L0 + n]
+            mask = torch.ones(n, L0 + n, dtype=torch.bool).tril(L0)
+            x = x + self.o_proj(self._attend(q, keys, vals, mask))
+        return self._finish(x)[0, -1]
+
+    @torch.inference_mode()
+    def draft(self, state: ChainState | None, g: torch.Tensor, steps: int) -> list[int]:
+        """Greedy chain from step-1 feature g (from extend): `steps` draft token ids.
+
+        The chain's own entries are appended to the cache past the true context and
+        dropped afterwards (the length is not moved).
+        """
+        out: list[int] = []
+        chain_k, chain_v = [], []
+        L0 = state.length if state is not None else 0
+        for s in range(steps):
+            token = int(self.draft_ids[self.logits(g).argmax(-1)])
+            out.append(token)
+            if s + 1 == steps:
+                break
+            x = self._input(g[None], self._embed[token][None].float())[None]  # (1, 1, d)
+            if self.cfg.attention:
+                q, k, v = self._qkv(x, torch.tensor([[L0 + s]]))
+                chain_k.append(k[0])
+                chain_v.append(v[0])
+                keys = torch.cat([state.k[:, :L0]] + chain_k, 1)[None]
+                vals = torch.cat([state.v[:, :L0]] + chain_v, 1)[None]
+                mask = torch.ones(1, keys.shape[2], dtype=torch.bool)
+                x = x + self.o_proj(self._attend(q, keys, vals, mask))
+            g = self._finish(x)[0, 0]
+        return out
+
+
+__all__ = ["ChainConfig", "ChainedHeads", "ChainState", "rope"]

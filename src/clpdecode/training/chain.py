@@ -1,0 +1,145 @@
+"""Training and measuring the chained drafter on whole sequences of backbone states.
+
+Only one-step targets are needed: at every position p of any text, the backbone's own
+next-token distribution softmax(E f_p) and its state f_p. Both come from one prefill (or
+from cached states: the distribution is recomputed from f_p through the frozen LM head),
+so teacher-forced text is as good a source as self-distilled answers.
+
+Step s (1-based) of the chain started at j reads x_{j+s} and predicts x_{j+s+1}; its
+targets are the backbone's distribution at p = j+s (soft cross-entropy over the draft
+vocabulary) and, optionally, the state f_{j+s} (SmoothL1 "feature regression").
+
+This module imports torch only, so that the same code trains on a GPU machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..heads.chained import ChainedHeads
+
+
+@dataclass
+class ChainLossConfig:
+    steps: int = 4  # unrolled steps ("training-time test"); the shipped k
+    feature_weight: float = 0.5  # SmoothL1 on the next state; 0 = distribution only
+    step_decay: float = 0.8  # loss weight of step s is step_decay ** (s - 1)
+    hard: bool = False  # hard labels (argmax of the backbone) instead of its distribution
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def shifted(x: torch.Tensor, s: int, fill=0) -> torch.Tensor:
+    """x[:, j + s] at column j (B, L, ...), padded with `fill` past the end."""
+    if s == 0:
+        return x
+    pad = torch.full_like(x[:, :s], fill)
+    return torch.cat([x[:, s:], pad], 1)
+
+
+def chain_loss(chain: ChainedHeads, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+               embed: torch.Tensor, cfg: ChainLossConfig) -> tuple[torch.Tensor, dict]:
+    """Loss of the unrolled chain on a batch of sequences.
+
+    Args:
+        features: (B, L, d) backbone post-norm states (any float dtype).
+        tokens: (B, L) token ids of the text.
+        mask: (B, L) bool: position p's next-token distribution is a training target
+            (answer positions of real, non-padding text).
+        embed: (V, d) the backbone's input embedding table.
+    Returns:
+        (loss, stats) with stats["top1"][s-1] the share of valid positions where step s's
+        argmax equals the backbone's argmax (teacher-forced).
+    """
+    f32 = features.float()
+    embs = [embed[shifted(tokens, s)].to(f32.dtype) for s in range(1, cfg.steps + 1)]
+    outs = chain.forward_train(f32, embs, steps=cfg.steps)
+    proj = chain.proj
+    total = f32.new_zeros(())
+    wsum = 0.0
+    top1 = []
+    for s, g in enumerate(outs, start=1):
+        valid = mask & shifted(mask, s, False)  # chain start j and target position j+s both count
+        if not valid.any():
+            top1.append(0.0)
+            continue
+        target_f = shifted(f32, s)[valid]  # (N, d)
+        student = g[valid].float() @ proj.T  # (N, Vd)
+        with torch.no_grad():
+            teacher = target_f @ proj.T
+        logp = F.log_softmax(student, -1)
+        if cfg.hard:
+            ce = F.nll_loss(logp, teacher.argmax(-1))
+        else:
+            ce = -(F.softmax(teacher, -1) * logp).sum(-1).mean()
+        loss = ce
+        if cfg.feature_weight:
+            loss = loss + cfg.feature_weight * F.smooth_l1_loss(g[valid].float(), target_f)
+        w = cfg.step_decay ** (s - 1)
+        total = total + w * loss
+        wsum += w
+        top1.append(float((student.argmax(-1) == teacher.argmax(-1)).float().mean()))
+    return total / max(wsum, 1e-9), {"top1": top1}
+
+
+@torch.no_grad()
+def chain_acceptance(chain: ChainedHeads, features: torch.Tensor, tokens: torch.Tensor, answer_mask: torch.Tensor,
+                     embed: torch.Tensor, steps: int) -> dict:
+    """Held-out acceptance of the chain as inference runs it (its own drafts fed back).
+
+    Args:
+        features: (B, L, d) states of sequences whose answers are the backbone's own greedy
+            continuation (self-distilled), tokens (B, L) their ids.
+        answer_mask: (B, L) bool, True at position p when tokens[p+1] is an answer token
+            (so p's argmax is the backbone's t+1 and tokens[p+1] equals it).
+    Returns:
+        head_top1[i]: share of chain starts whose draft i+1 equals the greedy token t+2+i
+        (counting starts where that token exists); chain_accept[i]: share whose drafts
+        1..i+1 are all right; mean_accepted: their sum; tokens: chain starts counted.
+    """
+    emb1 = embed[shifted(tokens, 1)].float()
+    outs = chain.forward_train(features.float(), [emb1], steps=steps, own_tokens=True)
+    drafts = [chain.draft_ids[chain.logits(g).argmax(-1)] for g in outs]  # each (B, L)
+    starts = answer_mask
+    right = torch.ones_like(starts)
+    top1, accept = [], []
+    for s, d in enumerate(drafts, start=1):
+        exists = starts & shifted(answer_mask, s, False)  # the target token x_{j+s+1} is an answer token
+        ok = d == shifted(tokens, s + 1)
+        right = right & ok
+        n = exists.sum().clamp(min=1)
+        top1.append(round(float((ok & exists).sum() / n), 4))
+        accept.append(round(float((right & exists).sum() / starts.sum().clamp(min=1)), 4))
+    return {"k": steps, "head_top1": top1, "chain_accept": accept,
+            "mean_accepted": round(sum(accept), 4), "tokens": int(starts.sum())}
+
+
+@torch.no_grad()
+def chain_lengths(chain: ChainedHeads, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                  embed: torch.Tensor, lm_head: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accepted length of the chain's drafts at every position (the CLP label) and per-step
+    correctness (the gate labels), against the backbone's greedy continuation.
+
+    The greedy token after position p is argmax(E f_p). The chain's draft s from start j is
+    right when it equals the greedy token after p = j+s, and the text up to there followed
+    the backbone's greedy choices (so f_{j+s} is the state on the greedy path).
+    Returns: lengths (B, L) long in 0..steps, correct (B, L, steps) bool; invalid starts
+    (mask False) get length 0 and are to be ignored by the caller.
+    """
+    greedy = torch.cat([(features[:, i : i + 256].float() @ lm_head.T).argmax(-1)
+                        for i in range(0, features.shape[1], 256)], 1)  # (B, L)
+    on_path = shifted(tokens, 1) == greedy  # x_{p+1} is the greedy token after p
+    emb1 = embed[shifted(tokens, 1)].float()
+    outs = chain.forward_train(features.float(), [emb1], steps=steps, own_tokens=True)
+    correct = []
+    path = mask.clone()
+    for s, g in enumerate(outs, start=1):
+        d = chain.draft_ids[chain.logits(g).argmax(-1)]
+        path = path & shifted(on_path, s - 1, False)  # x_{j+1..j+s} greedy: draft s's context is right
+        correct.append(path & (d == shifted(greedy, s)) & shifted(mask, s, False))
+    correct = torch.stack(correct, -1)
+    return correct.long().cumprod(-1).sum(-1), correct

@@ -1,0 +1,77 @@
+"""The chained drafter: training-time unroll == inference chain, shapes, loss, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clpdecode.heads.chained import ChainConfig, ChainedHeads
+from clpdecode.training.chain import ChainLossConfig, chain_acceptance, chain_lengths, chain_loss, shifted
+
+D, V = 32, 97
+
+
+def make_chain(attention: bool, k: int = 4, seed: int = 0) -> tuple[ChainedHeads, torch.Tensor]:
+    torch.manual_seed(seed)
+    cfg = ChainConfig(k=k, hidden_size=D, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
+                      attention=attention, draft_vocab=0)
+    chain = ChainedHeads(cfg)
+    with torch.no_grad():
+        for p in chain.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    table = torch.randn(V, D)
+    chain.attach(table, table)
+    return chain.eval(), table
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_unrolled_training_chain_equals_inference_chain(attention):
+    """forward_train(own_tokens=True) at chain start j proposes exactly what extend + draft
+    propose at inference after seeing positions 0..j: same masks, positions and inputs."""
+    chain, table = make_chain(attention)
+    L = 12
+    feats = torch.randn(1, L, D)
+    tokens = torch.randint(0, V, (1, L))
+    outs = chain.forward_train(feats, [table[shifted(tokens, 1)]], steps=4, own_tokens=True)
+    train_drafts = torch.stack([chain.draft_ids[chain.logits(g).argmax(-1)] for g in outs], -1)[0]  # (L, 4)
+    state = chain.new_state()
+    done = 0
+    for j in (3, 4, 7, 10):  # extend in uneven groups, as accepted spans arrive
+        g = chain.extend(state, feats[0, done : j + 1], tokens[0, done + 1 : j + 2].tolist())
+        done = j + 1
+        assert chain.draft(state, g, 4) == train_drafts[j].tolist()
+        if state is not None:
+            assert state.length == j + 1  # the chain's own entries are not kept
+
+
+def test_chain_loss_backward_and_shapes():
+    chain, table = make_chain(True)
+    chain.train()
+    B, L = 3, 10
+    feats, tokens = torch.randn(B, L, D), torch.randint(0, V, (B, L))
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[:, :3] = False
+    for steps in (1, 2, 4):
+        loss, stats = chain_loss(chain, feats, tokens, mask, table, ChainLossConfig(steps=steps))
+        assert loss.dim() == 0 and torch.isfinite(loss)
+        assert len(stats["top1"]) == steps
+        chain.zero_grad()
+        loss.backward()
+        assert chain.fc.weight.grad is not None and chain.fc.weight.grad.abs().sum() > 0
+        assert chain.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_acceptance_counts_oracle_chain():
+    """A chain whose proposals match the text everywhere accepts every step where the
+    target exists; counts never exceed the positions."""
+    chain, table = make_chain(False, k=2)
+    B, L = 2, 9
+    feats, tokens = torch.randn(B, L, D), torch.randint(0, V, (B, L))
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[:, -1] = False
+    res = chain_acceptance(chain, feats, tokens, mask, table, 2)
+    assert res["tokens"] == int(mask.sum())
+    assert 0 <= res["chain_accept"][1] <= res["chain_accept"][0] <= 1
+    lengths, correct = chain_lengths(chain, feats, tokens, mask, table, table, 2)
+    assert lengths.shape == (B, L) and correct.shape == (B, L, 2)
+    assert int(lengths.max()) <= 2
