@@ -107,14 +107,19 @@ class LinearOp:
             self.packed = torch.ops.quantized.linear_prepack(qw, bias)
             self.reduce_range = getattr(mods[0], "version", 4) is None or mods[0].version >= 4
 
+        # One plain callable per linear (no dispatch on the kind at every call).
+        if self.kind == "fp32" and self.bf16:
+            self.fn = lambda x, w=self.weight, b=self.bias: F.linear(x.to(torch.bfloat16), w, b).float()
+        elif self.kind == "fp32":
+            self.fn = lambda x, w=self.weight, b=self.bias: F.linear(x, w, b)
+        elif self.kind == "fp16":
+            self.fn = lambda x, op=torch.ops.quantized.linear_dynamic_fp16.default, p=self.packed: op(x, p)
+        else:
+            self.fn = (lambda x, op=torch.ops.quantized.linear_dynamic.default, p=self.packed, r=self.reduce_range:
+                       op(x, p, r))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "fp32":
-            if self.bf16:
-                return F.linear(x.to(torch.bfloat16), self.weight, self.bias).float()
-            return F.linear(x, self.weight, self.bias)
-        if self.kind == "fp16":
-            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
-        return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=self.reduce_range)
+        return self.fn(x)
 
 
 def _bias(m: nn.Module) -> torch.Tensor | None:
@@ -211,20 +216,23 @@ class LeanForward:
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         folded = prepare_mask(mask, t, start + t, nh // nkv)  # once per step, shared by the layers
         x = self.embed_tokens(input_ids).reshape(b * t, -1).float()  # (N, d), N = B*T
-        d = x.shape[-1]
-        for i, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (d,), layer.in_norm, layer.in_eps)
-            qkv = layer.qkv(h).view(b, t, nh + 2 * nkv, hd)
-            qk = qkv[:, :, : nh + nkv]
+        d, end, half, nq = x.shape[-1], start + t, hd // 2, nh + nkv
+        pos = torch.arange(start, end)  # cache slots of the new tokens
+        rms_norm, roll, addcmul, attend = F.rms_norm, torch.roll, torch.addcmul, gqa_attention_folded
+        for layer, kb, vb in zip(self.layers, cache.keys, cache.values):
+            h = rms_norm(x, (d,), layer.in_norm, layer.in_eps)
+            qkv = layer.qkv.fn(h).view(b, t, nq + nkv, hd)
+            qk = qkv[:, :, :nq]
             # Rotary on queries and keys at once: x * cos + rotate_half(x) * sin, where
-            # rotate_half(x) * sin = roll(x, hd/2) * [-sin_1, sin_2] (sin_signed).
-            qk = torch.addcmul(qk * cos, torch.roll(qk, hd // 2, -1), sin)  # (B, T, nh + nkv, hd)
-            keys, values = cache.write(i, qk[:, :, nh:].transpose(1, 2), qkv[:, :, nh + nkv :].transpose(1, 2))
-            att = gqa_attention_folded(qk[:, :, :nh].transpose(1, 2), keys, values, folded, layer.scale)
-            x = x + layer.o(att.reshape(b * t, nh * hd))
-            h = F.rms_norm(x, (d,), layer.post_norm, layer.post_eps)
-            gu = layer.gate_up(h)
+            # rotate_half(x) * sin = roll(x, hd/2) * [-sin_1, sin_2] (sin is signed so).
+            qk = addcmul(qk * cos, roll(qk, half, -1), sin)  # (B, T, nh + nkv, hd)
+            kb.index_copy_(2, pos, qk[:, :, nh:].transpose(1, 2))  # in place, at the step's slots
+            vb.index_copy_(2, pos, qkv[:, :, nq:].transpose(1, 2))
+            att = attend(qk[:, :, :nh].transpose(1, 2), kb[:, :, :end], vb[:, :, :end], folded, layer.scale)
+            x = x + layer.o.fn(att.reshape(b * t, nh * hd))
+            h = rms_norm(x, (d,), layer.post_norm, layer.post_eps)
+            gu = layer.gate_up.fn(h)
             inter = gu.shape[-1] // 2
-            x = x + layer.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+            x = x + layer.down.fn(F.silu(gu[:, :inter]) * gu[:, inter:])
         cache.advance(t)
         return F.rms_norm(x, (d,), self.norm, self.norm_eps).view(b, t, -1)
