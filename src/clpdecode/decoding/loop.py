@@ -175,8 +175,11 @@ def generate(
     accepted: list[int] = []
     cache = backbone.new_cache()
 
+    policy.start()
     t0 = time.perf_counter()
-    hidden = prefill(backbone, prompt_ids, cache)[-1]  # (d,)
+    states = prefill(backbone, prompt_ids, cache)  # (T, d)
+    policy.observe(states, list(prompt_ids[1:]))
+    hidden = states[-1]  # (d,)
     p = sampler.probs(backbone.logits(hidden))  # (V,)
     forwards, prefill_seconds, prefill_tokens = 1, None, 0
     while True:
@@ -200,8 +203,10 @@ def generate(
             if out.done:
                 break
             backbone.rollback(cache, len(drafts) - n_ok)
+            policy.observe(states[: n_ok + 1], drafts[:n_ok])
             hidden = states[n_ok]
         else:
+            policy.observe(states, drafts)
             hidden = states[-1]
             p = sampler.probs(backbone.logits(hidden))
     seconds = time.perf_counter() - t0

@@ -31,7 +31,11 @@ class Proposal:
 
 
 class Policy:
-    """Base policy: the backbone picks t+1; subclasses add head drafts."""
+    """Base policy: the backbone picks t+1; subclasses add drafts after it.
+
+    Drafts come from the drafter's per-generation session (independent heads or a chain),
+    which sees every backbone state through ``observe``; ``span`` says how many to take.
+    """
 
     name = "ar"
     verifies = False  # drafts wait for the backbone's check in the next forward
@@ -39,9 +43,19 @@ class Policy:
     def __init__(self, backbone=None, drafter=None):
         self.backbone = backbone
         self.drafter = drafter
+        self.session = None
+
+    def start(self) -> None:
+        """Called by the loop before each generation: fresh drafting state."""
+        self.session = self.drafter.session(self.backbone) if self.drafter is not None else None
+
+    def observe(self, rows: torch.Tensor, tokens: list[int]) -> None:
+        """New backbone states (n, d) and the n-1 tokens that followed all but the last."""
+        if self.session is not None:
+            self.session.observe(rows, tokens)
 
     def propose(self, hidden: torch.Tensor, p: torch.Tensor, sampler) -> Proposal:
-        """Pick token t+1 and the head tokens after it.
+        """Pick token t+1 and the draft tokens after it.
 
         Args:
             hidden: (d,) the backbone's last hidden state at t.
@@ -51,21 +65,13 @@ class Policy:
             A Proposal: token t+1 and 0..k draft tokens.
         """
         token = sampler.select(p)
-        m = self.span(hidden)
-        return Proposal(token, self.head_tokens(hidden, token)[:m] if m else [])
+        if self.session is None:
+            return Proposal(token, [])
+        return Proposal(token, self.session.propose(hidden, token, self.span(hidden)))
 
     def span(self, hidden: torch.Tensor) -> int:
-        """How many head tokens to take this step (before any verification)."""
+        """How many draft tokens to take this step (before any verification)."""
         return 0
-
-    def head_tokens(self, hidden: torch.Tensor, token: int) -> list[int]:
-        heads = self.drafter.heads
-        emb = self.backbone.embed(torch.tensor(token)).float() if heads.cfg.design == "fused" else None
-        return heads.propose(hidden, emb)
-
-
-class AR(Policy):
-    name = "ar"
 
 
 class Naive(Policy):
@@ -131,6 +137,9 @@ class Competing(Policy):
         if drafter.competing is None:
             raise ClpError("these heads have no competing-ablation heads: train them with `clp train`")
 
+    def start(self) -> None:
+        self.session = None  # its heads read only the last state
+
     def propose(self, hidden, p, sampler):
         tokens = self.drafter.competing.propose(hidden)
         return Proposal(tokens[0], tokens[1:], token_from_heads=True)
@@ -142,7 +151,7 @@ def make_policy(method: str, backbone=None, drafter=None, *, clp_threshold: floa
     if method not in METHODS:
         raise ClpError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "ar":
-        return AR(backbone)
+        return Policy(backbone)
     if drafter is None:
         raise ClpError(f"method {method!r} needs MTP heads")
     if method == "naive":

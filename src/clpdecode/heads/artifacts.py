@@ -20,6 +20,7 @@ import torch
 from ..atomic import atomic_folder
 from ..errors import ClpError
 from ..predictors.modules import CLP, Gates, PredictorConfig
+from .chained import ChainConfig, ChainedHeads
 from .modules import HeadsConfig, MTPHeads
 
 FORMAT = "clp-decode-drafter/1"
@@ -29,7 +30,7 @@ FORMAT = "clp-decode-drafter/1"
 class Drafter:
     """Everything a multi-token policy needs besides the backbone."""
 
-    heads: MTPHeads
+    heads: MTPHeads | ChainedHeads  # independent heads, or a chain (design "chained")
     clp: CLP | None = None
     gates: Gates | None = None
     competing: MTPHeads | None = None
@@ -39,15 +40,27 @@ class Drafter:
     def k(self) -> int:
         return self.heads.cfg.k
 
+    @property
+    def design(self) -> str:
+        return self.heads.cfg.design
+
     def attach(self, backbone) -> "Drafter":
         check_backbone(self.meta, backbone)
         for h in (self.heads, self.competing):
-            if h is not None:
+            if isinstance(h, ChainedHeads):
+                h.attach(backbone.lm_head_weight, backbone.model.get_input_embeddings().weight)
+            elif h is not None:
                 h.attach(backbone.lm_head_weight)
         return self
 
+    def session(self, backbone):
+        """Per-generation drafting state with observe(rows, tokens) / propose(hidden, token, m)."""
+        if isinstance(self.heads, ChainedHeads):
+            return self.heads.session()
+        return self.heads.session(backbone.embed)
+
     def sizes(self) -> dict:
-        out = {"heads": {"k": self.k, "params": self.heads.num_params, "design": self.heads.cfg.design,
+        out = {"heads": {"k": self.k, "params": self.heads.num_params, "design": self.design,
                          "draft_vocab": int(self.heads.draft_ids.numel())}}
         if self.clp is not None:
             out["clp"] = {"params": self.clp.num_params}
@@ -116,32 +129,40 @@ def load_drafter(folder: Path, backbone=None) -> Drafter:
         tensors = load_file(str(folder / "model.safetensors"))
     except Exception as e:  # noqa: BLE001 - corrupt files of any kind
         raise ClpError(f"cannot read heads in {str(folder)!r}: {e}") from None
-    if config.get("format") != FORMAT:
-        raise ClpError(f"{str(folder)!r} is not a clp-decode heads folder (format {config.get('format')!r})")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        fmt = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ClpError(f"{str(folder)!r} is not a clp-decode heads folder (format {fmt!r})")
 
     def part(prefix: str) -> dict:
         return {k[len(prefix) + 1 :]: (v.long() if v.dtype == torch.int32 else v.float())
                 for k, v in tensors.items() if k.startswith(prefix + ".")}
 
-    def make_heads(cfg: dict, state: dict) -> MTPHeads:
-        heads = MTPHeads(HeadsConfig(**cfg))
+    def make_heads(cfg: dict, state: dict) -> MTPHeads | ChainedHeads:
+        chained = cfg.get("design") == "chained"
+        heads = ChainedHeads(ChainConfig(**cfg)) if chained else MTPHeads(HeadsConfig(**cfg))
         heads.set_draft_vocab(state["draft_ids"])  # sized by the file, so set before loading
         heads.load_state_dict(state)
         return heads
 
     parts = {name: part(name) for name in ("heads", "clp", "gates", "competing")}
-    heads = make_heads(config["heads"], parts["heads"])
-    hcfg = heads.cfg
-    pcfg = PredictorConfig(k=hcfg.k, hidden_size=hcfg.hidden_size)
-    clp = gates = competing = None
-    if parts["clp"]:
-        clp = CLP(pcfg)
-        clp.load_state_dict(parts["clp"])
-    if parts["gates"]:
-        gates = Gates(pcfg)
-        gates.load_state_dict(parts["gates"])
-    if parts["competing"]:
-        competing = make_heads(config["competing"], parts["competing"])
+    try:
+        if not isinstance(config.get("heads"), dict):
+            raise ValueError('config.json has no "heads" object')
+        heads = make_heads(config["heads"], parts["heads"])
+        hcfg = heads.cfg
+        pcfg = PredictorConfig(k=hcfg.k, hidden_size=hcfg.hidden_size)
+        clp = gates = competing = None
+        if parts["clp"]:
+            clp = CLP(pcfg)
+            clp.load_state_dict(parts["clp"])
+        if parts["gates"]:
+            gates = Gates(pcfg)
+            gates.load_state_dict(parts["gates"])
+        if parts["competing"]:
+            competing = make_heads(config["competing"], parts["competing"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ClpError(f"heads in {str(folder)!r} do not match their config.json ({msg})") from None
     meta = {k: v for k, v in config.items() if k not in ("format", "heads", "competing", "components")}
     drafter = Drafter(heads=heads, clp=clp, gates=gates, competing=competing, meta=meta)
     for m in (heads, clp, gates, competing):
@@ -150,11 +171,16 @@ def load_drafter(folder: Path, backbone=None) -> Drafter:
     return drafter.attach(backbone) if backbone is not None else drafter
 
 
-def shipped_drafter_dir(backbone_name: str, k: int) -> Path | None:
-    """The bundle shipped inside the package for this backbone and k, if any."""
-    root = resources.files("clpdecode") / "assets" / "drafters" / backbone_name / f"k{k}"
-    path = Path(str(root))
-    return path if (path / "config.json").is_file() else None
+def shipped_drafter_dir(backbone_name: str, k: int, baseline: bool = False, create: bool = False) -> Path | None:
+    """The bundle shipped inside the package for this backbone and k, if any.
+
+    ``k{k}``: the default drafter (a chain); ``independent-k{k}`` (baseline=True): the
+    independent heads it replaced, kept for comparison (`clp eval-heads --baseline`).
+    With ``create``, the path is returned even when nothing is there yet.
+    """
+    root = resources.files("clpdecode") / "assets" / "drafters" / backbone_name
+    path = Path(str(root)) / (f"independent-k{k}" if baseline else f"k{k}")
+    return path if create or (path / "config.json").is_file() else None
 
 
 def shipped_head_accuracy(backbone_name: str) -> dict[str, dict]:

@@ -238,6 +238,10 @@ class ChainedHeads(nn.Module):
         return outs
 
     # ---- inference (batch 1) -------------------------------------------------------------
+    def session(self) -> "ChainSession":
+        """Per-generation drafting state (see ChainSession)."""
+        return ChainSession(self)
+
     def new_state(self) -> ChainState | None:
         return ChainState(self.cfg) if self.cfg.attention else None
 
@@ -295,4 +299,35 @@ class ChainedHeads(nn.Module):
         return out
 
 
-__all__ = ["ChainConfig", "ChainedHeads", "ChainState", "rope"]
+class ChainSession:
+    """One generation's drafting with a chain: feed it the backbone's states as they come.
+
+    ``observe(rows, tokens)``: new backbone states, and the tokens that followed every row
+    but the last (the last row's token is chosen at the next ``propose``).
+    ``propose(hidden, token, m)``: the backbone chose `token` after the last observed row;
+    return m drafts for the tokens after it.
+    """
+
+    def __init__(self, chain: ChainedHeads):
+        self.chain = chain
+        self.state = chain.new_state()
+        self.rows: list[torch.Tensor] = []
+        self.tokens: list[int] = []
+
+    def observe(self, rows: torch.Tensor, tokens: list[int]) -> None:
+        if self.rows:  # the previous last row's token is the first of these rows' inputs
+            raise RuntimeError("observe() twice without propose()")
+        if len(tokens) != len(rows) - 1:
+            raise ValueError(f"{len(rows)} rows need {len(rows) - 1} following tokens, got {len(tokens)}")
+        # Without attention only the last entry matters (no cache to fill).
+        self.rows = list(rows) if self.state is not None else [rows[-1]]
+        self.tokens = list(tokens) if self.state is not None else []
+
+    def propose(self, hidden: torch.Tensor, token: int, m: int) -> list[int]:
+        feats = torch.stack(self.rows) if self.rows else hidden[None]
+        g = self.chain.extend(self.state, feats, self.tokens + [token])
+        self.rows, self.tokens = [], []
+        return self.chain.draft(self.state, g, m) if m > 0 else []
+
+
+__all__ = ["ChainConfig", "ChainedHeads", "ChainState", "ChainSession", "rope"]

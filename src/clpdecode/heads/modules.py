@@ -98,9 +98,29 @@ class MTPHeads(nn.Module):
             raise RuntimeError("heads are not attached to a backbone: call attach()")
         return self.states(hidden, token_emb) @ self.proj.to(hidden.device).T
 
+    def session(self, embed=None) -> "HeadsSession":
+        """Per-generation drafting state: the same interface as a chain's (heads keep none)."""
+        return HeadsSession(self, embed)
+
     @torch.inference_mode()
     def propose(self, hidden: torch.Tensor, token_emb: torch.Tensor | None = None) -> list[int]:
         """(d,) hidden at t [+ (d,) embedding of x_{t+1}] -> k backbone token ids (top-1)."""
         emb = token_emb.unsqueeze(0) if token_emb is not None else None
         logits = self.forward(hidden.float().unsqueeze(0), emb)[0]  # (k, Vd)
         return self.draft_ids[logits.argmax(-1)].tolist()
+
+
+class HeadsSession:
+    """Independent heads read only the last state (and the embedding of t+1 when fused)."""
+
+    def __init__(self, heads: MTPHeads, embed=None):
+        self.heads, self.embed = heads, embed
+
+    def observe(self, rows: torch.Tensor, tokens: list[int]) -> None:
+        pass
+
+    def propose(self, hidden: torch.Tensor, token: int, m: int) -> list[int]:
+        if m <= 0:
+            return []
+        emb = self.embed(torch.tensor(token)).float() if self.heads.cfg.design == "fused" else None
+        return self.heads.propose(hidden, emb)[:m]

@@ -1,0 +1,69 @@
+"""Turn the weights a `scripts/device_train.py` run brought back into shipped drafter bundles.
+
+    python scripts/assemble_drafter.py --run .gpu/run1 [--variant attn_soft_feat]
+
+Writes src/clpdecode/assets/drafters/<backbone>/k2 and k4: the chain (its k set to 2 or 4),
+the CLP and gates trained on its accepted lengths for that k, and the competing-ablation
+heads copied from the independent-heads bundle of the same k (they do not depend on the
+drafter). The independent heads stay shipped as the baseline in independent-k2/-k4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="folder with report.json, chain-*.safetensors, predictors.safetensors")
+    ap.add_argument("--variant", default="attn_soft_feat")
+    ap.add_argument("--model", default="embedded")
+    args = ap.parse_args()
+    from clpdecode.backbone import load_backbone
+    from clpdecode.heads.artifacts import Drafter, load_drafter, save_drafter, shipped_drafter_dir
+    from clpdecode.heads.chained import ChainConfig, ChainedHeads
+    from clpdecode.predictors.modules import CLP, Gates, PredictorConfig
+
+    run = Path(args.run)
+    report = json.loads((run / "report.json").read_text())
+    variant = report["variants"][args.variant]
+    state = {k: (v.long() if v.dtype == torch.int32 else v.float())
+             for k, v in load_file(str(run / f"chain-{args.variant}.safetensors")).items()}
+    pred = {k: v.float() for k, v in load_file(str(run / "predictors.safetensors")).items()}
+    backbone = load_backbone(args.model)
+    for k in (2, 4):
+        chain = ChainedHeads(ChainConfig(**{**variant["chain"], "k": k}))
+        chain.set_draft_vocab(state["draft_ids"])
+        chain.load_state_dict(state)
+        pc = PredictorConfig(k=k, hidden_size=chain.cfg.hidden_size)
+        clp, gates = CLP(pc), Gates(pc)
+        clp.load_state_dict({n[len(f"k{k}.clp."):]: t for n, t in pred.items() if n.startswith(f"k{k}.clp.")})
+        gates.load_state_dict({n[len(f"k{k}.gates."):]: t for n, t in pred.items() if n.startswith(f"k{k}.gates.")})
+        baseline = shipped_drafter_dir(backbone.name, k, baseline=True)
+        competing = load_drafter(baseline).competing if baseline else None
+        heldout = dict(variant["heldout"])
+        for key in ("head_top1", "chain_accept"):
+            heldout[key] = heldout[key][:k]
+        heldout["mean_accepted"] = round(sum(heldout["chain_accept"]), 4)
+        heldout["k"] = k
+        training = {"heads": heldout, "variant": args.variant, "device": report.get("device"),
+                    "data": report["data"], "train": variant["train"], "loss": variant["loss"],
+                    "predictors": report.get("predictors", {}).get(f"k{k}"),
+                    "command": "scripts/device_pack.py + scripts/device_train.py (see README: Training)"}
+        drafter = Drafter(heads=chain, clp=clp, gates=gates, competing=competing, meta={"training": training})
+        out = shipped_drafter_dir(backbone.name, k, create=True)
+        save_drafter(drafter, out, backbone)
+        print(f"wrote {out}: chain {chain.num_params} params, held-out {heldout}")
+
+
+if __name__ == "__main__":
+    main()
