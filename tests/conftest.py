@@ -88,7 +88,14 @@ def random_drafter(backbone, k: int = 2, design: str = "fused", seed: int = 0, s
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
         return mod
 
-    heads = randomise(MTPHeads(HeadsConfig(k=k, hidden_size=d, design=design, draft_vocab=0)))
+    if design in ("chained", "chained-mlp"):
+        from clpdecode.heads.chained import ChainConfig, ChainedHeads
+
+        cfg = ChainConfig.from_backbone_config(backbone.config, k=k, draft_vocab=0,
+                                               attention=design == "chained")
+        heads = randomise(ChainedHeads(cfg))
+    else:
+        heads = randomise(MTPHeads(HeadsConfig(k=k, hidden_size=d, design=design, draft_vocab=0)))
     competing = randomise(MTPHeads(HeadsConfig(k=k + 1, hidden_size=d, design="residual", offset=1,
                                                draft_vocab=0)))
     pc = PredictorConfig(k=k, hidden_size=d)

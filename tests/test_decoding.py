@@ -33,7 +33,7 @@ def test_ar_equals_transformers_generate(tiny_backbone, ids, n):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=prompts, n=st.integers(1, 40), k=st.integers(1, 4), seed=st.integers(0, 10_000),
-       design=st.sampled_from(["fused", "residual"]), draft=st.sampled_from(["clp", "all"]),
+       design=st.sampled_from(["fused", "residual", "chained", "chained-mlp"]), draft=st.sampled_from(["clp", "all"]),
        thr=st.floats(0.0, 1.0))
 def test_verified_equals_ar(tiny_backbone, ids, n, k, seed, design, draft, thr):
     drafter = random_drafter(tiny_backbone, k=k, design=design, seed=seed)
@@ -57,10 +57,17 @@ class OracleHeads:
         self.cfg = HeadsConfig(k=k, hidden_size=32, design="residual", draft_vocab=0)
         self.ref, self.pos = reference, 0
 
-    def propose(self, hidden, token_emb=None):
+    # The drafting-session interface (see Drafter.session): the oracle is its own session.
+    def session(self, embed=None):
+        return self
+
+    def observe(self, rows, tokens):
+        pass
+
+    def propose(self, hidden, token, m):
         out = self.ref[self.pos + 1 : self.pos + 1 + self.cfg.k]
         self.pos += 1 + self.cfg.k
-        return out + [0] * (self.cfg.k - len(out))
+        return (out + [0] * (self.cfg.k - len(out)))[:m]
 
 
 def oracle_drafter(reference, k):
