@@ -81,8 +81,9 @@ def profile_step(backbone, drafter=None, context: int = 256, repeats: int = 9, e
     out["lm_head_ms_1_row"] = _median_ms(lambda: backbone.logits(h[:1]), repeats)
     out["lm_head_ms_3_rows"] = _median_ms(lambda: backbone.logits(h), repeats)
     if drafter is not None:
-        emb = backbone.embed(torch.tensor(5)).float()
-        out["heads_ms"] = _median_ms(lambda: drafter.heads.propose(h[0], emb), repeats)
+        # k drafts after token 5, through the per-generation session the policies use
+        # (independent heads or a chained drafter alike).
+        out["heads_ms"] = _median_ms(lambda: drafter.session(backbone).propose(h[0], 5, drafter.k), repeats)
         if drafter.clp is not None:
             out["clp_ms"] = _median_ms(lambda: drafter.clp.decide(h[0], 0.5), repeats)
     # Row independence (the backbone's own engine): a 3-token step against three 1-token steps.
