@@ -162,7 +162,9 @@ def pack_tokens(backbone, out: Path, n_sd: int, n_tf: int, max_prompt: int = 320
             continue
         tf_seqs.append(seq)
         tf_plen.append(len(p))
-    held = [r for r in read_corpus(ROOT / "data" / "corpus" / backbone.name) if r["split"] == "heldout"]
+    from clpdecode.heads.artifacts import corpus_dir
+
+    held = [r for r in read_corpus(corpus_dir(backbone.name)) if r["split"] == "heldout"]
     ho_seqs = [r["prompt"] + r["answer"] for r in held]
     ho_plen = [len(r["prompt"]) for r in held]
 

@@ -47,9 +47,10 @@ def _bare_package(name: str, folder: Path) -> None:
 for _name in ("clpdecode", "clpdecode.heads", "clpdecode.training", "clpdecode.predictors"):
     _bare_package(_name, ROOT / "src" / Path(*_name.split(".")))
 
+from clpdecode.heads.accuracy import accuracy_counts, summarise  # noqa: E402
 from clpdecode.heads.chained import ChainConfig, ChainedHeads  # noqa: E402
 from clpdecode.predictors.modules import CLP, Gates, PredictorConfig  # noqa: E402
-from clpdecode.training.chain import ChainLossConfig, chain_acceptance, chain_loss, chain_lengths  # noqa: E402
+from clpdecode.training.chain import ChainLossConfig, chain_loss, chain_lengths  # noqa: E402
 
 T0 = time.time()
 
@@ -171,23 +172,9 @@ def train_variant(name, ccfg, lcfg, data, embed, lm_head, draft_ids, budget_s, d
 @torch.no_grad()
 def evaluate(chain, data, embed, steps, chunk=64):
     feats, tokens, mask = data
-    parts = []
-    for b in range(0, len(feats), chunk):
-        parts.append((feats[b : b + chunk], tokens[b : b + chunk], mask[b : b + chunk]))
-    tot = None
-    for f, t, m in parts:
-        r = chain_acceptance(chain, f, t, m, embed, steps)
-        w = r["tokens"]
-        if tot is None:
-            tot = {"n": 0, "top1": [0.0] * steps, "acc": [0.0] * steps}
-        tot["n"] += w
-        for i in range(steps):
-            tot["top1"][i] += r["head_top1"][i] * w
-            tot["acc"][i] += r["chain_accept"][i] * w
-    n = max(1, tot["n"])
-    acc = [round(a / n, 4) for a in tot["acc"]]
-    return {"k": steps, "head_top1": [round(a / n, 4) for a in tot["top1"]], "chain_accept": acc,
-            "mean_accepted": round(sum(acc), 4), "tokens": tot["n"]}
+    counts = [accuracy_counts(chain, feats[b : b + chunk], tokens[b : b + chunk], mask[b : b + chunk], embed, steps)
+              for b in range(0, len(feats), chunk)]
+    return summarise(counts, steps, chain.cfg.design)
 
 
 def clp_weights(labels, k, alpha):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from clpdecode.heads.chained import ChainConfig, ChainedHeads
-from clpdecode.training.chain import ChainLossConfig, chain_acceptance, chain_lengths, chain_loss, shifted
+from clpdecode.heads.accuracy import shifted
+from clpdecode.training.chain import ChainLossConfig, chain_acceptance, chain_lengths, chain_loss
 
 D, V = 32, 97
 
@@ -75,3 +76,66 @@ def test_acceptance_counts_oracle_chain():
     lengths, correct = chain_lengths(chain, feats, tokens, mask, table, table, 2)
     assert lengths.shape == (B, L) and correct.shape == (B, L, 2)
     assert int(lengths.max()) <= 2
+
+
+@pytest.mark.parametrize("design", ["chained", "fused"])
+def test_eval_heads_on_a_tiny_model_without_cached_features(capsys, tmp_path, tiny_backbone, tiny_llama_dir, design):
+    """eval-heads computes the held-out states itself from a corpus; JSON has every key."""
+    import json
+
+    from clpdecode.cli import main
+    from clpdecode.decoding import GenerationConfig, generate, make_policy
+    from clpdecode.heads import save_drafter
+
+    from conftest import random_drafter
+
+    save_drafter(random_drafter(tiny_backbone, k=3, design=design), tmp_path / "h", tiny_backbone)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = []
+    for i, prompt in enumerate(([5, 6, 7], [9, 10, 11, 12], [30, 31])):
+        ans = generate(tiny_backbone, prompt, make_policy("ar"), GenerationConfig(max_new_tokens=12)).token_ids
+        lines.append(json.dumps({"i": i, "split": "heldout", "prompt": prompt, "answer": ans}))
+    (corpus / "shard-00000.jsonl").write_text("\n".join(lines) + "\n")
+    code = main(["eval-heads", "--model", str(tiny_llama_dir), "--heads", str(tmp_path / "h"),
+                 "--corpus", str(corpus), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert set(res) >= {"k", "design", "head_top1", "head_top5", "chain_accept", "mean_accepted", "tokens"}
+    assert res["k"] == 3 and res["design"] == design and len(res["chain_accept"]) == 3
+    assert res["tokens"] > 0
+    assert all(a1 <= a5 for a1, a5 in zip(res["head_top1"], res["head_top5"]))
+    assert res["chain_accept"] == sorted(res["chain_accept"], reverse=True)
+    assert abs(res["mean_accepted"] - sum(res["chain_accept"])) < 1e-3
+
+
+def test_verified_acceptance_matches_heldout_chain_accept(tiny_backbone):
+    """The accuracy metric and the decoding loop agree: with span k on the backbone's own
+    greedy text, the drafts the loop keeps per step are what chain_accept predicts for
+    the positions the loop visits (checked exactly on one sequence)."""
+    from clpdecode.decoding import GenerationConfig, generate, make_policy
+    from clpdecode.heads.accuracy import draft_topk
+
+    from conftest import random_drafter
+
+    drafter = random_drafter(tiny_backbone, k=3, design="chained", seed=3, scale=0.3)
+    prompt = [5, 17, 33, 40]
+    tiny_backbone.eos_ids = set()
+    try:
+        ver = generate(tiny_backbone, prompt, make_policy("verified", tiny_backbone, drafter, draft="all"),
+                       GenerationConfig(max_new_tokens=30))
+    finally:
+        tiny_backbone.eos_ids = {2}
+    ids = prompt + ver.token_ids
+    states = tiny_backbone.forward(torch.tensor([ids]), tiny_backbone.new_cache())
+    embed = tiny_backbone.model.get_input_embeddings().weight.detach().float()
+    top = draft_topk(drafter.heads, states.float(), torch.tensor([ids]), embed, 3)[0, :, :, 0]  # (T, 3)
+    # Walk the loop's steps: from position p (its token t+1 = ids[p+1]), keep the agreeing drafts.
+    p, kept = len(prompt) - 1, []
+    while len(kept) < len(ver.accepted_per_step):
+        n = 0
+        while n < 3 and p + 2 + n < len(ids) and int(top[p, n]) == ids[p + 2 + n]:
+            n += 1
+        kept.append(n)
+        p += 1 + n
+    assert kept == ver.accepted_per_step

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..heads.accuracy import accuracy_counts, shifted, summarise
 from ..heads.chained import ChainedHeads
 
 
@@ -31,14 +32,6 @@ class ChainLossConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def shifted(x: torch.Tensor, s: int, fill=0) -> torch.Tensor:
-    """x[:, j + s] at column j (B, L, ...), padded with `fill` past the end."""
-    if s == 0:
-        return x
-    pad = torch.full_like(x[:, :s], fill)
-    return torch.cat([x[:, s:], pad], 1)
 
 
 def chain_loss(chain: ChainedHeads, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
@@ -86,36 +79,10 @@ def chain_loss(chain: ChainedHeads, features: torch.Tensor, tokens: torch.Tensor
     return total / max(wsum, 1e-9), {"top1": top1}
 
 
-@torch.no_grad()
 def chain_acceptance(chain: ChainedHeads, features: torch.Tensor, tokens: torch.Tensor, answer_mask: torch.Tensor,
                      embed: torch.Tensor, steps: int) -> dict:
-    """Held-out acceptance of the chain as inference runs it (its own drafts fed back).
-
-    Args:
-        features: (B, L, d) states of sequences whose answers are the backbone's own greedy
-            continuation (self-distilled), tokens (B, L) their ids.
-        answer_mask: (B, L) bool, True at position p when tokens[p+1] is an answer token
-            (so p's argmax is the backbone's t+1 and tokens[p+1] equals it).
-    Returns:
-        head_top1[i]: share of chain starts whose draft i+1 equals the greedy token t+2+i
-        (counting starts where that token exists); chain_accept[i]: share whose drafts
-        1..i+1 are all right; mean_accepted: their sum; tokens: chain starts counted.
-    """
-    emb1 = embed[shifted(tokens, 1)].float()
-    outs = chain.forward_train(features.float(), [emb1], steps=steps, own_tokens=True)
-    drafts = [chain.draft_ids[chain.logits(g).argmax(-1)] for g in outs]  # each (B, L)
-    starts = answer_mask
-    right = torch.ones_like(starts)
-    top1, accept = [], []
-    for s, d in enumerate(drafts, start=1):
-        exists = starts & shifted(answer_mask, s, False)  # the target token x_{j+s+1} is an answer token
-        ok = d == shifted(tokens, s + 1)
-        right = right & ok
-        n = exists.sum().clamp(min=1)
-        top1.append(round(float((ok & exists).sum() / n), 4))
-        accept.append(round(float((right & exists).sum() / starts.sum().clamp(min=1)), 4))
-    return {"k": steps, "head_top1": top1, "chain_accept": accept,
-            "mean_accepted": round(sum(accept), 4), "tokens": int(starts.sum())}
+    """Held-out acceptance of the chain as inference runs it (see heads/accuracy.py)."""
+    return summarise([accuracy_counts(chain, features, tokens, answer_mask, embed, steps)], steps, chain.cfg.design)
 
 
 @torch.no_grad()

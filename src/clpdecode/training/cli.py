@@ -9,7 +9,10 @@ from ..errors import ClpError
 
 
 def default_corpus_dir(backbone_name: str) -> Path:
-    return Path("data") / "corpus" / backbone_name
+    """The committed token-id corpus of a backbone, inside the package: found from anywhere."""
+    from ..heads.artifacts import corpus_dir
+
+    return corpus_dir(backbone_name)
 
 
 def features_dir(arg: str | None, backbone_name: str, must_exist: bool = True) -> Path:
@@ -75,7 +78,7 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
                     "position (fp16) so that training never reruns the backbone. --teacher-forced N adds the "
                     "hidden states of N ShareGPT answers read by the backbone (prefill only, ~10x cheaper).")
     add_model_args(d)
-    d.add_argument("--corpus", default=None, help="token-id corpus folder (default: data/corpus/<backbone>)")
+    d.add_argument("--corpus", default=None, help="token-id corpus folder (default: the package's assets/corpus/<backbone>)")
     d.add_argument("--features", default=None, help="hidden-state cache folder (default: <cache>/features/<backbone>)")
     d.add_argument("--prompts", type=int, default=0,
                    help="answer this many ShareGPT prompts first (0: only cache the existing corpus) (default: 0)")

@@ -1,0 +1,117 @@
+"""Held-out accuracy of a drafter against the backbone's greedy continuation.
+
+Below both training and evaluation (both import it). The held-out data are self-distilled
+answers: the backbone's own greedy continuations, so the token after each answer position
+is the backbone's t+1 and the ones after it are what drafts must equal.
+
+Metrics, for k drafts after the backbone's token t+1, over every answer position:
+
+- head_top1[i] / head_top5[i]: draft i+1 (token t+2+i) right, top-1 / in the top 5, counting
+  positions where that token exists. For a chain, draft i+1 is computed from its own
+  earlier drafts, as inference runs it (top-5 is of that step's distribution).
+- chain_accept[i]: share of positions whose drafts 1..i+1 are all right (every position
+  counts; near the end of an answer the missing tokens count as misses);
+- mean_accepted: sum of chain_accept = expected drafts kept per verified step at span k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chained import ChainedHeads
+
+
+def shifted(x: torch.Tensor, s: int, fill=0) -> torch.Tensor:
+    """x[:, j + s] at column j (B, L, ...), padded with `fill` past the end."""
+    if s == 0:
+        return x
+    pad = torch.full_like(x[:, :s], fill)
+    return torch.cat([x[:, s:], pad], 1)
+
+
+@torch.no_grad()
+def draft_topk(drafter_heads, features: torch.Tensor, tokens: torch.Tensor, embed: torch.Tensor,
+               steps: int, topk: int = 5) -> torch.Tensor:
+    """(B, L, steps, topk) token ids each draft step ranks first at every chain start.
+
+    Args:
+        features: (B, L, d) backbone post-norm states; tokens (B, L) the text, whose
+            token at j+1 is the backbone's t+1 after position j.
+        embed: (V, d) input embedding table (for independent fused heads and chains).
+    """
+    heads = drafter_heads
+    if isinstance(heads, ChainedHeads):
+        outs = heads.forward_train(features.float(), [embed[shifted(tokens, 1)].float()], steps=steps,
+                                   own_tokens=True)
+        return torch.stack([heads.draft_ids[heads.logits(g).topk(topk, -1).indices] for g in outs], 2)
+    B, L, d = features.shape
+    h = features.reshape(-1, d).float()
+    emb = embed[shifted(tokens, 1).reshape(-1)].float() if heads.cfg.design == "fused" else None
+    logits = heads(h, emb)[:, :steps]  # (B*L, steps, Vd)
+    return heads.draft_ids[logits.topk(topk, -1).indices].reshape(B, L, steps, topk)
+
+
+@torch.no_grad()
+def accuracy_counts(drafter_heads, features, tokens, answer_mask, embed, steps: int) -> dict:
+    """Raw counts on one batch (sum them over batches, then finish with `summarise`).
+
+    answer_mask: (B, L) bool, True at position p when tokens[p+1] is an answer token.
+    """
+    top = draft_topk(drafter_heads, features, tokens, embed, steps)  # (B, L, steps, 5)
+    starts = answer_mask
+    right = torch.ones_like(starts)
+    c = {"starts": int(starts.sum()), "exists": [], "top1": [], "top5": [], "chain": []}
+    for s in range(1, steps + 1):
+        target = shifted(tokens, s + 1)
+        exists = starts & shifted(answer_mask, s, False)
+        ok1 = top[:, :, s - 1, 0] == target
+        ok5 = (top[:, :, s - 1] == target[..., None]).any(-1)
+        right = right & ok1
+        c["exists"].append(int(exists.sum()))
+        c["top1"].append(int((ok1 & exists).sum()))
+        c["top5"].append(int((ok5 & exists).sum()))
+        c["chain"].append(int((right & exists).sum()))
+    return c
+
+
+def summarise(counts: list[dict], k: int, design: str) -> dict:
+    starts = sum(c["starts"] for c in counts)
+
+    def tot(key, i):
+        return sum(c[key][i] for c in counts)
+
+    top1 = [round(tot("top1", i) / max(1, tot("exists", i)), 4) for i in range(k)]
+    top5 = [round(tot("top5", i) / max(1, tot("exists", i)), 4) for i in range(k)]
+    chain = [round(tot("chain", i) / max(1, starts), 4) for i in range(k)]
+    return {"k": k, "design": design, "head_top1": top1, "head_top5": top5, "chain_accept": chain,
+            "mean_accepted": round(sum(chain), 4), "tokens": starts}
+
+
+@torch.no_grad()
+def heldout_states(backbone, records: list[dict], progress: bool = True) -> list[tuple]:
+    """One prefill per held-out answer: [(states (1, T, d), ids (1, T), answer_mask (1, T))].
+
+    Args:
+        records: {"prompt": ids, "answer": ids} with the answer the backbone's greedy output.
+    """
+    from tqdm import tqdm
+
+    out = []
+    for r in tqdm(records, desc="eval-heads: backbone states of held-out answers", unit="answer",
+                  disable=not progress):
+        if len(r["answer"]) < 2:
+            continue
+        ids = list(r["prompt"]) + list(r["answer"])
+        states = backbone.forward(torch.tensor([ids]), backbone.new_cache())  # (1, T, d)
+        mask = torch.zeros(1, len(ids), dtype=torch.bool)
+        mask[0, len(r["prompt"]) - 1 : len(ids) - 1] = True  # p's next token is an answer token
+        out.append((states.float(), torch.tensor([ids]), mask))
+    return out
+
+
+@torch.no_grad()
+def heldout_accuracy(drafter_heads, backbone, states: list[tuple], k: int) -> dict:
+    """Accuracy of heads or a chain on held-out answers whose states heldout_states computed."""
+    embed = backbone.model.get_input_embeddings().weight.detach().float()
+    counts = [accuracy_counts(drafter_heads, f, ids, mask, embed, k) for f, ids, mask in states]
+    return summarise(counts, k, drafter_heads.cfg.design)
