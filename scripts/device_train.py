@@ -80,15 +80,24 @@ def build_backbone(weight_dirs, config_path, dev):
 
 
 @torch.no_grad()
-def self_distil(model, prompts, eos, budget_s, batch, max_new, dev):
-    """Greedy answers (TF32 on, as fast as possible); stops starting batches at the budget."""
+def self_distil(model, prompts, eos, budget_s, batch, max_new, dev, work: Path):
+    """Greedy answers (TF32 on, as fast as possible); stops starting batches at the budget.
+
+    Each batch is written to work/distil-NNNNN.json atomically; a rerun keeps those and
+    continues with the next batch (same prompt order), so nothing is lost or repeated.
+    """
     torch.backends.cuda.matmul.allow_tf32 = True
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[b : b + batch] for b in range(0, len(order), batch)]
     out, t0, n_tok = [], time.time(), 0
-    for b in range(0, len(order), batch):
+    work.mkdir(parents=True, exist_ok=True)
+    for n, idx in enumerate(batches):
+        shard = work / f"distil-{n:05d}.json"
+        if shard.exists():
+            out.extend((prompts[i], a) for i, a in json.loads(shard.read_text()))
+            continue
         if time.time() - t0 > budget_s:
             break
-        idx = order[b : b + batch]
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), eos, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -97,15 +106,24 @@ def self_distil(model, prompts, eos, budget_s, batch, max_new, dev):
             mask[r, width - len(prompts[i]) :] = 1
         gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
                              max_new_tokens=max_new, pad_token_id=eos, eos_token_id=eos)
+        answers = []
         for r, i in enumerate(idx):
             ans = gen[r, width:].tolist()
             if eos in ans:
                 ans = ans[: ans.index(eos) + 1]
             n_tok += len(ans)
             out.append((prompts[i], ans))
-        log(f"self-distil: {len(out)} answers, {n_tok} tokens, {n_tok / (time.time() - t0):.0f} tok/s")
+            answers.append((i, ans))
+        atomic_json(shard, answers)
+        log(f"self-distil: {len(out)} answers, {n_tok} new tokens, {n_tok / (time.time() - t0):.0f} tok/s")
     torch.backends.cuda.matmul.allow_tf32 = False
     return out
+
+
+def atomic_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
 
 
 @torch.no_grad()
@@ -135,19 +153,43 @@ def prefill_all(model, seqs, plens, L, dev, batch=64):
     return feats, tokens, mask
 
 
-def train_variant(name, ccfg, lcfg, data, embed, lm_head, draft_ids, budget_s, dev, batch, lr=1e-3, seed=0):
+def train_variant(name, ccfg, lcfg, data, embed, lm_head, draft_ids, budget_s, dev, batch, ckpt: Path,
+                  lr=1e-3, seed=0, checkpoint_s=120.0):
+    """Train one chain for `budget_s` seconds of its own (cosine schedule over the budget).
+
+    Checkpoints (atomically) every `checkpoint_s` seconds and at the end; a rerun resumes
+    from the checkpoint with the time already spent counted.
+    """
     torch.manual_seed(seed)
     chain = ChainedHeads(ccfg).to(dev)
     chain.set_draft_vocab(draft_ids.to(dev))
     chain.attach(lm_head, embed)
     feats, tokens, mask, rows = data
     opt = torch.optim.AdamW(chain.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    t0, step, ema, seen = time.time(), 0, None, 0
+    spent, step, ema, seen = 0.0, 0, None, 0
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    if ckpt.exists():
+        st = torch.load(ckpt, map_location=dev, weights_only=False)
+        chain.load_state_dict(st["chain"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        spent, step, seen = st["spent"], st["step"], st["seen"]
+        log(f"{name}: resumed at step {step} ({spent:.0f} s spent)")
+
+    def save_ckpt():
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"chain": chain.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                    "spent": spent + time.time() - t0, "step": step, "seen": seen}, tmp)
+        tmp.replace(ckpt)
+
+    t0, last_save = time.time(), time.time()
     while True:
-        frac = (time.time() - t0) / budget_s
+        frac = (spent + time.time() - t0) / budget_s
         if frac >= 1:
             break
+        if time.time() - last_save > checkpoint_s:
+            save_ckpt()
+            last_save = time.time()
         warm = min(1.0, (step + 1) / 100)
         for gr in opt.param_groups:
             gr["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -165,6 +207,7 @@ def train_variant(name, ccfg, lcfg, data, embed, lm_head, draft_ids, budget_s, d
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 200 == 0:
             log(f"{name}: step {step} loss {ema:.3f} top1 {[round(x, 3) for x in st['top1']]} positions {seen}")
+    save_ckpt()
     log(f"{name}: done, {step} steps, {seen} positions seen")
     return chain.eval(), {"steps": step, "positions_seen": seen, "budget_s": budget_s}
 
@@ -244,6 +287,10 @@ def main():
     ap.add_argument("--max-len", type=int, default=640)
     ap.add_argument("--draft-vocab", type=int, default=8192)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--variants", default="", help="comma-separated subset of the variants to train "
+                    "(default: all; attn_soft_feat is the shipped one and must be among them)")
+    ap.add_argument("--sd-limit", type=int, default=0, help="use only the first N prompts (0 = all)")
+    ap.add_argument("--tf-limit", type=int, default=0, help="use only the first N teacher-forced sequences")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny random model")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -271,9 +318,14 @@ def main():
     tf_plen, ho_plen = ztf["tf_plen"].tolist(), z["heldout_plen"].tolist()
     if args.tiny:
         sd_prompts, tf, tf_plen, held, ho_plen = sd_prompts[:24], tf[:12], tf_plen[:12], held[:6], ho_plen[:6]
+    if args.sd_limit:
+        sd_prompts = sd_prompts[: args.sd_limit]
+    if args.tf_limit:
+        tf, tf_plen = tf[: args.tf_limit], tf_plen[: args.tf_limit]
     log(f"data: {len(sd_prompts)} prompts, {len(tf)} teacher-forced, {len(held)} held-out")
 
-    sd = self_distil(model, sd_prompts, eos, args.distil_seconds, args.distil_batch, args.max_new, dev)
+    sd = self_distil(model, sd_prompts, eos, args.distil_seconds, args.distil_batch, args.max_new, dev,
+                     out / "work")
     sd_seqs = [(p + a)[: args.max_len] for p, a in sd if len(a) >= 2]
     sd_plen = [len(p) for p, a in sd if len(a) >= 2]
     # The last 8% of the self-distilled answers train CLP and the gates only.
@@ -309,8 +361,15 @@ def main():
     tdata = (feats, tokens, mask, train_rows)
     report["variants"] = {}
     chains = {}
+    if args.variants:
+        keep = args.variants.split(",")
+        unknown = set(keep) - {v[0] for v in variants}
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {[v[0] for v in variants]}")
+        variants = [v for v in variants if v[0] in keep]
     for name, cc, lc, budget in variants:
-        chain, info = train_variant(name, cc, lc, tdata, embed, lm_head, draft_ids, budget, dev, args.batch)
+        chain, info = train_variant(name, cc, lc, tdata, embed, lm_head, draft_ids, budget, dev, args.batch,
+                                    out / "work" / f"ckpt-{name}.pt")
         res = evaluate(chain, ho, embed, 4)
         log(name, res)
         report["variants"][name] = {"chain": cc.as_dict(), "loss": lc.as_dict(), "train": info, "heldout": res,
