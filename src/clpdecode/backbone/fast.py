@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import gqa_attention_folded, prepare_mask
+from .attention import gqa_attention_folded, prefill_attention, prepare_mask
 from .cache import StaticKVCache
 
 LEAN_MODEL_TYPES = ("llama", "qwen2")
@@ -214,7 +214,10 @@ class LeanForward:
             cos, sin = cos[positions], sin[positions]
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, hd)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        folded = prepare_mask(mask, t, start + t, nh // nkv)  # once per step, shared by the layers
+        # A prompt from position 0 with the causal mask takes SDPA's is_causal path; any
+        # other step gets its folded mask built once here, shared by the layers.
+        prefill = start == 0 and t > 1 and mask is None and positions is None
+        folded = None if prefill else prepare_mask(mask, t, start + t, nh // nkv)
         x = self.embed_tokens(input_ids).reshape(b * t, -1).float()  # (N, d), N = B*T
         d, end, half, nq = x.shape[-1], start + t, hd // 2, nh + nkv
         pos = torch.arange(start, end)  # cache slots of the new tokens
@@ -228,7 +231,11 @@ class LeanForward:
             qk = addcmul(qk * cos, roll(qk, half, -1), sin)  # (B, T, nh + nkv, hd)
             kb.index_copy_(2, pos, qk[:, :, nh:].transpose(1, 2))  # in place, at the step's slots
             vb.index_copy_(2, pos, qkv[:, :, nq:].transpose(1, 2))
-            att = attend(qk[:, :, :nh].transpose(1, 2), kb[:, :, :end], vb[:, :, :end], folded, layer.scale)
+            q = qk[:, :, :nh].transpose(1, 2)
+            if prefill:
+                att = prefill_attention(q, kb[:, :, :end], vb[:, :, :end], layer.scale)
+            else:
+                att = attend(q, kb[:, :, :end], vb[:, :, :end], folded, layer.scale)
             x = x + layer.o.fn(att.reshape(b * t, nh * hd))
             h = rms_norm(x, (d,), layer.post_norm, layer.post_eps)
             gu = layer.gate_up.fn(h)
