@@ -143,6 +143,26 @@ def test_lean_greedy_equals_transformers_generate(request, fixture, numerics):
         assert ours == ref
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen_dir"])
+def test_tree_mask_and_positions(request, fixture):
+    """Two siblings after one node, in one forward: each equals its own chain."""
+    bb = load_backbone(str(request.getfixturevalue(fixture)))
+    prompt = torch.tensor([[4, 5, 6, 7, 8]])
+    a, b1, b2 = 30, 31, 32
+    cache = bb.new_cache()
+    bb.forward(prompt, cache)
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[:, :5] = True  # the cached prompt
+    mask[0, 5] = mask[1, [5, 6]] = mask[2, [5, 7]] = True
+    tree = bb.forward(torch.tensor([[a, b1, b2]]), cache, mask=mask, positions=torch.tensor([5, 6, 6]))[0]
+    for branch, row in ((b1, 1), (b2, 2)):
+        ref = bb.forward(torch.tensor([[4, 5, 6, 7, 8, a, branch]]), bb.new_cache())[0]
+        assert torch.allclose(tree[row], ref[-1], atol=1e-4 * ref.abs().max())
+        assert torch.allclose(tree[0], ref[-2], atol=1e-4 * ref.abs().max())
+    with pytest.raises(ClpError, match="lean engine"):
+        bb.forward(torch.tensor([[a]]), bb.new_cache(engine="hf"), mask=mask[:1, :6])
+
+
 def test_cache_grows_past_its_capacity_hint(tiny_llama_dir):
     bb = load_backbone(str(tiny_llama_dir))
     ids = torch.randint(3, 90, (1, 60), generator=torch.Generator().manual_seed(3))

@@ -149,17 +149,23 @@ class Backbone:
         return DynamicCache(config=self.model.config)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Run the trunk over new tokens, extending the cache.
 
         Args:
             input_ids: (B, T) new token ids, appended after what the cache already holds.
             cache: a cache from new_cache(); grows by T positions.
+            mask, positions: lean engine only (e.g. a draft tree): a bool (T, L + T) mask,
+                True where a new token may attend, and the (T,) rotary positions of the
+                new tokens. Default: causal, positions L .. L + T - 1.
         Returns:
             (B, T, d) post-norm hidden states, the input of the LM head.
         """
         if isinstance(cache, StaticKVCache):
-            return self._lean.forward(input_ids, cache)
+            return self._lean.forward(input_ids, cache, mask=mask, positions=positions)
+        if mask is not None or positions is not None:
+            raise ClpError("custom attention masks and positions need the lean engine (Llama/Qwen2)")
         out = self.trunk(input_ids=input_ids, cache=cache, use_cache=True)
         return out.last_hidden_state
 
