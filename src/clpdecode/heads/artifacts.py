@@ -49,6 +49,9 @@ class Drafter:
         for h in (self.heads, self.competing):
             if isinstance(h, ChainedHeads):
                 h.attach(backbone.lm_head_weight, backbone.model.get_input_embeddings().weight)
+                # Draft with fp16 weights when the backbone runs reduced numerics: drafts
+                # only propose, the backbone's verification keeps the output exact.
+                h.prepare_inference(half=backbone.info.numerics != "fp32")
             elif h is not None:
                 h.attach(backbone.lm_head_weight)
         return self

@@ -166,13 +166,15 @@ class ChainedHeads(nn.Module):
         return rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta), v
 
     def _attend(self, q, k, v, mask) -> torch.Tensor:
-        """q (B,H,T,hd), k/v (B,KV,S,hd), mask (T,S) or (B,1,T,S) bool -> (B,T,H*hd)."""
+        """q (B,H,T,hd), k/v (B,KV,S,hd), mask (T,S), (B,1,T,S) bool or None -> (B,T,H*hd)."""
         c = self.cfg
         group = c.num_heads // c.num_kv_heads
         B, H, T, hd = q.shape
         # Fold the query group into the query length: K/V are never expanded.
         qg = q.reshape(B, c.num_kv_heads, group * T, hd)
-        if mask.dim() == 2:
+        if mask is None:  # a single query that sees every key
+            pass
+        elif mask.dim() == 2:
             mask = mask.repeat(group, 1)
         else:
             mask = mask.repeat(1, 1, group, 1)
@@ -238,6 +240,77 @@ class ChainedHeads(nn.Module):
         return outs
 
     # ---- inference (batch 1) -------------------------------------------------------------
+    # Drafting runs the block on 1..n rows at a time, where per-call overhead and weight
+    # reads dominate: it uses fused copies of the linears (q/k/v in one, gate/up in one, the
+    # draft LM-head rows as a Linear), optionally with fp16 weights (fbgemm, fp32
+    # activations) like the backbone's fp16 numerics. Training never touches these copies.
+    def prepare_inference(self, half: bool = False) -> dict:
+        """Build the fused drafting linears (fp16 weights when `half`); returns them."""
+        if self.proj is None:
+            raise RuntimeError("the chain is not attached to a backbone: call attach()")
+
+        def lin(*weights):
+            w = torch.cat([x.detach().float() for x in weights], 0)
+            m = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            m.weight = nn.Parameter(w.clone(), requires_grad=False)
+            return m
+
+        mods = nn.ModuleDict({"fc": lin(self.fc.weight), "mlp_in": lin(self.gate_proj.weight, self.up_proj.weight),
+                              "down": lin(self.down_proj.weight), "head": lin(self.proj)})
+        if self.cfg.attention:
+            mods["qkv"] = lin(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+            mods["o"] = lin(self.o_proj.weight)
+        if half:
+            import warnings
+
+            from torch.ao.quantization import quantize_dynamic
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.backends.quantized.engine = "fbgemm"
+                quantize_dynamic(mods, {nn.Linear}, dtype=torch.float16, inplace=True)
+        self.__dict__["_fast"] = mods  # not a submodule: never saved, never trained
+        return mods
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_fast", None)  # weights may change: rebuild the copies when drafting
+        return super().train(mode)
+
+    def _fast_mods(self) -> dict:
+        return self.__dict__.get("_fast") or self.prepare_inference(False)
+
+    def _run(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        # fbgemm's dynamic Linear wants a 2-D input.
+        return self._fast_mods()[name](x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+    def _step(self, feature: torch.Tensor, token_emb: torch.Tensor, start: int, state: "ChainState | None",
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One block on n rows at positions start..start+n-1: (n, d) inputs -> (n, d) features.
+
+        With attention, the rows' K/V are written into `state` at those positions (past its
+        length for the chain's own entries) and the rows attend to state[:start + n] under
+        `mask` (n, start + n). Nothing is concatenated: the cache is preallocated.
+        """
+        c = self.cfg
+        x = self._run("fc", torch.cat([self.norm_feature(feature), self.norm_token(token_emb)], -1))  # (n, d)
+        if c.attention:
+            n = x.shape[0]
+            pos = torch.arange(start, start + n)
+            qkv = self._run("qkv", self.norm_attn(x))
+            q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
+                                 c.num_kv_heads * c.head_dim], -1)
+            q = rope(q.view(1, n, c.num_heads, c.head_dim).transpose(1, 2), pos, c.rope_theta)
+            state.ensure(start + n)
+            state.k[:, start : start + n] = rope(k.view(1, n, c.num_kv_heads, c.head_dim).transpose(1, 2), pos,
+                                                 c.rope_theta)[0]
+            state.v[:, start : start + n] = v.view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)
+            keys, vals = state.k[None, :, : start + n], state.v[None, :, : start + n]
+            x = x + self._run("o", self._attend(q, keys, vals, mask)[0])
+        h = self.norm_mlp(x)
+        gate, up = self._run("mlp_in", h).chunk(2, -1)
+        x = x + self._run("down", F.silu(gate) * up)
+        return self.norm_out(x)
+
     def session(self) -> "ChainSession":
         """Per-generation drafting state (see ChainSession)."""
         return ChainSession(self)
@@ -257,45 +330,28 @@ class ChainedHeads(nn.Module):
             the last of `tokens`).
         """
         emb = self._embed[torch.tensor(tokens)].float()
-        x = self._input(features.float(), emb)[None]  # (1, n, d)
-        if self.cfg.attention:
-            n, L0 = len(tokens), state.length
-            pos = torch.arange(L0, L0 + n)[None]
-            q, k, v = self._qkv(x, pos)
-            state.ensure(L0 + n)
-            state.k[:, L0 : L0 + n] = k[0]
-            state.v[:, L0 : L0 + n] = v[0]
-            state.length = L0 + n
-            keys, vals = state.k[None, :, : L0 + n], state.v[None, :, : L0 + n]
-            mask = torch.ones(n, L0 + n, dtype=torch.bool).tril(L0)
-            x = x + self.o_proj(self._attend(q, keys, vals, mask))
-        return self._finish(x)[0, -1]
+        if not self.cfg.attention:
+            return self._step(features[-1:].float(), emb[-1:], 0, None)[0]
+        n, L0 = len(tokens), state.length
+        g = self._step(features.float(), emb, L0, state, torch.ones(n, L0 + n, dtype=torch.bool).tril(L0))
+        state.length = L0 + n
+        return g[-1]
 
     @torch.inference_mode()
     def draft(self, state: ChainState | None, g: torch.Tensor, steps: int) -> list[int]:
         """Greedy chain from step-1 feature g (from extend): `steps` draft token ids.
 
-        The chain's own entries are appended to the cache past the true context and
-        dropped afterwards (the length is not moved).
+        The chain's own entries go past the true context's length, which does not move:
+        the next extend overwrites them.
         """
         out: list[int] = []
-        chain_k, chain_v = [], []
         L0 = state.length if state is not None else 0
         for s in range(steps):
-            token = int(self.draft_ids[self.logits(g).argmax(-1)])
+            token = int(self.draft_ids[self._run("head", g[None]).argmax(-1)])
             out.append(token)
             if s + 1 == steps:
                 break
-            x = self._input(g[None], self._embed[token][None].float())[None]  # (1, 1, d)
-            if self.cfg.attention:
-                q, k, v = self._qkv(x, torch.tensor([[L0 + s]]))
-                chain_k.append(k[0])
-                chain_v.append(v[0])
-                keys = torch.cat([state.k[:, :L0]] + chain_k, 1)[None]
-                vals = torch.cat([state.v[:, :L0]] + chain_v, 1)[None]
-                mask = torch.ones(1, keys.shape[2], dtype=torch.bool)
-                x = x + self.o_proj(self._attend(q, keys, vals, mask))
-            g = self._finish(x)[0, 0]
+            g = self._step(g[None], self._embed[token][None].float(), L0 + s, state)[0]
         return out
 
 
