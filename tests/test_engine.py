@@ -175,6 +175,18 @@ def test_cache_grows_past_its_capacity_hint(tiny_llama_dir):
     assert bb.new_cache(capacity=100).capacity >= 100
 
 
+def test_batched_steps_match_transformers(tiny_qwen_dir):
+    bb = load_backbone(str(tiny_qwen_dir))
+    ids = torch.randint(3, 90, (2, 14), generator=torch.Generator().manual_seed(4))
+    cache = bb.new_cache()  # sized for batch 1; takes the batch of its first step
+    got = torch.cat([bb.forward(ids[:, :10], cache), bb.forward(ids[:, 10:], cache)], 1)
+    with torch.inference_mode():
+        ref = _hf_hidden(bb, ids)
+    assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max())
+    with pytest.raises(ValueError, match="batch"):
+        bb.forward(ids[:1, :1], cache)
+
+
 def test_engine_choice_and_fallback(tiny_llama_dir):
     from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig
 

@@ -44,6 +44,15 @@ class StaticKVCache:
             new[:, :, : self.length].copy_(old[:, :, : self.length])
         self.keys, self.values, self.capacity = new_k, new_v, capacity
 
+    def ensure_batch(self, batch: int) -> None:
+        """An empty cache takes the batch size of its first step; a filled one must match."""
+        if batch == self.batch:
+            return
+        if self.length:
+            raise ValueError(f"the cache holds batch {self.batch}, the step has batch {batch}")
+        self.batch, self.keys, self.values, cap = batch, [], [], self.capacity
+        self._alloc(cap)
+
     def reserve(self, n: int) -> None:
         """Make room for n more positions after `length` (grows by whole chunks)."""
         need = self.length + n

@@ -205,6 +205,7 @@ class LeanForward:
         """
         b, t = input_ids.shape
         start = cache.length
+        cache.ensure_batch(b)
         cache.reserve(t)
         if positions is None:
             cos, sin = self._rope_tables(start + t)
