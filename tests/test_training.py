@@ -91,3 +91,37 @@ def test_two_process_training_with_accelerate_launch(features, tiny_llama_dir, t
     assert res.returncode == 0, res.stderr[-2000:]
     back = load_drafter(out)
     assert back.k == 2 and back.clp is not None
+
+
+def test_clp_resume_continues_the_class_weight_ramp(features, tiny_backbone, tmp_path):
+    """An interrupted CLP run, resumed, ends with the weights of an uninterrupted one: the
+    warm-up ramp of the class weights is driven by the checkpointed step."""
+    from clpdecode.training import train as tr
+
+    feats = load_features(features / "feats")
+    tcfg = TrainConfig(k=2, steps=4, predictor_steps=12, batch_size=16, warmup=2, checkpoint_every=5,
+                       draft_vocab=50, clp_warmup=0.9)
+    embed = tr.training_embed(tiny_backbone)
+    heads = tr.train_heads(feats, embed, tiny_backbone.lm_head_weight, tr.HeadsConfig(k=2, hidden_size=32,
+                           draft_vocab=50), tcfg, tmp_path / "h.pt", "heads")
+    full, _ = tr.train_clp(feats, heads, embed, tcfg, tmp_path / "full.pt", 0.5, "clp")
+
+    real_optimise, calls = tr._optimise, {"n": 0}
+
+    def interrupted(module, loss_fn, *a, **kw):
+        def boom(gen, step):
+            if step == 7 and calls["n"] == 0:
+                raise KeyboardInterrupt
+            return loss_fn(gen, step)
+        return real_optimise(module, boom, *a, **kw)
+
+    tr._optimise = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tr.train_clp(feats, heads, embed, tcfg, tmp_path / "cut.pt", 0.5, "clp")
+        calls["n"] = 1
+        resumed, _ = tr.train_clp(feats, heads, embed, tcfg, tmp_path / "cut.pt", 0.5, "clp")
+    finally:
+        tr._optimise = real_optimise
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)

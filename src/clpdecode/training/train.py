@@ -109,7 +109,7 @@ def _optimise(module, loss_fn, steps, lr, warmup, ckpt: Path, desc: str, seed: i
     bar = _progress(steps, desc, start) if acc.is_main_process else None
     ema = None
     for step in range(start, steps):
-        loss = loss_fn(gen)
+        loss = loss_fn(gen, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if acc.num_processes > 1:
@@ -148,7 +148,7 @@ def train_heads(feats: Features, embed, lm_head_weight: torch.Tensor, cfg: Heads
     targets = to_draft_index(feats.targets(cfg.k, cfg.offset), heads.draft_ids, vocab)  # (N, k)
     weights = torch.tensor([tcfg.head_decay ** i for i in range(cfg.k)])
 
-    def loss_fn(gen):
+    def loss_fn(gen, step):
         idx = rows[torch.randint(len(rows), (tcfg.batch_size,), generator=gen)]
         dev = _dev(heads)
         h = feats.hidden[idx].float().to(dev)
@@ -218,12 +218,10 @@ def train_clp(feats: Features, heads: MTPHeads, embed, tcfg: TrainConfig, ckpt: 
     clp = CLP(PredictorConfig(k=k, hidden_size=heads.cfg.hidden_size))
     final_w = _clp_weights(labels, k, alpha)
     ramp_steps = max(1, int(tcfg.clp_warmup * tcfg.predictor_steps))
-    state = {"step": 0}
-
-    def loss_fn(gen):
-        # Class weights ramp linearly from uniform to final_w over the warm-up.
-        ramp = min(1.0, state["step"] / ramp_steps)
-        state["step"] += 1
+    def loss_fn(gen, step):
+        # Class weights ramp linearly from uniform to final_w over the warm-up; the step
+        # comes from the optimiser loop, so a resumed run continues the ramp where it was.
+        ramp = min(1.0, step / ramp_steps)
         w = 1 + ramp * (final_w - 1)
         idx = torch.randint(len(rows), (tcfg.batch_size,), generator=gen)
         dev = _dev(clp)
@@ -247,7 +245,7 @@ def train_gates(feats: Features, heads: MTPHeads, embed, tcfg: TrainConfig, ckpt
     valid = (targets != IGNORE).float()
     gates = Gates(PredictorConfig(k=k, hidden_size=heads.cfg.hidden_size))
 
-    def loss_fn(gen):
+    def loss_fn(gen, step):
         idx = torch.randint(len(rows), (tcfg.batch_size,), generator=gen)
         dev = _dev(gates)
         logits = gates(feats.hidden[rows[idx]].float().to(dev))
