@@ -289,8 +289,10 @@ def render_markdown(results: dict, command: str) -> str:
         lines += ["Sizes: " + ", ".join(f"{k} {v['params']:,} parameters" for k, v in d.items()), ""]
     if "head_accuracy" in results:
         h = results["head_accuracy"]
-        lines += [f"Held-out head accuracy (k = {h['k']}, {h['tokens']} positions): top-1 {h['head_top1']}, "
-                  f"top-5 {h['head_top5']}", ""]
+        extra = "".join(f", {key.replace('_', ' ')} {h[key]}" for key in ("head_top5", "chain_accept", "mean_accepted")
+                        if key in h)
+        lines += [f"Held-out draft accuracy (`clp eval-heads`; {h.get('design', 'heads')}, k = {h['k']}, "
+                  f"{h['tokens']} positions): top-1 {h['head_top1']}{extra}", ""]
     lines += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in results["definitions"].items()]
     lines += ["", "## First answer of each method", ""]
     for m, text in results.get("examples", {}).items():

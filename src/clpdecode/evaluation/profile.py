@@ -81,9 +81,22 @@ def profile_step(backbone, drafter=None, context: int = 256, repeats: int = 9, e
     out["lm_head_ms_1_row"] = _median_ms(lambda: backbone.logits(h[:1]), repeats)
     out["lm_head_ms_3_rows"] = _median_ms(lambda: backbone.logits(h), repeats)
     if drafter is not None:
-        # k drafts after token 5, through the per-generation session the policies use
-        # (independent heads or a chained drafter alike).
-        out["heads_ms"] = _median_ms(lambda: drafter.session(backbone).propose(h[0], 5, drafter.k), repeats)
+        # One decode step of drafting at `context` cached positions, through the session the
+        # policies use (independent heads or a chained drafter alike): observe the 2 states a
+        # verified step returns after accepting one draft, then propose k drafts.
+        d = backbone.info.hidden_size
+        session = drafter.session(backbone)
+        session.observe(torch.randn(context, d, generator=g), [5] * (context - 1))
+        session.propose(h[0], 5, 0)
+        state = getattr(session, "state", None)
+
+        def draft_step():
+            session.observe(h[:2], [5])
+            session.propose(h[1], 5, drafter.k)
+            if state is not None:
+                state.length -= 2  # stay at `context` positions
+
+        out["heads_ms"] = _median_ms(draft_step, repeats)
         if drafter.clp is not None:
             out["clp_ms"] = _median_ms(lambda: drafter.clp.decide(h[0], 0.5), repeats)
     # Row independence (the backbone's own engine): a 3-token step against three 1-token steps.

@@ -75,20 +75,32 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and x.dtype == torch.float32:  # drafting: one fused op
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (Llama's rotate-half form). x: (B, H, T, hd); pos: (B, T) or (T,)."""
-    hd = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
+def rope_cos_sin(pos: torch.Tensor, hd: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(.., T) positions -> cos, sin (.., T, hd) of Llama's rotate-half rotary embedding."""
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=pos.device, dtype=torch.float32) / hd))
     ang = pos.to(torch.float32)[..., None] * inv  # (.., T, hd/2)
-    if ang.dim() == 3:
-        ang = ang[:, None]  # (B, 1, T, hd/2)
-    cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    hd = x.shape[-1]
     x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
     return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (Llama's rotate-half form). x: (B, H, T, hd); pos: (B, T) or (T,)."""
+    cos, sin = rope_cos_sin(pos, x.shape[-1], theta)
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+    return apply_rope(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
 class ChainState:
@@ -276,6 +288,15 @@ class ChainedHeads(nn.Module):
         self.__dict__.pop("_fast", None)  # weights may change: rebuild the copies when drafting
         return super().train(mode)
 
+    def _rope_table(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (>= n, hd) for positions 0.. (cached; drafting reads rows of it)."""
+        table = self.__dict__.get("_rope")
+        if table is None or table[0].shape[0] < n:
+            size = max(n, 2 * table[0].shape[0] if table is not None else 1024)
+            table = rope_cos_sin(torch.arange(size), self.cfg.head_dim, self.cfg.rope_theta)
+            self.__dict__["_rope"] = table
+        return table
+
     def _fast_mods(self) -> dict:
         return self.__dict__.get("_fast") or self.prepare_inference(False)
 
@@ -295,14 +316,15 @@ class ChainedHeads(nn.Module):
         x = self._run("fc", torch.cat([self.norm_feature(feature), self.norm_token(token_emb)], -1))  # (n, d)
         if c.attention:
             n = x.shape[0]
-            pos = torch.arange(start, start + n)
+            cos, sin = self._rope_table(start + n)
+            cos, sin = cos[start : start + n], sin[start : start + n]
             qkv = self._run("qkv", self.norm_attn(x))
             q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
                                  c.num_kv_heads * c.head_dim], -1)
-            q = rope(q.view(1, n, c.num_heads, c.head_dim).transpose(1, 2), pos, c.rope_theta)
+            q = apply_rope(q.view(1, n, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)
             state.ensure(start + n)
-            state.k[:, start : start + n] = rope(k.view(1, n, c.num_kv_heads, c.head_dim).transpose(1, 2), pos,
-                                                 c.rope_theta)[0]
+            state.k[:, start : start + n] = apply_rope(k.view(n, c.num_kv_heads, c.head_dim).transpose(0, 1),
+                                                       cos, sin)
             state.v[:, start : start + n] = v.view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)
             keys, vals = state.k[None, :, : start + n], state.v[None, :, : start + n]
             x = x + self._run("o", self._attend(q, keys, vals, mask)[0])
