@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_commands(sub, _add_model_args, _add_drafter_args)
     add_evaluation_commands(sub, _add_model_args, _add_drafter_args, _add_policy_args)
+    from .serve.cli import add_serve_command
+
+    add_serve_command(sub, _add_model_args, _add_drafter_args, _add_policy_args)
     return parser
 
 

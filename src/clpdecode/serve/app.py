@@ -1,0 +1,597 @@
+"""An OpenAI-compatible HTTP server over the project's one decoding loop.
+
+Endpoints: ``POST /v1/chat/completions`` (chat template), ``POST /v1/completions`` (plain
+prompt), ``GET /v1/models``, ``GET /health``. Every method of ``make_policy`` is served;
+a request may pick its own with the extension fields ``method`` and ``clp_threshold``.
+
+Concurrency: one generation at a time (batch size 1 is what multi-token decoding speeds
+up). Requests wait in a FIFO queue served by one worker thread; when ``max_queue``
+requests already wait, the next one is answered 503 with Retry-After. Tokens travel from
+the loop's ``on_tokens`` callback to the request's asyncio queue and out as server-sent
+events; a client that goes away sets its job's cancel flag, and the next callback raises,
+which ends that generation (a job cancelled while it waits never starts).
+
+Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 for a
+bad value (the project's ClpError checks), 401 for a missing or wrong API key, 404 for an
+unknown model or route, 413 for a body over the size limit, 422 for a body that does not
+fit the request schema (a missing field, a wrong type), 503 for a full queue. A generation
+that fails answers 500 for that request only; the worker goes on with the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..cli import StreamDecoder
+from ..decoding import METHODS, GenerationConfig, SamplingConfig, generate, make_policy
+from ..errors import ClpError, check_context, check_positive_int, check_prompt, check_text, check_unit_interval
+
+log = logging.getLogger("clpdecode.serve")
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a small model's window
+DEFAULT_MAX_TOKENS = 256  # when a request names none (and the window has room)
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+# ---- errors ---------------------------------------------------------------------------
+class ApiError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _clp_error(e: ClpError, param: str | None = None) -> ApiError:
+    # The library's messages name CLI options; a request names JSON fields.
+    msg = str(e).replace("--max-new-tokens", "max_tokens").replace("top-p", "top_p")
+    return ApiError(400, msg, param=param)
+
+
+# ---- request schemas ------------------------------------------------------------------
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we ignore (user, ...)
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int | None = None
+    # extensions
+    method: str | None = None
+    clp_threshold: float | None = None
+    gate_threshold: float | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # the newer name of max_tokens
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+
+def _parse(schema: type[BaseModel], data: dict) -> Any:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or None
+        raise ApiError(422, f"{loc}: {err['msg']}" if loc else err["msg"], param=loc,
+                       code="invalid_value" if err["type"] != "missing" else "missing_required_parameter")
+
+
+# ---- jobs and the worker --------------------------------------------------------------
+class _Cancelled(Exception):
+    """Raised from on_tokens to end the generation of a client that went away."""
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    policy: Any
+    cfg: GenerationConfig
+    stops: tuple[str, ...]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def send(self, kind: str, payload: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _TextStream:
+    """Token ids in, text pieces out, cut before the first stop string (as OpenAI does).
+
+    The last (longest stop - 1) characters are held back until the next piece, so a stop
+    string split over two pieces is never half sent.
+    """
+
+    def __init__(self, decode, stops: tuple[str, ...]):
+        self.decoder = StreamDecoder(decode)
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.buf = ""
+        self.stopped = False
+
+    def push(self, ids: list[int]) -> str:
+        return self._feed(self.decoder.push(ids), final=False)
+
+    def finish(self) -> str:
+        return self._feed(self.decoder.finish(), final=True)
+
+    def _feed(self, new: str, final: bool) -> str:
+        if self.stopped:
+            return ""
+        self.buf += new
+        cut = _stop_index(self.buf, self.stops)
+        if cut >= 0:
+            self.stopped = True
+            out, self.buf = self.buf[:cut], ""
+            return out
+        keep = 0 if final else min(self.hold, len(self.buf))
+        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return out
+
+
+def _stop_index(text: str, stops: tuple[str, ...]) -> int:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+class Server:
+    """The backbone, the drafter, the queue and the one worker thread that decodes."""
+
+    def __init__(self, backbone, drafter=None, *, model_id: str | None = None, aliases: tuple[str, ...] = (),
+                 method: str = "verified", clp_threshold: float = 0.5, gate_threshold: float = 0.5,
+                 draft: str = "clp", api_key: str | None = None, max_queue: int = 64,
+                 max_body_bytes: int = MAX_BODY_BYTES):
+        self.backbone, self.drafter = backbone, drafter
+        self.model_id = model_id or Path(str(backbone.name)).name or str(backbone.name)
+        self.aliases = {self.model_id, str(backbone.name), *aliases}
+        # The server's own defaults are checked as a request's are, before any request.
+        make_policy(method, backbone, drafter, clp_threshold=check_unit_interval("--clp-threshold", clp_threshold),
+                    gate_threshold=check_unit_interval("--gate-threshold", gate_threshold), draft=draft)
+        self.method, self.clp_threshold, self.gate_threshold, self.draft = method, clp_threshold, gate_threshold, draft
+        self.api_key = api_key
+        self.max_queue = check_positive_int("--max-queue", max_queue)
+        self.max_body_bytes = max_body_bytes
+        self.created = int(time.time())
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.running = False
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
+        self._mean_seconds = 1.0
+        self._worker: threading.Thread | None = None
+
+    # -- worker ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="clp-serve-worker", daemon=True)
+            self._worker.start()
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join(timeout=30)
+            self._worker = None
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self.waiting >= self.max_queue:
+                self.stats["rejected"] += 1
+                retry = max(1, round(self._mean_seconds * (self.waiting + 1)))
+                raise ApiError(503, f"the server is busy: {self.waiting} requests wait already "
+                                    f"(--max-queue {self.max_queue}); retry after {retry} s",
+                               type="server_busy", code="queue_full", headers={"Retry-After": str(retry)})
+            self.waiting += 1
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            with self._lock:
+                self.waiting -= 1
+                self.running = True
+            try:
+                self._run(job)
+            except BaseException:  # noqa: BLE001 - the worker must outlive any one job
+                log.exception("clp serve: job failed outside generation")
+            finally:
+                with self._lock:
+                    self.running = False
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.stats[key] += 1
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self._count("cancelled")
+            return
+
+        def on_tokens(ids, from_heads):
+            if job.cancelled.is_set():
+                raise _Cancelled
+            job.send("tokens", list(ids))
+
+        t0 = time.perf_counter()
+        try:
+            res = generate(self.backbone, job.prompt_ids, job.policy, job.cfg, on_tokens=on_tokens)
+        except _Cancelled:
+            self._count("cancelled")
+        except ClpError as e:
+            self._count("failed")
+            job.send("error", _clp_error(e))
+        except Exception as e:  # noqa: BLE001 - one failed generation must not stop the server
+            log.exception("clp serve: generation failed")
+            self._count("failed")
+            job.send("error", ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
+        else:
+            self._count("completed")
+            self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.perf_counter() - t0)
+            job.send("done", res)
+
+    # -- request handling --------------------------------------------------------------
+    def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization")
+        if not header:
+            raise ApiError(401, "no API key: send 'Authorization: Bearer KEY' with the key given to "
+                                "clp serve --api-key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "wrong API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_json(self, request: Request) -> dict:
+        length = request.headers.get("content-length")
+        too_big = ApiError(413, f"the request body is over {self.max_body_bytes} bytes",
+                           code="request_too_large")
+        if length is not None:
+            try:
+                if int(length) > self.max_body_bytes:
+                    raise too_big
+            except ValueError:
+                raise ApiError(400, "a malformed Content-Length header") from None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        try:
+            data = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        return data
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.aliases:
+            raise ApiError(404, f"the model {model!r} does not exist here; this server serves "
+                                f"{self.model_id!r} (GET /v1/models)", param="model", code="model_not_found")
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        if not messages:
+            raise ApiError(400, "messages is empty: send at least one message", param="messages")
+        msgs = []
+        for i, m in enumerate(messages):
+            name = f"messages[{i}]"
+            if m.role not in ROLES:
+                raise ApiError(400, f"{name}.role must be one of {', '.join(ROLES)}, got {m.role!r}",
+                               param=f"{name}.role")
+            content = m.content
+            if isinstance(content, list):  # content parts: text only
+                texts = []
+                for part in content:
+                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise ApiError(400, f"{name}.content: only text parts are supported",
+                                       param=f"{name}.content")
+                    texts.append(part["text"])
+                content = "".join(texts)
+            content = content or ""
+            try:
+                check_text(f"{name}.content", content)
+            except ClpError as e:
+                raise _clp_error(e, f"{name}.content") from None
+            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        if not any(m["content"].strip() for m in msgs):
+            raise ApiError(400, "the messages are empty: no message has any content", param="messages")
+        tok = self.backbone.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ApiError(400, "this model has no chat template: use /v1/completions", param="messages")
+        try:
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # noqa: BLE001 - a template's own refusal (jinja raise_exception)
+            raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
+        if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def completion_prompt(self, prompt: str | list[str]) -> list[int]:
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, "prompt: send one prompt per request (a list of one string at most)",
+                               param="prompt")
+            prompt = prompt[0]
+        try:
+            check_prompt(prompt, "prompt")
+            return self.backbone.encode_prompt(prompt, chat=False)
+        except ClpError as e:
+            raise _clp_error(e, "prompt") from None
+
+    def make_job(self, req: _Request, prompt_ids: list[int], max_tokens: int | None) -> Job:
+        method = req.method if req.method is not None else self.method
+        if method not in METHODS:
+            raise ApiError(400, f"unknown method {method!r}; choose one of {', '.join(METHODS)}", param="method")
+        if req.n not in (None, 1):
+            raise ApiError(400, f"n must be 1 (one choice per request), got {req.n}", param="n")
+        thresholds = {}
+        for name in ("clp_threshold", "gate_threshold"):
+            value = getattr(req, name)
+            try:
+                thresholds[name] = getattr(self, name) if value is None else check_unit_interval(name, value)
+            except ClpError as e:
+                raise _clp_error(e, name) from None
+        stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        for s in stops:
+            if not s:
+                raise ApiError(400, "stop strings must not be empty", param="stop")
+            try:
+                check_text("stop", s)
+            except ClpError as e:
+                raise _clp_error(e, "stop") from None
+        try:
+            sampling = SamplingConfig(temperature=0.0 if req.temperature is None else req.temperature,
+                                      top_p=1.0 if req.top_p is None else req.top_p,
+                                      seed=0 if req.seed is None else req.seed)
+        except ClpError as e:
+            param = {"temperature": "temperature", "top-p": "top_p", "seed": "seed"}.get(str(e).split()[0])
+            raise _clp_error(e, param) from None
+        window = self.backbone.max_positions
+        try:
+            if max_tokens is None:
+                max_tokens = min(DEFAULT_MAX_TOKENS, window - len(prompt_ids)) if window else DEFAULT_MAX_TOKENS
+                max_tokens = max(1, max_tokens)
+            else:
+                check_positive_int("max_tokens", max_tokens)
+            check_context(len(prompt_ids), max_tokens, window)
+        except ClpError as e:
+            raise _clp_error(e, "max_tokens") from None
+        try:
+            policy = make_policy(method, self.backbone, self.drafter, draft=self.draft, **thresholds)
+            cfg = GenerationConfig(max_new_tokens=max_tokens, stop=stops, sampling=sampling)
+        except ClpError as e:
+            raise _clp_error(e, "method") from None
+        return Job(prompt_ids, policy, cfg, stops, asyncio.get_running_loop())
+
+    async def events(self, request: Request, job: Job) -> AsyncIterator[tuple[str, Any]]:
+        """The job's events until it ends; cancels the job when the client goes away."""
+        try:
+            while True:
+                try:
+                    kind, payload = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                yield kind, payload
+                if kind != "tokens":
+                    return
+        finally:
+            job.cancel()  # no-op once the job is done
+
+    def extension(self, res) -> dict:
+        acc = res.accepted_per_step
+        hist: dict[str, int] = {}
+        for a in sorted(acc):
+            hist[str(a)] = hist.get(str(a), 0) + 1
+        return {
+            "method": res.method,
+            "forward_passes": res.forward_passes,
+            "tokens_per_forward": round(res.tokens_per_forward, 4),
+            "accepted_per_step": {"steps": len(acc), "mean": round(sum(acc) / len(acc), 4) if acc else 0.0,
+                                  "histogram": hist},
+            "seconds": round(res.seconds, 4),
+        }
+
+    def usage(self, res) -> dict:
+        n_prompt, n_new = len(res.prompt_ids), res.new_tokens
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
+
+    def finish_reason(self, res, job: Job, stopped: bool) -> str:
+        ids = res.token_ids
+        if stopped or (ids and ids[-1] in self.backbone.eos_ids):
+            return "stop"
+        return "length" if len(ids) >= job.cfg.max_new_tokens else "stop"
+
+    async def respond(self, request: Request, req: _Request, job: Job, chat: bool) -> Response:
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        self.submit(job)
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self._stream(request, job, chat, rid, created, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        res = None
+        async for kind, payload in self.events(request, job):
+            if kind == "error":
+                raise payload
+            if kind == "done":
+                res = payload
+        if res is None:  # the client went away; nobody reads this
+            return Response(status_code=499)
+        cut = _stop_index(res.text, job.stops)
+        text = res.text[:cut] if cut >= 0 else res.text
+        finish = self.finish_reason(res, job, cut >= 0)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": created, "model": self.model_id, "choices": [choice],
+                             "usage": self.usage(res), "clp": self.extension(res)})
+
+    async def _stream(self, request: Request, job: Job, chat: bool, rid: str, created: int,
+                      include_usage: bool) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(piece: str | None, finish: str | None = None, **extra) -> str:
+            if chat:
+                delta = {} if piece is None else {"content": piece}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            return _sse({"id": rid, "object": obj, "created": created, "model": self.model_id,
+                         "choices": [choice], **extra})
+
+        text = _TextStream(self.backbone.decode, job.stops)
+        if chat:
+            yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_id,
+                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": None, "finish_reason": None}]})
+        async for kind, payload in self.events(request, job):
+            if kind == "tokens":
+                piece = text.push(payload)
+                if piece:
+                    yield chunk(piece)
+            elif kind == "error":
+                yield _sse(payload.body())
+                break
+            else:
+                res = payload
+                piece = text.finish()
+                if piece:
+                    yield chunk(piece)
+                yield chunk(None, self.finish_reason(res, job, text.stopped), clp=self.extension(res))
+                if include_usage:
+                    yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_id,
+                                "choices": [], "usage": self.usage(res)})
+        yield "data: [DONE]\n\n"
+
+    def health(self) -> dict:
+        with self._lock:
+            return {"status": "ok", "model": self.model_id, "method": self.method,
+                    "queue_length": self.waiting, "running": self.running, "max_queue": self.max_queue,
+                    **self.stats}
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(backbone, drafter=None, **options) -> FastAPI:
+    """The FastAPI app serving `backbone` (+ `drafter`); options as for Server."""
+    server = Server(backbone, drafter, **options)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.start()
+        try:
+            yield
+        finally:
+            server.stop()
+
+    app = FastAPI(title="clp-decode", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        msg = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        return ApiError(exc.status_code, msg, code=code, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _server_error(request, exc: Exception):
+        log.exception("clp serve: unexpected error")
+        return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
+    @app.get("/health")
+    async def health():
+        return server.health()
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.check_auth(request)
+        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
+                                            "owned_by": "clp-decode"}]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        server.check_auth(request)
+        server.check_model(model_id)
+        return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "clp-decode"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        server.check_auth(request)
+        req = _parse(ChatRequest, await server.read_json(request))
+        server.check_model(req.model)
+        prompt_ids = server.chat_prompt(req.messages)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        job = server.make_job(req, prompt_ids, max_tokens)
+        return await server.respond(request, req, job, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        server.check_auth(request)
+        req = _parse(CompletionRequest, await server.read_json(request))
+        server.check_model(req.model)
+        prompt_ids = server.completion_prompt(req.prompt)
+        job = server.make_job(req, prompt_ids, req.max_tokens)
+        return await server.respond(request, req, job, chat=False)
+
+    return app

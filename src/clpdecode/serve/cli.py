@@ -1,0 +1,83 @@
+"""`clp serve`: load the backbone and drafter once, then answer OpenAI API requests."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+from ..errors import ClpError, check_positive_int
+
+
+def add_serve_command(sub, add_model_args, add_drafter_args, add_policy_args) -> None:
+    from ..decoding import METHODS
+
+    s = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming)",
+        description="Serve the backbone over the OpenAI API: POST /v1/chat/completions, POST /v1/completions, "
+                    "GET /v1/models, GET /health. One generation runs at a time; others wait in a queue. "
+                    "A request may choose its own method and clp_threshold (extension fields).")
+    add_model_args(s)
+    for action in s._actions:  # the server's default is the fast CPU path
+        if action.dest == "numerics":
+            action.default = "fp16"
+            action.help = action.help.replace("(default: fp32)", "(default: fp16)")
+    add_drafter_args(s)
+    s.add_argument("--method", default="verified", choices=METHODS,
+                   help="method of requests that name none (default: verified, identical to ar)")
+    add_policy_args(s)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ requests (default: no key)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for the running one; more get 503 with Retry-After (default: 64)")
+    s.set_defaults(func=cmd_serve)
+
+
+def _check_port(host: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ClpError(f"--port must be in 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ClpError(f"--host {host!r} cannot be resolved: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ClpError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def cmd_serve(args) -> int:
+    check_positive_int("--max-queue", args.max_queue)
+    if args.api_key is not None and not args.api_key.strip():
+        raise ClpError("--api-key must not be empty")
+    _check_port(args.host, args.port)  # before the slow load
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as e:
+        raise ClpError(f"clp serve needs fastapi and uvicorn ({e}); run `make setup`") from None
+    from ..backbone import load_backbone
+    from ..heads import default_drafter
+
+    backbone = load_backbone(args.model, numerics=args.numerics)
+    if args.heads is None and args.method == "ar":
+        try:  # optional: requests may still ask for another method
+            drafter = default_drafter(backbone, k=args.k)
+        except ClpError:
+            drafter = None
+    else:
+        drafter = default_drafter(backbone, k=args.k, folder=args.heads)
+    app = create_app(backbone, drafter, aliases=(args.model,), method=args.method,
+                     clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold, draft=args.draft,
+                     api_key=args.api_key, max_queue=args.max_queue)
+    server = app.state.server
+    print(f"clp serve: model {server.model_id!r}, method {args.method}, numerics {args.numerics}: "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,396 @@
+"""`clp serve`: the real server (uvicorn on 127.0.0.1, a free port) on a tiny random model,
+talked to with the official `openai` client and raw HTTP for what a client would not send."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import uvicorn
+
+from conftest import random_drafter
+
+PROMPTS = ["Hello there", "Name three rivers.", "abc", "What is 2+2?"]
+
+
+@contextlib.contextmanager
+def running(app):
+    """Serve `app` with uvicorn in a background thread on 127.0.0.1; yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tiny_backbone, tmp_path_factory):
+    from clpdecode.heads import save_drafter
+
+    path = tmp_path_factory.mktemp("serve-heads") / "k2"
+    save_drafter(random_drafter(tiny_backbone, k=2), path, tiny_backbone)
+    return path
+
+
+@pytest.fixture(scope="module")
+def drafter(tiny_backbone, heads_dir):
+    from clpdecode import default_drafter
+
+    return default_drafter(tiny_backbone, folder=heads_dir)  # as `clp serve --heads DIR` loads it
+
+
+@pytest.fixture(scope="module")
+def served(tiny_backbone, drafter):
+    from clpdecode.serve import create_app
+
+    app = create_app(tiny_backbone, drafter, method="verified", max_body_bytes=64 * 1024)
+    with running(app) as url:
+        yield url, app.state.server
+
+
+def client(url, model=None, api_key="none"):
+    """The official client (no retries), remembering the served model id for chat()."""
+    c = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=30)
+    c.served_model = model
+    return c
+
+
+def raw(url, method, path, body=None, headers=None):
+    """(status, headers, parsed JSON or text) of one plain HTTP request."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = text
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, parsed
+    finally:
+        conn.close()
+
+
+def chat(c, prompt, stream=False, **kw):
+    """The answer text (streamed pieces joined when stream) and the final object/chunks."""
+    msgs = [{"role": "user", "content": prompt}]
+    kw.setdefault("temperature", 0)
+    if not stream:
+        r = c.chat.completions.create(model=kw.pop("model", c.served_model), messages=msgs, **kw)
+        return r.choices[0].message.content, r
+    chunks = list(c.chat.completions.create(model=kw.pop("model", c.served_model), messages=msgs, stream=True, **kw))
+    return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices), chunks
+
+
+# ---- the basics -----------------------------------------------------------------------
+def test_models_and_health(served):
+    url, server = served
+    models = client(url).models.list().data
+    assert [m.id for m in models] == [server.model_id]
+    status, _, body = raw(url, "GET", "/health")
+    assert status == 200 and body["status"] == "ok" and body["queue_length"] == 0 and body["model"] == server.model_id
+
+
+def test_chat_and_completion(served, tiny_backbone):
+    url, server = served
+    c = client(url, server.model_id)
+    text, r = chat(c, PROMPTS[1], max_tokens=20)
+    assert isinstance(text, str) and r.object == "chat.completion" and r.model == server.model_id
+    assert r.choices[0].finish_reason in ("stop", "length")
+    u = r.usage
+    prompt_ids = tiny_backbone.encode_prompt(PROMPTS[1])
+    assert u.prompt_tokens == len(prompt_ids) and 1 <= u.completion_tokens <= 20
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    ext = r.to_dict()["clp"]
+    assert ext["method"] == "verified" and ext["forward_passes"] >= 1 and ext["tokens_per_forward"] > 0
+    assert ext["accepted_per_step"]["steps"] == sum(ext["accepted_per_step"]["histogram"].values())
+
+    comp = c.completions.create(model=server.model_id, prompt="Once upon a time", max_tokens=12, temperature=0)
+    assert comp.object == "text_completion" and isinstance(comp.choices[0].text, str)
+    assert comp.usage.prompt_tokens == len(tiny_backbone.encode_prompt("Once upon a time", chat=False))
+    assert comp.usage.completion_tokens <= 12
+    # The chat answer is what the library gives for the same prompt.
+    import clpdecode as clp
+
+    ref = clp.generate_text(tiny_backbone, PROMPTS[1], method="ar", max_new_tokens=20)
+    assert text == ref.text and u.completion_tokens == ref.new_tokens
+
+
+def test_stream_equals_non_stream(served):
+    url, server = served
+    c = client(url, server.model_id)
+    for prompt in PROMPTS[:2]:
+        full, r = chat(c, prompt, max_tokens=40)
+        streamed, chunks = chat(c, prompt, stream=True, max_tokens=40, stream_options={"include_usage": True})
+        assert streamed == full
+        assert chunks[0].choices[0].delta.role == "assistant"
+        finals = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert len(finals) == 1 and finals[0].choices[0].finish_reason == r.choices[0].finish_reason
+        assert finals[0].to_dict()["clp"]["forward_passes"] == r.to_dict()["clp"]["forward_passes"]
+        assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    comp = c.completions.create(model=server.model_id, prompt="The sea", max_tokens=30, temperature=0)
+    pieces = c.completions.create(model=server.model_id, prompt="The sea", max_tokens=30, temperature=0, stream=True)
+    assert "".join(p.choices[0].text for p in pieces) == comp.choices[0].text
+
+
+def test_verified_token_identical_to_ar(served):
+    url, server = served
+    c = client(url, server.model_id)
+    for prompt in PROMPTS:
+        outs = {m: chat(c, prompt, max_tokens=48, extra_body={"method": m})[1] for m in ("ar", "verified")}
+        ar, ver = outs["ar"], outs["verified"]
+        assert ver.choices[0].message.content == ar.choices[0].message.content
+        assert ver.usage.completion_tokens == ar.usage.completion_tokens
+        assert ar.to_dict()["clp"]["method"] == "ar" and ver.to_dict()["clp"]["method"] == "verified"
+        assert ver.to_dict()["clp"]["forward_passes"] <= ar.to_dict()["clp"]["forward_passes"]
+    # Other methods and a per-request threshold are served too.
+    r = chat(c, PROMPTS[0], max_tokens=16, extra_body={"method": "clp", "clp_threshold": 0.2})[1]
+    assert r.to_dict()["clp"]["method"] == "clp"
+
+
+def test_stop_strings_cut_like_openai(served):
+    url, server = served
+    c = client(url, server.model_id)
+    full, _ = chat(c, PROMPTS[1], max_tokens=40)
+    stop = full[6:8]
+    assert len(stop) == 2
+    want = full[: full.find(stop)]
+    text, r = chat(c, PROMPTS[1], max_tokens=40, stop=[stop, "\x00never"])
+    assert text == want and r.choices[0].finish_reason == "stop"
+    streamed, _ = chat(c, PROMPTS[1], stream=True, max_tokens=40, stop=stop)
+    assert streamed == want
+
+
+# ---- errors ---------------------------------------------------------------------------
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    (CHAT, {"max_tokens": 4}, 422, "messages"),  # missing messages
+    (CHAT, {"messages": []}, 400, "messages"),
+    (CHAT, {"messages": [{"role": "user", "content": "  "}]}, 400, "messages"),
+    (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    (CHAT, {"messages": MSG, "max_tokens": "many"}, 422, "max_tokens"),
+    (COMP, {"prompt": ""}, 400, "prompt"),
+    (COMP, {}, 422, "prompt"),
+    (CHAT, {"messages": MSG, "method": "telepathy"}, 400, "method"),
+    (CHAT, {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    (CHAT, {"messages": MSG, "max_tokens": 100000}, 400, "max_tokens"),  # over the 256-token window
+    (COMP, {"prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
+    (CHAT, {"messages": MSG, "temperature": -1}, 400, "temperature"),
+    (CHAT, {"messages": MSG, "top_p": 0}, 400, "top_p"),
+    (CHAT, {"messages": MSG, "top_p": 1.5}, 400, "top_p"),
+    (CHAT, {"messages": MSG, "clp_threshold": 2}, 400, "clp_threshold"),
+    (CHAT, {"messages": MSG, "stop": [""]}, 400, "stop"),
+    (CHAT, {"messages": MSG, "n": 3}, 400, "n"),
+    (CHAT, {"messages": MSG, "model": "gpt-17"}, 404, "model"),
+])
+def test_bad_requests_get_openai_errors(served, path, body, status, param):
+    url, _ = served
+    got, _, resp = raw(url, "POST", path, body)
+    assert got == status, resp
+    err = resp["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["param"] == param
+
+
+def test_bad_bodies_and_routes(served):
+    url, server = served
+    for body, status in [(b"{not json", 400), (b"[1, 2]", 400), (b"\xff\xfe\x00", 400),
+                         (json.dumps({"messages": MSG, "pad": "x" * 70_000}).encode(), 413)]:
+        got, _, resp = raw(url, "POST", CHAT, body)
+        assert got == status and resp["error"]["type"], (body[:20], resp)
+    got, _, resp = raw(url, "GET", "/v1/nothing-here")
+    assert got == 404 and "error" in resp
+    got, _, resp = raw(url, "GET", CHAT)
+    assert got == 405 and "error" in resp
+    # The openai client maps them to its own exceptions.
+    c = client(url, server.model_id)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="gpt-17", messages=MSG)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=server.model_id, messages=MSG, temperature=float("-1"))
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=server.model_id, prompt="", max_tokens=3)
+
+
+def test_api_key(tiny_backbone, drafter):
+    from clpdecode.serve import create_app
+
+    app = create_app(tiny_backbone, drafter, api_key="s3cret")
+    with running(app) as url:
+        model = app.state.server.model_id
+        for key in ("wrong", "s3cre", "s3cret2"):
+            with pytest.raises(openai.AuthenticationError):
+                client(url, model, api_key=key).chat.completions.create(model=model, messages=MSG, max_tokens=2)
+        for headers in ({}, {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer"}):
+            got, _, resp = raw(url, "GET", "/v1/models", headers=headers)
+            assert got == 401 and resp["error"]["code"] == "invalid_api_key"
+        assert raw(url, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        got, _, resp = raw(url, "POST", CHAT, b"not even json")  # the key is checked first
+        assert got == 401
+        r = client(url, model, api_key="s3cret").chat.completions.create(model=model, messages=MSG, max_tokens=2)
+        assert r.usage.completion_tokens >= 1
+        assert raw(url, "GET", "/health")[0] == 200  # health needs no key
+
+
+# ---- queue, cancellation, failures ---------------------------------------------------
+def slow_generate(monkeypatch, delay):
+    import clpdecode.serve.app as app_mod
+
+    real = app_mod.generate
+
+    def gen(backbone, prompt_ids, policy, cfg, on_tokens=None):
+        def slow(ids, from_heads):
+            time.sleep(delay)
+            on_tokens(ids, from_heads)
+
+        return real(backbone, prompt_ids, policy, cfg, on_tokens=slow)
+
+    monkeypatch.setattr(app_mod, "generate", gen)
+
+
+def wait_for(url, pred, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        health = raw(url, "GET", "/health")[2]
+        if pred(health):
+            return health
+        time.sleep(0.02)
+    raise AssertionError(f"timed out; /health: {health}")
+
+
+def test_full_queue_503_and_disconnect_cancels(tiny_backbone, drafter, monkeypatch):
+    from clpdecode.serve import create_app
+
+    slow_generate(monkeypatch, 0.04)
+    app = create_app(tiny_backbone, drafter, method="ar", max_queue=1)
+    with running(app) as url:
+        model = app.state.server.model_id
+        c = client(url, model)
+        # A: a long streamed answer, running; B: waits in the queue; C: refused.
+        stream = c.chat.completions.create(model=model, messages=MSG, max_tokens=200, stream=True, temperature=0)
+        it = iter(stream)
+        next(it)
+        next(it)
+        wait_for(url, lambda h: h["running"])
+        with ThreadPoolExecutor(1) as pool:
+            b = pool.submit(c.chat.completions.create, model=model, messages=MSG, max_tokens=2)
+            wait_for(url, lambda h: h["queue_length"] == 1)
+            status, headers, resp = raw(url, "POST", CHAT, {"messages": MSG, "max_tokens": 2})
+            assert status == 503 and int(headers["retry-after"]) >= 1 and resp["error"]["code"] == "queue_full"
+            with pytest.raises(openai.APIStatusError) as e:
+                c.chat.completions.create(model=model, messages=MSG, max_tokens=2)
+            assert e.value.status_code == 503
+            # A's client goes away: its generation ends at once, and B runs.
+            t0 = time.time()
+            stream.close()
+            health = wait_for(url, lambda h: h["cancelled"] == 1 and h["completed"] == 1)
+            assert time.time() - t0 < 5  # A alone would take 200 x 40 ms
+            assert b.result(timeout=10).usage.completion_tokens >= 1
+        assert health["rejected"] == 2 and health["queue_length"] == 0 and not health["running"]
+
+
+def test_failing_generation_does_not_kill_the_server(served, monkeypatch):
+    import clpdecode.serve.app as app_mod
+
+    url, server = served
+    c = client(url, server.model_id)
+
+    def broken(*a, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app_mod, "generate", broken)
+    with pytest.raises(openai.InternalServerError) as e:
+        c.chat.completions.create(model=server.model_id, messages=MSG, max_tokens=4)
+    assert "boom" in e.value.message
+    with pytest.raises(openai.APIError):
+        list(c.chat.completions.create(model=server.model_id, messages=MSG, max_tokens=4, stream=True))
+    monkeypatch.undo()
+    r = c.chat.completions.create(model=server.model_id, messages=MSG, max_tokens=4)
+    assert r.usage.completion_tokens >= 1
+    assert raw(url, "GET", "/health")[2]["failed"] >= 2
+
+
+# ---- load -------------------------------------------------------------------------------
+def test_load_16_clients(served):
+    """16 concurrent clients x 2 requests, streaming and not: all complete, none mixed."""
+    url, server = served
+    c = client(url, server.model_id)
+    want = {p: chat(c, p, max_tokens=16)[0] for p in PROMPTS}
+
+    def one_client(i):
+        got = []
+        for j in range(2):
+            p = PROMPTS[(i + j) % len(PROMPTS)]
+            got.append((p, chat(c, p, stream=(i + j) % 2 == 0, max_tokens=16)[0]))
+        return got
+
+    t0 = time.time()
+    with ThreadPoolExecutor(16) as pool:
+        results = [r for rs in pool.map(one_client, range(16)) for r in rs]
+    assert len(results) == 32 and all(text == want[p] for p, text in results)
+    assert time.time() - t0 < 30
+    health = raw(url, "GET", "/health")[2]
+    assert health["queue_length"] == 0 and not health["running"]
+
+
+# ---- the command ------------------------------------------------------------------------
+def test_clp_serve_command(tiny_llama_dir, heads_dir, tmp_path):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    # A busy port is refused before anything slow is loaded.
+    busy = subprocess.run([sys.executable, "-m", "clpdecode.cli", "serve", "--port", str(port)],
+                          capture_output=True, text=True, timeout=60)
+    assert busy.returncode == 2 and "cannot listen" in busy.stderr
+    sock.close()
+    cmd = [sys.executable, "-m", "clpdecode.cli", "serve", "--model", str(tiny_llama_dir), "--heads", str(heads_dir),
+           "--numerics", "fp32", "--port", str(port), "--api-key", "k", "--max-queue", "4"]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if raw(url, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "clp serve did not start"
+            time.sleep(0.2)
+        status, _, resp = raw(url, "POST", CHAT, {"model": str(tiny_llama_dir), "messages": MSG, "max_tokens": 5},
+                              headers={"Authorization": "Bearer k"})
+        assert status == 200 and resp["clp"]["method"] == "verified", resp
+        assert raw(url, "GET", "/health")[2]["max_queue"] == 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
