@@ -154,6 +154,17 @@ def test_sampling_with_seed_is_reproducible(tiny_backbone, method):
     assert a.token_ids == b.token_ids
 
 
+@pytest.mark.parametrize("method", ["ar", "naive", "clp", "gate", "verified", "competing"])
+def test_sampling_seed_changes_the_output(tiny_backbone, method):
+    """Every method draws from its sampler: another seed gives another text (so the
+    reproducibility test above is not passing by ignoring the sampler)."""
+    drafter = random_drafter(tiny_backbone, k=2, seed=3)
+    pol = make_policy(method, tiny_backbone, drafter)
+    outs = {tuple(generate(tiny_backbone, [3, 4, 5], pol, GenerationConfig(
+        max_new_tokens=20, sampling=SamplingConfig(temperature=1.5, seed=seed))).token_ids) for seed in range(4)}
+    assert len(outs) > 1
+
+
 def test_speculative_acceptance_keeps_the_backbone_distribution():
     """Accept draft d with p(d), else draw from the residual: the token's law is p itself."""
     from clpdecode.decoding import Sampler
@@ -186,5 +197,11 @@ def test_bad_inputs(tiny_backbone):
         generate(tiny_backbone, [], make_policy("ar"))
     with pytest.raises(ClpError):
         make_policy("nope")
+    with pytest.raises(ClpError):
+        GenerationConfig(stop=("",))
+    with pytest.raises(ClpError):
+        make_policy("clp", tiny_backbone, random_drafter(tiny_backbone), clp_threshold=float("nan"))
+    with pytest.raises(ClpError):
+        generate(tiny_backbone, [3, 4], make_policy("ar"), GenerationConfig(max_new_tokens=10_000))
     with pytest.raises(ClpError):
         make_policy("clp", tiny_backbone, None)

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import ClpError
+from ..errors import ClpError, check_context, check_positive_int
 from .policies import Policy
 from .sampling import Sampler, SamplingConfig
 
@@ -35,8 +35,9 @@ class GenerationConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ClpError("--max-new-tokens must be at least 1")
+        check_positive_int("--max-new-tokens", self.max_new_tokens)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ClpError("stop strings must be non-empty")
 
 
 @dataclass
@@ -170,6 +171,7 @@ def generate(
     cfg = cfg or GenerationConfig()
     if not prompt_ids:
         raise ClpError("the prompt is empty")
+    check_context(len(prompt_ids), cfg.max_new_tokens, getattr(backbone, "max_positions", None))
     sampler = Sampler(cfg.sampling)
     out = _Output(backbone, cfg, on_tokens)
     accepted: list[int] = []

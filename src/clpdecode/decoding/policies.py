@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ClpError
+from ..errors import ClpError, check_unit_interval
 
 METHODS = ("ar", "naive", "gate", "clp", "verified", "competing")
 
@@ -141,7 +141,11 @@ class Competing(Policy):
         self.session = None  # its heads read only the last state
 
     def propose(self, hidden, p, sampler):
-        tokens = self.drafter.competing.propose(hidden)
+        heads = self.drafter.competing
+        with torch.inference_mode():
+            logits = heads(hidden.float().unsqueeze(0))[0]  # (k+1, Vd): t+1 .. t+1+k
+        # The heads' tokens are drawn with the same sampling rules as the backbone's would be.
+        tokens = [int(heads.draft_ids[sampler.select(sampler.probs(row))]) for row in logits]
         return Proposal(tokens[0], tokens[1:], token_from_heads=True)
 
 
@@ -150,6 +154,8 @@ def make_policy(method: str, backbone=None, drafter=None, *, clp_threshold: floa
     """Build the policy for a method name (see METHODS)."""
     if method not in METHODS:
         raise ClpError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_unit_interval("--clp-threshold", clp_threshold)
+    check_unit_interval("--gate-threshold", gate_threshold)
     if method == "ar":
         return Policy(backbone)
     if drafter is None:
