@@ -137,6 +137,19 @@ def test_bench_on_user_file(capsys, tmp_path, tiny_backbone, tiny_llama_dir):
     assert (tmp_path / "b" / "speedup_vs_repetition.png").exists()
 
 
+def test_bench_times_the_transformers_peers(capsys, tmp_path, tiny_llama_dir):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello there"}\n')
+    code, out, err = run(capsys, "bench", "--model", str(tiny_llama_dir), "--methods", "ar", "--hf-generate",
+                         "--prompts", str(prompts), "--max-new-tokens", "12", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert set(res["peers"]) == {"hf_generate", "hf_prompt_lookup"}
+    for peer in res["peers"].values():
+        assert peer["tokens_per_s_e2e"] > 0 and peer["speedup_vs_ar"] > 0
+    assert "hf_prompt_lookup" in (tmp_path / "b" / "report.md").read_text()
+
+
 def test_profile_json(capsys, tiny_llama_dir):
     code, out, err = run(capsys, "profile", "--model", str(tiny_llama_dir), "--numerics-list", "fp32,fp16",
                          "--context", "16", "--json")

@@ -134,7 +134,8 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
                 rec["methods"][m] = _record(generate(backbone, ids, policies[m], cfg))
                 bar.set_postfix(method=m)
             if settings.hf_generate:
-                rec["hf_generate"] = list(_time_hf_generate(backbone, ids, settings.max_new_tokens))
+                for peer, extra in PEERS.items():
+                    rec[peer] = list(_time_hf_generate(backbone, ids, settings.max_new_tokens, **extra))
             for m in methods:
                 rec["methods"][m]["nll"] = backbone_nll(ref, ids, rec["methods"][m]["token_ids"])
             if fp32_policy is not None:
@@ -206,25 +207,37 @@ def summarize(records: list[dict], backbone, drafter, settings: BenchSettings, n
             by_k.setdefault(str(drafter.k), training["heads"])
         if by_k:
             out["head_accuracy_by_k"] = by_k
-    hf_times = [rec["hf_generate"] for rec in records if "hf_generate" in rec]
-    if hf_times:
-        hf_rate = sum(n for n, _ in hf_times) / sum(t for _, t in hf_times)
-        out["transformers_generate"] = {"tokens_per_s_e2e": round(hf_rate, 3),
-                                        "our_ar_speedup_e2e": round(ar_e2e / hf_rate, 4)}
+    peers = {}
+    for peer in PEERS:
+        times = [rec[peer] for rec in records if peer in rec]
+        if times:
+            rate = sum(x[0] for x in times) / sum(x[1] for x in times)
+            peers[peer] = {"tokens_per_s_e2e": round(rate, 3), "speedup_vs_ar": round(rate / ar_e2e, 4)}
+    if peers:
+        out["peers"] = peers
+        hf_rate = peers["hf_generate"]["tokens_per_s_e2e"]
+        out["transformers_generate"] = {"tokens_per_s_e2e": hf_rate, "our_ar_speedup_e2e": round(ar_e2e / hf_rate, 4)}
     out["examples"] = {m: runs[m][0]["text"] for m in methods}
     out["runs"] = records  # per prompt and method: what `--resume` continues from
     return out
 
 
+# Peers timed with --hf-generate, on the same model, prompts and numerics: transformers'
+# greedy generate(), and its prompt-lookup decoding (lossless drafts copied from n-grams of
+# the prompt and the text so far; no training).
+PEERS = {"hf_generate": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10}}
+
+
 @torch.inference_mode()
-def _time_hf_generate(backbone, ids: list[int], max_new_tokens: int) -> tuple[int, float]:
+def _time_hf_generate(backbone, ids: list[int], max_new_tokens: int, **extra) -> tuple[int, float]:
     """(new tokens, seconds) of transformers' greedy generate() on the same model."""
     import time
 
     x = torch.tensor([ids])
     t = time.perf_counter()
     out = backbone.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                                  max_new_tokens=max_new_tokens, pad_token_id=next(iter(backbone.eos_ids), 0))
+                                  max_new_tokens=max_new_tokens, pad_token_id=next(iter(backbone.eos_ids), 0),
+                                  **extra)
     return out.shape[1] - len(ids), time.perf_counter() - t
 
 
@@ -284,6 +297,11 @@ def render_markdown(results: dict, command: str) -> str:
         t = results["transformers_generate"]
         lines += [f"transformers' generate() (greedy, same numerics): {t['tokens_per_s_e2e']:.1f} tok/s end to end; "
                   f"our AR loop is {t['our_ar_speedup_e2e']:.2f}x that.", ""]
+    if "peers" in results:
+        lines += ["| peer (same model, numerics, prompts) | tok/s end to end | vs our AR (e2e) |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {p['tokens_per_s_e2e']:.1f} | {p['speedup_vs_ar']:.2f}x |"
+                  for name, p in results["peers"].items()]
+        lines += [""]
     if "drafter" in results:
         d = results["drafter"]
         lines += ["Sizes: " + ", ".join(f"{k} {v['params']:,} parameters" for k, v in d.items()), ""]

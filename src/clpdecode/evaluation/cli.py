@@ -168,7 +168,8 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
                    help="continue the bench whose results.json is in --out (same settings; --limit may grow): "
                         "prompts already measured there are kept, not rerun")
     b.add_argument("--hf-generate", action="store_true",
-                   help="also time transformers' generate() (greedy, same numerics) to compare our AR loop with it")
+                   help="also time the peers on the same model: transformers' greedy generate() and its "
+                        "prompt-lookup decoding (prompt_lookup_num_tokens=10); results.json gets a `peers` object")
     b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
