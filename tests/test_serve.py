@@ -185,6 +185,18 @@ def test_stop_strings_cut_like_openai(served):
     assert streamed == want
 
 
+def test_extreme_sampling_settings_are_greedy(served):
+    """A tiny temperature or top_p leaves only the argmax (no nan, no 500)."""
+    url, server = served
+    c = client(url, server.model_id)
+    greedy, _ = chat(c, PROMPTS[3], max_tokens=24)
+    assert chat(c, PROMPTS[3], max_tokens=24, temperature=1e-30, seed=5)[0] == greedy
+    assert chat(c, PROMPTS[3], max_tokens=24, temperature=1.0, top_p=1e-300, seed=5)[0] == greedy
+    sampled = chat(c, PROMPTS[3], max_tokens=24, temperature=1.0, seed=2**64 - 1,
+                   extra_body={"method": "verified"})[1]
+    assert sampled.usage.completion_tokens >= 1
+
+
 # ---- errors ---------------------------------------------------------------------------
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
@@ -197,7 +209,15 @@ MSG = [{"role": "user", "content": "hi"}]
     (CHAT, {"messages": [{"role": "user", "content": "  "}]}, 400, "messages"),
     (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     (CHAT, {"messages": MSG, "max_tokens": "many"}, 422, "max_tokens"),
+    (CHAT, {"messages": MSG, "max_tokens": True}, 422, "max_tokens"),
+    (CHAT, {"messages": "hi"}, 422, "messages"),
+    (CHAT, {"messages": [{"content": "hi"}]}, 422, "messages.0.role"),
+    (CHAT, {"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages[0].content"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content"),
+    (CHAT, {"messages": [{"role": "user", "content": "x" * 300}]}, 400, "max_tokens"),  # prompt > window
     (COMP, {"prompt": ""}, 400, "prompt"),
+    (COMP, {"prompt": "x" * 300}, 400, "prompt"),  # over the window
+    (COMP, {"prompt": ["a", "b"]}, 400, "prompt"),
     (COMP, {}, 422, "prompt"),
     (CHAT, {"messages": MSG, "method": "telepathy"}, 400, "method"),
     (CHAT, {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
@@ -207,6 +227,7 @@ MSG = [{"role": "user", "content": "hi"}]
     (CHAT, {"messages": MSG, "top_p": 0}, 400, "top_p"),
     (CHAT, {"messages": MSG, "top_p": 1.5}, 400, "top_p"),
     (CHAT, {"messages": MSG, "clp_threshold": 2}, 400, "clp_threshold"),
+    (CHAT, {"messages": MSG, "seed": 2**70, "temperature": 1}, 400, "seed"),
     (CHAT, {"messages": MSG, "stop": [""]}, 400, "stop"),
     (CHAT, {"messages": MSG, "n": 3}, 400, "n"),
     (CHAT, {"messages": MSG, "model": "gpt-17"}, 404, "model"),
@@ -221,7 +242,8 @@ def test_bad_requests_get_openai_errors(served, path, body, status, param):
 
 def test_bad_bodies_and_routes(served):
     url, server = served
-    for body, status in [(b"{not json", 400), (b"[1, 2]", 400), (b"\xff\xfe\x00", 400),
+    for body, status in [(b"{not json", 400), (b"[1, 2]", 400), (b"\xff\xfe\x00", 400), (b"", 400),
+                         (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400),
                          (json.dumps({"messages": MSG, "pad": "x" * 70_000}).encode(), 413)]:
         got, _, resp = raw(url, "POST", CHAT, body)
         assert got == status and resp["error"]["type"], (body[:20], resp)

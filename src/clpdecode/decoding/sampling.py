@@ -34,6 +34,8 @@ class SamplingConfig:
             raise ClpError(f"top-p must be in (0, 1], got {self.top_p}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ClpError(f"seed must be an integer, got {self.seed!r}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ClpError(f"seed must be in [-2**63, 2**64), got {self.seed}")
 
 
 class Sampler:
@@ -47,11 +49,15 @@ class Sampler:
         logits, standing for the point mass on their argmax)."""
         if self.greedy:
             return logits
-        p = torch.softmax(logits.float() / self.cfg.temperature, -1)
+        z = logits.float() / self.cfg.temperature
+        if not bool(torch.isfinite(z).all()):  # a tiny temperature overflows: shift first
+            z = (logits.float() - logits.float().amax(-1, keepdim=True)) / self.cfg.temperature
+        p = torch.softmax(z, -1)
         if self.cfg.top_p < 1:
             sorted_p, idx = p.sort(descending=True)
             # Keep the smallest prefix whose mass reaches top_p (the top token always).
             drop = sorted_p.cumsum(0) - sorted_p >= self.cfg.top_p
+            drop[0] = False  # a top_p below float32's smallest number would drop it too
             sorted_p[drop] = 0
             p = torch.zeros_like(p).scatter_(0, idx, sorted_p)
             p = p / p.sum()

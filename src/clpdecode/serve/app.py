@@ -35,7 +35,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..cli import StreamDecoder
@@ -77,14 +77,14 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we ignore (user, ...)
 
     model: str | None = None
-    max_tokens: int | None = None
+    max_tokens: StrictInt | None = None  # strict: true or 1.5 is a mistake, not a number
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
-    n: int | None = None
+    n: StrictInt | None = None
     # extensions
     method: str | None = None
     clp_threshold: float | None = None
@@ -100,7 +100,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None  # the newer name of max_tokens
+    max_completion_tokens: StrictInt | None = None  # the newer name of max_tokens
 
 
 class CompletionRequest(_Request):
