@@ -336,6 +336,15 @@ def test_full_queue_503_and_disconnect_cancels(tiny_backbone, drafter, monkeypat
             assert time.time() - t0 < 5  # A alone would take 200 x 40 ms
             assert b.result(timeout=10).usage.completion_tokens >= 1
         assert health["rejected"] == 2 and health["queue_length"] == 0 and not health["running"]
+        # A non-streaming client that goes away is noticed too (its response is never read).
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"messages": MSG, "max_tokens": 200}).encode()
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_for(url, lambda h: h["running"])
+        health = wait_for(url, lambda h: h["cancelled"] == 2 and not h["running"], timeout=5)
+        assert health["completed"] == 1
 
 
 def test_failing_generation_does_not_kill_the_server(served, monkeypatch):

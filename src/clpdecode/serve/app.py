@@ -46,6 +46,7 @@ log = logging.getLogger("clpdecode.serve")
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a small model's window
 DEFAULT_MAX_TOKENS = 256  # when a request names none (and the window has room)
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -206,15 +207,18 @@ class Server:
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
         self._mean_seconds = 1.0
         self._worker: threading.Thread | None = None
+        self._closing = threading.Event()  # shutdown: end the running generation, skip the queue
 
     # -- worker ------------------------------------------------------------------------
     def start(self) -> None:
         if self._worker is None:
+            self._closing.clear()
             self._worker = threading.Thread(target=self._work, name="clp-serve-worker", daemon=True)
             self._worker.start()
 
     def stop(self) -> None:
         if self._worker is not None:
+            self._closing.set()
             self._jobs.put(None)
             self._worker.join(timeout=30)
             self._worker = None
@@ -251,12 +255,12 @@ class Server:
             self.stats[key] += 1
 
     def _run(self, job: Job) -> None:
-        if job.cancelled.is_set():
+        if job.cancelled.is_set() or self._closing.is_set():
             self._count("cancelled")
             return
 
         def on_tokens(ids, from_heads):
-            if job.cancelled.is_set():
+            if job.cancelled.is_set() or self._closing.is_set():
                 raise _Cancelled
             job.send("tokens", list(ids))
 
@@ -414,13 +418,19 @@ class Server:
 
     async def events(self, request: Request, job: Job) -> AsyncIterator[tuple[str, Any]]:
         """The job's events until it ends; cancels the job when the client goes away."""
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + DISCONNECT_POLL_S
         try:
             while True:
                 try:
-                    kind, payload = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                    kind, payload = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    kind = payload = None
+                if loop.time() >= next_check:  # tokens or not, look at the connection now and then
+                    next_check = loop.time() + DISCONNECT_POLL_S
                     if await request.is_disconnected():
                         return
+                if kind is None:
                     continue
                 yield kind, payload
                 if kind != "tokens":
