@@ -256,8 +256,9 @@ class ChainedHeads(nn.Module):
     # reads dominate: it uses fused copies of the linears (q/k/v in one, gate/up in one, the
     # draft LM-head rows as a Linear), optionally with fp16 weights (fbgemm, fp32
     # activations) like the backbone's fp16 numerics. Training never touches these copies.
-    def prepare_inference(self, half: bool = False) -> dict:
-        """Build the fused drafting linears (fp16 weights when `half`); returns them."""
+    def prepare_inference(self, half: bool = False, dtype: torch.dtype | None = None) -> dict:
+        """Build the fused drafting linears (fp16 weights when `half`, or dynamic
+        quantisation to `dtype`: torch.float16 / torch.qint8); returns them."""
         if self.proj is None:
             raise RuntimeError("the chain is not attached to a backbone: call attach()")
 
@@ -272,7 +273,8 @@ class ChainedHeads(nn.Module):
         if self.cfg.attention:
             mods["qkv"] = lin(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
             mods["o"] = lin(self.o_proj.weight)
-        if half:
+        dtype = dtype or (torch.float16 if half else None)
+        if dtype is not None:
             import warnings
 
             from torch.ao.quantization import quantize_dynamic
@@ -280,7 +282,7 @@ class ChainedHeads(nn.Module):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.backends.quantized.engine = "fbgemm"
-                quantize_dynamic(mods, {nn.Linear}, dtype=torch.float16, inplace=True)
+                quantize_dynamic(mods, {nn.Linear}, dtype=dtype, inplace=True)
         self.__dict__["_fast"] = mods  # not a submodule: never saved, never trained
         return mods
 
