@@ -391,6 +391,17 @@ def test_load_16_clients(served):
     assert health["queue_length"] == 0 and not health["running"]
 
 
+def test_bench_script(served):
+    from clpdecode.serve.bench import run
+
+    url, server = served
+    out = run(url, clients=4, requests=2, max_tokens=8)
+    assert out["requests"] == 8 and out["errors"] == 0 and out["model"] == server.model_id
+    assert out["completion_tokens"] >= 8 and out["tokens_per_second"] > 0
+    assert 0 < out["latency_p50"] <= out["latency_p99"] and out["ttft_p50"] is not None
+    assert out["tokens_per_forward"] >= 1
+
+
 # ---- the command ------------------------------------------------------------------------
 def test_clp_serve_command(tiny_llama_dir, heads_dir, tmp_path):
     sock = socket.socket()
