@@ -111,6 +111,9 @@ def test_models_and_health(served):
     url, server = served
     models = client(url).models.list().data
     assert [m.id for m in models] == [server.model_id]
+    assert client(url).models.retrieve(server.model_id).id == server.model_id
+    with pytest.raises(openai.NotFoundError):
+        client(url).models.retrieve("gpt-17")
     status, _, body = raw(url, "GET", "/health")
     assert status == 200 and body["status"] == "ok" and body["queue_length"] == 0 and body["model"] == server.model_id
 
@@ -403,14 +406,18 @@ def test_bench_script(served):
 
 
 # ---- the command ------------------------------------------------------------------------
-def test_clp_serve_command(tiny_llama_dir, heads_dir, tmp_path):
+def test_clp_serve_command(tiny_llama_dir, heads_dir, tmp_path, capsys):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    # A busy port is refused before anything slow is loaded.
-    busy = subprocess.run([sys.executable, "-m", "clpdecode.cli", "serve", "--port", str(port)],
-                          capture_output=True, text=True, timeout=60)
-    assert busy.returncode == 2 and "cannot listen" in busy.stderr
+    # Options a user can fix are refused in one line (status 2) before anything slow is loaded.
+    from clpdecode.cli import main
+
+    for argv, msg in [(["--port", str(port)], "cannot listen"), (["--max-queue", "0"], "--max-queue"),
+                      (["--api-key", " "], "--api-key"), (["--port", "70000"], "--port"),
+                      (["--host", "no-such-host.invalid"], "--host")]:
+        assert main(["serve", *argv]) == 2
+        assert msg in capsys.readouterr().err
     sock.close()
     cmd = [sys.executable, "-m", "clpdecode.cli", "serve", "--model", str(tiny_llama_dir), "--heads", str(heads_dir),
            "--numerics", "fp32", "--port", str(port), "--api-key", "k", "--max-queue", "4"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 
@@ -28,8 +29,9 @@ def add_serve_command(sub, add_model_args, add_drafter_args, add_policy_args) ->
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    s.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/ requests (default: no key)")
+    s.add_argument("--api-key", default=os.environ.get("CLP_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ requests (default: $CLP_API_KEY if set, "
+                        "which keeps the key out of the process list; else no key)")
     s.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for the running one; more get 503 with Retry-After (default: 64)")
     s.set_defaults(func=cmd_serve)
