@@ -217,7 +217,8 @@ MSG = [{"role": "user", "content": "hi"}]
     (CHAT, {"messages": [{"content": "hi"}]}, 422, "messages.0.role"),
     (CHAT, {"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages[0].content"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content"),
-    (CHAT, {"messages": [{"role": "user", "content": "x" * 300}]}, 400, "max_tokens"),  # prompt > window
+    (CHAT, {"messages": [{"role": "user", "content": "x" * 300}]}, 400, "messages"),  # prompt > window
+    (CHAT, {"messages": [{"role": "user", "content": "x" * 200}], "max_tokens": 100}, 400, "max_tokens"),
     (COMP, {"prompt": ""}, 400, "prompt"),
     (COMP, {"prompt": "x" * 300}, 400, "prompt"),  # over the window
     (COMP, {"prompt": ["a", "b"]}, 400, "prompt"),

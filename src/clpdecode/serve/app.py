@@ -371,7 +371,8 @@ class Server:
         except ClpError as e:
             raise _clp_error(e, "prompt") from None
 
-    def make_job(self, req: _Request, prompt_ids: list[int], max_tokens: int | None) -> Job:
+    def make_job(self, req: _Request, prompt_ids: list[int], max_tokens: int | None,
+                 prompt_param: str) -> Job:
         method = req.method if req.method is not None else self.method
         if method not in METHODS:
             raise ApiError(400, f"unknown method {method!r}; choose one of {', '.join(METHODS)}", param="method")
@@ -408,7 +409,8 @@ class Server:
                 check_positive_int("max_tokens", max_tokens)
             check_context(len(prompt_ids), max_tokens, window)
         except ClpError as e:
-            raise _clp_error(e, "max_tokens") from None
+            too_long = window and len(prompt_ids) >= window  # no max_tokens would fit
+            raise _clp_error(e, prompt_param if too_long else "max_tokens") from None
         try:
             policy = make_policy(method, self.backbone, self.drafter, draft=self.draft, **thresholds)
             cfg = GenerationConfig(max_new_tokens=max_tokens, stop=stops, sampling=sampling)
@@ -592,7 +594,7 @@ def create_app(backbone, drafter=None, **options) -> FastAPI:
         server.check_model(req.model)
         prompt_ids = server.chat_prompt(req.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        job = server.make_job(req, prompt_ids, max_tokens)
+        job = server.make_job(req, prompt_ids, max_tokens, "messages")
         return await server.respond(request, req, job, chat=True)
 
     @app.post("/v1/completions")
@@ -601,7 +603,7 @@ def create_app(backbone, drafter=None, **options) -> FastAPI:
         req = _parse(CompletionRequest, await server.read_json(request))
         server.check_model(req.model)
         prompt_ids = server.completion_prompt(req.prompt)
-        job = server.make_job(req, prompt_ids, req.max_tokens)
+        job = server.make_job(req, prompt_ids, req.max_tokens, "prompt")
         return await server.respond(request, req, job, chat=False)
 
     return app
