@@ -507,27 +507,30 @@ class Server:
                          "choices": [choice], **extra})
 
         text = _TextStream(self.backbone.decode, job.stops)
-        if chat:
-            yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_id,
-                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "logprobs": None, "finish_reason": None}]})
-        async for kind, payload in self.events(request, job):
-            if kind == "tokens":
-                piece = text.push(payload)
-                if piece:
-                    yield chunk(piece)
-            elif kind == "error":
-                yield _sse(payload.body())
-                break
-            else:
-                res = payload
-                piece = text.finish()
-                if piece:
-                    yield chunk(piece)
-                yield chunk(None, self.finish_reason(res, job, text.stopped), clp=self.extension(res))
-                if include_usage:
-                    yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_id,
-                                "choices": [], "usage": self.usage(res)})
+        try:
+            if chat:
+                yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_id,
+                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]})
+            async for kind, payload in self.events(request, job):
+                if kind == "tokens":
+                    piece = text.push(payload)
+                    if piece:
+                        yield chunk(piece)
+                elif kind == "error":
+                    yield _sse(payload.body())
+                    break
+                else:
+                    res = payload
+                    piece = text.finish()
+                    if piece:
+                        yield chunk(piece)
+                    yield chunk(None, self.finish_reason(res, job, text.stopped), clp=self.extension(res))
+                    if include_usage:
+                        yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_id,
+                                    "choices": [], "usage": self.usage(res)})
+        finally:
+            job.cancel()  # at once, not when the inner generator is collected (no-op once done)
         yield "data: [DONE]\n\n"
 
     def health(self) -> dict:
