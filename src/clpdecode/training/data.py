@@ -65,8 +65,7 @@ class Features:
 SOURCES = ("all", "distilled", "teacher")
 
 
-def load_features(features_dir: Path, predictor_share: float = 0.2, max_rows: int | None = None,
-                  sources: str = "all") -> Features:
+def load_features(features_dir: Path, predictor_share: float = 0.2, sources: str = "all") -> Features:
     """Load cached hidden states. `sources`: all, distilled (self-generated answers only) or
     teacher (teacher-forced ShareGPT only, plus the distilled rows CLP and evaluation need)."""
     if sources not in SOURCES:
@@ -90,9 +89,6 @@ def load_features(features_dir: Path, predictor_share: float = 0.2, max_rows: in
     split = np.where(heldout, "heldout", np.where(predictor, "predictor", "heads"))
     if sources == "teacher":  # distilled sequences may serve CLP and evaluation, not the heads
         split = np.where((seq >= 0) & (split == "heads"), "unused", split)
-    if max_rows:
-        hidden, tokens, seq, split = hidden[:max_rows], tokens[:max_rows], seq[:max_rows], split[:max_rows]
-        on_path = on_path[:max_rows]
     return Features(torch.from_numpy(hidden), torch.from_numpy(tokens), torch.from_numpy(seq), split,
                     torch.from_numpy(on_path))
 
