@@ -205,3 +205,37 @@ def test_bad_inputs(tiny_backbone):
         generate(tiny_backbone, [3, 4], make_policy("ar"), GenerationConfig(max_new_tokens=10_000))
     with pytest.raises(ClpError):
         make_policy("clp", tiny_backbone, None)
+
+
+def test_sliding_window_model_verified_equals_ar_past_the_window():
+    """Gemma 3 style sliding-window layers (window 8), decoding 40 tokens: rollbacks past
+    the window keep verified == AR == transformers' generate (transformers path)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from clpdecode.backbone.model import Backbone
+
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                           sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                           eos_token_id=2, pad_token_id=0, bos_token_id=1)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    bb = Backbone(model, tok, "tiny-gemma3")
+    bb.eos_ids = set()
+    ids = [5, 6, 7, 8, 9]
+    cfg40 = GenerationConfig(max_new_tokens=40)
+    ar = generate(bb, ids, make_policy("ar"), cfg40)
+    assert ar.token_ids == hf_greedy(bb, ids, 40)
+    ver = generate(bb, ids, make_policy("verified", bb, random_drafter(bb, k=3, seed=1), draft="all"), cfg40)
+    assert ver.token_ids == ar.token_ids
+    # Drafts that are right half of the time: accepted spans and rejections past the window.
+    ref = ar.token_ids + [0] * 8
+    noisy = [t if i % 2 else (t + 1) % len(tok) for i, t in enumerate(ref)]
+    oracle = generate(bb, ids, make_policy("verified", bb, oracle_drafter(noisy, 3), draft="all"), cfg40)
+    assert oracle.token_ids == ar.token_ids and sum(oracle.accepted_per_step) > 0

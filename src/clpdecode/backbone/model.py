@@ -146,7 +146,12 @@ class Backbone:
             return self._lean.new_cache(capacity=capacity or 0)
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config)
+        # Sliding-window layers (Gemma 3) drop what falls out of the window at every update,
+        # so a rollback past it would be impossible: record the past; rollback() trims it.
+        if hasattr(cache, "activate_past_recording"):
+            cache.activate_past_recording()
+        return cache
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache, mask: torch.Tensor | None = None,
@@ -181,11 +186,11 @@ class Backbone:
     @staticmethod
     def rollback(cache, n: int) -> None:
         """Drop the last n positions from the cache (rejected draft tokens)."""
-        if n > 0:
-            if isinstance(cache, StaticKVCache):
+        if isinstance(cache, StaticKVCache):
+            if n > 0:
                 cache.rollback(n)  # moves the length back, no copy
-            else:
-                cache.crop(-n)
+        else:
+            cache.crop(-n)  # crop(0) still trims sliding-window layers back to their window
 
     @torch.inference_mode()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
