@@ -121,7 +121,7 @@ def pack_tokens(backbone, out: Path, n_sd: int, n_tf: int, max_prompt: int = 320
                 heldout_every: int = 20, seed: int = 0) -> dict:
     from clpdecode.errors import ClpError
     from clpdecode.evaluation.prompts import sharegpt_conversations
-    from clpdecode.training.distill import read_corpus
+    from clpdecode.corpus import read_corpus
 
     tok = backbone.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -162,7 +162,7 @@ def pack_tokens(backbone, out: Path, n_sd: int, n_tf: int, max_prompt: int = 320
             continue
         tf_seqs.append(seq)
         tf_plen.append(len(p))
-    from clpdecode.heads.artifacts import corpus_dir
+    from clpdecode.corpus import corpus_dir
 
     held = [r for r in read_corpus(corpus_dir(backbone.name)) if r["split"] == "heldout"]
     ho_seqs = [r["prompt"] + r["answer"] for r in held]

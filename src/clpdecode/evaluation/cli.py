@@ -14,8 +14,8 @@ def cmd_eval_heads(args) -> int:
     from ..backbone import load_backbone
     from ..heads import default_drafter, load_drafter
     from ..heads.accuracy import heldout_accuracy, heldout_states
-    from ..heads.artifacts import corpus_dir, shipped_drafter_dir
-    from ..training.distill import read_corpus
+    from ..corpus import corpus_dir, read_corpus
+    from ..heads.artifacts import shipped_drafter_dir
 
     backbone = load_backbone(args.model, numerics=args.numerics)
     drafter = default_drafter(backbone, k=args.k, folder=args.heads)

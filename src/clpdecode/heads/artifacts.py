@@ -188,11 +188,6 @@ def shipped_drafter_dir(backbone_name: str, k: int, baseline: bool = False, crea
     return path if create or (path / "config.json").is_file() else None
 
 
-def corpus_dir(backbone_name: str) -> Path:
-    """The self-distilled token-id corpus shipped for a backbone (held-out answers included)."""
-    return Path(str(resources.files("clpdecode") / "assets" / "corpus" / backbone_name))
-
-
 def shipped_head_accuracy(backbone_name: str) -> dict[str, dict]:
     """Held-out head accuracy recorded in each shipped bundle of a backbone, by k."""
     out = {}

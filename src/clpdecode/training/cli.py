@@ -10,7 +10,7 @@ from ..errors import ClpError
 
 def default_corpus_dir(backbone_name: str) -> Path:
     """The committed token-id corpus of a backbone, inside the package: found from anywhere."""
-    from ..heads.artifacts import corpus_dir
+    from ..corpus import corpus_dir
 
     return corpus_dir(backbone_name)
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_file, atomic_write_text
+from ..corpus import read_corpus  # noqa: F401  (re-exported: the corpus's writer)
 from ..errors import ClpError
 
 
@@ -36,16 +37,6 @@ class DistillConfig:
     batch_size: int = 16  # batched greedy generation: ~4x the tokens/s of batch 1 on CPU
     heldout_every: int = 20  # every 20th prompt goes to the held-out split (5%)
     seed: int = 0
-
-
-def read_corpus(corpus_dir: Path) -> list[dict]:
-    """All records of a corpus, sorted by prompt index: {"i", "split", "prompt", "answer"}."""
-    recs = []
-    for shard in sorted(Path(corpus_dir).glob("shard-*.jsonl")):
-        with open(shard, encoding="utf-8") as f:
-            recs.extend(json.loads(line) for line in f if line.strip())
-    recs.sort(key=lambda r: r["i"])
-    return recs
 
 
 def _select_prompts(backbone, cfg: DistillConfig) -> list[tuple[int, list[int]]]:
