@@ -578,17 +578,19 @@ def create_app(backbone, drafter=None, **options) -> FastAPI:
     async def health():
         return server.health()
 
+    def model_card() -> dict:
+        return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "clp-decode"}
+
     @app.get("/v1/models")
     async def models(request: Request):
         server.check_auth(request)
-        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
-                                            "owned_by": "clp-decode"}]}
+        return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         server.check_auth(request)
         server.check_model(model_id)
-        return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "clp-decode"}
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
