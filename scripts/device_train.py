@@ -51,6 +51,7 @@ from clpdecode.heads.accuracy import accuracy_counts, summarise  # noqa: E402
 from clpdecode.heads.chained import ChainConfig, ChainedHeads  # noqa: E402
 from clpdecode.predictors.modules import CLP, Gates, PredictorConfig  # noqa: E402
 from clpdecode.training.chain import ChainLossConfig, chain_loss, chain_lengths  # noqa: E402
+from clpdecode.training.train import clp_class_weights  # noqa: E402
 
 T0 = time.time()
 
@@ -220,12 +221,6 @@ def evaluate(chain, data, embed, steps, chunk=64):
     return summarise(counts, steps, chain.cfg.design)
 
 
-def clp_weights(labels, k, alpha):
-    counts = torch.bincount(labels, minlength=k + 1).float().clamp(min=1)
-    w = (counts.sum() / ((k + 1) * counts)) ** alpha
-    return w / (w * counts).sum() * counts.sum()
-
-
 def train_predictors(chain, pdata, embed, lm_head, k, dev, steps=1500, batch=512, lr=3e-3, alpha=0.5, warmup=0.3):
     """CLP (weighted, ramped) and gates on the chain's accepted lengths at the predictor split."""
     feats, tokens, mask = pdata
@@ -239,7 +234,7 @@ def train_predictors(chain, pdata, embed, lm_head, k, dev, steps=1500, batch=512
     h, lab, cor = torch.cat(H), torch.cat(LAB), torch.cat(COR).float()
     pc = PredictorConfig(k=k, hidden_size=h.shape[1])
     clp, gates = CLP(pc).to(dev), Gates(pc).to(dev)
-    final_w = clp_weights(lab, k, alpha).to(dev)
+    final_w = clp_class_weights(lab, k, alpha).to(dev)
     g = torch.Generator(device="cpu").manual_seed(0)
     for mod, kind in ((clp, "clp"), (gates, "gates")):
         opt = torch.optim.AdamW(mod.parameters(), lr=lr)

@@ -201,7 +201,8 @@ def head_accuracy(heads: MTPHeads, feats: Features, embed, split: str = "heldout
     return {"k": heads.cfg.k, "head_top1": top1, "head_top5": top5, "tokens": int(len(rows))}
 
 
-def _clp_weights(labels: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
+def clp_class_weights(labels: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
+    """Inverse class frequency ** alpha, normalised to a mean example weight of 1."""
     counts = torch.bincount(labels, minlength=k + 1).float().clamp(min=1)
     w = (counts.sum() / ((k + 1) * counts)) ** alpha
     return w / (w * counts).sum() * counts.sum()  # keep the mean example weight at 1
@@ -216,7 +217,7 @@ def train_clp(feats: Features, heads: MTPHeads, embed, tcfg: TrainConfig, ckpt: 
     labels = accepted_lengths(head_predictions(heads, feats, embed, rows, topk=1)[..., 0],
                               feats.targets(k, heads.cfg.offset)[rows])
     clp = CLP(PredictorConfig(k=k, hidden_size=heads.cfg.hidden_size))
-    final_w = _clp_weights(labels, k, alpha)
+    final_w = clp_class_weights(labels, k, alpha)
     ramp_steps = max(1, int(tcfg.clp_warmup * tcfg.predictor_steps))
     def loss_fn(gen, step):
         # Class weights ramp linearly from uniform to final_w over the warm-up; the step
