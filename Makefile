@@ -23,10 +23,11 @@ $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 # prompts, then one answer streamed with the head-emitted tokens highlighted.
 demo: setup
 	$(VENV)/bin/clp bench --model embedded --numerics fp16 --prompts mtbench --limit 4 \
-		--max-new-tokens 64 --out $(DEMO_OUT)
+		--max-new-tokens 64 --k 4 --clp-threshold 0.3 --out $(DEMO_OUT)
 	@echo
 	@echo "One answer with --method verified (identical to AR); head-emitted tokens in cyan:"
-	$(VENV)/bin/clp generate --model embedded --numerics fp16 --method verified --max-new-tokens 96 \
+	$(VENV)/bin/clp generate --model embedded --numerics fp16 --method verified --k 4 --clp-threshold 0.3 \
+		--max-new-tokens 96 \
 		--color always --prompt "Give me three tips for staying focused while studying."
 	@echo "full report: $(DEMO_OUT)/report.md"
 
