@@ -150,6 +150,27 @@ def test_bench_times_the_transformers_peers(capsys, tmp_path, tiny_llama_dir):
     assert "hf_prompt_lookup" in (tmp_path / "b" / "report.md").read_text()
 
 
+def test_raw_prompts_skip_the_chat_template(capsys, tmp_path, tiny_backbone, tiny_llama_dir):
+    """--raw (generate, bench) and raw=True (API): plain-text continuation for base models."""
+    import clpdecode as clp
+
+    res = clp.generate_text(tiny_backbone, "The capital of", raw=True, max_new_tokens=5)
+    assert res.prompt_ids == tiny_backbone.tokenizer("The capital of")["input_ids"]
+    chat = clp.generate_text(tiny_backbone, "The capital of", max_new_tokens=5)
+    assert chat.prompt_ids != res.prompt_ids  # the tiny tokenizer has a chat template
+    code, out, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--prompt", "The capital of", "--raw",
+                         "--max-new-tokens", "5", "--json")
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == res.token_ids
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "The capital of"}\n')
+    code, _, err = run(capsys, "bench", "--model", str(tiny_llama_dir), "--methods", "ar", "--raw", "--prompts",
+                       str(prompts), "--max-new-tokens", "5", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    res_b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert res_b["settings"]["raw"] is True
+
+
 def test_profile_json(capsys, tiny_llama_dir):
     code, out, err = run(capsys, "profile", "--model", str(tiny_llama_dir), "--numerics-list", "fp32,fp16",
                          "--context", "16", "--json")

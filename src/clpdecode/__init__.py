@@ -36,10 +36,12 @@ def generate_text(
     clp_threshold: float = 0.5,
     gate_threshold: float = 0.5,
     draft: str = "clp",
+    raw: bool = False,
     on_tokens: Callable[[list[int], bool], None] | None = None,
 ) -> GenerationResult:
-    """Encode `prompt` (chat template for instruct models) and decode it with `method`."""
-    prompt_ids = backbone.encode_prompt(prompt, system=system)
+    """Encode `prompt` (chat template for instruct models; plain text with `raw`, as base
+    models need) and decode it with `method`."""
+    prompt_ids = backbone.encode_prompt(prompt, system=system, chat=False if raw else None)
     policy = make_policy(method, backbone, drafter, clp_threshold=clp_threshold,
                          gate_threshold=gate_threshold, draft=draft)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop),

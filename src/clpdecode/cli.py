@@ -144,8 +144,8 @@ def cmd_generate(args) -> int:
     GenerationConfig(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()),
                      sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed))
     backbone = _backbone(args)
-    check_context(len(backbone.encode_prompt(args.prompt, system=args.system)), args.max_new_tokens,
-                  backbone.max_positions)
+    prompt_ids = backbone.encode_prompt(args.prompt, system=args.system, chat=False if args.raw else None)
+    check_context(len(prompt_ids), args.max_new_tokens, backbone.max_positions)
     drafter = _drafter(args, backbone, required=True) if args.method != "ar" else None
     stream = not args.json
     color = stream and (args.color == "always" or (
@@ -162,7 +162,7 @@ def cmd_generate(args) -> int:
         backbone, args.prompt, method=args.method, drafter=drafter, max_new_tokens=args.max_new_tokens,
         system=args.system, stop=tuple(args.stop or ()), temperature=args.temperature, top_p=args.top_p,
         seed=args.seed, clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
-        draft=args.draft, on_tokens=on_tokens if stream else None,
+        draft=args.draft, raw=args.raw, on_tokens=on_tokens if stream else None,
     )
     if args.json:
         _Stdout.write(json.dumps(res.as_dict()) + "\n")
@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(g)
     g.add_argument("--max-new-tokens", type=int, default=128, help="cap on new tokens (default: 128)")
     g.add_argument("--system", default=None, help="system message (default: none added)")
+    g.add_argument("--raw", action="store_true",
+                   help="plain-text continuation, no chat template (base models; the default for a "
+                        "backbone without a chat template)")
     g.add_argument("--stop", action="append", help="stop string (repeatable): output ends after it")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")

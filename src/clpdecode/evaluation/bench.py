@@ -34,6 +34,7 @@ class BenchSettings:
     warmup_tokens: int = 16
     threads: int = 0
     hf_generate: bool = False  # also time transformers' generate() (greedy, same numerics) as AR's peer
+    raw: bool = False  # plain-text prompts, no chat template (base models)
 
 
 # Settings that may differ between a bench and its resumption (more prompts, other threads).
@@ -112,7 +113,7 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
     methods = list(dict.fromkeys(["ar", *settings.methods]))  # AR is always the reference
     policies = {m: make_policy(m, backbone, drafter, clp_threshold=settings.clp_threshold,
                                gate_threshold=settings.gate_threshold, draft=settings.draft) for m in methods}
-    encoded = [backbone.encode_prompt(p) for p in prompts]
+    encoded = [backbone.encode_prompt(p, chat=False if settings.raw else None) for p in prompts]
     for i, ids in enumerate(encoded):  # before anything is measured
         try:
             check_context(len(ids), settings.max_new_tokens, backbone.max_positions)

@@ -75,7 +75,7 @@ def cmd_bench(args) -> int:
                              max_new_tokens=args.max_new_tokens, numerics=args.numerics,
                              clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
                              draft=args.draft, k=drafter.k if drafter else args.k, threads=torch.get_num_threads(),
-                             hf_generate=args.hf_generate)
+                             hf_generate=args.hf_generate, raw=args.raw)
     try:
         results = run_bench(backbone, drafter, prompts, settings, reference=reference, out_dir=out_dir,
                             resume=args.resume)
@@ -167,6 +167,8 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
     b.add_argument("--resume", action="store_true",
                    help="continue the bench whose results.json is in --out (same settings; --limit may grow): "
                         "prompts already measured there are kept, not rerun")
+    b.add_argument("--raw", action="store_true",
+                   help="plain-text prompts, no chat template (base models such as gemma3-270m)")
     b.add_argument("--hf-generate", action="store_true",
                    help="also time the peers on the same model: transformers' greedy generate() and its "
                         "prompt-lookup decoding (prompt_lookup_num_tokens=10); results.json gets a `peers` object")
