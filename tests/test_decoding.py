@@ -34,13 +34,13 @@ def test_ar_equals_transformers_generate(tiny_backbone, ids, n):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=prompts, n=st.integers(1, 40), k=st.integers(1, 4), seed=st.integers(0, 10_000),
        design=st.sampled_from(["fused", "residual", "chained", "chained-mlp"]), draft=st.sampled_from(["clp", "all"]),
-       thr=st.floats(0.0, 1.0))
-def test_verified_equals_ar(tiny_backbone, ids, n, k, seed, design, draft, thr):
+       thr=st.floats(0.0, 1.0), lookup=st.booleans())
+def test_verified_equals_ar(tiny_backbone, ids, n, k, seed, design, draft, thr, lookup):
     drafter = random_drafter(tiny_backbone, k=k, design=design, seed=seed)
     cfg = GenerationConfig(max_new_tokens=n)
     ar = generate(tiny_backbone, ids, make_policy("ar"), cfg)
     ver = generate(tiny_backbone, ids, make_policy("verified", tiny_backbone, drafter, draft=draft,
-                                                   clp_threshold=thr), cfg)
+                                                   clp_threshold=thr, lookup=lookup), cfg)
     assert ver.token_ids == ar.token_ids
     assert ver.forward_passes <= ar.forward_passes
     # Each forward yields one backbone token plus the drafts it verified; the last
@@ -239,3 +239,35 @@ def test_sliding_window_model_verified_equals_ar_past_the_window():
     noisy = [t if i % 2 else (t + 1) % len(tok) for i, t in enumerate(ref)]
     oracle = generate(bb, ids, make_policy("verified", bb, oracle_drafter(noisy, 3), draft="all"), cfg40)
     assert oracle.token_ids == ar.token_ids and sum(oracle.accepted_per_step) > 0
+
+
+def test_lookup_drafts_copy_the_latest_earlier_continuation():
+    from clpdecode.decoding.lookup import LookupSession
+
+    class Inner:
+        def observe(self, rows, tokens):
+            pass
+
+        def propose(self, hidden, token, m):
+            return [99] * m
+
+    s = LookupSession(Inner(), k=3)
+    h = torch.zeros(4)
+    s.observe(torch.zeros(9, 4), [1, 2, 3, 4, 1, 2, 3, 5])  # the text so far: x 1 2 3 4 1 2 3 5
+    assert s.propose(h, 1, 2) == [99, 99]  # tail "5 1": never seen, so the drafter's drafts
+    s.observe(torch.zeros(1, 4), [])
+    assert s.propose(h, 2, 2) == [3, 5, 1]  # tail "1 2": its latest earlier occurrence goes on 3 5 1 (k tokens)
+    s.observe(torch.zeros(1, 4), [])
+    assert s.propose(h, 3, 2) == [5, 1, 2]  # tail "1 2 3" (longest match first), k = 3 tokens
+    assert s.used == 2
+
+
+def test_verified_with_lookup_uses_it_on_repetitive_text(tiny_backbone):
+    """On a prompt that repeats, lookup drafts are taken and output still equals AR."""
+    drafter = random_drafter(tiny_backbone, k=3, seed=2)
+    ids = [10, 11, 12, 13, 14] * 6
+    cfg = GenerationConfig(max_new_tokens=30)
+    ar = generate(tiny_backbone, ids, make_policy("ar"), cfg)
+    pol = make_policy("verified", tiny_backbone, drafter, draft="all", lookup=True)
+    ver = generate(tiny_backbone, ids, pol, cfg)
+    assert ver.token_ids == ar.token_ids and pol.session.used > 0

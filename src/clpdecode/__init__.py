@@ -36,13 +36,14 @@ def generate_text(
     clp_threshold: float = 0.5,
     gate_threshold: float = 0.5,
     draft: str = "clp",
+    lookup: bool = True,
     raw: bool = False,
     on_tokens: Callable[[list[int], bool], None] | None = None,
 ) -> GenerationResult:
     """Encode `prompt` (chat template for instruct models; plain text with `raw`, as base
     models need) and decode it with `method`."""
     prompt_ids = backbone.encode_prompt(prompt, system=system, chat=False if raw else None)
-    policy = make_policy(method, backbone, drafter, clp_threshold=clp_threshold,
+    policy = make_policy(method, backbone, drafter, clp_threshold=clp_threshold, lookup=lookup,
                          gate_threshold=gate_threshold, draft=draft)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop),
                            sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))

@@ -52,6 +52,10 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="gate baseline: accept head tokens while P(correct) >= this (default: 0.5)")
     p.add_argument("--draft", default="clp", choices=["clp", "all"],
                    help="verified mode: draft length from CLP or all k heads (default: clp)")
+    p.add_argument("--no-lookup", dest="lookup", action="store_false",
+                   help="verified mode: draft only with the drafter (by default the continuation of the "
+                        "text's last 2-4 tokens where they occurred before, prompt included, is drafted "
+                        "first, and the drafter's tokens otherwise)")
 
 
 def _setup(args) -> None:
@@ -162,7 +166,7 @@ def cmd_generate(args) -> int:
         backbone, args.prompt, method=args.method, drafter=drafter, max_new_tokens=args.max_new_tokens,
         system=args.system, stop=tuple(args.stop or ()), temperature=args.temperature, top_p=args.top_p,
         seed=args.seed, clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
-        draft=args.draft, raw=args.raw, on_tokens=on_tokens if stream else None,
+        draft=args.draft, lookup=args.lookup, raw=args.raw, on_tokens=on_tokens if stream else None,
     )
     if args.json:
         _Stdout.write(json.dumps(res.as_dict()) + "\n")

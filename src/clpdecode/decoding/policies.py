@@ -113,13 +113,20 @@ class Verified(Policy):
     name = "verified"
     verifies = True
 
-    def __init__(self, backbone, drafter, draft: str = "clp", threshold: float = 0.5):
+    def __init__(self, backbone, drafter, draft: str = "clp", threshold: float = 0.5, lookup: bool = True):
         super().__init__(backbone, drafter)
         if draft not in ("clp", "all"):
             raise ClpError(f"--draft must be clp or all, got {draft!r}")
         if draft == "clp" and drafter.clp is None:
             raise ClpError("--draft clp needs a CLP layer in the heads folder; use --draft all")
-        self.draft, self.threshold = draft, threshold
+        self.draft, self.threshold, self.lookup = draft, threshold, lookup
+
+    def start(self) -> None:
+        super().start()
+        if self.lookup:  # n-gram drafts from the text so far first, the drafter's otherwise
+            from .lookup import LookupSession
+
+            self.session = LookupSession(self.session, self.drafter.k)
 
     def span(self, hidden):
         if self.draft == "all":
@@ -150,7 +157,7 @@ class Competing(Policy):
 
 
 def make_policy(method: str, backbone=None, drafter=None, *, clp_threshold: float = 0.5,
-                gate_threshold: float = 0.5, draft: str = "clp") -> Policy:
+                gate_threshold: float = 0.5, draft: str = "clp", lookup: bool = True) -> Policy:
     """Build the policy for a method name (see METHODS)."""
     if method not in METHODS:
         raise ClpError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -167,5 +174,5 @@ def make_policy(method: str, backbone=None, drafter=None, *, clp_threshold: floa
     if method == "clp":
         return CLPPolicy(backbone, drafter, clp_threshold)
     if method == "verified":
-        return Verified(backbone, drafter, draft, clp_threshold)
+        return Verified(backbone, drafter, draft, clp_threshold, lookup)
     return Competing(backbone, drafter)

@@ -35,6 +35,7 @@ class BenchSettings:
     threads: int = 0
     hf_generate: bool = False  # also time transformers' generate() (greedy, same numerics) as AR's peer
     raw: bool = False  # plain-text prompts, no chat template (base models)
+    lookup: bool = True  # verified: n-gram lookup drafts before the drafter's (--no-lookup: off)
 
 
 # Settings that may differ between a bench and its resumption (more prompts, other threads).
@@ -111,7 +112,7 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
     from tqdm import tqdm
 
     methods = list(dict.fromkeys(["ar", *settings.methods]))  # AR is always the reference
-    policies = {m: make_policy(m, backbone, drafter, clp_threshold=settings.clp_threshold,
+    policies = {m: make_policy(m, backbone, drafter, clp_threshold=settings.clp_threshold, lookup=settings.lookup,
                                gate_threshold=settings.gate_threshold, draft=settings.draft) for m in methods}
     encoded = [backbone.encode_prompt(p, chat=False if settings.raw else None) for p in prompts]
     for i, ids in enumerate(encoded):  # before anything is measured
