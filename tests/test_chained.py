@@ -122,7 +122,8 @@ def test_verified_acceptance_matches_heldout_chain_accept(tiny_backbone):
     prompt = [5, 17, 33, 40]
     tiny_backbone.eos_ids = set()
     try:
-        ver = generate(tiny_backbone, prompt, make_policy("verified", tiny_backbone, drafter, draft="all"),
+        pol = make_policy("verified", tiny_backbone, drafter, draft="all", lookup=False)  # the chain's drafts only
+        ver = generate(tiny_backbone, prompt, pol,
                        GenerationConfig(max_new_tokens=30))
     finally:
         tiny_backbone.eos_ids = {2}
