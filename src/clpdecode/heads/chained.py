@@ -254,11 +254,12 @@ class ChainedHeads(nn.Module):
     # ---- inference (batch 1) -------------------------------------------------------------
     # Drafting runs the block on 1..n rows at a time, where per-call overhead and weight
     # reads dominate: it uses fused copies of the linears (q/k/v in one, gate/up in one, the
-    # draft LM-head rows as a Linear), optionally with fp16 weights (fbgemm, fp32
-    # activations) like the backbone's fp16 numerics. Training never touches these copies.
-    def prepare_inference(self, half: bool = False, dtype: torch.dtype | None = None) -> dict:
-        """Build the fused drafting linears (fp16 weights when `half`, or dynamic
-        quantisation to `dtype`: torch.float16 / torch.qint8); returns them."""
+    # draft LM-head rows as a Linear), optionally dynamically quantised (fbgemm, fp32
+    # activations; Drafter.attach picks int8 under reduced numerics). Training never
+    # touches these copies.
+    def prepare_inference(self, dtype: torch.dtype | None = None) -> dict:
+        """Build the fused drafting linears, dynamically quantised to `dtype` (torch.float16
+        or torch.qint8; None keeps fp32); returns them."""
         if self.proj is None:
             raise RuntimeError("the chain is not attached to a backbone: call attach()")
 
@@ -273,7 +274,6 @@ class ChainedHeads(nn.Module):
         if self.cfg.attention:
             mods["qkv"] = lin(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
             mods["o"] = lin(self.o_proj.weight)
-        dtype = dtype or (torch.float16 if half else None)
         if dtype is not None:
             import warnings
 
@@ -300,7 +300,7 @@ class ChainedHeads(nn.Module):
         return table
 
     def _fast_mods(self) -> dict:
-        return self.__dict__.get("_fast") or self.prepare_inference(False)
+        return self.__dict__.get("_fast") or self.prepare_inference()
 
     def _run(self, name: str, x: torch.Tensor) -> torch.Tensor:
         # fbgemm's dynamic Linear wants a 2-D input.

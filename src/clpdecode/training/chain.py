@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..heads.accuracy import accuracy_counts, shifted, summarise
+from ..heads.accuracy import accuracy_counts, draft_topk, shifted, summarise
 from ..heads.chained import ChainedHeads
 
 
@@ -100,12 +100,11 @@ def chain_lengths(chain: ChainedHeads, features: torch.Tensor, tokens: torch.Ten
     greedy = torch.cat([(features[:, i : i + 256].float() @ lm_head.T).argmax(-1)
                         for i in range(0, features.shape[1], 256)], 1)  # (B, L)
     on_path = shifted(tokens, 1) == greedy  # x_{p+1} is the greedy token after p
-    emb1 = embed[shifted(tokens, 1)].float()
-    outs = chain.forward_train(features.float(), [emb1], steps=steps, own_tokens=True)
+    drafts = draft_topk(chain, features, tokens, embed, steps, topk=1)[..., 0]  # (B, L, steps)
     correct = []
     path = mask.clone()
-    for s, g in enumerate(outs, start=1):
-        d = chain.draft_ids[chain.logits(g).argmax(-1)]
+    for s in range(1, steps + 1):
+        d = drafts[:, :, s - 1]
         path = path & shifted(on_path, s - 1, False)  # x_{j+1..j+s} greedy: draft s's context is right
         correct.append(path & (d == shifted(greedy, s)) & shifted(mask, s, False))
     correct = torch.stack(correct, -1)
