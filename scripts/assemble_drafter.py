@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,16 +28,15 @@ def main() -> None:
     ap.add_argument("--model", default="embedded")
     args = ap.parse_args()
     from clpdecode.backbone import load_backbone
-    from clpdecode.heads.artifacts import Drafter, load_drafter, save_drafter, shipped_drafter_dir
+    from clpdecode.heads.artifacts import Drafter, load_drafter, loaded_tensors, save_drafter, shipped_drafter_dir
     from clpdecode.heads.chained import ChainConfig, ChainedHeads
     from clpdecode.predictors.modules import CLP, Gates, PredictorConfig
 
     run = Path(args.run)
     report = json.loads((run / "report.json").read_text())
     variant = report["variants"][args.variant]
-    state = {k: (v.long() if v.dtype == torch.int32 else v.float())
-             for k, v in load_file(str(run / f"chain-{args.variant}.safetensors")).items()}
-    pred = {k: v.float() for k, v in load_file(str(run / "predictors.safetensors")).items()}
+    state = loaded_tensors(load_file(str(run / f"chain-{args.variant}.safetensors")))
+    pred = loaded_tensors(load_file(str(run / "predictors.safetensors")))
     backbone = load_backbone(args.model)
     for k in (2, 4):
         chain = ChainedHeads(ChainConfig(**{**variant["chain"], "k": k}))

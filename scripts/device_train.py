@@ -48,6 +48,7 @@ for _name in ("clpdecode", "clpdecode.heads", "clpdecode.training", "clpdecode.p
     _bare_package(_name, ROOT / "src" / Path(*_name.split(".")))
 
 from clpdecode.heads.accuracy import accuracy_counts, summarise  # noqa: E402
+from clpdecode.heads.artifacts import stored_tensors  # noqa: E402
 from clpdecode.heads.chained import ChainConfig, ChainedHeads  # noqa: E402
 from clpdecode.predictors.modules import CLP, Gates, PredictorConfig  # noqa: E402
 from clpdecode.training.chain import ChainLossConfig, chain_loss, chain_lengths  # noqa: E402
@@ -256,15 +257,10 @@ def train_predictors(chain, pdata, embed, lm_head, k, dev, steps=1500, batch=512
                                       "alpha": alpha, "positions": int(len(h))}
 
 
-def tensors(module, prefix=""):
-    return {prefix + n: (t.detach().cpu().to(torch.int32) if t.dtype == torch.long else t.detach().cpu().half()).contiguous()
-            for n, t in module.state_dict().items()}
-
-
 def save(module, path):
     from safetensors.torch import save_file
 
-    save_file(tensors(module), str(path))
+    save_file(stored_tensors(module), str(path))
 
 
 def main():
@@ -379,8 +375,8 @@ def main():
     pred = {}
     for k in (2, 4):
         clp, gates, info = train_predictors(main_chain, pdata, embed, lm_head, k, dev)
-        pred.update(tensors(clp, f"k{k}.clp."))
-        pred.update(tensors(gates, f"k{k}.gates."))
+        pred.update(stored_tensors(clp, f"k{k}.clp."))
+        pred.update(stored_tensors(gates, f"k{k}.gates."))
         report["predictors"][f"k{k}"] = info
         log(f"predictors k={k}:", info)
     from safetensors.torch import save_file

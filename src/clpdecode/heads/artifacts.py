@@ -76,6 +76,18 @@ class Drafter:
         return out
 
 
+def stored_tensors(module, prefix: str = "") -> dict:
+    """A module's state as shipped: index buffers as int32, weights as fp16."""
+    return {prefix + name: (t.detach().cpu().to(torch.int32) if t.dtype == torch.long
+                            else t.detach().cpu().to(torch.float16)).contiguous()
+            for name, t in module.state_dict().items()}
+
+
+def loaded_tensors(tensors: dict) -> dict:
+    """Stored tensors back to working dtypes: int32 -> long, the rest fp32."""
+    return {k: (v.long() if v.dtype == torch.int32 else v.float()) for k, v in tensors.items()}
+
+
 def backbone_meta(backbone) -> dict:
     return {
         "name": backbone.name,
@@ -111,10 +123,7 @@ def save_drafter(drafter: Drafter, folder: Path, backbone=None) -> Path:
             continue
         if prefix == "competing":
             config["competing"] = mod.cfg.as_dict()
-        for name, t in mod.state_dict().items():
-            t = t.detach().cpu()
-            t = t.to(torch.int32) if t.dtype == torch.long else t.to(torch.float16)
-            tensors[f"{prefix}.{name}"] = t.contiguous()
+        tensors.update(stored_tensors(mod, prefix + "."))
     config["components"] = sorted({k.split(".")[0] for k in tensors})
     with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"))
@@ -139,8 +148,7 @@ def load_drafter(folder: Path, backbone=None) -> Drafter:
         raise ClpError(f"{str(folder)!r} is not a clp-decode heads folder (format {fmt!r})")
 
     def part(prefix: str) -> dict:
-        return {k[len(prefix) + 1 :]: (v.long() if v.dtype == torch.int32 else v.float())
-                for k, v in tensors.items() if k.startswith(prefix + ".")}
+        return loaded_tensors({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
 
     def make_heads(cfg: dict, state: dict) -> MTPHeads | ChainedHeads:
         chained = cfg.get("design") == "chained"
