@@ -26,6 +26,7 @@ import torch
 
 from ..atomic import atomic_file, atomic_write_text
 from ..corpus import read_corpus  # noqa: F401  (re-exported: the corpus's writer)
+from ..datasets import sharegpt, sharegpt_conversations
 from ..errors import ClpError
 
 
@@ -40,8 +41,6 @@ class DistillConfig:
 
 
 def _select_prompts(backbone, cfg: DistillConfig) -> list[tuple[int, list[int]]]:
-    from ..evaluation.prompts import sharegpt
-
     prompts = sharegpt()
     order = list(range(len(prompts)))
     random.Random(cfg.seed).shuffle(order)
@@ -175,8 +174,6 @@ def build_teacher_features(backbone, features_dir: Path, n_conversations: int = 
     self-distillation. Rows go to the head-training split only (shards ``tf-*.npz``).
     """
     from tqdm import tqdm
-
-    from ..evaluation.prompts import sharegpt_conversations
 
     features_dir = Path(features_dir)
     features_dir.mkdir(parents=True, exist_ok=True)
