@@ -216,26 +216,11 @@ def cached_folder(folder: Path, source: str, build: Callable[[Path], None], mess
     return folder
 
 
-# Gemma 3's GGUF carries no chat template; this is Gemma 3's own turn format (a system
-# message, if any, is folded into the first user turn, as Gemma's template does).
-GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% set ns = namespace(sys='', first=true) %}"
-    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.sys = m['content'] | trim + '\n\n' %}"
-    "{% endif %}{% endfor %}"
-    "{% for m in messages %}{% if m['role'] != 'system' %}<start_of_turn>"
-    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{% if ns.first and m['role'] == 'user' %}{{ ns.sys }}{% endif %}{% set ns.first = false %}"
-    "{{ m['content'] | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
-FIXUPS = {"gemma-3-270m-it": "chat-template-2"}
-
-
-def _apply_fixups(name: str, model, tok) -> None:
-    if name == "gemma-3-270m-it":
-        tok.chat_template = GEMMA3_CHAT_TEMPLATE
-        # <end_of_turn> (106) ends a model turn as well as <eos> (1).
-        model.generation_config.eos_token_id = [1, tok.convert_tokens_to_ids("<end_of_turn>")]
+# Gemma 3 270M's GGUF is the pretrained base model (general.name "Gemma 3 270m", no
+# finetune, no chat template). It is converted as it is: with no chat template, prompts
+# are encoded as plain text (Backbone.encode_prompt), which is how a base model continues
+# text sensibly; an instruction-tuned turn format makes it babble.
+GEMMA_NAME = "gemma-3-270m"
 
 
 def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
@@ -248,7 +233,8 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = _file_fingerprint(gguf) + ":" + FIXUPS.get(name, "")
+    # The trailing ":" keeps the source string of caches written when fixups were tagged here.
+    source = _file_fingerprint(gguf) + ":"
     folder = cache_dir() / "models" / name
 
     def build(tmp: Path) -> None:
@@ -261,7 +247,9 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        _apply_fixups(name, model, tok)
+        # A base model must not inherit a chat template from the GGUF's tokenizer metadata.
+        if getattr(tok, "chat_template", None) and name == GEMMA_NAME:
+            tok.chat_template = None
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
@@ -276,7 +264,7 @@ def resolve_model(name: str, progress: bool = True) -> tuple[str, str]:
         return "SmolLM2-135M-Instruct", str(converted_gguf_folder(gguf, "SmolLM2-135M-Instruct", progress))
     if name == GEMMA:
         gguf = gemma_gguf_path()
-        return "gemma-3-270m-it", str(converted_gguf_folder(gguf, "gemma-3-270m-it", progress))
+        return GEMMA_NAME, str(converted_gguf_folder(gguf, GEMMA_NAME, progress))
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
