@@ -100,6 +100,29 @@ def test_bench_resume_refuses_other_prompts(capsys, tmp_path, tiny_llama_dir, he
     assert code == 2 and "prompt 1 differs" in err
 
 
+def test_bench_resumes_results_written_before_raw_and_lookup(capsys, tmp_path, tiny_llama_dir, heads_dir,
+                                                               prompts_file):
+    """A results.json from before --raw and --no-lookup lacks both settings: it was measured
+    with raw=False and without lookup, so it resumes under --no-lookup and only then."""
+    out = tmp_path / "b"
+    code, _, err = run(capsys, *bench_argv(tiny_llama_dir, heads_dir, prompts_file, out, "--limit", "1",
+                                           "--no-lookup"))
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    for key in ("raw", "lookup"):  # as the older code wrote it
+        del results["settings"][key]
+    (out / "results.json").write_text(json.dumps(results))
+
+    code, _, err = run(capsys, *bench_argv(tiny_llama_dir, heads_dir, prompts_file, out, "--resume"))
+    assert code == 2 and "(lookup)" in err  # lookup on would mix two methods in one result
+    code, _, err = run(capsys, *bench_argv(tiny_llama_dir, heads_dir, prompts_file, out, "--resume",
+                                           "--no-lookup"))
+    assert code == 0, err
+    done = json.loads((out / "results.json").read_text())
+    assert done["n_prompts_done"] == 3 and done["runs"][:1] == results["runs"]
+    assert done["settings"]["raw"] is False and done["settings"]["lookup"] is False
+
+
 # ---- the model cache ------------------------------------------------------------------
 def _cache_builder(calls):
     from conftest import save_tiny_model

@@ -41,6 +41,12 @@ class BenchSettings:
 # Settings that may differ between a bench and its resumption (more prompts, other threads).
 _RESUMABLE = {"limit", "threads"}
 
+# Settings added after results.json files were first written, with the value that a file
+# lacking one was measured with: before --raw every prompt went through encode_prompt's
+# default (raw=False), and before --no-lookup existed verified had no n-gram lookup at all
+# (lookup=False, not today's default: resuming it with lookup on would mix two methods).
+_BEFORE_ADDED = {"raw": False, "lookup": False}
+
 
 def prepare_out_dir(out: Path) -> Path:
     """Make sure results can be written to `out` (a folder), before anything is measured."""
@@ -61,6 +67,13 @@ def _prompt_key(ids: list[int]) -> str:
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
 
 
+def _differing_settings(settings: BenchSettings, recorded: dict) -> list[str]:
+    """The settings (other than _RESUMABLE ones) in which `settings` differ from those
+    recorded in a results.json; a setting the file predates counts as _BEFORE_ADDED's value."""
+    now = json.loads(json.dumps(asdict(settings)))  # as recorded: tuples become lists
+    return [k for k in now if k not in _RESUMABLE and now[k] != recorded.get(k, _BEFORE_ADDED.get(k))]
+
+
 def _resumable_records(out_dir: Path, backbone, settings: BenchSettings, encoded: list[list[int]]) -> list[dict]:
     """The per-prompt records of an earlier bench in out_dir with the same settings."""
     path = out_dir / "results.json"
@@ -72,8 +85,7 @@ def _resumable_records(out_dir: Path, backbone, settings: BenchSettings, encoded
     except (OSError, ValueError, KeyError, TypeError):
         raise ClpError(f"cannot resume: {path} is not a results file of `clp bench`; "
                        "use another --out or drop --resume") from None
-    now = asdict(settings)
-    differ = [k for k in now if k not in _RESUMABLE and json.loads(json.dumps(now[k])) != old_settings.get(k)]
+    differ = _differing_settings(settings, old_settings)
     if old.get("backbone") != backbone.info.as_dict():
         differ.insert(0, "backbone")
     if differ:
