@@ -9,11 +9,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clpdecode.decoding import GenerationConfig, SamplingConfig, generate, make_policy
+from clpdecode.decoding.tree import DraftTree, TreeConfig, build_tree, verify_tree
 from clpdecode.errors import ClpError
 
 from conftest import random_drafter
 
 prompts = st.lists(st.integers(3, 90), min_size=1, max_size=12)
+# Draft shapes: chains, small and large trees; the last takes every candidate as a sibling
+# (min_prob 0), so that siblings are often what the backbone accepts.
+TREES = ["chain", 2, 6, TreeConfig(size=16, width=6, min_prob=0.0)]
 
 
 def hf_greedy(backbone, ids, n):
@@ -34,13 +38,13 @@ def test_ar_equals_transformers_generate(tiny_backbone, ids, n):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=prompts, n=st.integers(1, 40), k=st.integers(1, 4), seed=st.integers(0, 10_000),
        design=st.sampled_from(["fused", "residual", "chained", "chained-mlp"]), draft=st.sampled_from(["clp", "all"]),
-       thr=st.floats(0.0, 1.0), lookup=st.booleans())
-def test_verified_equals_ar(tiny_backbone, ids, n, k, seed, design, draft, thr, lookup):
+       thr=st.floats(0.0, 1.0), lookup=st.booleans(), tree=st.sampled_from(TREES))
+def test_verified_equals_ar(tiny_backbone, ids, n, k, seed, design, draft, thr, lookup, tree):
     drafter = random_drafter(tiny_backbone, k=k, design=design, seed=seed)
     cfg = GenerationConfig(max_new_tokens=n)
     ar = generate(tiny_backbone, ids, make_policy("ar"), cfg)
     ver = generate(tiny_backbone, ids, make_policy("verified", tiny_backbone, drafter, draft=draft,
-                                                   clp_threshold=thr, lookup=lookup), cfg)
+                                                   clp_threshold=thr, lookup=lookup, tree=tree), cfg)
     assert ver.token_ids == ar.token_ids
     assert ver.forward_passes <= ar.forward_passes
     # Each forward yields one backbone token plus the drafts it verified; the last
@@ -271,3 +275,119 @@ def test_verified_with_lookup_uses_it_on_repetitive_text(tiny_backbone):
     pol = make_policy("verified", tiny_backbone, drafter, draft="all", lookup=True)
     ver = generate(tiny_backbone, ids, pol, cfg)
     assert ver.token_ids == ar.token_ids and pol.session.used > 0
+
+
+# ---- draft trees ---------------------------------------------------------------------------
+def test_build_tree_shares_prefixes_and_keeps_within_size():
+    cands = [[(5, 0.6), (6, 0.3), (7, 0.05)], [(8, 0.5), (9, 0.4)], [(10, 0.9)]]
+    tree = build_tree(4, cands, span=2, lookup=[5, 8, 11], cfg=TreeConfig(size=8, min_prob=0.1))
+    # chain 4-5-8; lookup shares 5-8 and adds 11; then by path probability: 6 (0.3) under the
+    # root, 10 (0.6*0.5*0.9, past the span: the top-1 competes there) under 8, 9 (0.6*0.4) under
+    # 5; 7 (0.05) is below min_prob.
+    assert tree.tokens == [4, 5, 8, 11, 6, 10, 9]
+    assert tree.parents == [-1, 0, 1, 2, 0, 2, 1]
+    assert tree.depth == [0, 1, 2, 3, 1, 3, 2]
+    small = build_tree(4, cands, span=2, lookup=[5, 8, 11], cfg=TreeConfig(size=3))
+    assert len(small) == 4 and small.is_chain
+    # below a span of 0 the drafter's top-1 competes as a sibling of the root
+    zero = build_tree(4, cands, span=0, lookup=[], cfg=TreeConfig(size=8, min_prob=0.1))
+    assert zero.tokens == [4, 5, 6] and zero.parents == [-1, 0, 0]
+
+
+def test_tree_mask_positions_and_pruning():
+    tree = DraftTree.chain(1, [2, 3])
+    tree.add(0, 7)
+    tree.add(1, 8)
+    m = tree.mask(past=2)
+    assert m.shape == (5, 7) and m[:, :2].all()
+    assert m[3, 2:].tolist() == [True, False, False, True, False]  # node 3 (token 7): root and itself
+    assert m[4, 2:].tolist() == [True, True, False, False, True]  # node 4 (token 8) under node 1
+    assert tree.positions(2).tolist() == [2, 3, 4, 3, 4]
+    p = tree.pruned(1)
+    assert p.tokens == [1, 2, 7] and p.parents == [-1, 0, 0]
+
+
+def test_tree_forward_equals_each_path_as_a_chain(tiny_backbone):
+    """Every node's hidden state equals the one its path gets when fed as a plain chain;
+    keeping a branch leaves the cache as if only that branch had been fed."""
+    bb = tiny_backbone
+    prompt = [5, 9, 14, 3, 22]
+    tree = DraftTree.chain(40, [41, 42])
+    tree.add(tree.add(0, 50), 51)  # nodes 3, 4: branch 40-50-51
+    tree.add(1, 60)  # node 5: a sibling of 42
+    cache = bb.new_cache()
+    bb.forward(torch.tensor([prompt]), cache)
+    past = cache.length
+    h = bb.forward(torch.tensor([tree.tokens]), cache, mask=tree.mask(past), positions=tree.positions(past))[0]
+    for leaf in (2, 4, 5):
+        path = [leaf]
+        while tree.parents[path[0]] >= 0:
+            path.insert(0, tree.parents[path[0]])
+        ref_cache = bb.new_cache()
+        ref = bb.forward(torch.tensor([prompt + tree.path_tokens(path)]), ref_cache)[0, len(prompt):]
+        torch.testing.assert_close(h[path], ref, atol=1e-5, rtol=1e-5)
+    bb.keep(cache, len(tree), [0, 3, 4])  # keep 40-50-51
+    nxt = bb.forward(torch.tensor([[77]]), cache)[0]
+    ref_cache = bb.new_cache()
+    ref = bb.forward(torch.tensor([prompt + [40, 50, 51, 77]]), ref_cache)[0, -1:]
+    torch.testing.assert_close(nxt, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sibling_acceptance_keeps_the_backbone_distribution():
+    """Trying two sibling drafts in turn, each removed from p once rejected, still draws
+    the kept token from p (SpecInfer's rule for several deterministic drafts)."""
+    from clpdecode.decoding.sampling import Sampler
+
+    class Logits:  # stands for a backbone whose every row has the same logits
+        def logits(self, h):
+            return torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])).expand(h.shape[0], 4)
+
+    tree = DraftTree(0)
+    tree.add(0, 3)
+    tree.add(0, 1)
+    sampler = Sampler(SamplingConfig(temperature=1.0, seed=0))
+    counts = torch.zeros(4)
+    for _ in range(20000):
+        path, p = verify_tree(Logits(), tree, torch.zeros(3, 2), sampler)
+        tok = tree.tokens[path[1]] if len(path) > 1 else sampler.select(p)
+        counts[tok] += 1
+    torch.testing.assert_close(counts / counts.sum(), torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015, rtol=0)
+
+
+def test_tree_keeps_a_sibling_when_the_chain_is_wrong(tiny_backbone):
+    """A drafter whose top-1 is always wrong but whose runner-up is right: with a tree the
+    runner-up is accepted, the output still equals AR, and fewer forwards are needed."""
+    bb = tiny_backbone
+    bb.eos_ids = set()
+    ids = [5, 17, 33, 40]
+    cfg = GenerationConfig(max_new_tokens=24)
+    ar = generate(bb, ids, make_policy("ar"), cfg).token_ids
+
+    class RunnerUp:
+        def session(self, embed=None):
+            self.out, self.prefilled = [], False  # the tokens generated so far
+            return self
+
+        def observe(self, rows, tokens):
+            if self.prefilled:  # the prefill's tokens are the prompt's
+                self.out.extend(tokens)
+            self.prefilled = True
+
+        def candidates(self, hidden, token, m, width=1):
+            self.out.append(token)
+            nxt = ar[len(self.out)] if len(self.out) < len(ar) else 0
+            return [[((nxt + 1) % 90, 0.6), (nxt, 0.4)]][:m]
+
+        def propose(self, hidden, token, m):
+            return [c[0][0] for c in self.candidates(hidden, token, m)]
+
+    from clpdecode.heads import Drafter, HeadsConfig
+
+    drafter = Drafter(heads=RunnerUp())
+    drafter.heads.cfg = HeadsConfig(k=1, hidden_size=32, design="residual", draft_vocab=0)
+    chain = generate(bb, ids, make_policy("verified", bb, drafter, draft="all", lookup=False), cfg)
+    tree = generate(bb, ids, make_policy("verified", bb, drafter, draft="all", lookup=False,
+                                         tree=TreeConfig(size=2, min_prob=0.1)), cfg)
+    assert chain.token_ids == tree.token_ids == ar
+    assert sum(chain.accepted_per_step) == 0
+    assert sum(tree.accepted_per_step) > 0 and tree.forward_passes < chain.forward_passes

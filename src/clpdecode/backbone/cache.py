@@ -82,6 +82,23 @@ class StaticKVCache:
             raise ValueError(f"cannot roll back {n} of {self.length} positions")
         self.length -= n
 
+    @torch.inference_mode()
+    def keep(self, start: int, offsets: list[int]) -> None:
+        """Keep, of the positions from `start` on, only those at `offsets` (ascending), moved
+        to start, start + 1, ...; the rest is forgotten. This compacts the accepted path of
+        a draft tree into place: one gather per layer over the step's few slots.
+        """
+        if any(b <= a for a, b in zip(offsets, offsets[1:])) or (offsets and offsets[0] < 0):
+            raise ValueError(f"offsets must be ascending and non-negative, got {offsets}")
+        if offsets and start + offsets[-1] >= self.length:
+            raise ValueError(f"offset {offsets[-1]} from {start} is past the {self.length} positions held")
+        if offsets != list(range(len(offsets))):  # a prefix stays where it is
+            src = torch.tensor(offsets, device=self.device) + start
+            dst = torch.arange(start, start + len(offsets), device=self.device)
+            for buf in self.keys + self.values:
+                buf.index_copy_(2, dst, buf.index_select(2, src))
+        self.length = start + len(offsets)
+
     # ---- the parts of transformers' Cache API that our code uses -------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length

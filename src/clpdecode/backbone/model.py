@@ -192,6 +192,22 @@ class Backbone:
         else:
             cache.crop(-n)  # crop(0) still trims sliding-window layers back to their window
 
+    @staticmethod
+    def keep(cache, fed: int, offsets: list[int]) -> None:
+        """After a step that fed `fed` tokens, keep only those at `offsets` (ascending; a
+        draft tree's accepted path), compacted into place. A prefix is a plain rollback."""
+        if offsets == list(range(len(offsets))):
+            Backbone.rollback(cache, fed - len(offsets))
+        elif isinstance(cache, StaticKVCache):
+            cache.keep(cache.length - fed, offsets)
+        else:
+            raise ClpError("draft trees need the lean engine's static cache")
+
+    @property
+    def supports_trees(self) -> bool:
+        """Whether forward() takes a tree mask and positions (the lean engine)."""
+        return self._lean is not None
+
     @torch.inference_mode()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """(...,) token ids -> (..., d) input embeddings (scaled as the model scales them)."""

@@ -12,24 +12,20 @@ from __future__ import annotations
 import torch
 
 
-class LookupSession:
-    """Wraps a drafting session (same observe / propose interface) with n-gram lookup.
+class NgramIndex:
+    """The text so far (prompt included) and where each of its 2..4-grams last ended.
 
     Args:
-        inner: the learned drafter's session (it still sees every state, so its cache
-            stays complete when lookup drafts are used instead of its own).
         k: most tokens to draft from a match.
         min_ngram / max_ngram: match lengths tried, longest first; a 1-token match is too
             weak a signal on chatty text, so the default needs 2.
     """
 
-    def __init__(self, inner, k: int, min_ngram: int = 2, max_ngram: int = 4):
-        self.inner, self.k = inner, k
-        self.min_ngram, self.max_ngram = min_ngram, max_ngram
+    def __init__(self, k: int, min_ngram: int = 2, max_ngram: int = 4):
+        self.k, self.min_ngram, self.max_ngram = k, min_ngram, max_ngram
         self.tokens: list[int] = []
         self.index: dict[tuple[int, ...], int] = {}  # n-gram -> end position of its latest occurrence
         self.indexed = 0  # n-grams ending before this position are in the index
-        self.used = 0  # steps whose drafts came from lookup (for reports and tests)
 
     def _index_until(self, end: int) -> None:
         for p in range(self.indexed, end):
@@ -38,8 +34,7 @@ class LookupSession:
                     self.index[tuple(self.tokens[p + 1 - n : p + 1])] = p
         self.indexed = max(self.indexed, end)
 
-    def observe(self, rows: torch.Tensor, tokens: list[int]) -> None:
-        self.inner.observe(rows, tokens)
+    def extend(self, tokens: list[int]) -> None:
         self.tokens.extend(tokens)
 
     def lookup(self) -> list[int]:
@@ -54,9 +49,29 @@ class LookupSession:
                 return self.tokens[end + 1 : end + 1 + self.k]
         return []
 
+
+class LookupSession:
+    """Wraps a drafting session (same observe / propose interface) with n-gram lookup:
+    lookup drafts when the text's tail occurred before, the inner session's otherwise.
+
+    Args:
+        inner: the learned drafter's session (it still sees every state, so its cache
+            stays complete when lookup drafts are used instead of its own).
+        k, min_ngram, max_ngram: as NgramIndex.
+    """
+
+    def __init__(self, inner, k: int, min_ngram: int = 2, max_ngram: int = 4):
+        self.inner = inner
+        self.ngrams = NgramIndex(k, min_ngram, max_ngram)
+        self.used = 0  # steps whose drafts came from lookup (for reports and tests)
+
+    def observe(self, rows: torch.Tensor, tokens: list[int]) -> None:
+        self.inner.observe(rows, tokens)
+        self.ngrams.extend(tokens)
+
     def propose(self, hidden: torch.Tensor, token: int, m: int) -> list[int]:
-        self.tokens.append(token)
-        found = self.lookup()
+        self.ngrams.extend([token])
+        found = self.ngrams.lookup()
         if found:
             self.used += 1
             self.inner.propose(hidden, token, 0)  # keep the drafter's cache up to date

@@ -7,9 +7,10 @@ A step, after the prefill:
    0..k head tokens after it.
 2. ``emit``: t+1 is emitted; unverified policies emit their head tokens too.
 3. ``forward``: ONE backbone forward over [t+1, drafts...] extends the KV cache.
-4. ``verify`` (verified policy only): the logits at each draft's position say whether the
-   backbone would have produced it; keep the agreeing prefix, emit it, roll the cache
-   back past the first disagreement.
+4. ``verify`` (verified policy only): the drafts form a tree (a chain is a tree with one
+   branch; see tree.py); the logits at each node say whether the backbone would have
+   produced its children; keep the longest agreeing path, emit it, and keep only its
+   positions in the cache.
 5. the hidden state at the last kept position feeds the next step.
 
 Batch size 1; the steps take (B, T) tensors so that batches can come later.
@@ -26,6 +27,7 @@ import torch
 from ..errors import ClpError, check_context, check_positive_int
 from .policies import Policy
 from .sampling import Sampler, SamplingConfig
+from .tree import DraftTree, verify_tree
 
 
 @dataclass
@@ -120,34 +122,22 @@ def prefill(backbone, prompt_ids: list[int], cache) -> torch.Tensor:
     return backbone.forward(torch.tensor([prompt_ids]), cache)[0]
 
 
-def decode_forward(backbone, pending: list[int], cache) -> torch.Tensor:
+def decode_forward(backbone, pending: list[int], cache, tree: DraftTree | None = None) -> torch.Tensor:
     """One decode forward over the tokens of the last step.
 
     Args:
         pending: [t+1, draft_1 .. draft_m], not yet in the cache.
         cache: grows by len(pending) positions.
+        tree: when the drafts branch, their tree (pending = tree.tokens): each node sees
+            only its ancestors, at its depth's position.
     Returns:
         (len(pending), d) hidden states.
     """
-    return backbone.forward(torch.tensor([pending]), cache)[0]
-
-
-def verify(backbone, drafts: list[int], hidden: torch.Tensor, sampler: Sampler) -> tuple[int, torch.Tensor]:
-    """Check drafts against the backbone's own predictions at their positions.
-
-    Args:
-        drafts: the m draft tokens fed after t+1 in the last forward.
-        hidden: (m+1, d) hidden states of [t+1, drafts...].
-    Returns:
-        (n_ok, p): how many drafts the backbone agrees with (a prefix), and the (V,)
-        distribution of the token after the last kept one (the residual after a rejection).
-    """
-    logits = backbone.logits(hidden[: len(drafts) + 1])  # (m+1, V)
-    for j, d in enumerate(drafts):
-        ok, p = sampler.accept(sampler.probs(logits[j]), d)
-        if not ok:
-            return j, p
-    return len(drafts), sampler.probs(logits[len(drafts)])
+    ids = torch.tensor([pending])
+    if tree is None or tree.is_chain:
+        return backbone.forward(ids, cache)[0]
+    past = cache.get_seq_length()
+    return backbone.forward(ids, cache, mask=tree.mask(past), positions=tree.positions(past))[0]
 
 
 def generate(
@@ -187,26 +177,32 @@ def generate(
     while True:
         prop = policy.propose(hidden, p, sampler)
         out.emit([prop.token], from_heads=prop.token_from_heads)
-        drafts = prop.drafts[: max(0, out.remaining)]
-        if not policy.verifies:
+        budget = max(0, out.remaining)  # drafts past the token budget are never emitted
+        if policy.verifies:
+            tree = (prop.tree or DraftTree.chain(prop.token, prop.drafts)).pruned(budget)
+            fed = tree.tokens
+        else:
+            tree, drafts = None, prop.drafts[:budget]
             before = len(out.ids)
             out.emit(drafts, from_heads=True)
             accepted.append(len(out.ids) - before)
+            fed = [prop.token] + drafts
         if prefill_seconds is None:
             prefill_seconds, prefill_tokens = time.perf_counter() - t0, len(out.ids)
         if out.done:
             break
-        states = decode_forward(backbone, [prop.token] + drafts, cache)  # (1+m, d)
+        states = decode_forward(backbone, fed, cache, tree)  # (len(fed), d)
         forwards += 1
-        if policy.verifies:
-            n_ok, p = verify(backbone, drafts, states, sampler)
-            out.emit(drafts[:n_ok], from_heads=True)
-            accepted.append(n_ok)
+        if tree is not None:
+            path, p = verify_tree(backbone, tree, states, sampler)
+            kept = tree.path_tokens(path[1:])
+            out.emit(kept, from_heads=True)
+            accepted.append(len(kept))
             if out.done:
                 break
-            backbone.rollback(cache, len(drafts) - n_ok)
-            policy.observe(states[: n_ok + 1], drafts[:n_ok])
-            hidden = states[n_ok]
+            backbone.keep(cache, len(fed), path)
+            policy.observe(states[path], kept)
+            hidden = states[path[-1]]
         else:
             policy.observe(states, drafts)
             hidden = states[-1]

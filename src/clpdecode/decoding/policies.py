@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ClpError, check_unit_interval
+from .lookup import LookupSession, NgramIndex
+from .tree import DraftTree, TreeConfig, build_tree, parse_tree
 
 METHODS = ("ar", "naive", "gate", "clp", "verified", "competing")
 
@@ -28,6 +30,7 @@ class Proposal:
     token: int  # token t+1
     drafts: list[int]  # head tokens t+2 .. t+1+m (or t+2.. for competing)
     token_from_heads: bool = False
+    tree: DraftTree | None = None  # verified with --tree N: the drafts as a tree (drafts: its chain)
 
 
 class Policy:
@@ -108,25 +111,55 @@ class CLPPolicy(Policy):
 
 
 class Verified(Policy):
-    """Lossless: drafts are emitted only once the next forward's logits agree."""
+    """Lossless: drafts are emitted only once the next forward's logits agree.
+
+    Drafts come as a chain (``tree=None``: the n-gram lookup's continuation where the
+    text's tail occurred before, the drafter's CLP-sized span otherwise) or as a tree of
+    up to ``tree.size`` nodes (the span, the lookup branch and the drafter's likeliest
+    runners-up, verified together; tree.py). Trees need the lean engine's attention masks:
+    on other engines the policy drafts chains.
+    """
 
     name = "verified"
     verifies = True
 
-    def __init__(self, backbone, drafter, draft: str = "clp", threshold: float = 0.5, lookup: bool = True):
+    def __init__(self, backbone, drafter, draft: str = "clp", threshold: float = 0.5, lookup: bool = True,
+                 tree: TreeConfig | None = None):
         super().__init__(backbone, drafter)
         if draft not in ("clp", "all"):
             raise ClpError(f"--draft must be clp or all, got {draft!r}")
         if draft == "clp" and drafter.clp is None:
             raise ClpError("--draft clp needs a CLP layer in the heads folder; use --draft all")
         self.draft, self.threshold, self.lookup = draft, threshold, lookup
+        self.tree = tree if getattr(backbone, "supports_trees", False) else None
+        self.ngrams: NgramIndex | None = None
 
     def start(self) -> None:
         super().start()
-        if self.lookup:  # n-gram drafts from the text so far first, the drafter's otherwise
-            from .lookup import LookupSession
-
+        if self.lookup and self.tree is None:  # lookup's drafts first, the drafter's otherwise
             self.session = LookupSession(self.session, self.drafter.k)
+        self.ngrams = NgramIndex(self.drafter.k) if self.lookup and self.tree is not None else None
+
+    def observe(self, rows: torch.Tensor, tokens: list[int]) -> None:
+        super().observe(rows, tokens)
+        if self.ngrams is not None:
+            self.ngrams.extend(tokens)
+
+    def propose(self, hidden, p, sampler):
+        if self.tree is None:
+            return super().propose(hidden, p, sampler)
+        token = sampler.select(p)
+        span = self.span(hidden)
+        found = []
+        if self.ngrams is not None:
+            self.ngrams.extend([token])
+            found = self.ngrams.lookup()
+        if hasattr(self.session, "candidates"):
+            cands = self.session.candidates(hidden, token, max(span, 1), self.tree.width)
+        else:  # a session that only proposes (no probabilities): its chain, no siblings
+            cands = [[(t, float("nan"))] for t in self.session.propose(hidden, token, span)]
+        tree = build_tree(token, cands, span, found, self.tree)
+        return Proposal(token, [c[0][0] for c in cands[:span]], tree=tree)
 
     def span(self, hidden):
         if self.draft == "all":
@@ -157,8 +190,10 @@ class Competing(Policy):
 
 
 def make_policy(method: str, backbone=None, drafter=None, *, clp_threshold: float = 0.5,
-                gate_threshold: float = 0.5, draft: str = "clp", lookup: bool = True) -> Policy:
-    """Build the policy for a method name (see METHODS)."""
+                gate_threshold: float = 0.5, draft: str = "clp", lookup: bool = True,
+                tree: TreeConfig | str | int | None = None) -> Policy:
+    """Build the policy for a method name (see METHODS). tree: verified only; 'chain'/None or
+    a TreeConfig / size (see tree.py)."""
     if method not in METHODS:
         raise ClpError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     check_unit_interval("--clp-threshold", clp_threshold)
@@ -174,5 +209,5 @@ def make_policy(method: str, backbone=None, drafter=None, *, clp_threshold: floa
     if method == "clp":
         return CLPPolicy(backbone, drafter, clp_threshold)
     if method == "verified":
-        return Verified(backbone, drafter, draft, clp_threshold, lookup)
+        return Verified(backbone, drafter, draft, clp_threshold, lookup, parse_tree(tree))
     return Competing(backbone, drafter)

@@ -363,18 +363,38 @@ class ChainedHeads(nn.Module):
 
     @torch.inference_mode()
     def draft(self, state: ChainState | None, g: torch.Tensor, steps: int) -> list[int]:
-        """Greedy chain from step-1 feature g (from extend): `steps` draft token ids.
+        """Greedy chain from step-1 feature g (from extend): `steps` draft token ids."""
+        return [c[0][0] for c in self.draft_candidates(state, g, steps)]
+
+    @torch.inference_mode()
+    def draft_candidates(self, state: ChainState | None, g: torch.Tensor, steps: int,
+                         width: int = 1) -> list[list[tuple[int, float]]]:
+        """Greedy chain from step-1 feature g, with the runners-up at every depth.
 
         The chain's own entries go past the true context's length, which does not move:
         the next extend overwrites them.
+
+        Args:
+            g: (d,) step-1 feature from extend().
+            steps: chain length (depths 1..steps); the chain follows each depth's top-1.
+            width: candidates kept per depth (1 = the top-1 alone, no softmax computed).
+        Returns:
+            Per depth, [(token id, probability under the chain), ...] best first; the
+            probability is nan when width is 1.
         """
-        out: list[int] = []
+        out: list[list[tuple[int, float]]] = []
         L0 = state.length if state is not None else 0
         for s in range(steps):
-            token = int(self.draft_ids[self._run("head", g[None]).argmax(-1)])
-            out.append(token)
+            logits = self._run("head", g[None])[0]  # (Vd,)
+            if width <= 1:
+                top = [(int(self.draft_ids[logits.argmax()]), float("nan"))]
+            else:
+                probs, idx = torch.softmax(logits.float(), -1).topk(min(width, logits.numel()))
+                top = list(zip(self.draft_ids[idx].tolist(), probs.tolist()))
+            out.append(top)
             if s + 1 == steps:
                 break
+            token = top[0][0]
             g = self._step(g[None], self._embed[token][None].float(), L0 + s, state)[0]
         return out
 
@@ -404,10 +424,15 @@ class ChainSession:
         self.tokens = list(tokens) if self.state is not None else []
 
     def propose(self, hidden: torch.Tensor, token: int, m: int) -> list[int]:
+        return [c[0][0] for c in self.candidates(hidden, token, m)]
+
+    def candidates(self, hidden: torch.Tensor, token: int, m: int, width: int = 1) -> list[list[tuple[int, float]]]:
+        """As propose, with up to `width` (token, probability) candidates per depth (a draft
+        tree's siblings); candidate 0 of each depth is what propose returns."""
         feats = torch.stack(self.rows) if self.rows else hidden[None]
         g = self.chain.extend(self.state, feats, self.tokens + [token])
         self.rows, self.tokens = [], []
-        return self.chain.draft(self.state, g, m) if m > 0 else []
+        return self.chain.draft_candidates(self.state, g, m, width) if m > 0 else []
 
 
 __all__ = ["ChainConfig", "ChainedHeads", "ChainState", "ChainSession", "rope"]

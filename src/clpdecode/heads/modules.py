@@ -105,9 +105,19 @@ class MTPHeads(nn.Module):
     @torch.inference_mode()
     def propose(self, hidden: torch.Tensor, token_emb: torch.Tensor | None = None) -> list[int]:
         """(d,) hidden at t [+ (d,) embedding of x_{t+1}] -> k backbone token ids (top-1)."""
+        return [c[0][0] for c in self.candidates(hidden, token_emb)]
+
+    @torch.inference_mode()
+    def candidates(self, hidden: torch.Tensor, token_emb: torch.Tensor | None = None,
+                   width: int = 1) -> list[list[tuple[int, float]]]:
+        """Per head, up to `width` (token id, probability) candidates, best first (the
+        probability is nan when width is 1: no softmax is computed)."""
         emb = token_emb.unsqueeze(0) if token_emb is not None else None
         logits = self.forward(hidden.float().unsqueeze(0), emb)[0]  # (k, Vd)
-        return self.draft_ids[logits.argmax(-1)].tolist()
+        if width <= 1:
+            return [[(t, float("nan"))] for t in self.draft_ids[logits.argmax(-1)].tolist()]
+        probs, idx = torch.softmax(logits.float(), -1).topk(min(width, logits.shape[-1]), -1)  # (k, w)
+        return [list(zip(self.draft_ids[i].tolist(), p.tolist())) for i, p in zip(idx, probs)]
 
 
 class HeadsSession:
@@ -120,7 +130,11 @@ class HeadsSession:
         pass
 
     def propose(self, hidden: torch.Tensor, token: int, m: int) -> list[int]:
+        return [c[0][0] for c in self.candidates(hidden, token, m)]
+
+    def candidates(self, hidden: torch.Tensor, token: int, m: int, width: int = 1) -> list[list[tuple[int, float]]]:
+        """As propose, with up to `width` (token, probability) candidates per depth."""
         if m <= 0:
             return []
         emb = self.embed(torch.tensor(token)).float() if self.heads.cfg.design == "fused" else None
-        return self.heads.propose(hidden, emb)[:m]
+        return self.heads.candidates(hidden, emb, width)[:m]
