@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,36 @@ def test_targets_follow_the_greedy_path():
     assert accepted_lengths(torch.tensor([[1, 2], [1, 9], [5, 2]]), torch.tensor([[1, 2], [1, 2], [1, 2]])).tolist() == [2, 1, 0]
 
 
+def rowwise_accuracy(heads, feats, backbone) -> dict:
+    """Per-head held-out accuracy straight from the flat feature rows and Features.targets:
+    an independent oracle for the sequence layout `clp train` now reports through."""
+    from clpdecode.training.train import head_predictions, training_embed
+
+    rows = feats.rows("heldout")
+    targets = feats.targets(heads.cfg.k, heads.cfg.offset)[rows]  # (R, k)
+    preds = head_predictions(heads, feats, training_embed(backbone), rows)  # (R, k, 5)
+    valid = targets != IGNORE
+    top1 = [round(float((preds[valid[:, i], i, 0] == targets[valid[:, i], i]).float().mean()), 4)
+            for i in range(heads.cfg.k)]
+    top5 = [round(float((preds[valid[:, i], i] == targets[valid[:, i], i, None]).any(1).float().mean()), 4)
+            for i in range(heads.cfg.k)]
+    return {"head_top1": top1, "head_top5": top5, "tokens": len(rows)}
+
+
+def test_sequence_states_lay_rows_out_as_prefilled_answers():
+    """Row j's state sits at position j with answer token j after it (ids[j+1]); one entry
+    per sequence, the padding position after the answer masked."""
+    from clpdecode.training.data import sequence_states
+
+    hidden = torch.arange(7, dtype=torch.float16)[:, None].repeat(1, 4)
+    f = Features(hidden, torch.tensor([10, 11, 12, 20, 21, 30, 31]), torch.tensor([0, 0, 0, 1, 1, 2, 2]),
+                 np.array(["heldout"] * 3 + ["heads"] * 2 + ["heldout"] * 2), torch.ones(7, dtype=torch.bool))
+    (s0, ids0, m0), (s2, ids2, m2) = sequence_states(f, "heldout")
+    assert s0[0, :, 0].tolist() == [0, 1, 2, 0] and ids0[0, 1:].tolist() == [10, 11, 12]
+    assert m0[0].tolist() == [True, True, True, False]
+    assert s2[0, :, 0].tolist() == [5, 6, 0] and ids2[0, 1:].tolist() == [30, 31] and m2[0].tolist() == [True, True, False]
+
+
 def test_train_all_save_load_and_resume(features, tiny_backbone, tmp_path):
     feats = load_features(features / "feats")
     assert len(feats.rows("heldout")) > 0 and len(feats.rows("predictor")) > 0
@@ -60,6 +91,10 @@ def test_train_all_save_load_and_resume(features, tiny_backbone, tmp_path):
     tcfg = TrainConfig(k=2, steps=6, predictor_steps=4, batch_size=16, warmup=2, checkpoint_every=3, draft_vocab=50)
     drafter, report = train_all(feats, tiny_backbone, tcfg, tmp_path / "work")
     assert len(report["heads"]["head_top1"]) == 2 and report["competing"]["k"] == 3
+    assert {"chain_accept", "mean_accepted", "design"} <= report["heads"].keys()  # eval-heads' metrics
+    for name, heads in (("heads", drafter.heads), ("competing", drafter.competing)):
+        assert {key: report[name][key] for key in ("head_top1", "head_top5", "tokens")} == \
+            rowwise_accuracy(heads, feats, tiny_backbone), name
     assert drafter.heads.draft_ids.numel() == 50
     save_drafter(drafter, tmp_path / "out", tiny_backbone)
     back = load_drafter(tmp_path / "out", tiny_backbone)

@@ -12,6 +12,9 @@ Metrics, for k drafts after the backbone's token t+1, over every answer position
 - chain_accept[i]: share of positions whose drafts 1..i+1 are all right (every position
   counts; near the end of an answer the missing tokens count as misses);
 - mean_accepted: sum of chain_accept = expected drafts kept per verified step at span k.
+
+Heads of the competing ablation (offset 1) predict from t+1 on: their draft i+1 is
+token t+1+i, scored the same way.
 """
 
 from __future__ import annotations
@@ -58,12 +61,15 @@ def accuracy_counts(drafter_heads, features, tokens, answer_mask, embed, steps: 
     answer_mask: (B, L) bool, True at position p when tokens[p+1] is an answer token.
     """
     top = draft_topk(drafter_heads, features, tokens, embed, steps)  # (B, L, steps, 5)
+    # Draft s's target lies s + ahead tokens after p: t+1+s (ahead 1), or t+s for the
+    # competing ablation's heads (offset 1). Chains have no offset: they draft from t+2.
+    ahead = getattr(drafter_heads.cfg, "offset", 2) - 1
     starts = answer_mask
     right = torch.ones_like(starts)
     c = {"starts": int(starts.sum()), "exists": [], "top1": [], "top5": [], "chain": []}
     for s in range(1, steps + 1):
-        target = shifted(tokens, s + 1)
-        exists = starts & shifted(answer_mask, s, False)
+        target = shifted(tokens, s + ahead)
+        exists = starts & shifted(answer_mask, s + ahead - 1, False)
         ok1 = top[:, :, s - 1, 0] == target
         ok5 = (top[:, :, s - 1] == target[..., None]).any(-1)
         right = right & ok1

@@ -62,6 +62,30 @@ class Features:
         return torch.from_numpy(np.nonzero(self.split == split)[0])
 
 
+def sequence_states(feats: Features, split: str) -> list[tuple]:
+    """The rows of a split as whole sequences, in the layout of heads.accuracy.heldout_states:
+    [(states (1, n+1, d), ids (1, n+1), answer_mask (1, n+1))], one per sequence.
+
+    Row j's state is the one whose next token is answer token j, so at position j of that
+    layout ids[j+1] = tokens[j]. ids[0] (the prompt's last token, not cached) and the state
+    at position n (none: the answer has ended) are padding that no draft reads or scores.
+    """
+    rows = feats.rows(split)
+    # A sequence's rows are consecutive (as Features.targets assumes).
+    _, counts = torch.unique_consecutive(feats.seq[rows], return_counts=True)
+    out = []
+    for seq_rows in torch.split(rows, counts.tolist()):
+        n = len(seq_rows)
+        states = torch.zeros(1, n + 1, feats.hidden.shape[1])
+        states[0, :n] = feats.hidden[seq_rows].float()
+        ids = torch.zeros(1, n + 1, dtype=torch.long)
+        ids[0, 1:] = feats.tokens[seq_rows]
+        mask = torch.zeros(1, n + 1, dtype=torch.bool)
+        mask[0, :n] = True
+        out.append((states, ids, mask))
+    return out
+
+
 SOURCES = ("all", "distilled", "teacher")
 
 

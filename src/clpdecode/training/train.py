@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_file, atomic_write_text
+from ..heads.accuracy import heldout_accuracy
 from ..heads.artifacts import Drafter
 from ..heads.modules import HeadsConfig, MTPHeads
 from ..predictors.modules import CLP, Gates, PredictorConfig
-from .data import IGNORE, Features, draft_vocabulary, to_draft_index
+from .data import IGNORE, Features, draft_vocabulary, sequence_states, to_draft_index
 
 
 @dataclass
@@ -186,21 +187,6 @@ def accepted_lengths(top1: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return correct.long().cumprod(1).sum(1)
 
 
-def head_accuracy(heads: MTPHeads, feats: Features, embed, split: str = "heldout") -> dict:
-    """Top-1 / top-5 accuracy of each head against the greedy continuation on a split."""
-    rows = feats.rows(split)
-    targets = feats.targets(heads.cfg.k, heads.cfg.offset)[rows]  # (R, k)
-    preds = head_predictions(heads, feats, embed, rows)  # (R, k, 5)
-    top1, top5 = [], []
-    for i in range(heads.cfg.k):
-        valid = targets[:, i] != IGNORE
-        t = targets[valid, i]
-        p = preds[valid, i]
-        top1.append(round(float((p[:, 0] == t).float().mean()), 4) if len(t) else 0.0)
-        top5.append(round(float((p == t[:, None]).any(1).float().mean()), 4) if len(t) else 0.0)
-    return {"k": heads.cfg.k, "head_top1": top1, "head_top5": top5, "tokens": int(len(rows))}
-
-
 def clp_class_weights(labels: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
     """Inverse class frequency ** alpha, normalised to a mean example weight of 1."""
     counts = torch.bincount(labels, minlength=k + 1).float().clamp(min=1)
@@ -297,7 +283,9 @@ def train_all(feats: Features, backbone, tcfg: TrainConfig, work: Path) -> tuple
     t0 = time.time()
     hcfg = HeadsConfig(k=tcfg.k, hidden_size=d, design=tcfg.design, offset=2, draft_vocab=tcfg.draft_vocab)
     heads = train_heads(feats, embed, lm_w, hcfg, tcfg, work / "heads.pt", f"train: heads (k={tcfg.k})")
-    report = {"train_config": asdict(tcfg), "heads": head_accuracy(heads, feats, embed)}
+    # Held-out accuracy by the definitions `clp eval-heads` uses (heads/accuracy.py).
+    heldout = sequence_states(feats, "heldout")
+    report = {"train_config": asdict(tcfg), "heads": heldout_accuracy(heads, backbone, heldout, tcfg.k)}
     clp, clp_info = train_clp(feats, heads, embed, tcfg, work / "clp.pt", tcfg.clp_alpha, "train: CLP (weighted)")
     plain, _ = train_clp(feats, heads, embed, tcfg, work / "clp_plain.pt", 0.0, "train: CLP (plain CE)")
     report["clp"] = {"weighted": evaluate_clp(clp, feats, heads, embed),
@@ -309,7 +297,7 @@ def train_all(feats: Features, backbone, tcfg: TrainConfig, work: Path) -> tuple
         csteps = tcfg.competing_steps or max(1, tcfg.steps // 2)
         ctcfg = TrainConfig(**{**asdict(tcfg), "steps": csteps})
         competing = train_heads(feats, embed, lm_w, ccfg, ctcfg, work / "competing.pt", "train: competing heads")
-        report["competing"] = head_accuracy(competing, feats, embed)
+        report["competing"] = heldout_accuracy(competing, backbone, heldout, ccfg.k)
     report["train_seconds"] = round(time.time() - t0, 1)
     report["positions"] = {s: int(len(feats.rows(s))) for s in ("heads", "predictor", "heldout")}
     drafter = Drafter(heads=heads, clp=clp, gates=gates, competing=competing,
