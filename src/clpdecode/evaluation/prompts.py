@@ -11,10 +11,18 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..datasets import data_file, sharegpt, sharegpt_conversations  # noqa: F401  (moved below training; re-exported)
+from ..datasets import data_file, passages, sharegpt, sharegpt_conversations  # noqa: F401  (moved below training; re-exported)
 from ..errors import ClpError, check_positive_int, check_prompt
 
-PROMPT_SETS = ("mtbench", "gsm8k", "humaneval", "sharegpt")
+PROMPT_SETS = ("mtbench", "gsm8k", "humaneval", "sharegpt", "passages")
+# One line per set, for --help (the CLI builds its text from this).
+PROMPT_SET_HELP = {
+    "mtbench": "MT-Bench first turns (80)",
+    "gsm8k": "GSM8K test questions (100)",
+    "humaneval": "HumanEval functions to complete (164)",
+    "sharegpt": "ShareGPT first human turns",
+    "passages": "plain-text openings of held-out ShareGPT answers, for base models with --raw (520)",
+}
 
 def _read_jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
     """(file line number, record) for each non-blank line."""
@@ -74,13 +82,15 @@ def user_file(path: str | Path) -> list[str]:
 
 
 def load_prompts(name: str, limit: int | None = None) -> list[str]:
-    """A named set (mtbench, gsm8k, humaneval, sharegpt) or a path to a JSONL file;
-    `limit`: the first `limit` prompts (None: all)."""
+    """A named set (PROMPT_SETS) or a path to a JSONL file; `limit`: the first `limit`
+    prompts (None: all)."""
     if limit is not None:
         check_positive_int("--limit", limit)
     loaders = {"mtbench": mtbench, "gsm8k": gsm8k, "humaneval": humaneval}
     if name == "sharegpt":
         return sharegpt(limit)
+    if name == "passages":  # the held-out split only: drafters train on the other passages
+        return [text for _, text in passages("heldout", limit)]
     if name in loaders:
         prompts = loaders[name]()
     elif name.endswith((".jsonl", ".json")) or Path(name).exists():

@@ -34,7 +34,10 @@ def cmd_distill(args) -> int:
     features = features_dir(args.features, backbone.name, must_exist=False)
     if args.prompts:
         generate_corpus(backbone, corpus, DistillConfig(n_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
-                                                        batch_size=args.batch_size))
+                                                        batch_size=args.batch_size, prompt_set=args.prompt_set))
+    if args.corpus_only:
+        print(f"corpus: {corpus}")
+        return 0
     build_features(backbone, corpus, features)
     if args.teacher_forced:
         build_teacher_features(backbone, features, n_conversations=args.teacher_forced)
@@ -71,6 +74,8 @@ def cmd_train(args) -> int:
 
 
 def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
+    from .distill import DISTILL_PROMPT_SETS
+
     d = sub.add_parser(
         "distill", help="make self-distilled training data (resumable)",
         description="Answer ShareGPT prompts with the backbone's own greedy decoding (token ids, resumable, "
@@ -82,6 +87,12 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     d.add_argument("--features", default=None, help="hidden-state cache folder (default: <cache>/features/<backbone>)")
     d.add_argument("--prompts", type=int, default=0,
                    help="answer this many ShareGPT prompts first (0: only cache the existing corpus) (default: 0)")
+    d.add_argument("--prompt-set", default="sharegpt", choices=list(DISTILL_PROMPT_SETS),
+                   help="sharegpt: first human turns through the chat template (instruct models); passages: "
+                        "plain-text openings of ShareGPT answers to continue (base models such as gemma3-270m); "
+                        "every 20th ShareGPT record is held out either way (default: sharegpt)")
+    d.add_argument("--corpus-only", action="store_true",
+                   help="stop after the token-id corpus (skip caching hidden states)")
     d.add_argument("--max-new-tokens", type=int, default=192, help="answer length cap (default: 192)")
     d.add_argument("--batch-size", type=int, default=32, help="generation batch (default: 32)")
     d.add_argument("--teacher-forced", type=int, default=0,

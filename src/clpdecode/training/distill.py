@@ -26,7 +26,7 @@ import torch
 
 from ..atomic import atomic_file, atomic_write_text
 from ..corpus import read_corpus  # noqa: F401  (re-exported: the corpus's writer)
-from ..datasets import sharegpt, sharegpt_conversations
+from ..datasets import HELDOUT_EVERY, passages, sharegpt, sharegpt_conversations
 from ..errors import ClpError
 
 
@@ -36,29 +36,56 @@ class DistillConfig:
     max_prompt_tokens: int = 320  # longer prompts are skipped, not truncated
     max_new_tokens: int = 192  # answer length cap
     batch_size: int = 16  # batched greedy generation: ~4x the tokens/s of batch 1 on CPU
-    heldout_every: int = 20  # every 20th prompt goes to the held-out split (5%)
+    heldout_every: int = HELDOUT_EVERY  # every 20th prompt goes to the held-out split (5%)
     seed: int = 0
+    # "sharegpt": first human turns through the chat template (instruct models);
+    # "passages": plain-text openings of ShareGPT answers to continue (base models).
+    prompt_set: str = "sharegpt"
+
+
+DISTILL_PROMPT_SETS = ("sharegpt", "passages")
+
+
+def _candidate_prompts(cfg: DistillConfig) -> tuple[list[str], list[int], bool | None]:
+    """The texts to answer.
+
+    Args:
+        cfg: its prompt_set picks the texts.
+    Returns:
+        (texts, their ShareGPT indices, which decide the held-out split, chat): chat is
+        False for passages (plain text) and None otherwise (the backbone's template, if any).
+    """
+    if cfg.prompt_set == "passages":
+        # Indexed by ShareGPT record, so a passage is held out here exactly when
+        # `clp bench --prompts passages` may show it.
+        pairs = passages("all")
+        return [text for _, text in pairs], [i for i, _ in pairs], False
+    if cfg.prompt_set != "sharegpt":
+        raise ClpError(f"unknown distillation prompt set {cfg.prompt_set!r}; use {', '.join(DISTILL_PROMPT_SETS)}")
+    prompts = sharegpt()
+    return prompts, list(range(len(prompts))), None
 
 
 def _select_prompts(backbone, cfg: DistillConfig) -> list[tuple[int, list[int]]]:
-    prompts = sharegpt()
+    prompts, index, chat = _candidate_prompts(cfg)
     order = list(range(len(prompts)))
     random.Random(cfg.seed).shuffle(order)
     chosen = []
-    for i in order:
+    for n in order:
         try:
-            ids = backbone.encode_prompt(prompts[i])
+            ids = backbone.encode_prompt(prompts[n], chat=chat)
         except ClpError:
             continue
         if len(ids) <= cfg.max_prompt_tokens:
-            chosen.append((i, ids))
+            chosen.append((index[n], ids))
         if len(chosen) >= cfg.n_prompts:
             break
     return chosen
 
 
 def generate_corpus(backbone, corpus_dir: Path, cfg: DistillConfig, progress: bool = True) -> Path:
-    """Answer ShareGPT prompts greedily in batches; resume where an earlier run stopped."""
+    """Answer ShareGPT prompts (or continue passages) greedily in batches; resume where an
+    earlier run stopped."""
     from tqdm import tqdm
 
     corpus_dir = Path(corpus_dir)
