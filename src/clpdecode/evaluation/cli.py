@@ -75,7 +75,8 @@ def cmd_bench(args) -> int:
                              max_new_tokens=args.max_new_tokens, numerics=args.numerics,
                              clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
                              draft=args.draft, k=drafter.k if drafter else args.k, threads=torch.get_num_threads(),
-                             hf_generate=args.hf_generate, raw=args.raw, lookup=args.lookup)
+                             hf_generate=args.hf_generate, raw=args.raw, lookup=args.lookup,
+                             tree=str(args.tree))
     try:
         results = run_bench(backbone, drafter, prompts, settings, reference=reference, out_dir=out_dir,
                             resume=args.resume)
