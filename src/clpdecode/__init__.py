@@ -15,6 +15,7 @@ from typing import Callable
 
 from .backbone import Backbone, load_backbone
 from .decoding import METHODS, GenerationConfig, GenerationResult, SamplingConfig, generate, make_policy
+from .decoding.tree import DEFAULT_TREE
 from .errors import ClpError
 from .heads import Drafter, default_drafter, load_drafter, save_drafter
 
@@ -37,6 +38,7 @@ def generate_text(
     gate_threshold: float = 0.5,
     draft: str = "clp",
     lookup: bool = True,
+    tree: str | int = DEFAULT_TREE,
     raw: bool = False,
     on_tokens: Callable[[list[int], bool], None] | None = None,
 ) -> GenerationResult:
@@ -44,7 +46,7 @@ def generate_text(
     models need) and decode it with `method`."""
     prompt_ids = backbone.encode_prompt(prompt, system=system, chat=False if raw else None)
     policy = make_policy(method, backbone, drafter, clp_threshold=clp_threshold, lookup=lookup,
-                         gate_threshold=gate_threshold, draft=draft)
+                         gate_threshold=gate_threshold, draft=draft, tree=tree)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop),
                            sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))
     return generate(backbone, prompt_ids, policy, cfg, on_tokens=on_tokens)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .decoding.tree import DEFAULT_TREE
 from .errors import ClpError, check_context, check_positive_int, check_prompt, check_text, check_unit_interval
 
 MODEL_HELP = ("backbone: 'embedded' (SmolLM2-135M-Instruct, shipped in a PyPI package), "
@@ -56,6 +57,11 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="verified mode: draft only with the drafter (by default the continuation of the "
                         "text's last 2-4 tokens where they occurred before, prompt included, is drafted "
                         "first, and the drafter's tokens otherwise)")
+    p.add_argument("--tree", default=DEFAULT_TREE, metavar="chain|N",
+                   help="verified mode: 'chain' drafts one chain (lookup's where the text repeats, the "
+                        "drafter's otherwise); N drafts a tree of up to N tokens verified in one forward: "
+                        "the drafter's span, the lookup branch and the drafter's likeliest runners-up "
+                        f"(lean engine only; others draft chains) (default: {DEFAULT_TREE})")
 
 
 def _setup(args) -> None:
@@ -166,7 +172,7 @@ def cmd_generate(args) -> int:
         backbone, args.prompt, method=args.method, drafter=drafter, max_new_tokens=args.max_new_tokens,
         system=args.system, stop=tuple(args.stop or ()), temperature=args.temperature, top_p=args.top_p,
         seed=args.seed, clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
-        draft=args.draft, lookup=args.lookup, raw=args.raw, on_tokens=on_tokens if stream else None,
+        draft=args.draft, lookup=args.lookup, tree=args.tree, raw=args.raw, on_tokens=on_tokens if stream else None,
     )
     if args.json:
         _Stdout.write(json.dumps(res.as_dict()) + "\n")

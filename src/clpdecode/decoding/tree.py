@@ -25,6 +25,9 @@ import torch
 from ..errors import ClpError
 
 TREE_CHAIN = "chain"
+# The default of --tree everywhere (CLI, API, bench, server): chosen from measured step costs
+# (docs/design.md, "Draft trees").
+DEFAULT_TREE = TREE_CHAIN
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 from ..atomic import atomic_file, atomic_write_text
 from ..decoding import METHODS, GenerationConfig, generate, make_policy
 from ..decoding.loop import GenerationResult
+from ..decoding.tree import DEFAULT_TREE
 from ..errors import ClpError, check_context
 from ..heads.artifacts import shipped_head_accuracy
 from .metrics import DEFINITIONS, backbone_nll, common_prefix, mean_repetition
@@ -36,6 +37,7 @@ class BenchSettings:
     hf_generate: bool = False  # also time transformers' generate() (greedy, same numerics) as AR's peer
     raw: bool = False  # plain-text prompts, no chat template (base models)
     lookup: bool = True  # verified: n-gram lookup drafts before the drafter's (--no-lookup: off)
+    tree: str = DEFAULT_TREE  # verified: 'chain' or the size of a draft tree (--tree)
 
 
 # Settings that may differ between a bench and its resumption (more prompts, other threads).
@@ -45,7 +47,7 @@ _RESUMABLE = {"limit", "threads"}
 # lacking one was measured with: before --raw every prompt went through encode_prompt's
 # default (raw=False), and before --no-lookup existed verified had no n-gram lookup at all
 # (lookup=False, not today's default: resuming it with lookup on would mix two methods).
-_BEFORE_ADDED = {"raw": False, "lookup": False}
+_BEFORE_ADDED = {"raw": False, "lookup": False, "tree": "chain"}
 
 
 def prepare_out_dir(out: Path) -> Path:
@@ -124,7 +126,7 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
     from tqdm import tqdm
 
     methods = list(dict.fromkeys(["ar", *settings.methods]))  # AR is always the reference
-    policies = {m: make_policy(m, backbone, drafter, clp_threshold=settings.clp_threshold, lookup=settings.lookup,
+    policies = {m: make_policy(m, backbone, drafter, clp_threshold=settings.clp_threshold, lookup=settings.lookup, tree=settings.tree,
                                gate_threshold=settings.gate_threshold, draft=settings.draft) for m in methods}
     encoded = [backbone.encode_prompt(p, chat=False if settings.raw else None) for p in prompts]
     for i, ids in enumerate(encoded):  # before anything is measured

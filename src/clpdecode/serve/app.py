@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..cli import StreamDecoder
 from ..decoding import METHODS, GenerationConfig, SamplingConfig, generate, make_policy
+from ..decoding.tree import DEFAULT_TREE
 from ..errors import ClpError, check_context, check_positive_int, check_prompt, check_text, check_unit_interval
 
 log = logging.getLogger("clpdecode.serve")
@@ -187,15 +188,18 @@ class Server:
 
     def __init__(self, backbone, drafter=None, *, model_id: str | None = None, aliases: tuple[str, ...] = (),
                  method: str = "verified", clp_threshold: float = 0.5, gate_threshold: float = 0.5,
-                 draft: str = "clp", api_key: str | None = None, max_queue: int = 64,
+                 draft: str = "clp", lookup: bool = True, tree: str | int = DEFAULT_TREE,
+                 api_key: str | None = None, max_queue: int = 64,
                  max_body_bytes: int = MAX_BODY_BYTES):
         self.backbone, self.drafter = backbone, drafter
         self.model_id = model_id or Path(str(backbone.name)).name or str(backbone.name)
         self.aliases = {self.model_id, str(backbone.name), *aliases}
         # The server's own defaults are checked as a request's are, before any request.
         make_policy(method, backbone, drafter, clp_threshold=check_unit_interval("--clp-threshold", clp_threshold),
-                    gate_threshold=check_unit_interval("--gate-threshold", gate_threshold), draft=draft)
+                    gate_threshold=check_unit_interval("--gate-threshold", gate_threshold), draft=draft,
+                    lookup=lookup, tree=tree)
         self.method, self.clp_threshold, self.gate_threshold, self.draft = method, clp_threshold, gate_threshold, draft
+        self.lookup, self.tree = lookup, tree
         self.api_key = api_key
         self.max_queue = check_positive_int("--max-queue", max_queue)
         self.max_body_bytes = max_body_bytes
@@ -412,7 +416,8 @@ class Server:
             too_long = window and len(prompt_ids) >= window  # no max_tokens would fit
             raise _clp_error(e, prompt_param if too_long else "max_tokens") from None
         try:
-            policy = make_policy(method, self.backbone, self.drafter, draft=self.draft, **thresholds)
+            policy = make_policy(method, self.backbone, self.drafter, draft=self.draft, lookup=self.lookup,
+                                 tree=self.tree, **thresholds)
             cfg = GenerationConfig(max_new_tokens=max_tokens, stop=stops, sampling=sampling)
         except ClpError as e:
             raise _clp_error(e, "method") from None

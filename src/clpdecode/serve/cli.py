@@ -77,7 +77,7 @@ def cmd_serve(args) -> int:
         drafter = default_drafter(backbone, k=args.k, folder=args.heads)
     app = create_app(backbone, drafter, aliases=(args.model,), method=args.method,
                      clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold, draft=args.draft,
-                     api_key=args.api_key, max_queue=args.max_queue)
+                     lookup=args.lookup, tree=args.tree, api_key=args.api_key, max_queue=args.max_queue)
     server = app.state.server
     print(f"clp serve: model {server.model_id!r}, method {args.method}, numerics {args.numerics}: "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
