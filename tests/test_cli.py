@@ -178,9 +178,19 @@ def test_profile_json(capsys, tiny_llama_dir):
     rows = json.loads(out)
     assert [r["numerics"] for r in rows] == ["fp32", "fp16"]
     for r in rows:
-        assert set(r["forward_ms"]) == {"1", "2", "3", "5", "8"} and r["engine"] == "lean"
+        assert set(r["forward_ms"]) == {"1", "2", "3", "5", "8", "tree8"} and r["engine"] == "lean"
         assert set(r["forward_ms_by_engine"]) == {"lean", "hf"}
+        assert "tree8" not in r["forward_ms_by_engine"]["hf"]  # trees need the lean engine's masks
         assert r["row_max_abs_diff"] < 1e-3  # rows of a step are independent: verified stays exact
+
+
+def test_profile_takes_step_sizes_and_tree_sizes(capsys, tiny_llama_dir):
+    code, out, err = run(capsys, "profile", "--model", str(tiny_llama_dir), "--numerics-list", "fp32",
+                         "--context", "8", "--engines", "lean", "--tokens", "1,4", "--tree-sizes", "3,6", "--json")
+    assert code == 0, err
+    assert set(json.loads(out)[0]["forward_ms"]) == {"1", "4", "tree3", "tree6"}
+    code, _, err = run(capsys, "profile", "--model", str(tiny_llama_dir), "--tokens", "0,2")
+    assert code == 2 and "--tokens" in err
 
 
 def test_streamed_text_equals_the_answer(capsys, tiny_llama_dir):

@@ -31,30 +31,64 @@ def _median_ms(fn, repeats: int) -> float:
     return round(statistics.median(times) * 1000, 2)
 
 
-def _step_costs(backbone, caches: dict, new: dict, repeats: int) -> dict:
-    """Median ms of a forward over new[t] on each cache (then rolled back), interleaved."""
-    times = {(e, t): [] for e in caches for t in new}
+def _step_costs(backbone, caches: dict, new: dict, repeats: int, trees: dict | None = None) -> dict:
+    """Median ms of a forward over new[t] on each cache (then rolled back), interleaved.
+
+    trees: {key: DraftTree} timed as tree steps (mask and positions) on the lean cache, keyed
+    "tree<size>" in the result; a tree step is rolled back as a whole as well.
+    """
+    from ..decoding.loop import decode_forward
+
+    items = {t: (lambda c, ids=ids: backbone.forward(ids, c)) for t, ids in new.items()}
+    for key, tree in (trees or {}).items():
+        items[key] = lambda c, tree=tree: decode_forward(backbone, tree.tokens, c, tree)
+    sizes = {t: t for t in new} | {key: len(tree) for key, tree in (trees or {}).items()}
+    times = {(e, t): [] for e in caches for t in items}
     for r in range(repeats + 1):
         for e, cache in caches.items():
-            for t, ids in new.items():
+            for t, step in items.items():
+                if isinstance(t, str) and e != "lean":
+                    continue
                 a = time.perf_counter()
-                backbone.forward(ids, cache)
+                step(cache)
                 dt = time.perf_counter() - a
-                backbone.rollback(cache, t)
+                backbone.rollback(cache, sizes[t])
                 if r:  # round 0 warms up
                     times[(e, t)].append(dt)
-    return {e: {t: round(statistics.median(times[(e, t)]) * 1000, 2) for t in new} for e in caches}
+    return {e: {t: round(statistics.median(times[(e, t)]) * 1000, 2) for t in items if times[(e, t)]}
+            for e in caches}
+
+
+def example_tree(size: int, lo: int, hi: int, g: torch.Generator):
+    """A draft tree of `size` nodes shaped as the verified policy's are: a chain of up to 4
+    drafts, then runners-up, the likeliest (shallowest) first."""
+    from ..decoding.tree import DraftTree
+
+    def tok():
+        return int(torch.randint(lo, hi, (), generator=g))
+
+    tree = DraftTree(tok())
+    chain = [0]
+    for _ in range(min(4, size)):
+        chain.append(tree.add(chain[-1], tok()))
+    depth = 0
+    while len(tree) <= size:
+        tree.add(chain[depth % len(chain[:-1])] if len(chain) > 1 else 0, tok())
+        depth += 1
+    return tree
 
 
 @torch.inference_mode()
 def profile_step(backbone, drafter=None, context: int = 256, repeats: int = 9, engines=("lean", "hf"),
-                 tokens=STEP_TOKENS) -> dict:
+                 tokens=STEP_TOKENS, tree_sizes=(8,)) -> dict:
     """Median milliseconds of each part of a decode step at `context` cached tokens.
 
     engines: which forwards to time: "lean" (skipped where the backbone runs transformers'
     forward) and "hf" (transformers' module stack and DynamicCache, the reference).
     `forward_ms` is the backbone's own engine (lean where supported); every timed engine is
-    in `forward_ms_by_engine`.
+    in `forward_ms_by_engine`. tree_sizes: draft trees of these many draft nodes, timed
+    as tree steps (one forward with the tree mask) on the lean engine, keyed "tree<N>"
+    (their T is N + 1: compare with forward_ms at T = N + 1).
     """
     g = torch.Generator().manual_seed(0)
     lo, hi = min(100, backbone.info.vocab_size // 2), min(10_000, backbone.info.vocab_size)
@@ -64,11 +98,12 @@ def profile_step(backbone, drafter=None, context: int = 256, repeats: int = 9, e
     for e in engines:
         if e == "lean" and own != "lean":
             continue
-        cache = backbone.new_cache(capacity=context + max(tokens), engine=e)
+        cache = backbone.new_cache(capacity=context + max(list(tokens) + [s + 1 for s in tree_sizes]), engine=e)
         backbone.forward(prompt, cache)
         caches[e] = cache
     new = {t: torch.randint(lo, hi, (1, t), generator=g) for t in tokens}
-    by_engine = _step_costs(backbone, caches, new, repeats)
+    trees = {f"tree{s}": example_tree(s, lo, hi, g) for s in tree_sizes} if "lean" in caches else {}
+    by_engine = _step_costs(backbone, caches, new, repeats, trees)
     out = {"numerics": backbone.info.numerics, "engine": own, "threads": torch.get_num_threads(),
            "context": context, "repeats": repeats}
     if own in by_engine:
