@@ -92,6 +92,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _int_list(flag: str, text: str, empty: bool = False) -> tuple[int, ...]:
+    """'1,2,5' -> (1, 2, 5), each at least 1."""
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ClpError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+    if (not vals and not empty) or any(v < 1 for v in vals):
+        raise ClpError(f"{flag} takes comma-separated numbers >= 1, got {text!r}")
+    return vals
+
+
 def cmd_profile(args) -> int:
     from ..backbone import load_backbone
     from ..heads import default_drafter
@@ -102,6 +113,7 @@ def cmd_profile(args) -> int:
         raise ClpError(f"--engines takes lean and/or hf, not {args.engines!r}")
     if args.context < 1 or args.repeats < 1:
         raise ClpError("--context and --repeats must be at least 1")
+    tokens, tree_sizes = _int_list("--tokens", args.tokens), _int_list("--tree-sizes", args.tree_sizes, empty=True)
     rows = []
     for numerics in args.numerics_list.split(","):
         backbone = load_backbone(args.model, numerics=numerics.strip())
@@ -109,21 +121,24 @@ def cmd_profile(args) -> int:
             drafter = default_drafter(backbone, k=args.k, folder=args.heads)
         except ClpError:
             drafter = None
-        rows.append(profile_step(backbone, drafter, context=args.context, repeats=args.repeats, engines=engines))
+        rows.append(profile_step(backbone, drafter, context=args.context, repeats=args.repeats, engines=engines,
+                                 tokens=tokens, tree_sizes=tree_sizes))
         del backbone
     if args.json:
         print(json.dumps(rows))
         return 0
-    steps = " | ".join(f"T={t}" for t in STEP_TOKENS)
+    cols = list(tokens) + [f"tree{s}" for s in tree_sizes]
+    steps = " | ".join(f"T={c}" if isinstance(c, int) else f"{c} (T={int(c[4:]) + 1})" for c in cols)
     print(f"| numerics | engine | {steps} | T=5 / T=1 | LM head 1 row | 3 rows | heads | CLP | row diff |")
-    print("| --- | --- | " + " | ".join("---" for _ in STEP_TOKENS) + " | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | " + " | ".join("---" for _ in cols) + " | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         for engine, f in r["forward_ms_by_engine"].items():
             own = engine == r["engine"]
-            ms = " | ".join(str(f[t]) for t in STEP_TOKENS)
+            ms = " | ".join(str(f.get(c, "-")) for c in cols)
+            ratio = f"{f[5] / f[1]:.2f}" if 1 in f and 5 in f else "-"
             extra = (f"{r['lm_head_ms_1_row']} | {r['lm_head_ms_3_rows']} | {r.get('heads_ms', '-')} | "
                      f"{r.get('clp_ms', '-')} | {r['row_max_abs_diff']:.2g}") if own else "| | | |"
-            print(f"| {r['numerics']} | {engine} | {ms} | {f[5] / f[1]:.2f} | {extra} |")
+            print(f"| {r['numerics']} | {engine} | {ms} | {ratio} | {extra} |")
     print(f"(median ms over {rows[0]['repeats']} interleaved rounds, {rows[0]['threads']} threads, "
           f"{rows[0]['context']} cached tokens; LM head, heads, CLP and row diff with the backbone's own engine)")
     return 0
@@ -191,3 +206,10 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
     p.add_argument("--repeats", type=int, default=9, help="timed rounds per measurement (default: 9)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per numerics")
     p.set_defaults(func=cmd_profile)
+    from .profile import STEP_TOKENS
+
+    p.add_argument("--tokens", default=",".join(map(str, STEP_TOKENS)),
+                   help=f"new tokens per timed step, comma-separated (default: {','.join(map(str, STEP_TOKENS))})")
+    p.add_argument("--tree-sizes", default="8",
+                   help="draft trees to time as one tree step (lean engine), in draft nodes, comma-separated; "
+                        "'' for none (default: 8)")
