@@ -169,8 +169,11 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
     add_model_args(b)
     add_drafter_args(b)
     add_policy_args(b)
+    from .prompts import PROMPT_SET_HELP
+
     b.add_argument("--prompts", default="mtbench",
-                   help="mtbench, gsm8k, humaneval, sharegpt or a JSONL file of {\"prompt\": ...} (default: mtbench)")
+                   help="; ".join(f"{k}: {v}" for k, v in PROMPT_SET_HELP.items())
+                   + '; or a JSONL file of {"prompt": ...} (default: mtbench)')
     b.add_argument("--limit", type=int, default=10, help="first N prompts (default: 10)")
     from ..decoding import METHODS
 
@@ -204,8 +207,6 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
     p.add_argument("--engines", default="lean,hf",
                    help="forwards to time: lean (ours, Llama/Qwen2) and/or hf (transformers'); default: lean,hf")
     p.add_argument("--repeats", type=int, default=9, help="timed rounds per measurement (default: 9)")
-    p.add_argument("--json", action="store_true", help="print a JSON list, one object per numerics")
-    p.set_defaults(func=cmd_profile)
     from .profile import STEP_TOKENS
 
     p.add_argument("--tokens", default=",".join(map(str, STEP_TOKENS)),
@@ -213,3 +214,5 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
     p.add_argument("--tree-sizes", default="8",
                    help="draft trees to time as one tree step (lean engine), in draft nodes, comma-separated; "
                         "'' for none (default: 8)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per numerics")
+    p.set_defaults(func=cmd_profile)
