@@ -150,6 +150,47 @@ def test_bench_times_the_transformers_peers(capsys, tmp_path, tiny_llama_dir):
     assert "hf_prompt_lookup" in (tmp_path / "b" / "report.md").read_text()
 
 
+def test_bench_llama_cpp_row(capsys, tmp_path, tiny_llama_dir, monkeypatch):
+    """Without llama-cpp-python (or a GGUF source) the row is skipped with a note; with it, the
+    peer is timed on the backbone's GGUF and its tokens compared with our AR's."""
+    import sys
+    import types
+
+    import clpdecode.backbone.model as model
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello there"}\n{"prompt": "and again"}\n')
+    argv = ["bench", "--model", str(tiny_llama_dir), "--methods", "ar", "--hf-generate", "--prompts", str(prompts),
+            "--max-new-tokens", "6"]
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "a"))
+    assert code == 0 and "no llama.cpp row" in err
+    assert "llama_cpp" not in json.loads((tmp_path / "a" / "results.json").read_text())["peers"]
+
+    seen = {}
+
+    class FakeLlama:  # stands for llama_cpp.Llama: proposes token 7 forever
+        def __init__(self, model_path, **kw):
+            seen["path"], seen["threads"] = model_path, kw["n_threads"]
+
+        def reset(self):
+            pass
+
+        def generate(self, tokens, **kw):
+            seen["prompt"] = list(tokens)
+            while True:
+                yield 7
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    monkeypatch.setattr(model, "source_gguf", lambda name: tmp_path / "model.gguf")
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    row = res["peers"]["llama_cpp"]
+    assert row["tokens_per_s_e2e"] > 0 and row["n_prompts"] == 2 and row["same_tokens_as_ar"] in (0.0, 0.5, 1.0)
+    assert seen["path"] == str(tmp_path / "model.gguf") and seen["prompt"]
+    assert "llama_cpp" in (tmp_path / "b" / "report.md").read_text()
+
+
 def test_raw_prompts_skip_the_chat_template(capsys, tmp_path, tiny_backbone, tiny_llama_dir):
     """--raw (generate, bench) and raw=True (API): plain-text continuation for base models."""
     import clpdecode as clp

@@ -257,6 +257,16 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
     return cached_folder(folder, source, build, message)
 
 
+def source_gguf(name: str) -> Path | None:
+    """The GGUF file a named backbone is converted from (None for folders and hub ids):
+    what llama.cpp runs as the speed peer in `clp bench`."""
+    if name == EMBEDDED:
+        return embedded_gguf_path()
+    if name == GEMMA:
+        return gemma_gguf_path()
+    return None
+
+
 def resolve_model(name: str, progress: bool = True) -> tuple[str, str]:
     """Map a model name to (display name, path or hub id that transformers can load)."""
     if name == EMBEDDED:

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ClpError
 from .cache import StaticKVCache
 from .fast import LeanForward, lean_unsupported_reason
-from .loading import resolve_model
+from .loading import resolve_model, source_gguf
 
 # fp32: the model as trained. fp16: fp16 weights, fp32 activations (fbgemm), ~2x faster
 # per token here with near-fp32 outputs; each row of a multi-token step is computed
@@ -87,6 +87,7 @@ class Backbone:
             numerics="fp32",
         )
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.gguf = None  # the GGUF file it was converted from, if any (set by load_backbone)
         self._lean: LeanForward | None = None
         self._use_lean = engine != "hf" and why_not is None
         if numerics != "fp32":
@@ -292,4 +293,6 @@ def load_backbone(name: str = "embedded", numerics: str = "fp32", progress: bool
         raise ClpError(f"cannot load {name!r}: {msg[:200]}") from None
     except OSError as e:
         raise ClpError(f"cannot load model {name!r}: {str(e).splitlines()[0][:200]}") from None
-    return Backbone(model, tokenizer, display, numerics=numerics, engine=engine)
+    backbone = Backbone(model, tokenizer, display, numerics=numerics, engine=engine)
+    backbone.gguf = source_gguf(name)
+    return backbone

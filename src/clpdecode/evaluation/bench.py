@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,10 +139,17 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
     cfg = GenerationConfig(max_new_tokens=settings.max_new_tokens)
     ref = reference or backbone
     fp32_policy = make_policy("ar", reference) if reference is not None and reference is not backbone else None
+    llama = None
+    if settings.hf_generate and len(records) < len(encoded):
+        llama, why_not = LlamaCppPeer.open(backbone)
+        if why_not:
+            print(f"clp bench: no llama.cpp row: {why_not}", file=sys.stderr)
     if len(records) < len(encoded):
         # Warm-up: first calls pay for allocator growth and lazy initialisation.
         for m in methods:
             generate(backbone, encoded[0], policies[m], GenerationConfig(max_new_tokens=settings.warmup_tokens))
+        if llama is not None:
+            llama.time(encoded[0], settings.warmup_tokens)
     # Closed on any exit, so that an error or "interrupted" line starts on a line of its own.
     with tqdm(total=len(encoded) - len(records), desc="bench", unit="prompt", disable=not progress) as bar:
         for ids in encoded[len(records):]:
@@ -152,6 +160,8 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
             if settings.hf_generate:
                 for peer, extra in PEERS.items():
                     rec[peer] = list(_time_hf_generate(backbone, ids, settings.max_new_tokens, **extra))
+                if llama is not None:
+                    rec["llama_cpp"] = list(llama.time(ids, settings.max_new_tokens))
             for m in methods:
                 rec["methods"][m]["nll"] = backbone_nll(ref, ids, rec["methods"][m]["token_ids"])
             if fp32_policy is not None:
@@ -224,11 +234,15 @@ def summarize(records: list[dict], backbone, drafter, settings: BenchSettings, n
         if by_k:
             out["head_accuracy_by_k"] = by_k
     peers = {}
-    for peer in PEERS:
+    for peer in PEER_NAMES:
         times = [rec[peer] for rec in records if peer in rec]
         if times:
             rate = sum(x[0] for x in times) / sum(x[1] for x in times)
-            peers[peer] = {"tokens_per_s_e2e": round(rate, 3), "speedup_vs_ar": round(rate / ar_e2e, 4)}
+            peers[peer] = {"tokens_per_s_e2e": round(rate, 3), "speedup_vs_ar": round(rate / ar_e2e, 4),
+                           "n_prompts": len(times)}
+            if peer == "llama_cpp":  # its own numerics (the GGUF's quantised weights): its tokens may differ
+                peers[peer]["same_tokens_as_ar"] = round(sum(
+                    rec[peer][2] == rec["methods"]["ar"]["token_ids"] for rec in records if peer in rec) / len(times), 4)
     if peers:
         out["peers"] = peers
         hf_rate = peers["hf_generate"]["tokens_per_s_e2e"]
@@ -242,6 +256,44 @@ def summarize(records: list[dict], backbone, drafter, settings: BenchSettings, n
 # greedy generate(), and its prompt-lookup decoding (lossless drafts copied from n-grams of
 # the prompt and the text so far; no training).
 PEERS = {"hf_generate": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10}}
+# ... and llama.cpp (llama-cpp-python, `make peers`) on the GGUF file the backbone was
+# converted from, greedy, with as many threads as torch uses: the engine a CPU user would
+# otherwise pick. It computes with the GGUF's quantised weights, so its text may differ.
+PEER_NAMES = (*PEERS, "llama_cpp")
+
+
+class LlamaCppPeer:
+    """llama.cpp on the backbone's own GGUF file, timed like our loop (prefill included)."""
+
+    def __init__(self, llm, eos_ids: set[int]):
+        self.llm, self.eos_ids = llm, eos_ids
+
+    @classmethod
+    def open(cls, backbone) -> tuple["LlamaCppPeer | None", str | None]:
+        """(peer, None), or (None, why there is no llama.cpp row)."""
+        if getattr(backbone, "gguf", None) is None:
+            return None, f"{backbone.name} was not converted from a GGUF file"
+        try:
+            import llama_cpp
+        except ImportError:
+            return None, "llama-cpp-python is not installed (`make peers` builds it, ~10 min)"
+        window = backbone.max_positions or 2048
+        llm = llama_cpp.Llama(model_path=str(backbone.gguf), n_ctx=min(window, 4096), n_threads=torch.get_num_threads(),
+                              n_threads_batch=torch.get_num_threads(), verbose=False)
+        return cls(llm, backbone.eos_ids), None
+
+    def time(self, ids: list[int], max_new_tokens: int) -> tuple[int, float, list[int]]:
+        """(new tokens, seconds, token ids) of a greedy continuation of the token ids."""
+        import time
+
+        self.llm.reset()  # no prefix reuse across prompts: our loop prefills every prompt too
+        t = time.perf_counter()
+        out: list[int] = []
+        for tok in self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(int(tok))
+            if tok in self.eos_ids or len(out) >= max_new_tokens:
+                break
+        return len(out), time.perf_counter() - t, out
 
 
 @torch.inference_mode()
@@ -314,10 +366,13 @@ def render_markdown(results: dict, command: str) -> str:
         lines += [f"transformers' generate() (greedy, same numerics): {t['tokens_per_s_e2e']:.1f} tok/s end to end; "
                   f"our AR loop is {t['our_ar_speedup_e2e']:.2f}x that.", ""]
     if "peers" in results:
-        lines += ["| peer (same model, numerics, prompts) | tok/s end to end | vs our AR (e2e) |", "| --- | --- | --- |"]
-        lines += [f"| {name} | {p['tokens_per_s_e2e']:.1f} | {p['speedup_vs_ar']:.2f}x |"
+        lines += ["| peer (same prompts) | tok/s end to end | vs our AR (e2e) | same tokens as AR |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {p['tokens_per_s_e2e']:.1f} | {p['speedup_vs_ar']:.2f}x | "
+                  f"{p.get('same_tokens_as_ar', 'same model and numerics')} |"
                   for name, p in results["peers"].items()]
-        lines += [""]
+        lines += ["", "hf_* peers run transformers on our very model and numerics; llama_cpp runs the GGUF "
+                  "file the backbone was converted from, with its quantised weights.", ""]
     if "drafter" in results:
         d = results["drafter"]
         lines += ["Sizes: " + ", ".join(f"{k} {v['params']:,} parameters" for k, v in d.items()), ""]
