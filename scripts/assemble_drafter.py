@@ -2,10 +2,12 @@
 
     python scripts/assemble_drafter.py --run .gpu/run1 [--variant attn_soft_feat]
 
-Writes src/clpdecode/assets/drafters/<backbone>/k2 and k4: the chain (its k set to 2 or 4),
-the CLP and gates trained on its accepted lengths for that k, and the competing-ablation
-heads copied from the independent-heads bundle of the same k (they do not depend on the
-drafter). The independent heads stay shipped as the baseline in independent-k2/-k4.
+Writes src/clpdecode/assets/drafters/<backbone>/k<k> for each k the run trained CLP for
+(2 and 4 by default): the chain (its k set to k), the CLP and gates trained on its accepted
+lengths for that k, and the competing-ablation heads, copied from the independent-heads
+bundle of the same k (they do not depend on the drafter), else the ones the run trained
+(`device_train.py --competing-steps`; `--model gemma3-270m` ships k2 this way). The
+independent heads stay shipped as the baseline in independent-k2/-k4.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     from clpdecode.backbone import load_backbone
     from clpdecode.heads.artifacts import Drafter, load_drafter, loaded_tensors, save_drafter, shipped_drafter_dir
     from clpdecode.heads.chained import ChainConfig, ChainedHeads
+    from clpdecode.heads.modules import HeadsConfig, MTPHeads
     from clpdecode.predictors.modules import CLP, Gates, PredictorConfig
 
     run = Path(args.run)
@@ -38,7 +41,13 @@ def main() -> None:
     state = loaded_tensors(load_file(str(run / f"chain-{args.variant}.safetensors")))
     pred = loaded_tensors(load_file(str(run / "predictors.safetensors")))
     backbone = load_backbone(args.model)
-    for k in (2, 4):
+    trained_competing = None
+    if "competing" in report:  # trained in the run (a backbone without independent heads)
+        trained_competing = MTPHeads(HeadsConfig(**report["competing"]["heads"]))
+        part = {n[len("competing."):]: t for n, t in pred.items() if n.startswith("competing.")}
+        trained_competing.set_draft_vocab(part["draft_ids"])
+        trained_competing.load_state_dict(part)
+    for k in sorted(int(name[1:]) for name in report["predictors"]):
         chain = ChainedHeads(ChainConfig(**{**variant["chain"], "k": k}))
         chain.set_draft_vocab(state["draft_ids"])
         chain.load_state_dict(state)
@@ -47,7 +56,7 @@ def main() -> None:
         clp.load_state_dict({n[len(f"k{k}.clp."):]: t for n, t in pred.items() if n.startswith(f"k{k}.clp.")})
         gates.load_state_dict({n[len(f"k{k}.gates."):]: t for n, t in pred.items() if n.startswith(f"k{k}.gates.")})
         baseline = shipped_drafter_dir(backbone.name, k, baseline=True)
-        competing = load_drafter(baseline).competing if baseline else None
+        competing = load_drafter(baseline).competing if baseline else trained_competing
         heldout = dict(variant["heldout"])
         for key in ("head_top1", "chain_accept"):
             heldout[key] = heldout[key][:k]

@@ -8,7 +8,11 @@ and a 64 MiB limit on what one call carries. So:
   two parts sent by two calls; `scripts/device_train.py` dequantises them exactly as
   gguf-py does (checked here against transformers' own GGUF loader: bit-identical);
 - the token data: ShareGPT prompts to self-distil on the GPU, teacher-forced ShareGPT
-  conversations, and the committed corpus's held-out answers, as uint16 arrays.
+  conversations, and the committed corpus's held-out answers, as token-id arrays.
+
+With ``--model gemma3-270m`` (any backbone other than the embedded one) nothing is packed
+but tokens: the committed passages corpus (already self-distilled on CPU) and plain-text
+teacher-forced answers, for `device_train.py --device cpu --model gemma3-270m`.
 
 Held-out prompts (every 20th ShareGPT prompt, the committed corpus's rule) are excluded
 from everything that trains.
@@ -168,9 +172,6 @@ def pack_tokens(backbone, out: Path, n_sd: int, n_tf: int, max_prompt: int = 320
     ho_seqs = [r["prompt"] + r["answer"] for r in held]
     ho_plen = [len(r["prompt"]) for r in held]
 
-    def flat(seqs):
-        return np.concatenate([np.asarray(s, np.uint16) for s in seqs]), np.cumsum([0] + [len(s) for s in seqs])
-
     arrays = {}
     for name, seqs in (("sd_prompts", sd_prompts), ("tf", tf_seqs), ("heldout", ho_seqs)):
         arrays[f"{name}_ids"], arrays[f"{name}_off"] = flat(seqs)
@@ -185,9 +186,66 @@ def pack_tokens(backbone, out: Path, n_sd: int, n_tf: int, max_prompt: int = 320
             "heldout": len(ho_seqs), "heldout_tokens": int(sum(len(r["answer"]) for r in held))}
 
 
+def flat(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated token ids (uint32: Gemma's vocabulary passes uint16) and their offsets."""
+    return np.concatenate([np.asarray(s, np.uint32) for s in seqs]), np.cumsum([0] + [len(s) for s in seqs])
+
+
+def pack_corpus_tokens(backbone, out: Path, n_tf: int, max_len: int = 192, seed: int = 0) -> dict:
+    """Token data for a base model whose answers were self-distilled here (`clp distill
+    --prompt-set passages`): the committed corpus's train split as ready answers (sd_answers:
+    device_train then skips its own distillation), its held-out split, and teacher-forced
+    plain-text ShareGPT answers (BOS + text, cut to max_len) from records that are not held out.
+
+    Args:
+        backbone: the loaded backbone (its name finds the corpus, its tokenizer encodes).
+        out: folder for tokens.npz and tf.npz.
+        n_tf: teacher-forced sequences to pack.
+    Returns:
+        Counts of what was packed.
+    """
+    from clpdecode.corpus import corpus_dir, read_corpus
+    from clpdecode.datasets import HELDOUT_EVERY, sharegpt_conversations
+
+    recs = read_corpus(corpus_dir(backbone.name))
+    if not recs:
+        raise SystemExit(f"no corpus for {backbone.name}: run `clp distill --prompt-set passages` first")
+    train = [r for r in recs if r["split"] == "train" and len(r["answer"]) >= 2]
+    held = [r for r in recs if r["split"] == "heldout"]
+    texts = []
+    for i, rec in enumerate(sharegpt_conversations()):
+        if i % HELDOUT_EVERY == 0:
+            continue
+        ans = next((t.get("value") for t in rec.get("conversations") or [] if t.get("from") == "gpt"), None)
+        if isinstance(ans, str) and len(ans) > 400:
+            texts.append(ans)
+    random.Random(seed).shuffle(texts)
+    tok = backbone.tokenizer
+    tf = [ids[:max_len] for ids in (tok(t)["input_ids"] for t in texts[: 2 * n_tf]) if len(ids) >= 32][:n_tf]
+    arrays = {}
+    for name, seqs in (("sd_prompts", [r["prompt"] for r in train]), ("sd_answers", [r["answer"] for r in train]),
+                       ("heldout", [r["prompt"] + r["answer"] for r in held]), ("tf", tf)):
+        arrays[f"{name}_ids"], arrays[f"{name}_off"] = flat(seqs)
+    arrays["heldout_plen"] = np.asarray([len(r["prompt"]) for r in held], np.int32)
+    arrays["tf_plen"] = np.ones(len(tf), np.int32)  # every position after BOS is a target
+    out.mkdir(parents=True, exist_ok=True)
+    tf_keys = ("tf_ids", "tf_off", "tf_plen")
+    np.savez_compressed(out / "tf.npz", **{k: arrays[k] for k in tf_keys})
+    np.savez_compressed(out / "tokens.npz", **{k: v for k, v in arrays.items() if k not in tf_keys})
+    return {"sd": len(train), "sd_tokens": int(sum(len(r["answer"]) for r in train)), "tf": len(tf),
+            "tf_tokens": int(sum(map(len, tf))), "heldout": len(held),
+            "heldout_tokens": int(sum(len(r["answer"]) for r in held))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".gpu")
+    ap.add_argument("--model", default="embedded",
+                    help="embedded: pack GGUF blocks + ShareGPT prompts to distil on the device; any other "
+                         "backbone (gemma3-270m): pack its committed passages corpus for a CPU run "
+                         "(device_train.py --model), no weights")
+    ap.add_argument("--max-len", type=int, default=192, help="teacher-forced length cap for --model other than "
+                    "embedded (default: 192)")
     ap.add_argument("--sd-prompts", type=int, default=12000)
     ap.add_argument("--tf", type=int, default=4000)
     ap.add_argument("--check", action="store_true", help="compare dequantised weights with transformers'")
@@ -197,10 +255,13 @@ def main() -> None:
     from clpdecode.backbone.loading import embedded_gguf_path
 
     out = Path(args.out)
-    bb = load_backbone("embedded")
+    bb = load_backbone(args.model)
     cfg = bb.model.config.to_dict()
     (out).mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg))
+    if args.model != "embedded":
+        print("tokens:", pack_corpus_tokens(bb, out, args.tf, args.max_len))
+        return
     folders = [] if args.skip_weights else pack_weights(embedded_gguf_path(), cfg, out)
     print("weights:", [(str(f), (f / "weights.npz").stat().st_size) for f in folders])
     if args.check and folders:

@@ -15,6 +15,11 @@ Phases, each under a wall-clock budget so the whole run fits a device lease:
    budget), with soft targets recomputed from the cached states through the LM head;
 5. CLP and gates (k = 2 and 4) on the chain's accepted lengths over a predictor split;
 6. held-out acceptance of every variant; weights and report.json into --out.
+
+On CPU, ``--model gemma3-270m`` (any backbone `clp` loads) replaces phases 1-2: the backbone
+is loaded as `clp` loads it and the self-distilled answers come packed in tokens.npz
+(`device_pack.py --model gemma3-270m`, from the committed corpus); ``--ks 2`` trains and
+unrolls the chain for k = 2 only.
 """
 
 from __future__ import annotations
@@ -257,15 +262,89 @@ def train_predictors(chain, pdata, embed, lm_head, k, dev, steps=1500, batch=512
                                       "alpha": alpha, "positions": int(len(h))}
 
 
+def train_competing(data, lm_head, draft_ids, k, dev, steps, batch=256, lr=1e-3, seed=0):
+    """The head-competition ablation for a backbone without independent heads to copy them
+    from: k residual heads, head i predicting t+i from f_t (offset 1), hard cross-entropy.
+
+    Args:
+        data: (feats, tokens, mask, rows): rows should be self-distilled sequences, whose
+            text is the backbone's greedy continuation (so token p+i is the target).
+        lm_head: (V, d) the frozen LM head; draft_ids: its rows the heads may propose.
+        steps: optimiser steps of `batch` positions.
+    Returns:
+        (heads, info) with the heads in eval mode.
+    """
+    from clpdecode.heads.modules import HeadsConfig, MTPHeads
+
+    feats, tokens, mask, rows = data
+    cfg = HeadsConfig(k=k, hidden_size=feats.shape[-1], design="residual", offset=1, draft_vocab=len(draft_ids))
+    torch.manual_seed(seed)
+    heads = MTPHeads(cfg).to(dev)
+    heads.set_draft_vocab(draft_ids.to(dev))
+    heads.attach(lm_head)
+    lut = torch.full((lm_head.shape[0],), -100, dtype=torch.long, device=dev)
+    lut[draft_ids.to(dev)] = torch.arange(len(draft_ids), device=dev)
+    L = tokens.shape[1]
+    seq, pos = mask[rows].nonzero(as_tuple=True)
+    seq = rows.to(dev)[seq]
+    targets = torch.full((len(seq), k), -100, dtype=torch.long, device=dev)
+    for i in range(1, k + 1):  # head i's target x_{p+i} exists while p+i-1 still predicts answer text
+        ok = (pos + i < L) & mask[seq, (pos + i - 1).clamp(max=L - 1)]
+        targets[ok, i - 1] = lut[tokens[seq[ok], pos[ok] + i]]
+    opt = torch.optim.AdamW(heads.parameters(), lr=lr)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for step in range(steps):
+        for gr in opt.param_groups:
+            gr["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(len(seq), (batch,), generator=g).to(dev)
+        logits = heads(feats[seq[idx], pos[idx]].float(), None)  # (B, k, Vd)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[idx].reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return heads.eval(), {"k": k, "steps": steps, "positions": int(len(seq)), "final_loss": round(loss.item(), 3)}
+
+
 def save(module, path):
     from safetensors.torch import save_file
 
     save_file(stored_tensors(module), str(path))
 
 
+def load_model(args, data_dir: Path):
+    """The backbone model and its EOS id: packed GGUF blocks (--weights) or `clp`'s loader (--model)."""
+    if args.model:
+        from clpdecode.backbone import load_backbone
+
+        bb = load_backbone(args.model)
+        return bb.model, min(bb.eos_ids)
+    if not args.weights:
+        raise SystemExit("give --weights (packed GGUF blocks) or --model")
+    return build_backbone([Path(w) for w in args.weights], data_dir / "config.json", torch.device(args.device)), 2
+
+
+def chain_config(cfg, k: int, draft_vocab: int, intermediate: int, **kw) -> ChainConfig:
+    """The chain's block as a layer of the backbone (heads, widths), with an optional
+    narrower MLP (a smaller shipped file for a wide backbone)."""
+    from dataclasses import replace
+
+    cc = ChainConfig.from_backbone_config(cfg, k=k, draft_vocab=draft_vocab, **kw)
+    return replace(cc, intermediate_size=intermediate) if intermediate else cc
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", nargs="+", required=True)
+    ap.add_argument("--weights", nargs="+", default=None, help="packed GGUF blocks (device_pack.py)")
+    ap.add_argument("--model", default=None, help="load this backbone with clp's loader instead of --weights "
+                    "(CPU; the answers come packed as sd_answers)")
+    ap.add_argument("--ks", default="2,4", help="horizons to ship: the chain is trained and unrolled for the "
+                    "largest, CLP and gates are trained for each (default: 2,4)")
+    ap.add_argument("--competing-steps", type=int, default=0,
+                    help="also train the competing-ablation heads (k+1 residual heads) for this many steps on "
+                         "the self-distilled rows, saved in predictors.safetensors (default 0: none; the "
+                         "embedded backbone's are copied from its independent heads)")
+    ap.add_argument("--chain-intermediate", type=int, default=0,
+                    help="the chain's MLP width (default 0: the backbone's)")
     ap.add_argument("--data", required=True, help="folder with config.json and tokens.npz")
     ap.add_argument("--tf", required=True, help="tf.npz: teacher-forced ShareGPT sequences")
     ap.add_argument("--out", required=True)
@@ -286,7 +365,7 @@ def main():
     args = ap.parse_args()
     dev = torch.device(args.device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "work").mkdir(parents=True, exist_ok=True)  # checkpoints (and distilled batches, if distilling)
     data_dir = Path(args.data)
     report = {"args": vars(args)}
 
@@ -298,10 +377,12 @@ def main():
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              max_position_embeddings=2048, tie_word_embeddings=True,
                                              eos_token_id=2, pad_token_id=2)).eval()
+        eos = 2
     else:
-        model = build_backbone([Path(w) for w in args.weights], data_dir / "config.json", dev)
+        model, eos = load_model(args, data_dir)
     cfg = model.config
-    eos = 2
+    ks = sorted(int(k) for k in args.ks.split(","))
+    kmax = ks[-1]
     embed = model.get_input_embeddings().weight.detach()
     lm_head = model.get_output_embeddings().weight.detach()
     z, ztf = np.load(data_dir / "tokens.npz"), np.load(args.tf)
@@ -315,8 +396,11 @@ def main():
         tf, tf_plen = tf[: args.tf_limit], tf_plen[: args.tf_limit]
     log(f"data: {len(sd_prompts)} prompts, {len(tf)} teacher-forced, {len(held)} held-out")
 
-    sd = self_distil(model, sd_prompts, eos, args.distil_seconds, args.distil_batch, args.max_new, dev,
-                     out / "work")
+    if "sd_answers_ids" in z:  # distilled already (the committed corpus of a CPU-trained backbone)
+        sd = list(zip(sd_prompts, unflat(z, "sd_answers")[: len(sd_prompts)]))
+    else:
+        sd = self_distil(model, sd_prompts, eos, args.distil_seconds, args.distil_batch, args.max_new, dev,
+                         out / "work")
     sd_seqs = [(p + a)[: args.max_len] for p, a in sd if len(a) >= 2]
     sd_plen = [len(p) for p, a in sd if len(a) >= 2]
     # The last 8% of the self-distilled answers train CLP and the gates only.
@@ -340,13 +424,14 @@ def main():
     report["data"]["draft_vocab_coverage"] = round(float(counts[draft_ids.to(dev)].sum() / counts.sum()), 4)
     log("data:", report["data"])
 
-    base = dict(k=4, draft_vocab=len(draft_ids))
-    ccfg = lambda **kw: ChainConfig.from_backbone_config(cfg, **{**base, **kw})  # noqa: E731
+    ccfg = lambda **kw: chain_config(cfg, kmax, len(draft_ids), args.chain_intermediate, **kw)  # noqa: E731
     variants = [
-        ("attn_soft_feat", ccfg(attention=True), ChainLossConfig(steps=4, feature_weight=0.5), args.main_seconds),
-        ("attn_soft_feat_short", ccfg(attention=True), ChainLossConfig(steps=4, feature_weight=0.5), args.ablation_seconds),
-        ("attn_soft", ccfg(attention=True), ChainLossConfig(steps=4, feature_weight=0.0), args.ablation_seconds),
-        ("mlp_soft_feat", ccfg(attention=False), ChainLossConfig(steps=4, feature_weight=0.5), args.ablation_seconds),
+        ("attn_soft_feat", ccfg(attention=True), ChainLossConfig(steps=kmax, feature_weight=0.5), args.main_seconds),
+        ("attn_soft_feat_short", ccfg(attention=True), ChainLossConfig(steps=kmax, feature_weight=0.5),
+         args.ablation_seconds),
+        ("attn_soft", ccfg(attention=True), ChainLossConfig(steps=kmax, feature_weight=0.0), args.ablation_seconds),
+        ("mlp_soft_feat", ccfg(attention=False), ChainLossConfig(steps=kmax, feature_weight=0.5),
+         args.ablation_seconds),
         ("attn_soft_feat_no_ttt", ccfg(attention=True), ChainLossConfig(steps=1, feature_weight=0.5), args.ablation_seconds),
     ]
     tdata = (feats, tokens, mask, train_rows)
@@ -361,7 +446,7 @@ def main():
     for name, cc, lc, budget in variants:
         chain, info = train_variant(name, cc, lc, tdata, embed, lm_head, draft_ids, budget, dev, args.batch,
                                     out / "work" / f"ckpt-{name}.pt")
-        res = evaluate(chain, ho, embed, 4)
+        res = evaluate(chain, ho, embed, kmax)
         log(name, res)
         report["variants"][name] = {"chain": cc.as_dict(), "loss": lc.as_dict(), "train": info, "heldout": res,
                                     "params": chain.num_params}
@@ -373,12 +458,19 @@ def main():
     pdata = (feats[pred_rows], tokens[pred_rows], mask[pred_rows])
     report["predictors"] = {}
     pred = {}
-    for k in (2, 4):
+    for k in ks:
         clp, gates, info = train_predictors(main_chain, pdata, embed, lm_head, k, dev)
         pred.update(stored_tensors(clp, f"k{k}.clp."))
         pred.update(stored_tensors(gates, f"k{k}.gates."))
         report["predictors"][f"k{k}"] = info
         log(f"predictors k={k}:", info)
+    if args.competing_steps:
+        sd_rows = torch.arange(0, n_sd - n_pred)
+        competing, info = train_competing((feats, tokens, mask, sd_rows), lm_head, draft_ids, kmax + 1, dev,
+                                          args.competing_steps)
+        pred.update(stored_tensors(competing, "competing."))
+        report["competing"] = {"heads": competing.cfg.as_dict(), **info}
+        log("competing heads:", info)
     from safetensors.torch import save_file
 
     save_file(pred, str(out / "predictors.safetensors"))
