@@ -55,6 +55,23 @@ heads: setup
 		--distil-seconds 3600 --distil-batch 16 --max-new 192 --main-seconds 3600 --batch 8
 	$(PY) scripts/assemble_drafter.py --run $(HEADS_WORK)/run
 
+# The k = 2 drafter of Gemma 3 270M (a base model), all on CPU with one thread (about 1-1.5 h
+# on this machine; rerun to resume). 1. its greedy 64-token continuations of 1,024
+# ShareGPT-answer passages, the committed corpus (assets/corpus/gemma-3-270m; every 20th
+# ShareGPT record held out); 2. those + 400 teacher-forced plain-text answers packed as
+# token ids; 3. the chain (MLP width 1024, a smaller file), CLP, gates and competing heads;
+# 4. the bundle in assets/drafters/gemma-3-270m/k2.
+GEMMA_WORK ?= build/heads-gemma
+GEMMA_ENV := OMP_NUM_THREADS=1
+heads-gemma: gemma
+	$(GEMMA_ENV) $(VENV)/bin/clp distill --model gemma3-270m --threads 1 --prompt-set passages --prompts 1024 \
+		--batch-size 64 --max-new-tokens 64 --corpus-only
+	$(GEMMA_ENV) $(PY) scripts/device_pack.py --model gemma3-270m --out $(GEMMA_WORK) --tf 400 --max-len 192
+	$(GEMMA_ENV) $(PY) scripts/device_train.py --device cpu --model gemma3-270m --data $(GEMMA_WORK) \
+		--tf $(GEMMA_WORK)/tf.npz --out $(GEMMA_WORK)/run --variants attn_soft_feat --ks 2 \
+		--chain-intermediate 1024 --competing-steps 300 --main-seconds 1200 --batch 8 --max-len 192
+	$(GEMMA_ENV) $(PY) scripts/assemble_drafter.py --run $(GEMMA_WORK)/run --model gemma3-270m
+
 # The independent heads (the baseline shipped as independent-k2/-k4), about 45 min.
 heads-independent: setup
 	$(VENV)/bin/clp distill --teacher-forced 1000
