@@ -408,6 +408,7 @@ def main():
     seqs = sd_seqs + tf
     plens = sd_plen + tf_plen
     feats, tokens, mask = prefill_all(model, seqs, plens, args.max_len, dev)
+    held = [h[: args.max_len] for h in held]  # the state cache is max_len wide; longer held-out text is cut
     ho = prefill_all(model, held, ho_plen, args.max_len, dev)
     log(f"prefill: {feats.shape[0]} sequences, {int(mask.sum())} target positions "
         f"({int(mask[: len(sd_seqs)].sum())} self-distilled)")
