@@ -58,7 +58,7 @@ def main() -> None:
         baseline = shipped_drafter_dir(backbone.name, k, baseline=True)
         competing = load_drafter(baseline).competing if baseline else trained_competing
         heldout = dict(variant["heldout"])
-        for key in ("head_top1", "chain_accept"):
+        for key in ("head_top1", "head_top5", "chain_accept"):  # per-depth lists: the first k
             heldout[key] = heldout[key][:k]
         heldout["mean_accepted"] = round(sum(heldout["chain_accept"]), 4)
         heldout["k"] = k
