@@ -1,0 +1,75 @@
+"""Time verified decoding with chain and tree drafts against AR, interleaved in one process.
+
+The measurement behind the default of `--tree` (docs/design.md, "Draft trees"): for each
+prompt, AR and every draft shape run back to back on the same backbone, so that load from
+other processes spreads over all of them; every output is checked against AR's.
+
+    python scripts/sweep_drafts.py --prompts mtbench --limit 10 --trees chain,4,6,8 --min-prob 0.3
+
+Prints one JSON line per configuration: tokens/s, speedup over AR (end to end) and tokens
+per forward. Run it on a quiet machine (2 threads by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--numerics", default="fp16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--clp-threshold", type=float, default=0.3)
+    ap.add_argument("--prompts", default="mtbench")
+    ap.add_argument("--limit", type=int, default=10)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--trees", default="chain,4,6,8", help="draft shapes: 'chain' and/or tree sizes")
+    ap.add_argument("--min-prob", type=float, default=None, help="sibling threshold (default: TreeConfig's)")
+    ap.add_argument("--width", type=int, default=None, help="candidates per depth (default: TreeConfig's)")
+    args = ap.parse_args()
+
+    import torch
+
+    from clpdecode import default_drafter, load_backbone
+    from clpdecode.decoding import GenerationConfig, generate, make_policy
+    from clpdecode.decoding.tree import TREE_CHAIN, TreeConfig
+    from clpdecode.evaluation.prompts import load_prompts
+
+    torch.set_num_threads(args.threads)
+    bb = load_backbone(args.model, numerics=args.numerics, progress=False)
+    drafter = default_drafter(bb, k=args.k)
+    ids = [bb.encode_prompt(p) for p in load_prompts(args.prompts, args.limit)]
+    extra = {k: v for k, v in (("min_prob", args.min_prob), ("width", args.width)) if v is not None}
+    policies = {"ar": make_policy("ar")}
+    for t in args.trees.split(","):
+        tree = TREE_CHAIN if t == TREE_CHAIN else TreeConfig(size=int(t), **extra)
+        policies[f"verified_{t}"] = make_policy("verified", bb, drafter, clp_threshold=args.clp_threshold, tree=tree)
+    for p in policies.values():  # warm-up
+        generate(bb, ids[0], p, GenerationConfig(max_new_tokens=16))
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    totals = {k: [0, 0.0, 0] for k in policies}  # tokens, seconds, forwards
+    for x in ids:
+        ar = None
+        for name, policy in policies.items():
+            r = generate(bb, x, policy, cfg)
+            ar = r.token_ids if ar is None else ar
+            if r.token_ids != ar:
+                raise SystemExit(f"{name} differs from AR: verified decoding must be lossless")
+            t = totals[name]
+            t[0], t[1], t[2] = t[0] + r.new_tokens, t[1] + r.seconds, t[2] + r.forward_passes
+    ar_rate = totals["ar"][0] / totals["ar"][1]
+    for name, (n, s, f) in totals.items():
+        print(json.dumps({"config": name, "min_prob": extra.get("min_prob", TreeConfig.min_prob),
+                          "tokens_per_s": round(n / s, 2), "speedup_e2e": round(n / s / ar_rate, 3),
+                          "tokens_per_forward": round(n / f, 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
