@@ -62,6 +62,11 @@ from clpdecode.training.train import clp_class_weights  # noqa: E402
 T0 = time.time()
 
 
+# The clock of the training budgets: wall time (a device lease), or this process's CPU time
+# (--budget-clock process), which a CPU run sharing its machine, or paused, does not lose.
+CLOCK = time.time
+
+
 def log(*a):
     print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
 
@@ -160,6 +165,29 @@ def prefill_all(model, seqs, plens, L, dev, batch=64):
     return feats, tokens, mask
 
 
+def cached_prefill(model, train, heldout, args, dev, work: Path):
+    """prefill_all of the training and held-out sequences, kept in work/states.pt on CPU runs
+    so that a resumed run does not prefill again (the file is checked against the inputs).
+
+    Returns:
+        feats, tokens, mask of the training sequences and the held-out triple.
+    """
+    key = {"train": train, "heldout": heldout, "max_len": args.max_len, "model": args.model}
+    path = work / "states.pt"
+    if dev.type == "cpu" and path.exists():
+        st = torch.load(path, weights_only=False)
+        if st["key"] == key:
+            log("prefill: states loaded from", path)
+            return (*st["train"], st["heldout"])
+    out = prefill_all(model, *train, args.max_len, dev)
+    ho = prefill_all(model, *heldout, args.max_len, dev)
+    if dev.type == "cpu":
+        tmp = path.with_suffix(".tmp")
+        torch.save({"key": key, "train": out, "heldout": ho}, tmp)
+        tmp.replace(path)
+    return (*out, ho)
+
+
 def train_variant(name, ccfg, lcfg, data, embed, lm_head, draft_ids, budget_s, dev, batch, ckpt: Path,
                   lr=1e-3, seed=0, checkpoint_s=120.0):
     """Train one chain for `budget_s` seconds of its own (cosine schedule over the budget).
@@ -186,12 +214,12 @@ def train_variant(name, ccfg, lcfg, data, embed, lm_head, draft_ids, budget_s, d
     def save_ckpt():
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"chain": chain.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                    "spent": spent + time.time() - t0, "step": step, "seen": seen}, tmp)
+                    "spent": spent + CLOCK() - t0, "step": step, "seen": seen}, tmp)
         tmp.replace(ckpt)
 
-    t0, last_save = time.time(), time.time()
+    t0, last_save = CLOCK(), time.time()
     while True:
-        frac = (spent + time.time() - t0) / budget_s
+        frac = (spent + CLOCK() - t0) / budget_s
         if frac >= 1:
             break
         if time.time() - last_save > checkpoint_s:
@@ -339,6 +367,9 @@ def main():
                     "(CPU; the answers come packed as sd_answers)")
     ap.add_argument("--ks", default="2,4", help="horizons to ship: the chain is trained and unrolled for the "
                     "largest, CLP and gates are trained for each (default: 2,4)")
+    ap.add_argument("--budget-clock", default="wall", choices=["wall", "process"],
+                    help="what the training budgets count: wall-clock seconds, or this process's CPU seconds "
+                         "(a CPU run on a shared machine; all threads counted) (default: wall)")
     ap.add_argument("--competing-steps", type=int, default=0,
                     help="also train the competing-ablation heads (k+1 residual heads) for this many steps on "
                          "the self-distilled rows, saved in predictors.safetensors (default 0: none; the "
@@ -363,6 +394,8 @@ def main():
     ap.add_argument("--tf-limit", type=int, default=0, help="use only the first N teacher-forced sequences")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny random model")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.budget_clock == "process" else time.time
     dev = torch.device(args.device)
     out = Path(args.out)
     (out / "work").mkdir(parents=True, exist_ok=True)  # checkpoints (and distilled batches, if distilling)
@@ -407,9 +440,8 @@ def main():
     n_pred = max(1, len(sd_seqs) // 12)
     seqs = sd_seqs + tf
     plens = sd_plen + tf_plen
-    feats, tokens, mask = prefill_all(model, seqs, plens, args.max_len, dev)
     held = [h[: args.max_len] for h in held]  # the state cache is max_len wide; longer held-out text is cut
-    ho = prefill_all(model, held, ho_plen, args.max_len, dev)
+    feats, tokens, mask, ho = cached_prefill(model, (seqs, plens), (held, ho_plen), args, dev, out / "work")
     log(f"prefill: {feats.shape[0]} sequences, {int(mask.sum())} target positions "
         f"({int(mask[: len(sd_seqs)].sum())} self-distilled)")
     n_sd = len(sd_seqs)
