@@ -225,6 +225,21 @@ def test_profile_json(capsys, tiny_llama_dir):
         assert r["row_max_abs_diff"] < 1e-3  # rows of a step are independent: verified stays exact
 
 
+@pytest.mark.parametrize("tree", ["0", "big", "-3"])
+def test_bad_tree_is_one_line(capsys, tiny_llama_dir, tree):
+    code, _, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--tree", tree)
+    assert code == 2 and "--tree" in err and "Traceback" not in err
+
+
+def test_tree_flag_reaches_verified(capsys, tmp_path, tiny_backbone, tiny_llama_dir):
+    save_drafter(random_drafter(tiny_backbone, k=2), tmp_path / "h", tiny_backbone)
+    code, out, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--method", "verified",
+                         "--heads", str(tmp_path / "h"), "--tree", "6", "--max-new-tokens", "12", "--json")
+    assert code == 0, err
+    _, ar, _ = run(capsys, "generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--max-new-tokens", "12", "--json")
+    assert json.loads(out)["token_ids"] == json.loads(ar)["token_ids"]
+
+
 def test_profile_takes_step_sizes_and_tree_sizes(capsys, tiny_llama_dir):
     code, out, err = run(capsys, "profile", "--model", str(tiny_llama_dir), "--numerics-list", "fp32",
                          "--context", "8", "--engines", "lean", "--tokens", "1,4", "--tree-sizes", "3,6", "--json")

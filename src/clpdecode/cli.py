@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .decoding.tree import DEFAULT_TREE
+from .decoding.tree import DEFAULT_TREE, parse_tree
 from .errors import ClpError, check_context, check_positive_int, check_prompt, check_text, check_unit_interval
 
 MODEL_HELP = ("backbone: 'embedded' (SmolLM2-135M-Instruct, shipped in a PyPI package), "
@@ -69,6 +69,8 @@ def _setup(args) -> None:
     for opt in ("clp_threshold", "gate_threshold"):
         if hasattr(args, opt):
             check_unit_interval("--" + opt.replace("_", "-"), getattr(args, opt))
+    if hasattr(args, "tree"):
+        parse_tree(args.tree)  # 'chain' or a size >= 1, whatever the method
     if getattr(args, "threads", None) is not None:
         import torch
 
