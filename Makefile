@@ -69,7 +69,7 @@ heads-gemma: gemma
 	$(GEMMA_ENV) $(PY) scripts/device_pack.py --model gemma3-270m --out $(GEMMA_WORK) --tf 400 --max-len 192
 	$(GEMMA_ENV) $(PY) scripts/device_train.py --device cpu --model gemma3-270m --data $(GEMMA_WORK) \
 		--tf $(GEMMA_WORK)/tf.npz --out $(GEMMA_WORK)/run --variants attn_soft_feat --ks 2 \
-		--chain-intermediate 1024 --competing-steps 300 --main-seconds 900 --budget-clock process \
+		--chain-intermediate 1024 --competing-steps 300 --main-seconds 1500 --budget-clock process \
 		--batch 8 --max-len 272
 	$(GEMMA_ENV) $(PY) scripts/assemble_drafter.py --run $(GEMMA_WORK)/run --model gemma3-270m
 
