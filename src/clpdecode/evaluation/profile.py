@@ -71,10 +71,9 @@ def example_tree(size: int, lo: int, hi: int, g: torch.Generator):
     chain = [0]
     for _ in range(min(4, size)):
         chain.append(tree.add(chain[-1], tok()))
-    depth = 0
+    parents = chain[:-1]  # runners-up hang below the chain's nodes, shallowest first
     while len(tree) <= size:
-        tree.add(chain[depth % len(chain[:-1])] if len(chain) > 1 else 0, tok())
-        depth += 1
+        tree.add(parents[(len(tree) - len(chain)) % len(parents)], tok())
     return tree
 
 
