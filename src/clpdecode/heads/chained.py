@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modules import top_candidates
+
 
 @dataclass
 class ChainConfig:
@@ -385,12 +387,7 @@ class ChainedHeads(nn.Module):
         out: list[list[tuple[int, float]]] = []
         L0 = state.length if state is not None else 0
         for s in range(steps):
-            logits = self._run("head", g[None])[0]  # (Vd,)
-            if width <= 1:
-                top = [(int(self.draft_ids[logits.argmax()]), float("nan"))]
-            else:
-                probs, idx = torch.softmax(logits.float(), -1).topk(min(width, logits.numel()))
-                top = list(zip(self.draft_ids[idx].tolist(), probs.tolist()))
+            top = top_candidates(self._run("head", g[None]), self.draft_ids, width)[0]
             out.append(top)
             if s + 1 == steps:
                 break

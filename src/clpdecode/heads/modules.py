@@ -29,6 +29,16 @@ from torch import nn
 DESIGNS = ("residual", "fused")
 
 
+def top_candidates(logits: torch.Tensor, draft_ids: torch.Tensor, width: int) -> list[list[tuple[int, float]]]:
+    """(n, Vd) logits over a draft vocabulary -> per row, up to `width` (backbone token id,
+    probability) candidates, best first; with width 1 only the argmax, probability nan (no
+    softmax is computed on that hot path). Shared by independent heads and the chain."""
+    if width <= 1:
+        return [[(t, float("nan"))] for t in draft_ids[logits.argmax(-1)].tolist()]
+    probs, idx = torch.softmax(logits.float(), -1).topk(min(width, logits.shape[-1]), -1)  # (n, w)
+    return [list(zip(draft_ids[i].tolist(), p.tolist())) for i, p in zip(idx, probs)]
+
+
 @dataclass
 class HeadsConfig:
     k: int = 2  # number of heads (the horizon): head i predicts t+offset-1+i
@@ -113,11 +123,7 @@ class MTPHeads(nn.Module):
         """Per head, up to `width` (token id, probability) candidates, best first (the
         probability is nan when width is 1: no softmax is computed)."""
         emb = token_emb.unsqueeze(0) if token_emb is not None else None
-        logits = self.forward(hidden.float().unsqueeze(0), emb)[0]  # (k, Vd)
-        if width <= 1:
-            return [[(t, float("nan"))] for t in self.draft_ids[logits.argmax(-1)].tolist()]
-        probs, idx = torch.softmax(logits.float(), -1).topk(min(width, logits.shape[-1]), -1)  # (k, w)
-        return [list(zip(self.draft_ids[i].tolist(), p.tolist())) for i, p in zip(idx, probs)]
+        return top_candidates(self.forward(hidden.float().unsqueeze(0), emb)[0], self.draft_ids, width)
 
 
 class HeadsSession:
