@@ -33,25 +33,28 @@ def make_tokenizer():
     return fast
 
 
-def tiny_config(arch: str, vocab_size: int):
+def tiny_config(arch: str, vocab_size: int, hidden_size: int = 32, heads: int = 4, kv_heads: int = 2):
     from transformers import LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=256,
                   eos_token_id=2, pad_token_id=0, bos_token_id=1, tie_word_embeddings=True)
     return LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
 
 
-def save_tiny_model(path, arch: str = "llama", seed: int = 0):
+def save_tiny_model(path, arch: str = "llama", seed: int = 0, scale: float = 8.0, **sizes):
+    """sizes: hidden_size, heads, kv_heads (default 32, 4, 2: head_dim 8). scale multiplies the
+    initial weight matrices (8: peaked, varied distributions)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     tok = make_tokenizer()
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok)))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), **sizes))
     # Larger-than-default weights give peaked, varied distributions (and some EOS).
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(8.0 if p.dim() > 1 else 1.0)
+            p.mul_(scale if p.dim() > 1 else 1.0)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -24,6 +24,7 @@ from torch import nn
 
 from .attention import gqa_attention_folded, prefill_attention, prepare_mask
 from .cache import StaticKVCache
+from .quant import Int4Linear, Int4Weight, Q4Linear
 
 LEAN_MODEL_TYPES = ("llama", "qwen2")
 # Rotary variants whose tables depend only on the position (not on the sequence length).
@@ -53,6 +54,8 @@ def lean_unsupported_reason(model: nn.Module) -> str | None:
 def _numerics_of(mod: nn.Module) -> str:
     if isinstance(mod, nn.Linear):
         return "fp32"
+    if isinstance(mod, Q4Linear):
+        return "q4"
     packed = getattr(mod, "_packed_params", None)
     if packed is not None:
         return {torch.float16: "fp16", torch.qint8: "int8"}[packed.dtype]
@@ -93,6 +96,8 @@ class LinearOp:
         elif self.kind == "fp16":
             w = torch.cat([m.weight() for m in mods]).float().contiguous()
             self.packed = torch.ops.quantized.linear_prepack_fp16(w, bias)
+        elif self.kind == "q4":  # the sources' 4-bit groups stacked row-wise: the same numbers
+            self.q4 = Int4Linear(Int4Weight.cat([m.weight4 for m in mods]), bias)
         else:  # int8
             qws = [m.weight() for m in mods]
             if len(qws) == 1:
@@ -114,6 +119,8 @@ class LinearOp:
             self.fn = lambda x, w=self.weight, b=self.bias: F.linear(x, w, b)
         elif self.kind == "fp16":
             self.fn = lambda x, op=torch.ops.quantized.linear_dynamic_fp16.default, p=self.packed: op(x, p)
+        elif self.kind == "q4":
+            self.fn = self.q4
         else:
             self.fn = (lambda x, op=torch.ops.quantized.linear_dynamic.default, p=self.packed, r=self.reduce_range:
                        op(x, p, r))
@@ -123,6 +130,8 @@ class LinearOp:
 
 
 def _bias(m: nn.Module) -> torch.Tensor | None:
+    if isinstance(m, Q4Linear):
+        return m.bias4
     b = m.bias() if callable(getattr(m, "bias", None)) else getattr(m, "bias", None)
     return None if b is None else b.detach()
 
@@ -153,7 +162,11 @@ class LeanForward:
     projections it fuses and reads the others as they are.
     """
 
-    def __init__(self, model: nn.Module, bf16: bool = False):
+    def __init__(self, model: nn.Module, bf16: bool = False, native: bool = False,
+                 kv_dtype: torch.dtype = torch.float32):
+        """native: run batch-1 steps of a q4 model on the fused C++ kernels (kernels.py;
+        row-invariant, attention chunked over keys). kv_dtype: the cache's dtype (float16
+        halves what attention reads)."""
         reason = lean_unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the lean forward does not support this model: {reason}")
@@ -169,12 +182,18 @@ class LeanForward:
         self.hidden_size = cfg.hidden_size
         self.layers = [_Layer(layer, bf16) for layer in inner.layers]
         self.bf16 = bf16
+        self.kv_dtype = kv_dtype
+        # The fused C++ path: every projection on the q4 kernel, whole tiles of 4 outputs.
+        self.native = native and all(
+            op.kind == "q4" and op.q4.native and not op.q4._pad
+            for layer in self.layers for op in (layer.qkv, layer.o, layer.gate_up, layer.down))
         self._cos = self._sin = None
         self._table_len = 0
 
     # ---- cache and rotary tables ----------------------------------------------------------
     def new_cache(self, batch: int = 1, capacity: int = 0, chunk: int = 256) -> StaticKVCache:
-        return StaticKVCache(len(self.layers), batch, self.n_kv, self.head_dim, capacity=capacity, chunk=chunk)
+        return StaticKVCache(len(self.layers), batch, self.n_kv, self.head_dim, capacity=capacity, chunk=chunk,
+                             dtype=self.kv_dtype)
 
     def _rope_tables(self, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin of shape (>= upto, head_dim), from the model's own rotary module."""
@@ -213,6 +232,10 @@ class LeanForward:
         else:
             cos, sin = self._rope_tables(int(positions.max()) + 1)
             cos, sin = cos[positions], sin[positions]
+        if self.native and b == 1:
+            step_mask = _step_mask(mask, start, t)
+            if step_mask is not False:
+                return self._forward_native(input_ids, cache, cos, sin, step_mask)
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, hd)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         # A prompt from position 0 with the causal mask takes SDPA's is_causal path; any
@@ -230,13 +253,14 @@ class LeanForward:
             # Rotary on queries and keys at once: x * cos + rotate_half(x) * sin, where
             # rotate_half(x) * sin = roll(x, hd/2) * [-sin_1, sin_2] (sin is signed so).
             qk = addcmul(qk * cos, roll(qk, half, -1), sin)  # (B, T, nh + nkv, hd)
-            kb.index_copy_(2, pos, qk[:, :, nh:].transpose(1, 2))  # in place, at the step's slots
-            vb.index_copy_(2, pos, qkv[:, :, nq:].transpose(1, 2))
+            k_new, v_new = qk[:, :, nh:].transpose(1, 2), qkv[:, :, nq:].transpose(1, 2)  # (B, nkv, T, hd)
+            kb.index_copy_(2, pos, k_new.to(kb.dtype))  # in place, at the step's slots
+            vb.index_copy_(2, pos, v_new.to(vb.dtype))
             q = qk[:, :, :nh].transpose(1, 2)
-            if prefill:
-                att = prefill_attention(q, kb[:, :, :end], vb[:, :, :end], layer.scale)
-            else:
-                att = attend(q, kb[:, :, :end], vb[:, :, :end], folded, layer.scale)
+            if prefill:  # from the new keys themselves (exact whatever the cache's dtype)
+                att = prefill_attention(q, k_new, v_new, layer.scale)
+            else:  # SDPA reads fp32 (a reduced-precision cache is widened: batched steps only)
+                att = attend(q, kb[:, :, :end].float(), vb[:, :, :end].float(), folded, layer.scale)
             x = x + layer.o.fn(att.reshape(b * t, nh * hd))
             h = rms_norm(x, (d,), layer.post_norm, layer.post_eps)
             gu = layer.gate_up.fn(h)
@@ -244,3 +268,41 @@ class LeanForward:
             x = x + layer.down.fn(F.silu(gu[:, :inter]) * gu[:, inter:])
         cache.advance(t)
         return F.rms_norm(x, (d,), self.norm, self.norm_eps).view(b, t, -1)
+
+    def _forward_native(self, input_ids: torch.Tensor, cache: StaticKVCache, cos: torch.Tensor, sin: torch.Tensor,
+                        step_mask: torch.Tensor | None) -> torch.Tensor:
+        """Batch 1 on the C++ kernels: six fused ops per layer (RMSNorm into the QKV product,
+        rotary with the cache write, attention, the output product with its residual, RMSNorm
+        into gate/up, SiLU * up into the down product with its residual). Every op is
+        row-invariant, so a T-token step equals T one-token steps bit for bit."""
+        t, start = input_ids.shape[1], cache.length
+        x = self.embed_tokens(input_ids[0]).float()  # (T, d)
+        linear = torch.ops.clp.q4_linear.default
+        rope_store = torch.ops.clp.rope_store.default
+        attention = torch.ops.clp.decode_attention.default
+        nh, scale = self.n_heads, self.head_dim ** -0.5
+        cos, sin = cos.contiguous(), sin.contiguous()
+        for layer, kb, vb in zip(self.layers, cache.keys, cache.values):
+            qkv, o, gu, down = layer.qkv.q4, layer.o.q4, layer.gate_up.q4, layer.down.q4
+            h = linear(x, qkv.qs, qkv.d, qkv.m, qkv.bias, layer.in_norm, layer.in_eps, 0, None)
+            q = rope_store(h, cos, sin, kb[0], vb[0], start, nh)
+            a = attention(q, kb[0], vb[0], start, step_mask, layer.scale or scale)
+            x = linear(a.view(t, -1), o.qs, o.d, o.m, o.bias, None, 0.0, 0, x)
+            h = linear(x, gu.qs, gu.d, gu.m, gu.bias, layer.post_norm, layer.post_eps, 0, None)
+            x = linear(h, down.qs, down.d, down.m, down.bias, None, 0.0, 1, x)
+        cache.advance(t)
+        return F.rms_norm(x, (x.shape[-1],), self.norm, self.norm_eps).view(1, t, -1)
+
+
+def _step_mask(mask: torch.Tensor | None, start: int, t: int):
+    """The (T, T) mask over a step's own tokens that clp::decode_attention takes (None: causal),
+    or False when `mask` does not see the whole cache (then SDPA runs the step)."""
+    if mask is None:
+        return None
+    if mask.dim() == 3:
+        if mask.shape[0] != 1:
+            return False
+        mask = mask[0]
+    if not bool(mask[:, :start].all()):
+        return False
+    return mask[:, start:].contiguous()

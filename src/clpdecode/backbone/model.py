@@ -27,7 +27,10 @@ from .loading import resolve_model, source_gguf
 # independently, so verified decoding stays exactly AR. int8: dynamic int8 (fbgemm), the
 # flattest multi-token cost, but activations are quantised per tensor, so a row's result
 # depends on the other rows of the step and verified output can differ from AR's.
-NUMERICS = ("fp32", "fp16", "int8")
+# q4: the trunk's projections compute on 4-bit groups of 32 and the LM head on 8-bit ones
+# (the GGUF's own Q4_1/Q4_K and Q8_0 blocks where the model came from one; quant.py), on
+# the project's C++ kernels (kernels.py) with fp16 K/V: the fastest here, rows independent.
+NUMERICS = ("fp32", "fp16", "int8", "q4")
 # "auto": the lean forward where the architecture supports it, else transformers'.
 ENGINES = ("auto", "lean", "hf")
 
@@ -53,7 +56,8 @@ class Backbone:
     MTP heads and CLP read the same hidden state the LM head reads.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, name: str, numerics: str = "fp32", engine: str = "auto"):
+    def __init__(self, model: nn.Module, tokenizer, name: str, numerics: str = "fp32", engine: str = "auto",
+                 gguf=None):
         if numerics not in NUMERICS:
             raise ClpError(f"unknown numerics {numerics!r}; choose one of {', '.join(NUMERICS)}")
         if engine not in ENGINES:
@@ -87,7 +91,8 @@ class Backbone:
             numerics="fp32",
         )
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.gguf = None  # the GGUF file it was converted from, if any (set by load_backbone)
+        self.gguf = gguf  # the GGUF file it was converted from, if any (q4 reads its blocks)
+        self.quant_sources: dict = {}  # q4: how many projections came from the GGUF / were quantised
         self._lean: LeanForward | None = None
         self._use_lean = engine != "hf" and why_not is None
         if numerics != "fp32":
@@ -96,7 +101,15 @@ class Backbone:
             self._build_lean()
 
     def _build_lean(self) -> None:
-        self._lean = LeanForward(self.model)
+        native = False
+        if self.info.numerics == "q4":
+            from . import kernels
+
+            native = kernels.load() is not None
+        # q4 attends with the C++ kernel over an fp16 cache (half the bytes to read; rows stay
+        # independent, since every token's keys are rounded once, when written).
+        self._lean = LeanForward(self.model, native=native,
+                                 kv_dtype=torch.float16 if native else torch.float32)
         self.info.engine = "lean"
 
     @property
@@ -105,13 +118,17 @@ class Backbone:
 
     # ---- numerics -------------------------------------------------------------------
     def quantize(self, numerics: str) -> None:
-        """Dynamic quantisation (fbgemm) of every Linear, LM head included: "fp16" or "int8".
+        """Quantise in place: "fp16" or "int8" (fbgemm dynamic quantisation of every Linear, LM
+        head included), or "q4" (4-bit trunk projections, 8-bit LM head: _quantize_q4).
 
         On this class of CPU an fp32 forward over 2-5 new tokens costs ~1.5-2x a 1-token
         one (small-M GEMMs run as GEMV per row); see docs/design.md for the measurements.
         """
         if self.info.numerics != "fp32":
             raise ClpError(f"backbone is already {self.info.numerics}")
+        if numerics == "q4":
+            self._quantize_q4()
+            return
         from torch.ao.quantization import quantize_dynamic
 
         dtype = {"fp16": torch.float16, "int8": torch.qint8}[numerics]
@@ -133,6 +150,26 @@ class Backbone:
         self.info.numerics = numerics
         if self._use_lean:
             self._build_lean()  # fused copies of the now quantised projections
+
+    def _quantize_q4(self) -> None:
+        """4-bit trunk projections and an 8-bit LM head: the GGUF's own blocks where the model
+        came from one (Q4_1/Q4_K and Q8_0), round-to-nearest quantisation of the fp32
+        weights otherwise. In place in the transformers model as well (Q4Linear/Q8Linear),
+        so its own forward and generate() run the same weights."""
+        from .quant import GGUFWeights, Int8Weight, Q8Linear, quantize_q4
+
+        gguf = GGUFWeights(self.gguf, self.config) if self.gguf else None
+        self.quant_sources = quantize_q4(self.trunk, gguf)
+        head = gguf.lm_head() if gguf is not None else None
+        if head is not None and head.shape != tuple(self.lm_head_weight.shape):
+            head = None
+        self.quant_sources["lm_head"] = "gguf" if head is not None else "quantised"
+        # A fresh module: the tied input embeddings stay fp32.
+        self.lm_head = Q8Linear(head if head is not None else Int8Weight.from_float(self.lm_head_weight))
+        self.model.set_output_embeddings(self.lm_head)
+        self.info.numerics = "q4"
+        if self._use_lean:
+            self._build_lean()
 
     # ---- the forward ----------------------------------------------------------------
     def new_cache(self, capacity: int | None = None, engine: str | None = None):
@@ -178,7 +215,7 @@ class Backbone:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) hidden states -> (..., V) fp32 logits."""
-        # fbgemm's dynamic Linear wants a 2-D input.
+        # fbgemm's dynamic Linear (and our q8 head) want a 2-D input.
         logits = self.lm_head(hidden.reshape(-1, hidden.shape[-1])).float().reshape(*hidden.shape[:-1], -1)
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
@@ -293,6 +330,4 @@ def load_backbone(name: str = "embedded", numerics: str = "fp32", progress: bool
         raise ClpError(f"cannot load {name!r}: {msg[:200]}") from None
     except OSError as e:
         raise ClpError(f"cannot load model {name!r}: {str(e).splitlines()[0][:200]}") from None
-    backbone = Backbone(model, tokenizer, display, numerics=numerics, engine=engine)
-    backbone.gguf = source_gguf(name)
-    return backbone
+    return Backbone(model, tokenizer, display, numerics=numerics, engine=engine, gguf=source_gguf(name))

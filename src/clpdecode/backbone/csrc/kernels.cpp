@@ -1,0 +1,653 @@
+// CPU kernels of the q4 decode path (built on first use by backbone/kernels.py).
+//
+// clp::q4_linear      y = x W^T (+ b): W as ggml Q4_1-style groups of 32 (4-bit codes, an
+//                      fp32 scale and min per group), x quantised per row to int8 in groups
+//                      of 32 (llama.cpp's q4_1 x q8 dot, with the min term on exact fp32
+//                      group sums). Integer dot products keep a 5-row step close to a
+//                      1-row one: the 4-bit weights are decoded once per group for all rows.
+// clp::decode_attention  grouped-query attention of a decode step's T queries over a static
+//                      KV cache, chunked over keys (both cores busy with 3 K/V heads).
+//
+// Both are row-invariant: a row's result is bit-identical whatever other rows share the
+// call, because each row runs the same instruction sequence over the same data in the same
+// order (activations are quantised per row; attention chunks sit at fixed virtual positions,
+// and a row's keys are exactly those a one-token step at its position would see). Verified
+// decoding relies on this to reproduce AR decoding token for token.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define CLP_AVX2 1
+#else
+#define CLP_AVX2 0
+#endif
+
+namespace {
+
+constexpr int64_t G = 32;  // weights per group
+
+#if CLP_AVX2
+// exp, Cephes-style polynomial (~1 ulp), arguments clamped to fp32's finite range.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+// ---- activations in front of a linear ----------------------------------------------------------
+enum Act : int64_t { ACT_NONE = 0, ACT_SILU_MUL = 1, ACT_GELU_TANH_MUL = 2 };
+
+// One row of a linear's input, as the linear reads it: x itself; RMSNorm(x) * w (norm given);
+// or act(gate) * up for x = [gate | up] (act != ACT_NONE). Writes K floats to `row`.
+void input_row(const float* x, int64_t K, const float* norm, float eps, int64_t act, float* row) {
+  if (act == ACT_NONE && norm == nullptr) {
+    std::memcpy(row, x, K * sizeof(float));
+    return;
+  }
+  if (norm != nullptr) {
+    double ss = 0.0;  // fixed order: row-invariant; double: no precision question at K <= 10k
+    for (int64_t j = 0; j < K; ++j) ss += double(x[j]) * x[j];
+    const float r = 1.f / std::sqrt(float(ss / K) + eps);
+    for (int64_t j = 0; j < K; ++j) row[j] = (x[j] * r) * norm[j];
+    return;
+  }
+  const float* up = x + K;
+  int64_t j = 0;
+  if (act == ACT_SILU_MUL) {
+#if CLP_AVX2
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; j + 8 <= K; j += 8) {
+      const __m256 g = _mm256_loadu_ps(x + j);
+      const __m256 sg = _mm256_div_ps(g, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+      _mm256_storeu_ps(row + j, _mm256_mul_ps(sg, _mm256_loadu_ps(up + j)));
+    }
+#endif
+    for (; j < K; ++j) row[j] = (x[j] / (1.f + std::exp(-x[j]))) * up[j];
+  } else {  // gelu with the tanh approximation (Gemma's gelu_pytorch_tanh)
+    for (; j < K; ++j) {
+      const float g = x[j];
+      const float t = std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g));
+      row[j] = (0.5f * g * (1.f + t)) * up[j];
+    }
+  }
+}
+
+// Activations as integers per group of 32: int16 by default (Q = 32767: below fp32's own
+// rounding of the products, so q4 computes what the dequantised model computes), int8 with
+// CLP_ACT8 (Q = 127: llama.cpp's q8 rounding, fewer instructions per row).
+#ifdef CLP_ACT8
+using QT = int8_t;
+constexpr float QMAX = 127.f;
+#else
+using QT = int16_t;
+constexpr float QMAX = 32767.f;
+#endif
+
+// Per row r and group g of the prepared input: dx = max|x| / QMAX, q = round(x / dx) in
+// [-QMAX, QMAX], sx = sum of x (fp32, in index order).
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t x_stride, const float* norm, float eps,
+                   int64_t act, QT* q, float* dx, float* sx) {
+  const int64_t ng = K / G;
+  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> row(K);
+    for (int64_t r = b; r < e; ++r) {
+      input_row(x + r * x_stride, K, norm, eps, act, row.data());
+      for (int64_t g = 0; g < ng; ++g) {
+        const float* v = row.data() + g * G;
+        float amax = 0.f, s = 0.f;
+        for (int j = 0; j < G; ++j) {
+          amax = std::max(amax, std::fabs(v[j]));
+          s += v[j];
+        }
+        const float d = amax / QMAX;
+        const float id = d > 0.f ? 1.f / d : 0.f;
+        QT* qr = q + r * K + g * G;
+        for (int j = 0; j < G; ++j) qr[j] = (QT)std::nearbyint(v[j] * id);
+        dx[r * ng + g] = d;
+        sx[r * ng + g] = s;
+      }
+    }
+  });
+}
+
+#if CLP_AVX2
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// u8 x s8 dot of 32 pairs -> 8 int32 lane sums.
+inline __m256i dot_u8s8(__m256i w, __m256i x) {
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+#endif
+}
+
+// One tile of NT = 4 output features against R rows (1..4). Weights of a tile are laid out
+// group by group: 64 bytes of codes (16 per feature, ggml's nibble order), then the 4
+// scales and the 4 mins as fp32 (tile_scales / tile_mins, (ng, 4) each).
+template <int R>
+inline void q4_tile(const uint8_t* wq, const float* wd, const float* wm, int64_t ng, const QT* q,
+                    const float* dx, const float* sx, int64_t K, float* out, int64_t N) {
+  // acc[r] lanes: features 0..3 (first half of each group's partial sums) then 0..3 again
+  // (second half); added together at the end.
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+#ifdef CLP_ACT8
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i raw01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * 64));
+    const __m256i raw23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * 64 + 32));
+    const __m256i lo01 = _mm256_and_si256(raw01, mask), hi01 = _mm256_and_si256(_mm256_srli_epi16(raw01, 4), mask);
+    const __m256i lo23 = _mm256_and_si256(raw23, mask), hi23 = _mm256_and_si256(_mm256_srli_epi16(raw23, 4), mask);
+    const __m256i w0 = _mm256_permute2x128_si256(lo01, hi01, 0x20), w1 = _mm256_permute2x128_si256(lo01, hi01, 0x31);
+    const __m256i w2 = _mm256_permute2x128_si256(lo23, hi23, 0x20), w3 = _mm256_permute2x128_si256(lo23, hi23, 0x31);
+#else
+    // Each feature's 32 codes as int16: elements 0..15 (low nibbles), then 16..31 (high).
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m256i wa[4], wb[4];
+    for (int f = 0; f < 4; ++f) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wq + g * 64 + f * 16));
+      wa[f] = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
+      wb[f] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+    }
+#endif
+    const __m256 d8 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(wd + g * 4));
+    const __m256 m8 = _mm256_zextps128_ps256(_mm_loadu_ps(wm + g * 4));
+    for (int r = 0; r < R; ++r) {
+#ifdef CLP_ACT8
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * K + g * G));
+      const __m256i p0 = dot_u8s8(w0, xv), p1 = dot_u8s8(w1, xv), p2 = dot_u8s8(w2, xv), p3 = dot_u8s8(w3, xv);
+#else
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * K + g * G));
+      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * K + g * G + 16));
+      const __m256i p0 = _mm256_add_epi32(_mm256_madd_epi16(wa[0], xa), _mm256_madd_epi16(wb[0], xb));
+      const __m256i p1 = _mm256_add_epi32(_mm256_madd_epi16(wa[1], xa), _mm256_madd_epi16(wb[1], xb));
+      const __m256i p2 = _mm256_add_epi32(_mm256_madd_epi16(wa[2], xa), _mm256_madd_epi16(wb[2], xb));
+      const __m256i p3 = _mm256_add_epi32(_mm256_madd_epi16(wa[3], xa), _mm256_madd_epi16(wb[3], xb));
+#endif
+      // hadd sums lane pairs within 128-bit halves; twice gives [f0 f1 f2 f3 | f0 f1 f2 f3].
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+      const __m256 scale = _mm256_mul_ps(d8, _mm256_set1_ps(dx[r * ng + g]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), scale, acc[r]);
+      acc[r] = _mm256_fmadd_ps(m8, _mm256_set1_ps(sx[r * ng + g]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    _mm_storeu_ps(out + r * N, s);
+  }
+}
+#endif
+
+// Scalar version of the same arithmetic (machines without AVX2; results may differ from
+// the AVX2 path in the last bits, but are row-invariant the same way).
+inline void q4_tile_scalar(const uint8_t* wq, const float* wd, const float* wm, int64_t ng, const QT* q,
+                           const float* dx, const float* sx, float* out) {
+  for (int f = 0; f < 4; ++f) {
+    float acc = 0.f;
+    for (int64_t g = 0; g < ng; ++g) {
+      int32_t dot = 0;
+      for (int j = 0; j < 16; ++j) {
+        const uint8_t b = wq[g * 64 + f * 16 + j];
+        dot += int32_t(b & 0x0F) * q[g * G + j] + int32_t(b >> 4) * q[g * G + 16 + j];
+      }
+      acc += float(dot) * (wd[g * 4 + f] * dx[g]);
+      acc += wm[g * 4 + f] * sx[g];
+    }
+    out[f] = acc;
+  }
+}
+
+struct Scratch {  // per-thread buffers reused across calls
+  std::vector<QT> q;
+  std::vector<float> dx, sx;
+};
+
+torch::Tensor q4_linear(const torch::Tensor& x_in, const torch::Tensor& qs, const torch::Tensor& d,
+                        const torch::Tensor& mn, const c10::optional<torch::Tensor>& bias,
+                        const c10::optional<torch::Tensor>& norm, double eps, int64_t act,
+                        const c10::optional<torch::Tensor>& residual) {
+  // qs: (N/4, K/32, 64) uint8 tiles; d, mn: (N/4, K/32, 4) fp32.
+  // The input row is RMSNorm(x) * norm when norm is given, act(gate) * up when x = [gate | up]
+  // (act = 1: SiLU, 2: tanh-GELU), x otherwise; residual (M, N) is added to the output.
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat, "q4_linear: x must be (M, K) float32");
+  TORCH_CHECK(qs.scalar_type() == torch::kUInt8 && qs.dim() == 3 && qs.size(2) == 64,
+              "q4_linear: qs must be (N/4, K/32, 64) uint8 tiles");
+  TORCH_CHECK(act >= 0 && act <= 2 && !(act && norm.has_value()), "q4_linear: act is 0, 1 or 2, and not with norm");
+  const auto x = x_in.contiguous();
+  const int64_t M = x.size(0), K = act ? x.size(1) / 2 : x.size(1), tiles = qs.size(0), N = tiles * 4;
+  TORCH_CHECK(K % G == 0 && qs.size(1) == K / G, "q4_linear: K must be a multiple of 32 and match the weight");
+  const int64_t ng = K / G;
+  TORCH_CHECK(d.is_contiguous() && mn.is_contiguous() && qs.is_contiguous(), "q4_linear: weights must be contiguous");
+  TORCH_CHECK(d.numel() == tiles * ng * 4 && mn.numel() == tiles * ng * 4, "q4_linear: scale shape");
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0) return out;
+  thread_local Scratch sc;
+  sc.q.resize(M * K);
+  sc.dx.resize(M * ng);
+  sc.sx.resize(M * ng);
+  QT* qv = sc.q.data();
+  float *dxv = sc.dx.data(), *sxv = sc.sx.data();
+  torch::Tensor nw;
+  if (norm.has_value() && norm->defined()) {
+    nw = norm->contiguous();
+    TORCH_CHECK(nw.scalar_type() == torch::kFloat && nw.numel() == K, "q4_linear: norm weight must be (K,) float32");
+  }
+  quantize_rows(x.data_ptr<float>(), M, K, x.size(1), nw.defined() ? nw.data_ptr<float>() : nullptr, (float)eps, act,
+                qv, dxv, sxv);
+  const uint8_t* W = qs.data_ptr<uint8_t>();
+  const float* D = d.data_ptr<float>();
+  const float* Mn = mn.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  // Tiles of output features split over threads; each output is computed by one thread.
+  at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* wq = W + t * ng * 64;
+      const float *wd = D + t * ng * 4, *wm = Mn + t * ng * 4;
+      float* o = O + t * 4;
+      int64_t r = 0;
+#if CLP_AVX2
+      for (; r + 4 <= M; r += 4) q4_tile<4>(wq, wd, wm, ng, qv + r * K, dxv + r * ng, sxv + r * ng, K, o + r * N, N);
+      switch (M - r) {
+        case 3: q4_tile<3>(wq, wd, wm, ng, qv + r * K, dxv + r * ng, sxv + r * ng, K, o + r * N, N); break;
+        case 2: q4_tile<2>(wq, wd, wm, ng, qv + r * K, dxv + r * ng, sxv + r * ng, K, o + r * N, N); break;
+        case 1: q4_tile<1>(wq, wd, wm, ng, qv + r * K, dxv + r * ng, sxv + r * ng, K, o + r * N, N); break;
+        default: break;
+      }
+#else
+      for (; r < M; ++r) q4_tile_scalar(wq, wd, wm, ng, qv + r * K, dxv + r * ng, sxv + r * ng, o + r * N);
+#endif
+    }
+  });
+  if (bias.has_value() && bias->defined()) out.add_(*bias);
+  if (residual.has_value() && residual->defined()) out.add_(*residual);
+  return out;
+}
+
+// ---- 8-bit weights (the LM head: ggml Q8_0, w = d * q) ------------------------------------------
+#if CLP_AVX2
+// One tile of 4 output features: per group 128 bytes of int8 codes (32 per feature), scales
+// (ng, 4) fp32. Activations as in q4_tile.
+template <int R>
+inline void q8_tile(const int8_t* wq, const float* wd, int64_t ng, const QT* q, const float* dx, int64_t K,
+                    float* out, int64_t N) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const int8_t* w = wq + g * 128;
+    const __m256 d8 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(wd + g * 4));
+#ifdef CLP_ACT8
+    // s8 x s8 via the sign trick: |w| (u8) times x with w's sign.
+    __m256i wa[4];
+    for (int f = 0; f < 4; ++f) wa[f] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + f * 32));
+    for (int r = 0; r < R; ++r) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * K + g * G));
+      __m256i p[4];
+      for (int f = 0; f < 4; ++f)
+        p[f] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wa[f], wa[f]), _mm256_sign_epi8(xv, wa[f])),
+                                 _mm256_set1_epi16(1));
+#else
+    __m256i wa[4], wb[4];
+    for (int f = 0; f < 4; ++f) {
+      wa[f] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + f * 32)));
+      wb[f] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + f * 32 + 16)));
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * K + g * G));
+      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * K + g * G + 16));
+      __m256i p[4];
+      for (int f = 0; f < 4; ++f) p[f] = _mm256_add_epi32(_mm256_madd_epi16(wa[f], xa), _mm256_madd_epi16(wb[f], xb));
+#endif
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(d8, _mm256_set1_ps(dx[r * ng + g])), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    _mm_storeu_ps(out + r * N, s);
+  }
+}
+#endif
+
+inline void q8_tile_scalar(const int8_t* wq, const float* wd, int64_t ng, const QT* q, const float* dx, float* out) {
+  for (int f = 0; f < 4; ++f) {
+    float acc = 0.f;
+    for (int64_t g = 0; g < ng; ++g) {
+      int64_t dot = 0;
+      for (int j = 0; j < G; ++j) dot += int64_t(wq[g * 128 + f * 32 + j]) * q[g * G + j];
+      acc += float(dot) * (wd[g * 4 + f] * dx[g]);
+    }
+    out[f] = acc;
+  }
+}
+
+torch::Tensor q8_linear(const torch::Tensor& x_in, const torch::Tensor& qs, const torch::Tensor& d,
+                        const c10::optional<torch::Tensor>& norm, double eps) {
+  // qs: (N/4, K/32, 128) int8 tiles; d: (N/4, K/32, 4) fp32. norm as in q4_linear.
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat, "q8_linear: x must be (M, K) float32");
+  TORCH_CHECK(qs.scalar_type() == torch::kChar && qs.dim() == 3 && qs.size(2) == 128,
+              "q8_linear: qs must be (N/4, K/32, 128) int8 tiles");
+  const auto x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), tiles = qs.size(0), N = tiles * 4, ng = K / G;
+  TORCH_CHECK(K % G == 0 && qs.size(1) == ng && d.numel() == tiles * ng * 4 && d.is_contiguous() && qs.is_contiguous(),
+              "q8_linear: weight shapes do not match the input");
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0) return out;
+  thread_local Scratch sc;
+  sc.q.resize(M * K);
+  sc.dx.resize(M * ng);
+  sc.sx.resize(M * ng);
+  QT* qv = sc.q.data();
+  float* dxv = sc.dx.data();
+  torch::Tensor nw;
+  if (norm.has_value() && norm->defined()) nw = norm->contiguous();
+  quantize_rows(x.data_ptr<float>(), M, K, K, nw.defined() ? nw.data_ptr<float>() : nullptr, (float)eps, 0, qv, dxv,
+                sc.sx.data());
+  const int8_t* W = qs.data_ptr<int8_t>();
+  const float* D = d.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, tiles, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int8_t* wq = W + t * ng * 128;
+      const float* wd = D + t * ng * 4;
+      float* o = O + t * 4;
+      int64_t r = 0;
+#if CLP_AVX2
+      for (; r + 4 <= M; r += 4) q8_tile<4>(wq, wd, ng, qv + r * K, dxv + r * ng, K, o + r * N, N);
+      switch (M - r) {
+        case 3: q8_tile<3>(wq, wd, ng, qv + r * K, dxv + r * ng, K, o + r * N, N); break;
+        case 2: q8_tile<2>(wq, wd, ng, qv + r * K, dxv + r * ng, K, o + r * N, N); break;
+        case 1: q8_tile<1>(wq, wd, ng, qv + r * K, dxv + r * ng, K, o + r * N, N); break;
+        default: break;
+      }
+#else
+      for (; r < M; ++r) q8_tile_scalar(wq, wd, ng, qv + r * K, dxv + r * ng, o + r * N);
+#endif
+    }
+  });
+  return out;
+}
+
+// ---- attention -------------------------------------------------------------------------------
+constexpr int64_t CHUNK = 128;  // keys per work item, at fixed virtual positions
+
+#if CLP_AVX2
+template <typename KV>
+inline __m256 load8(const KV* p);
+template <>
+inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <>
+inline __m256 load8<at::Half>(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
+template <typename KV>
+inline float to_f(KV v) { return static_cast<float>(v); }
+
+// Partial softmax-attention of one query over keys at `slots` (n of them): max, sum and the
+// unnormalised weighted sum of values (hd floats).
+template <typename KV>
+void chunk_partial(const float* q, const KV* K, const KV* V, const int64_t* slots, int64_t n, int64_t hd,
+                   float scale, float* scores, float* m_out, float* s_out, float* acc) {
+#if CLP_AVX2
+  if (hd == 64) {
+    // Scores four keys at a time: four independent FMA chains, q kept in registers.
+    __m256 qv[8];
+    for (int c = 0; c < 8; ++c) qv[c] = _mm256_loadu_ps(q + c * 8);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const KV *k0 = K + slots[j] * 64, *k1 = K + slots[j + 1] * 64, *k2 = K + slots[j + 2] * 64,
+               *k3 = K + slots[j + 3] * 64;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int c = 0; c < 8; ++c) {
+        a0 = _mm256_fmadd_ps(qv[c], load8<KV>(k0 + c * 8), a0);
+        a1 = _mm256_fmadd_ps(qv[c], load8<KV>(k1 + c * 8), a1);
+        a2 = _mm256_fmadd_ps(qv[c], load8<KV>(k2 + c * 8), a2);
+        a3 = _mm256_fmadd_ps(qv[c], load8<KV>(k3 + c * 8), a3);
+      }
+      // [a0 a1 a2 a3] -> 4 sums.
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+      const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      _mm_storeu_ps(scores + j, _mm_mul_ps(s4, _mm_set1_ps(scale)));
+    }
+    for (; j < n; ++j) {  // the last 0-3 keys, one at a time (same for every row that has them)
+      const KV* k = K + slots[j] * 64;
+      __m256 a = _mm256_setzero_ps();
+      for (int c = 0; c < 8; ++c) a = _mm256_fmadd_ps(qv[c], load8<KV>(k + c * 8), a);
+      scores[j] = hsum(a) * scale;
+    }
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) mx = std::max(mx, scores[t]);
+    j = 0;
+    __m256 sv = _mm256_setzero_ps();
+    const __m256 mv = _mm256_set1_ps(mx);
+    for (; j + 8 <= n; j += 8) {
+      const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mv));
+      _mm256_storeu_ps(scores + j, p);
+      sv = _mm256_add_ps(sv, p);
+    }
+    float s = hsum(sv);
+    for (; j < n; ++j) {
+      scores[j] = std::exp(scores[j] - mx);
+      s += scores[j];
+    }
+    // Values: eight independent accumulators (one per 8 of the 64 dims).
+    __m256 o[8];
+    for (int c = 0; c < 8; ++c) o[c] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 p = _mm256_set1_ps(scores[t]);
+      const KV* v = V + slots[t] * 64;
+      for (int c = 0; c < 8; ++c) o[c] = _mm256_fmadd_ps(p, load8<KV>(v + c * 8), o[c]);
+    }
+    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(acc + c * 8, o[c]);
+    *m_out = mx;
+    *s_out = s;
+    return;
+  }
+#endif
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    const KV* k = K + slots[j] * hd;
+    float a = 0.f;
+    for (int64_t c = 0; c < hd; ++c) a += q[c] * to_f(k[c]);
+    scores[j] = a * scale;
+    mx = std::max(mx, scores[j]);
+  }
+  float s = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    scores[j] = std::exp(scores[j] - mx);
+    s += scores[j];
+  }
+  for (int64_t c = 0; c < hd; ++c) acc[c] = 0.f;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < hd; ++c) acc[c] += scores[t] * to_f(V[slots[t] * hd + c]);
+  *m_out = mx;
+  *s_out = s;
+}
+
+template <typename KV>
+torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, int64_t L,
+                             const c10::optional<torch::Tensor>& step_mask, double scale) {
+  // q: (T, n_heads, hd) fp32; kc, vc: (n_kv, capacity, hd) with the step's keys already at
+  // [L, L + T); step_mask: optional (T, T) bool, row i may see step key j (default causal).
+  const int64_t T = q.size(0), nh = q.size(1), hd = q.size(2), nkv = kc.size(0), cap = kc.size(1);
+  TORCH_CHECK(nh % nkv == 0, "decode_attention: heads not a multiple of K/V heads");
+  TORCH_CHECK(L + T <= cap, "decode_attention: the step's keys are past the cache");
+  const int64_t group = nh / nkv;
+  // Each row's keys as a virtual sequence: the cache [0, L), then the step keys it may see
+  // in step order (for a chain: 0..i, exactly a one-token step at position L + i).
+  std::vector<std::vector<int64_t>> tail(T);
+  const bool* mk = nullptr;
+  torch::Tensor mask;
+  if (step_mask.has_value() && step_mask->defined()) {
+    mask = step_mask->to(torch::kBool).contiguous();
+    TORCH_CHECK(mask.size(0) == T && mask.size(1) == T, "decode_attention: step_mask must be (T, T)");
+    mk = mask.data_ptr<bool>();
+  }
+  int64_t max_keys = 0;
+  for (int64_t i = 0; i < T; ++i) {
+    for (int64_t j = 0; j < T; ++j)
+      if (mk ? mk[i * T + j] : j <= i) tail[i].push_back(L + j);
+    max_keys = std::max(max_keys, L + (int64_t)tail[i].size());
+  }
+  const int64_t nchunks = (max_keys + CHUNK - 1) / CHUNK;
+  // Partials per (row, head, chunk): max, sum, acc[hd].
+  std::vector<float> pm(T * nh * nchunks), ps(T * nh * nchunks), pacc(T * nh * nchunks * hd);
+  const float* Q = q.data_ptr<float>();
+  const KV* Kb = kc.data_ptr<KV>();
+  const KV* Vb = vc.data_ptr<KV>();
+  at::parallel_for(0, nkv * nchunks, 1, [&](int64_t b, int64_t e) {
+    std::vector<int64_t> slots(CHUNK);
+    std::vector<float> scores(CHUNK);
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t kvh = item / nchunks, c = item % nchunks;
+      const KV* K = Kb + kvh * cap * hd;
+      const KV* V = Vb + kvh * cap * hd;
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t nkeys = L + (int64_t)tail[i].size();
+        const int64_t lo = c * CHUNK, hi = std::min(nkeys, lo + CHUNK);
+        if (lo >= hi) continue;
+        for (int64_t v = lo; v < hi; ++v) slots[v - lo] = v < L ? v : tail[i][v - L];
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = kvh * group + g;
+          const int64_t idx = (i * nh + h) * nchunks + c;
+          chunk_partial<KV>(Q + (i * nh + h) * hd, K, V, slots.data(), hi - lo, hd, (float)scale, scores.data(),
+                            &pm[idx], &ps[idx], &pacc[idx * hd]);
+        }
+      }
+    }
+  });
+  auto out = torch::empty({T, nh, hd}, q.options());
+  float* O = out.data_ptr<float>();
+  // Merge the chunks of each (row, head) in chunk order.
+  at::parallel_for(0, T * nh, 4, [&](int64_t b, int64_t e) {
+    std::vector<float> acc(hd);
+    for (int64_t rh = b; rh < e; ++rh) {
+      const int64_t i = rh / nh;
+      const int64_t row_chunks = (L + (int64_t)tail[i].size() + CHUNK - 1) / CHUNK;
+      float m = -std::numeric_limits<float>::infinity(), s = 0.f;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t c = 0; c < row_chunks; ++c) {
+        const int64_t idx = rh * nchunks + c;
+        const float mc = pm[idx];
+        const float nm = std::max(m, mc);
+        const float a = std::exp(m - nm), bb = std::exp(mc - nm);
+        s = s * a + ps[idx] * bb;
+        for (int64_t d = 0; d < hd; ++d) acc[d] = acc[d] * a + pacc[idx * hd + d] * bb;
+        m = nm;
+      }
+      const float inv = 1.f / s;
+      for (int64_t d = 0; d < hd; ++d) O[rh * hd + d] = acc[d] * inv;
+    }
+  });
+  return out;
+}
+
+torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& kc, const torch::Tensor& vc,
+                               int64_t L, const c10::optional<torch::Tensor>& step_mask, double scale) {
+  TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == torch::kFloat, "decode_attention: q must be (T, H, hd) float32");
+  TORCH_CHECK(kc.dim() == 3 && vc.dim() == 3 && kc.is_contiguous() && vc.is_contiguous(),
+              "decode_attention: caches must be contiguous (n_kv, capacity, hd)");
+  TORCH_CHECK(kc.scalar_type() == vc.scalar_type(), "decode_attention: K and V dtypes differ");
+  const auto q = q_in.contiguous();
+  if (kc.scalar_type() == torch::kFloat) return attention_impl<float>(q, kc, vc, L, step_mask, scale);
+  TORCH_CHECK(kc.scalar_type() == torch::kHalf, "decode_attention: cache must be float32 or float16");
+  return attention_impl<at::Half>(q, kc, vc, L, step_mask, scale);
+}
+
+// ---- rotary + cache write ----------------------------------------------------------------------
+template <typename KV>
+void store_row(KV* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = KV(src[i]);
+}
+
+torch::Tensor rope_store(const torch::Tensor& qkv_in, const torch::Tensor& cos_in, const torch::Tensor& sin_in,
+                         torch::Tensor& kc, torch::Tensor& vc, int64_t start, int64_t nh) {
+  // qkv: (T, (nh + 2 nkv) hd) fp32; cos, sin: (T, hd) with sin's first half negated (so that
+  // rotate_half(x) * sin = roll(x, hd / 2) * sin); kc, vc: (nkv, capacity, hd). Rotates the
+  // queries and keys, writes keys and values at [start, start + T), returns the queries (T, nh, hd).
+  const auto qkv = qkv_in.contiguous();
+  const auto cs = cos_in.contiguous(), sn = sin_in.contiguous();
+  const int64_t T = qkv.size(0), nkv = kc.size(0), cap = kc.size(1), hd = kc.size(2), half = hd / 2;
+  TORCH_CHECK(qkv.size(1) == (nh + 2 * nkv) * hd, "rope_store: qkv width does not match the heads");
+  TORCH_CHECK(start + T <= cap && kc.is_contiguous() && vc.is_contiguous(), "rope_store: cache too small or strided");
+  TORCH_CHECK(cs.size(0) == T && cs.size(1) == hd && sn.size(0) == T && sn.size(1) == hd, "rope_store: cos/sin shape");
+  auto q = torch::empty({T, nh, hd}, qkv.options());
+  const float *X = qkv.data_ptr<float>(), *C = cs.data_ptr<float>(), *S = sn.data_ptr<float>();
+  float* Q = q.data_ptr<float>();
+  std::vector<float> tmp(hd);
+  for (int64_t t = 0; t < T; ++t) {
+    const float *c = C + t * hd, *s = S + t * hd, *row = X + t * qkv.size(1);
+    for (int64_t h = 0; h < nh + nkv; ++h) {
+      const float* x = row + h * hd;
+      float* dst = h < nh ? Q + (t * nh + h) * hd : tmp.data();
+      for (int64_t i = 0; i < hd; ++i) dst[i] = x[i] * c[i] + x[(i + half) % hd] * s[i];
+      if (h >= nh) {
+        const int64_t kvh = h - nh;
+        if (kc.scalar_type() == torch::kHalf)
+          store_row(kc.data_ptr<at::Half>() + (kvh * cap + start + t) * hd, tmp.data(), hd);
+        else
+          store_row(kc.data_ptr<float>() + (kvh * cap + start + t) * hd, tmp.data(), hd);
+      }
+    }
+    for (int64_t kvh = 0; kvh < nkv; ++kvh) {
+      const float* v = row + (nh + nkv + kvh) * hd;
+      if (vc.scalar_type() == torch::kHalf)
+        store_row(vc.data_ptr<at::Half>() + (kvh * cap + start + t) * hd, v, hd);
+      else
+        store_row(vc.data_ptr<float>() + (kvh * cap + start + t) * hd, v, hd);
+    }
+  }
+  return q;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(clp, m) {
+  m.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor mn, Tensor? bias, Tensor? norm, float eps, int act, "
+        "Tensor? residual) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor qs, Tensor d, Tensor? norm, float eps) -> Tensor");
+  m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
+        "int n_heads) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, int L, Tensor? step_mask, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(clp, CPU, m) {
+  m.impl("q4_linear", &q4_linear);
+  m.impl("decode_attention", &decode_attention);
+  m.impl("rope_store", &rope_store);
+  m.impl("q8_linear", &q8_linear);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("has_avx2", []() { return (bool)CLP_AVX2; });
+  m.def("activation_levels", []() { return (double)QMAX; });
+}

@@ -1,0 +1,356 @@
+"""4-bit weights read straight from a GGUF file's blocks, and the linear layer that computes on them.
+
+SmolLM2's GGUF stores every trunk projection as ggml Q4_1 blocks: 32 weights along the
+input dimension share an fp16 scale d and an fp16 min m, and w = d * q + m with q in
+0..15. That is exactly a group-32 scale/min layout. Gemma 3's Q4_K blocks are
+the same thing one level down (a 256-weight super-block of eight 32-weight sub-blocks,
+each with a 6-bit scale and min times the super-block's fp16 d and dmin), so they map one
+to one as well (scale d * sc and min -dmin * mn, exact in fp32).
+
+The product runs on the project's own C++ kernel (csrc/kernels.cpp, built once per
+machine): the GGUF's codes, scales and mins as they are, and each row of activations
+quantised to int8 in groups of 32 (llama.cpp's q4_1 x q8 arithmetic), so the 4-bit
+weights are decoded once per group for all rows of a step. Rows are computed independently
+(a 5-row product equals five 1-row products bit for bit), which keeps verified decoding
+exact. The residual stream, norms, rotary and attention stay fp32. `clp bench` reports
+q4's agreement with fp32 AR. Without a C++ compiler, torch's own int4 kernel runs instead
+(`aten._weight_int4pack_mm_for_cpu`: the same layout with its convention
+w = (q - 8) * scale + zero, bf16 activations, scales and zeros).
+
+A model that did not come from a GGUF (a hub id, a local folder, a test's tiny model) is
+quantised here the way ggml's reference Q4_1 quantiser does it (per group of 32: the
+min, and d = (max - min) / 15, codes rounded to nearest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GROUP = 32  # weights per scale/min group: ggml's Q4_1 block, Q4_K's sub-block
+_Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
+_Q4_K_BLOCK_BYTES = 144  # fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
+_QK_K = 256
+
+# Hugging Face projection names -> GGUF tensor names (Llama, Qwen2 and Gemma 3 alike).
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
+
+
+@dataclass
+class Int4Weight:
+    """An (N, K) weight as 4-bit codes with one scale and one min per group of 32 inputs:
+    w[n, g*32 + j] = scales[n, g] * codes[n, g*32 + j] + mins[n, g]."""
+
+    codes: torch.Tensor  # (N, K) uint8, values 0..15
+    scales: torch.Tensor  # (N, K / 32) fp32
+    mins: torch.Tensor  # (N, K / 32) fp32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.shape
+        q = self.codes.view(n, k // GROUP, GROUP).float()
+        return (q * self.scales[..., None] + self.mins[..., None]).reshape(n, k)
+
+    def rows(self, index: torch.Tensor) -> "Int4Weight":
+        return Int4Weight(self.codes[index], self.scales[index], self.mins[index])
+
+    @staticmethod
+    def cat(parts: list["Int4Weight"]) -> "Int4Weight":
+        """Stack the rows of several weights that read the same input (fused QKV, gate/up)."""
+        return Int4Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                          torch.cat([p.mins for p in parts]))
+
+    @staticmethod
+    def from_float(w: torch.Tensor) -> "Int4Weight":
+        """Round-to-nearest Q4_1 of an fp32 (N, K) weight (ggml's quantize_row_q4_1_ref)."""
+        n, k = w.shape
+        if k % GROUP:
+            raise ValueError(f"q4 needs the input size to be a multiple of {GROUP}, got {k}")
+        g = w.detach().float().reshape(n, k // GROUP, GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        d = (hi - lo) / 15
+        inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+        # As ggml: codes from the fp32 min and step (round half up), both then stored as fp16.
+        codes = torch.floor((g - lo[..., None]) * inv[..., None] + 0.5).clamp(0, 15).to(torch.uint8)
+        d, lo = d.half().float(), lo.half().float()
+        return Int4Weight(codes.reshape(n, k), d, lo)
+
+
+@dataclass
+class Int8Weight:
+    """An (N, K) weight as int8 codes with one scale per group of 32 inputs (ggml's Q8_0):
+    w[n, g*32 + j] = scales[n, g] * codes[n, g*32 + j]."""
+
+    codes: torch.Tensor  # (N, K) int8
+    scales: torch.Tensor  # (N, K / 32) fp32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.shape
+        return (self.codes.view(n, k // GROUP, GROUP).float() * self.scales[..., None]).reshape(n, k)
+
+    @staticmethod
+    def from_float(w: torch.Tensor) -> "Int8Weight":
+        """Round-to-nearest Q8_0 of an fp32 (N, K) weight (ggml's quantize_row_q8_0_ref)."""
+        n, k = w.shape
+        if k % GROUP:
+            raise ValueError(f"q8 needs the input size to be a multiple of {GROUP}, got {k}")
+        g = w.detach().float().reshape(n, k // GROUP, GROUP)
+        d = g.abs().amax(-1) / 127
+        inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+        q = g * inv[..., None]
+        codes = (torch.sign(q) * torch.floor(q.abs() + 0.5)).to(torch.int8)  # roundf: half away from zero
+        return Int8Weight(codes.reshape(n, k), d.half().float())
+
+
+# ---- GGUF blocks ---------------------------------------------------------------------------
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(..., 16) bytes -> (..., 32) codes: ggml puts element j in the low nibble of byte j and
+    element j + 16 in its high nibble."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def from_q4_1(raw: np.ndarray, k: int) -> Int4Weight:
+    """(N, K/32 * 20) bytes of Q4_1 blocks -> Int4Weight, exactly."""
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(n, k // GROUP, _Q4_1_BLOCK_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    codes = _nibbles(blocks[..., 4:20]).reshape(n, k)
+    return Int4Weight(torch.from_numpy(codes.copy()), torch.from_numpy(d), torch.from_numpy(m))
+
+
+def from_q8_0(raw: np.ndarray, k: int) -> Int8Weight:
+    """(N, K/32 * 34) bytes of Q8_0 blocks (fp16 d, 32 int8 codes) -> Int8Weight, exactly."""
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(n, k // GROUP, 34)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    codes = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
+    return Int8Weight(torch.from_numpy(codes), torch.from_numpy(d))
+
+
+def _q4_k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., 12) packed bytes -> (..., 8) 6-bit scales and mins (ggml's get_scale_min_k4)."""
+    s = s.astype(np.uint8)
+    sc = np.empty(s.shape[:-1] + (8,), np.uint8)
+    mn = np.empty_like(sc)
+    sc[..., :4] = s[..., 0:4] & 63
+    mn[..., :4] = s[..., 4:8] & 63
+    sc[..., 4:] = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return sc, mn
+
+
+def from_q4_k(raw: np.ndarray, k: int) -> Int4Weight:
+    """(N, K/256 * 144) bytes of Q4_K blocks -> Int4Weight: each 32-weight sub-block has
+    scale d * sc and min -dmin * mn (products of an fp16 and a 6-bit integer: exact in fp32)."""
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(n, k // _QK_K, _Q4_K_BLOCK_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sc, mn = _q4_k_scale_min(blocks[..., 4:16])  # (N, K/256, 8)
+    qs = blocks[..., 16:].reshape(n, k // _QK_K, 4, 32)
+    # 64 weights per 32 bytes: the low nibbles are sub-block 2i, the high nibbles 2i + 1.
+    codes = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, k)
+    scales = (d[..., None] * sc).reshape(n, k // GROUP)
+    mins = (-dmin[..., None] * mn).reshape(n, k // GROUP)
+    return Int4Weight(torch.from_numpy(codes.copy()), torch.from_numpy(scales.astype(np.float32)),
+                      torch.from_numpy(mins.astype(np.float32)))
+
+
+def _llama_unpermute_rows(n: int, n_head: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's q/k permutation (its converter interleaves the two
+    rotary halves of every head; transformers' GGUF loader reverses it the same way)."""
+    dim = n // n_head // 2
+    return torch.arange(n).reshape(n_head, dim, 2).transpose(1, 2).reshape(n)
+
+
+class GGUFWeights:
+    """The 4-bit projections of a GGUF file, by Hugging Face module name."""
+
+    READERS = {"Q4_1": from_q4_1, "Q4_K": from_q4_k}
+
+    def __init__(self, path: Path, config):
+        import gguf
+
+        self.path = Path(path)
+        self.reader = gguf.GGUFReader(str(path))
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.arch = str(bytes(self.reader.fields["general.architecture"].parts[-1]), "utf-8")
+        self.n_head = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_head
+
+    def get(self, layer: int, hf_name: str) -> Int4Weight | None:
+        """The projection `hf_name` (e.g. "self_attn.q_proj") of a layer as stored, or None when
+        the file stores it in a type that has no exact 4-bit group layout (e.g. Q6_K)."""
+        t = self.tensors.get(f"blk.{layer}.{GGUF_NAMES[hf_name]}.weight")
+        if t is None:
+            return None
+        reader = self.READERS.get(t.tensor_type.name)
+        if reader is None:
+            return None
+        k, n = (int(x) for x in t.shape[:2])  # GGUF lists dimensions innermost first
+        w = reader(np.asarray(t.data).reshape(n, -1), k)
+        if self.arch == "llama" and hf_name in ("self_attn.q_proj", "self_attn.k_proj"):
+            heads = self.n_head if hf_name.endswith("q_proj") else self.n_kv
+            w = w.rows(_llama_unpermute_rows(n, heads))
+        return w
+
+    def lm_head(self) -> Int8Weight | None:
+        """The output projection (the token embedding when they are tied) when the file stores
+        it as Q8_0, else None."""
+        t = self.tensors.get("output.weight") or self.tensors.get("token_embd.weight")
+        if t is None or t.tensor_type.name != "Q8_0":
+            return None
+        k, n = (int(x) for x in t.shape[:2])
+        return from_q8_0(np.asarray(t.data).reshape(n, -1), k)
+
+
+# ---- the kernels ---------------------------------------------------------------------------
+def pack_tiles(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layout clp::q4_linear reads: output features in tiles of 4, group by group.
+
+    Returns qs (N/4, K/32, 64) uint8 (per feature of the tile, 16 bytes: element j in the low
+    nibble of byte j, element j + 16 in its high nibble, as ggml stores Q4_1) and the scales
+    and mins as (N/4, K/32, 4) fp32. N must be a multiple of 4 (Int4Linear pads).
+    """
+    n, k = w.shape
+    ng = k // GROUP
+    c = w.codes.view(n, ng, GROUP)
+    nib = c[..., :16] | (c[..., 16:] << 4)  # (N, ng, 16)
+    qs = nib.view(n // 4, 4, ng, 16).transpose(1, 2).reshape(n // 4, ng, 64).contiguous()
+    d = w.scales.float().view(n // 4, 4, ng).transpose(1, 2).contiguous()
+    m = w.mins.float().view(n // 4, 4, ng).transpose(1, 2).contiguous()
+    return qs, d, m
+
+
+class Int4Linear:
+    """y = x W^T + b with W as 4-bit groups of 32; fp32 (M, K) in, fp32 (M, N) out.
+
+    With the project's C++ kernels (kernels.py): clp::q4_linear, fp32 scales and mins and
+    int8-quantised activations (per row, groups of 32), row-invariant. Without them: torch's
+    own int4 kernel with bf16 activations, scales and zeros (slower; rows of a step may then
+    differ from one-row steps by float noise through the attention).
+    """
+
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None):
+        from . import kernels
+
+        n, k = weight.shape
+        if k % GROUP:
+            raise ValueError(f"q4 needs the input size to be a multiple of {GROUP}, got {k}")
+        self.out_features, self.in_features = n, k
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.native = kernels.load() is not None
+        if self.native:
+            pad = -n % 4
+            if pad:  # whole tiles of 4 features; the padding rows are zero and cut off
+                zero = Int4Weight(torch.zeros(pad, k, dtype=torch.uint8), torch.zeros(pad, k // GROUP),
+                                  torch.zeros(pad, k // GROUP))
+                weight = Int4Weight.cat([weight, zero])
+            self.qs, self.d, self.m = pack_tiles(weight)
+            self._op = torch.ops.clp.q4_linear.default
+            self._pad = pad
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1)
+            zeros = weight.mins + 8 * weight.scales  # the kernel computes (q - 8) * scale + zero
+            self.scales_zeros = torch.stack([weight.scales.t(), zeros.t()], -1).to(torch.bfloat16).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            y = self._op(x, self.qs, self.d, self.m, self.bias, None, 0.0, 0, None)
+            return y[:, : self.out_features] if self._pad else y
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP,
+                                                       self.scales_zeros).float()
+        return y if self.bias is None else y + self.bias
+
+
+def pack_tiles8(w: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """clp::q8_linear's layout: qs (N/4, K/32, 128) int8 (32 codes per feature of a tile of 4)
+    and the scales as (N/4, K/32, 4) fp32."""
+    n, k = w.shape
+    ng = k // GROUP
+    qs = w.codes.view(n // 4, 4, ng, GROUP).transpose(1, 2).reshape(n // 4, ng, 4 * GROUP).contiguous()
+    d = w.scales.float().view(n // 4, 4, ng).transpose(1, 2).contiguous()
+    return qs, d
+
+
+class Q8Linear(torch.nn.Module):
+    """An LM head on 8-bit groups (ggml Q8_0) computed by clp::q8_linear; without the C++
+    kernels, the dequantised weight as an fbgemm fp16 linear."""
+
+    def __init__(self, weight: Int8Weight):
+        from . import kernels
+
+        super().__init__()
+        n, k = weight.shape
+        self.out_features, self.in_features = n, k
+        self.native = kernels.load() is not None
+        if self.native:
+            pad = -n % 4
+            if pad:
+                weight = Int8Weight(torch.cat([weight.codes, torch.zeros(pad, k, dtype=torch.int8)]),
+                                    torch.cat([weight.scales, torch.zeros(pad, k // GROUP)]))
+            self.qs, self.d = pack_tiles8(weight)
+        else:
+            self.packed = torch.ops.quantized.linear_prepack_fp16(weight.dequantize(), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        if self.native:
+            y = torch.ops.clp.q8_linear(x2, self.qs, self.d, None, 0.0)[:, : self.out_features]
+        else:
+            y = torch.ops.quantized.linear_dynamic_fp16(x2, self.packed)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Q4Linear(torch.nn.Module):
+    """An nn.Linear replacement computing on 4-bit groups (put in place of the transformers
+    model's projections, so its own forward and generate() run the same numerics as ours)."""
+
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight4 = weight  # kept for fusing (LeanForward concatenates QKV and gate/up)
+        self.bias4 = None if bias is None else bias.detach().float()
+        self.op = Int4Linear(weight, self.bias4)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x.reshape(-1, x.shape[-1]).float()).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, q4 group {GROUP}"
+
+
+def quantize_q4(trunk: torch.nn.Module, gguf: GGUFWeights | None = None) -> dict:
+    """Replace every decoder projection of `trunk` by a Q4Linear, in place.
+
+    Weights come from the GGUF's own blocks where the file stores them as Q4_1 or Q4_K, and
+    are quantised here (round-to-nearest Q4_1) otherwise. Returns counts per source.
+    """
+    counts = {"gguf": 0, "quantised": 0}
+    layers = trunk.layers
+    for i, layer in enumerate(layers):
+        for hf_name in GGUF_NAMES:
+            parent_name, attr = hf_name.split(".")
+            parent = getattr(layer, parent_name)
+            lin = getattr(parent, attr)
+            stored = gguf.get(i, hf_name) if gguf is not None else None
+            if stored is not None and stored.shape != tuple(lin.weight.shape):
+                raise ValueError(f"GGUF tensor for layer {i} {hf_name} has shape {stored.shape}, "
+                                 f"the model {tuple(lin.weight.shape)}")
+            weight = stored if stored is not None else Int4Weight.from_float(lin.weight)
+            counts["gguf" if stored is not None else "quantised"] += 1
+            setattr(parent, attr, Q4Linear(weight, lin.bias))
+    return counts
