@@ -210,6 +210,40 @@ def test_format_1_marker_is_upgraded_not_rebuilt(tmp_path):
     assert json.loads(marker.read_text())["files"] == info["files"]
 
 
+@pytest.fixture
+def fake_embedded(tmp_path, monkeypatch):
+    """The embedded backbone as a tiny stand-in: a fake GGUF file whose "conversion" (counted
+    in `calls`) writes the tiny random model, and a fresh cache in tmp_path/cache."""
+    from clpdecode.backbone import loading
+
+    from conftest import save_tiny_model
+
+    gguf = tmp_path / "pkg" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    calls = []
+
+    def convert(path, name, tmp):
+        calls.append(path)
+        save_tiny_model(tmp)
+
+    monkeypatch.setenv("CLP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "embedded_gguf_path", lambda: gguf)
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    return gguf, calls
+
+
+def test_conversion_status_goes_to_stderr(capsys, fake_embedded):
+    """A first run's `[clp] converting ...` line must not corrupt --json output."""
+    _, calls = fake_embedded
+    code, out, err = run(capsys, "info", "--json")
+    assert code == 0, err
+    assert json.loads(out)["backbone"]["name"] == "SmolLM2-135M-Instruct"
+    assert len(calls) == 1 and "[clp] converting" in err and "[clp]" not in out
+    code, out, err = run(capsys, "info", "--json")  # cached: no status line at all
+    assert code == 0 and len(calls) == 1 and "[clp]" not in err and json.loads(out)
+
+
 # ---- model names ----------------------------------------------------------------------
 def test_model_folder_without_tokenizer(capsys, tmp_path):
     (tmp_path / "config.json").write_text("{}")

@@ -422,8 +422,8 @@ def test_clp_serve_command(tiny_llama_dir, heads_dir, tmp_path, capsys):
     sock.close()
     cmd = [sys.executable, "-m", "clpdecode.cli", "serve", "--model", str(tiny_llama_dir), "--heads", str(heads_dir),
            "--numerics", "fp32", "--port", str(port), "--api-key", "k", "--max-queue", "4"]
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log, out = open(tmp_path / "serve.log", "w"), open(tmp_path / "stdout.log", "w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -444,3 +444,7 @@ def test_clp_serve_command(tiny_llama_dir, heads_dir, tmp_path, capsys):
         proc.terminate()
         proc.wait(timeout=20)
         log.close()
+        out.close()
+    # Status and access log lines go to stderr; the server has no result for stdout.
+    assert "POST /v1/chat/completions" in (tmp_path / "serve.log").read_text()
+    assert (tmp_path / "stdout.log").read_text() == ""

@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import struct
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -208,8 +209,8 @@ def cached_folder(folder: Path, source: str, build: Callable[[Path], None], mess
         if _cache_is_complete(folder, source):  # built by another process meanwhile
             return folder
         _remove_stale(folder.parent.glob(f".{folder.name}-*"))  # atomic_folder's temporaries
-        if message:
-            print(message, flush=True)
+        if message:  # a status line: stderr, so that stdout holds only a command's result
+            print(message, file=sys.stderr, flush=True)
         with atomic_folder(folder) as tmp:
             build(tmp)
             _write_marker(tmp, source)
@@ -230,31 +231,31 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
     listing every file's size and sha256, so a killed or corrupt conversion is detected and
     redone (see cached_folder).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     # The trailing ":" keeps the source string of caches written when fixups were tagged here.
     source = _file_fingerprint(gguf) + ":"
     folder = cache_dir() / "models" / name
 
-    def build(tmp: Path) -> None:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
-        # A GGUF-loaded model refuses save_pretrained because of its quantizer flag; the
-        # weights are already dequantised fp32, so dropping the flag gives a normal folder.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        # A base model must not inherit a chat template from the GGUF's tokenizer metadata.
-        if getattr(tok, "chat_template", None) and name == GEMMA_NAME:
-            tok.chat_template = None
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-
     message = f"[clp] converting {gguf.name} to fp32 in {folder} (once, ~35 s)..." if progress else None
-    return cached_folder(folder, source, build, message)
+    return cached_folder(folder, source, lambda tmp: _convert_gguf(gguf, name, tmp), message)
+
+
+def _convert_gguf(gguf: Path, name: str, tmp: Path) -> None:
+    """Write the fp32 transformers folder of `gguf` into `tmp` (the slow part, ~35 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained because of its quantizer flag; the
+    # weights are already dequantised fp32, so dropping the flag gives a normal folder.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # A base model must not inherit a chat template from the GGUF's tokenizer metadata.
+    if getattr(tok, "chat_template", None) and name == GEMMA_NAME:
+        tok.chat_template = None
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
 
 
 def source_gguf(name: str) -> Path | None:

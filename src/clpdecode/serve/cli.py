@@ -53,6 +53,19 @@ def _check_port(host: str, port: int) -> None:
             raise ClpError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
+def _stderr_logging() -> dict:
+    """uvicorn's logging config with its access log on stderr too (uvicorn writes that one
+    to stdout): the server's log lines are status, and stdout carries results only."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for handler in config["handlers"].values():
+        handler["stream"] = "ext://sys.stderr"
+    return config
+
+
 def cmd_serve(args) -> int:
     check_positive_int("--max-queue", args.max_queue)
     if args.api_key is not None and not args.api_key.strip():
@@ -81,5 +94,6 @@ def cmd_serve(args) -> int:
     server = app.state.server
     print(f"clp serve: model {server.model_id!r}, method {args.method}, numerics {args.numerics}: "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5,
+                log_config=_stderr_logging())
     return 0
