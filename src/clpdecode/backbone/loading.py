@@ -93,9 +93,51 @@ def gemma_gguf_path() -> Path:
             raise ClpError(f"gemma3-270m chunks are corrupt: {e}") from None
 
 
-def _file_fingerprint(path: Path) -> str:
+_FILE_HASHES = "file-hashes.json"
+
+
+def _legacy_fingerprint(path: Path) -> str:
+    """The conversion cache's key before it was content-based (name, size and mtime):
+    accepted once, for a cache that this very file built, and then rewritten."""
     st = path.stat()
-    return f"{path.name}:{st.st_size}:{int(st.st_mtime)}"
+    return f"{path.name}:{st.st_size}:{int(st.st_mtime)}:"
+
+
+def _content_fingerprint(path: Path) -> str:
+    """The key of a conversion: the file's name, size and sha256. Not its mtime: two
+    installs of one package (two virtualenvs) hold byte-identical GGUFs with different
+    mtimes, and both must find the one cached conversion."""
+    return f"{path.name}:{path.stat().st_size}:sha256={file_sha256(path)}"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, computed once per file and remembered.
+
+    <cache>/file-hashes.json records each hashed file's digest under its absolute path,
+    with the size and mtime_ns it had: a later call on an unchanged file reads the digest
+    back instead of reading the file (98 MB for the embedded GGUF); a file whose size or
+    mtime changed is hashed again.
+    """
+    path = Path(path).absolute()
+    st = path.stat()
+    memo_file = cache_dir() / _FILE_HASHES
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if not isinstance(memo, dict):
+        memo = {}
+    entry = memo.get(str(path))
+    if (isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+            and isinstance(entry.get("sha256"), str)):
+        return entry["sha256"]
+    digest = _sha256(path)
+    # Entries of files that are gone are dropped; a lost concurrent update costs one rehash.
+    memo = {k: v for k, v in memo.items() if os.path.exists(k)}
+    memo[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only cache: hash again next time
+        atomic_write_text(memo_file, json.dumps(memo, indent=1, sort_keys=True))
+    return digest
 
 
 def _sha256(path: Path) -> str:
@@ -120,13 +162,14 @@ def _safetensors_ok(path: Path, size: int) -> bool:
         return False
 
 
-def _cache_is_complete(folder: Path, source: str) -> bool:
+def _cache_is_complete(folder: Path, source: str, legacy: tuple[str, ...] = ()) -> bool:
     """Whether `folder` holds a finished conversion of `source` with intact files.
 
     Each load checks sizes and the safetensors headers (cheap); a file whose mtime
     differs from the one recorded is hashed in full and compared with the sha256 written
     at conversion time. A matching file gets its new mtime recorded, so later loads skip
-    the hash again; a format-1 marker (sizes only) is upgraded the same way.
+    the hash again; a format-1 marker (sizes only) is upgraded the same way, and so is a
+    marker whose source is one of the `legacy` names of `source` (it gets `source`).
     """
     marker = folder / _DONE_MARKER
     try:
@@ -134,9 +177,9 @@ def _cache_is_complete(folder: Path, source: str) -> bool:
         files = dict(info["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    if info.get("format") not in (1, CACHE_FORMAT) or info.get("source") != source or not files:
+    if info.get("format") not in (1, CACHE_FORMAT) or info.get("source") not in (source, *legacy) or not files:
         return False
-    changed = info.get("format") != CACHE_FORMAT
+    changed = info.get("format") != CACHE_FORMAT or info.get("source") != source
     for name, meta in files.items():
         meta = dict(meta) if isinstance(meta, dict) else {"size": meta}
         f = folder / name
@@ -158,7 +201,7 @@ def _cache_is_complete(folder: Path, source: str) -> bool:
         files[name] = meta
     if changed:
         with contextlib.suppress(OSError):  # a read-only cache still loads
-            atomic_write_text(marker, json.dumps({**info, "format": CACHE_FORMAT, "files": files}))
+            atomic_write_text(marker, json.dumps({**info, "format": CACHE_FORMAT, "source": source, "files": files}))
     return True
 
 
@@ -195,18 +238,21 @@ def _remove_stale(paths) -> None:
                 p.unlink()
 
 
-def cached_folder(folder: Path, source: str, build: Callable[[Path], None], message: str | None = None) -> Path:
+def cached_folder(folder: Path, source: str, build: Callable[[Path], None], message: str | None = None,
+                  legacy: tuple[str, ...] = ()) -> Path:
     """`folder`, built once by build(tmp) into a temporary sibling renamed into place.
 
-    A marker lists every file's size and sha256, so a partial, killed or corrupted build
-    is detected (see _cache_is_complete) and redone; temporary folders of killed builds
-    are removed.
+    `source` names what the folder is built from; a folder built from another source is
+    rebuilt, and one whose marker names a `legacy` key of this source is kept and given
+    `source`. A marker lists every file's size and sha256, so a partial, killed or
+    corrupted build is detected (see _cache_is_complete) and redone; temporary folders of
+    killed builds are removed.
     """
     folder = Path(folder)
-    if _cache_is_complete(folder, source):
+    if _cache_is_complete(folder, source, legacy):
         return folder
     with _build_lock(folder):
-        if _cache_is_complete(folder, source):  # built by another process meanwhile
+        if _cache_is_complete(folder, source, legacy):  # built by another process meanwhile
             return folder
         _remove_stale(folder.parent.glob(f".{folder.name}-*"))  # atomic_folder's temporaries
         if message:  # a status line: stderr, so that stdout holds only a command's result
@@ -229,14 +275,15 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
 
     The folder is written to a temporary sibling and renamed into place, with a marker
     listing every file's size and sha256, so a killed or corrupt conversion is detected and
-    redone (see cached_folder).
+    redone (see cached_folder). It is keyed on the GGUF's content (see
+    _content_fingerprint), so every install holding the same file shares one conversion;
+    a folder keyed by an earlier version on this file's name, size and mtime is kept.
     """
-    # The trailing ":" keeps the source string of caches written when fixups were tagged here.
-    source = _file_fingerprint(gguf) + ":"
+    source = _content_fingerprint(gguf)
     folder = cache_dir() / "models" / name
-
     message = f"[clp] converting {gguf.name} to fp32 in {folder} (once, ~35 s)..." if progress else None
-    return cached_folder(folder, source, lambda tmp: _convert_gguf(gguf, name, tmp), message)
+    return cached_folder(folder, source, lambda tmp: _convert_gguf(gguf, name, tmp), message,
+                         legacy=(_legacy_fingerprint(gguf),))
 
 
 def _convert_gguf(gguf: Path, name: str, tmp: Path) -> None:
