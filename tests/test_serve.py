@@ -265,6 +265,29 @@ def test_bad_bodies_and_routes(served):
         c.completions.create(model=server.model_id, prompt="", max_tokens=3)
 
 
+def test_deeply_nested_json_is_a_bad_request(served):
+    """~2 KB of nested arrays: 400 like other bad JSON (not a 500 from a RecursionError),
+    and the keep-alive connection goes on serving."""
+    url, server = served
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        for key in ("messages", "user"):
+            deep = b"[" * 1000 + b"]" * 1000
+            body = b'{"%s": %s' % (key.encode(), deep) + (b"}" if key == "messages" else b', "messages": []}')
+            conn.request("POST", CHAT, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            err = json.loads(resp.read())["error"]
+            assert resp.status == 400 and err["code"] == "invalid_json", err
+            assert set(err) == {"message", "type", "param", "code"}
+            conn.request("POST", CHAT, body=json.dumps({"messages": MSG, "max_tokens": 2}).encode(),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()  # the same connection
+            assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] >= 1
+    finally:
+        conn.close()
+
+
 def test_api_key(tiny_backbone, drafter):
     from clpdecode.serve import create_app
 
