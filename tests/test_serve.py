@@ -7,6 +7,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -443,22 +444,25 @@ def test_clp_serve_command(tiny_llama_dir, heads_dir, tmp_path, capsys):
         assert main(["serve", *argv]) == 2
         assert msg in capsys.readouterr().err
     sock.close()
+    # --port 0: the OS picks a free port, and the status line (stderr) names the one bound.
     cmd = [sys.executable, "-m", "clpdecode.cli", "serve", "--model", str(tiny_llama_dir), "--heads", str(heads_dir),
-           "--numerics", "fp32", "--port", str(port), "--api-key", "k", "--max-queue", "4"]
+           "--numerics", "fp32", "--port", "0", "--api-key", "k", "--max-queue", "4"]
     log, out = open(tmp_path / "serve.log", "w"), open(tmp_path / "stdout.log", "w")
     proc = subprocess.Popen(cmd, stdout=out, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
         while True:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if raw(url, "GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
+            status = re.search(r"^clp serve: .*: http://127\.0\.0\.1:(\d+)/v1$", (tmp_path / "serve.log").read_text(),
+                               re.M)
+            if status:
+                break
             assert time.time() < deadline, "clp serve did not start"
             time.sleep(0.2)
+        port = int(status.group(1))
+        assert port != 0
+        url = f"http://127.0.0.1:{port}"
+        assert raw(url, "GET", "/health")[0] == 200  # listening once the line is printed
         status, _, resp = raw(url, "POST", CHAT, {"model": str(tiny_llama_dir), "messages": MSG, "max_tokens": 5},
                               headers={"Authorization": "Bearer k"})
         assert status == 200 and resp["clp"]["method"] == "verified", resp

@@ -91,9 +91,21 @@ def cmd_serve(args) -> int:
     app = create_app(backbone, drafter, aliases=(args.model,), method=args.method,
                      clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold, draft=args.draft,
                      lookup=args.lookup, tree=args.tree, api_key=args.api_key, max_queue=args.max_queue)
-    server = app.state.server
-    print(f"clp serve: model {server.model_id!r}, method {args.method}, numerics {args.numerics}: "
-          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5,
-                log_config=_stderr_logging())
+    served = app.state.server
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started:  # the status line names the port bound (with --port 0, the one the OS chose)
+                port = self.servers[0].sockets[0].getsockname()[1]
+                host = f"[{args.host}]" if ":" in args.host else args.host
+                print(f"clp serve: model {served.model_id!r}, method {args.method}, numerics {args.numerics}: "
+                      f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                   timeout_graceful_shutdown=5, log_config=_stderr_logging()))
+    try:
+        server.run()  # a failed start exits with uvicorn's status 3, as uvicorn.run does
+    except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C is the way to stop a server
+        pass
     return 0
