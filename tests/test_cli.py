@@ -82,6 +82,12 @@ def test_errors_are_one_line_exit_2(capsys, tiny_llama_dir, argv, message):
     assert err.startswith("clp: error:") and message in err and err.count("\n") == 1
 
 
+def test_prompts_folder_is_named_a_directory(capsys, tmp_path, tiny_llama_dir):
+    code, _, err = run(capsys, "bench", "--model", str(tiny_llama_dir), "--methods", "ar", "--prompts", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1
+    assert f"prompt file {str(tmp_path)!r} is a directory, not a file" in err and "does not exist" not in err
+
+
 def test_interrupted_on_its_own_line(capsys, monkeypatch, tiny_llama_dir):
     import clpdecode
 
