@@ -31,6 +31,7 @@ from ..errors import ClpError
 
 EMBEDDED = "embedded"
 GEMMA = "gemma3-270m"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 # Bumped when the cached folder's layout changes, so that old caches are rebuilt. Format 2
 # adds each file's sha256 to the marker; a format-1 marker is upgraded in place (not rebuilt).
 CACHE_FORMAT = 2
@@ -319,7 +320,7 @@ def resolve_model(name: str, progress: bool = True) -> tuple[str, str]:
     """Map a model name to (display name, path or hub id that transformers can load)."""
     if name == EMBEDDED:
         gguf = embedded_gguf_path()
-        return "SmolLM2-135M-Instruct", str(converted_gguf_folder(gguf, "SmolLM2-135M-Instruct", progress))
+        return EMBEDDED_NAME, str(converted_gguf_folder(gguf, EMBEDDED_NAME, progress))
     if name == GEMMA:
         gguf = gemma_gguf_path()
         return GEMMA_NAME, str(converted_gguf_folder(gguf, GEMMA_NAME, progress))
@@ -332,12 +333,23 @@ def resolve_model(name: str, progress: bool = True) -> tuple[str, str]:
         if not any((path / f).is_file() for f in _TOKENIZER_FILES):
             raise ClpError(f"model directory {name!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES[:3])}, "
                            "...): save the tokenizer beside the model")
-        return path.name, str(path)
+        return backbone_name(name), str(path)
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
         raise ClpError(f"model path {name!r} does not exist")
     # A hub id ("org/name" or "name"): transformers fetches it when the network allows.
     _check_hub_id(name)
-    return name, name
+    return backbone_name(name), name
+
+
+def backbone_name(name: str) -> str:
+    """The name the backbone `name` loads under (Backbone.name, under which its shipped
+    heads are filed), known without loading or converting it."""
+    if name == EMBEDDED:
+        return EMBEDDED_NAME
+    if name == GEMMA:
+        return GEMMA_NAME
+    path = Path(name).expanduser()
+    return path.name if path.is_dir() else name
 
 
 # GGUF metadata value types (the GGUF spec's numbering) and their little-endian layouts.

@@ -71,6 +71,11 @@ def cmd_serve(args) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise ClpError("--api-key must not be empty")
     _check_port(args.host, args.port)  # before the slow load
+    from ..cli import _check_drafter, _drafter
+
+    # With --method ar (and no --heads) the drafter is optional: requests may still pick
+    # another method, and are refused if it needs the drafter that is missing.
+    _check_drafter(args, required=args.method != "ar")
     try:
         import uvicorn
 
@@ -78,16 +83,9 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise ClpError(f"clp serve needs fastapi and uvicorn ({e}); run `make setup`") from None
     from ..backbone import load_backbone
-    from ..heads import default_drafter
 
     backbone = load_backbone(args.model, numerics=args.numerics)
-    if args.heads is None and args.method == "ar":
-        try:  # optional: requests may still ask for another method
-            drafter = default_drafter(backbone, k=args.k)
-        except ClpError:
-            drafter = None
-    else:
-        drafter = default_drafter(backbone, k=args.k, folder=args.heads)
+    drafter = _drafter(args, backbone, required=args.method != "ar")
     app = create_app(backbone, drafter, aliases=(args.model,), method=args.method,
                      clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold, draft=args.draft,
                      lookup=args.lookup, tree=args.tree, api_key=args.api_key, max_queue=args.max_queue)
