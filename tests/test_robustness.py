@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -299,19 +300,37 @@ def test_gguf_hash_is_computed_once_per_file(tmp_path, monkeypatch, conversions)
     assert conversions == [gguf, gguf]
 
 
-def test_mtime_keyed_cache_of_an_earlier_version_is_kept(tmp_path, conversions):
-    """A cache that an earlier version keyed on this file's name, size and mtime is still
-    this file's conversion: kept, and re-keyed on the content."""
+def test_cache_shared_with_an_earlier_version(tmp_path, conversions):
+    """Earlier versions keyed the cache on the GGUF's name, size and mtime (the marker's
+    "source", all they compare). A cache one of them built from this very file is kept;
+    and the marker keeps that "source" beside the content "key", so that an earlier version
+    in the same install (sharing the cache) keeps it too, instead of the two rebuilding it
+    in turn."""
     from clpdecode.backbone import loading
 
     gguf = fake_gguf(tmp_path / "venv" / "m.gguf")
     st = gguf.stat()
     old_key = f"{gguf.name}:{st.st_size}:{int(st.st_mtime)}:"  # as earlier versions wrote it
     folder = loading.cache_dir() / "models" / "tiny"
+    marker_file = folder / loading._DONE_MARKER
     loading.cached_folder(folder, old_key, _cache_builder([]))
+    old_marker = json.loads(marker_file.read_text())
+    del old_marker["key"]  # earlier versions wrote no "key"
+    marker_file.write_text(json.dumps(old_marker))
     assert loading.converted_gguf_folder(gguf, "tiny", progress=False) == folder and conversions == []
-    marker = json.loads((folder / loading._DONE_MARKER).read_text())
-    assert marker["source"] == loading._content_fingerprint(gguf)
+    marker = json.loads(marker_file.read_text())
+    assert marker["key"] == loading._content_fingerprint(gguf) and marker["source"] == old_key
+    # A conversion by this version records the earlier key too.
+    shutil.rmtree(folder)
+    loading.converted_gguf_folder(gguf, "tiny", progress=False)
+    marker = json.loads(marker_file.read_text())
+    assert conversions == [gguf] and marker["source"] == old_key
+    assert marker["key"] == loading._content_fingerprint(gguf)
+    # A "key" decides: another file with the same name, size and mtime is not this one.
+    marker["key"] = "m.gguf:0:sha256=other"
+    marker_file.write_text(json.dumps(marker))
+    loading.converted_gguf_folder(gguf, "tiny", progress=False)
+    assert conversions == [gguf, gguf]
 
 
 # ---- model names ----------------------------------------------------------------------

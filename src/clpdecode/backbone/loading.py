@@ -98,8 +98,9 @@ _FILE_HASHES = "file-hashes.json"
 
 
 def _legacy_fingerprint(path: Path) -> str:
-    """The conversion cache's key before it was content-based (name, size and mtime):
-    accepted once, for a cache that this very file built, and then rewritten."""
+    """The conversion cache's key before it was content-based (name, size and mtime): a
+    cache that this very file built under it is kept, and a conversion records it for
+    earlier versions that share the cache (see cached_folder)."""
     st = path.stat()
     return f"{path.name}:{st.st_size}:{int(st.st_mtime)}:"
 
@@ -163,14 +164,15 @@ def _safetensors_ok(path: Path, size: int) -> bool:
         return False
 
 
-def _cache_is_complete(folder: Path, source: str, legacy: tuple[str, ...] = ()) -> bool:
+def _cache_is_complete(folder: Path, source: str, legacy: str | None = None) -> bool:
     """Whether `folder` holds a finished conversion of `source` with intact files.
 
+    The marker's "key" must be `source`; a marker without one (written by an earlier
+    version) must name `source` or `legacy` as its "source", and gets "key" added.
     Each load checks sizes and the safetensors headers (cheap); a file whose mtime
     differs from the one recorded is hashed in full and compared with the sha256 written
     at conversion time. A matching file gets its new mtime recorded, so later loads skip
-    the hash again; a format-1 marker (sizes only) is upgraded the same way, and so is a
-    marker whose source is one of the `legacy` names of `source` (it gets `source`).
+    the hash again; a format-1 marker (sizes only) is upgraded the same way.
     """
     marker = folder / _DONE_MARKER
     try:
@@ -178,9 +180,11 @@ def _cache_is_complete(folder: Path, source: str, legacy: tuple[str, ...] = ()) 
         files = dict(info["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    if info.get("format") not in (1, CACHE_FORMAT) or info.get("source") not in (source, *legacy) or not files:
+    key = info.get("key")
+    matches = key == source if key is not None else info.get("source") in (source, legacy or source)
+    if info.get("format") not in (1, CACHE_FORMAT) or not matches or not files:
         return False
-    changed = info.get("format") != CACHE_FORMAT or info.get("source") != source
+    changed = info.get("format") != CACHE_FORMAT or key is None
     for name, meta in files.items():
         meta = dict(meta) if isinstance(meta, dict) else {"size": meta}
         f = folder / name
@@ -202,17 +206,18 @@ def _cache_is_complete(folder: Path, source: str, legacy: tuple[str, ...] = ()) 
         files[name] = meta
     if changed:
         with contextlib.suppress(OSError):  # a read-only cache still loads
-            atomic_write_text(marker, json.dumps({**info, "format": CACHE_FORMAT, "source": source, "files": files}))
+            atomic_write_text(marker, json.dumps({**info, "format": CACHE_FORMAT, "key": source, "files": files}))
     return True
 
 
-def _write_marker(folder: Path, source: str) -> None:
+def _write_marker(folder: Path, source: str, legacy: str | None = None) -> None:
     files = {}
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.name != _DONE_MARKER:
             st = p.stat()
             files[p.name] = {"size": st.st_size, "sha256": _sha256(p), "mtime_ns": st.st_mtime_ns}
-    (folder / _DONE_MARKER).write_text(json.dumps({"format": CACHE_FORMAT, "source": source, "files": files}))
+    marker = {"format": CACHE_FORMAT, "key": source, "source": legacy or source, "files": files}
+    (folder / _DONE_MARKER).write_text(json.dumps(marker))
 
 
 @contextlib.contextmanager
@@ -240,14 +245,16 @@ def _remove_stale(paths) -> None:
 
 
 def cached_folder(folder: Path, source: str, build: Callable[[Path], None], message: str | None = None,
-                  legacy: tuple[str, ...] = ()) -> Path:
+                  legacy: str | None = None) -> Path:
     """`folder`, built once by build(tmp) into a temporary sibling renamed into place.
 
-    `source` names what the folder is built from; a folder built from another source is
-    rebuilt, and one whose marker names a `legacy` key of this source is kept and given
-    `source`. A marker lists every file's size and sha256, so a partial, killed or
-    corrupted build is detected (see _cache_is_complete) and redone; temporary folders of
-    killed builds are removed.
+    `source` names what the folder is built from (the marker's "key"); a folder built
+    from another source is rebuilt. `legacy`: the name earlier versions gave the same
+    source. A folder they built under it is kept, and a new build records it as the
+    marker's "source" (what earlier versions compare), so that an earlier version sharing
+    the cache does not rebuild it either. A marker lists every file's size and sha256, so
+    a partial, killed or corrupted build is detected (see _cache_is_complete) and redone;
+    temporary folders of killed builds are removed.
     """
     folder = Path(folder)
     if _cache_is_complete(folder, source, legacy):
@@ -260,7 +267,7 @@ def cached_folder(folder: Path, source: str, build: Callable[[Path], None], mess
             print(message, file=sys.stderr, flush=True)
         with atomic_folder(folder) as tmp:
             build(tmp)
-            _write_marker(tmp, source)
+            _write_marker(tmp, source, legacy)
     return folder
 
 
@@ -284,7 +291,7 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
     folder = cache_dir() / "models" / name
     message = f"[clp] converting {gguf.name} to fp32 in {folder} (once, ~35 s)..." if progress else None
     return cached_folder(folder, source, lambda tmp: _convert_gguf(gguf, name, tmp), message,
-                         legacy=(_legacy_fingerprint(gguf),))
+                         legacy=_legacy_fingerprint(gguf))
 
 
 def _convert_gguf(gguf: Path, name: str, tmp: Path) -> None:
