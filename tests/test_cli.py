@@ -82,6 +82,79 @@ def test_errors_are_one_line_exit_2(capsys, tiny_llama_dir, argv, message):
     assert err.startswith("clp: error:") and message in err and err.count("\n") == 1
 
 
+def test_prompts_folder_is_named_a_directory(capsys, tmp_path, tiny_llama_dir):
+    code, _, err = run(capsys, "bench", "--model", str(tiny_llama_dir), "--methods", "ar", "--prompts", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1
+    assert f"prompt file {str(tmp_path)!r} is a directory, not a file" in err and "does not exist" not in err
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Any backbone load fails the test: what it guards is checked before the load."""
+    import clpdecode.backbone
+
+    def must_not_load(*a, **k):
+        raise AssertionError("loaded the backbone before checking the options")
+
+    monkeypatch.setattr(clpdecode.backbone, "load_backbone", must_not_load)
+
+
+@pytest.mark.parametrize("argv, message", [
+    # The embedded backbone ships heads for k = 2 and 4: another k is refused whatever the
+    # method (with ar it used to be ignored) and by every command that takes --k.
+    (["generate", "--prompt", "x", "--method", "verified", "--k", "0"], "--k must be at least 1, got 0"),
+    (["generate", "--prompt", "x", "--method", "verified", "--k", "3"], "with k=3: use --k 2 or 4"),
+    (["generate", "--prompt", "x", "--method", "ar", "--k", "0"], "--k must be at least 1, got 0"),
+    (["generate", "--prompt", "x", "--method", "ar", "--k", "3"], "with k=3: use --k 2 or 4"),
+    (["info", "--k", "3"], "with k=3"),
+    (["bench", "--methods", "ar", "--k", "-1"], "--k must be at least 1"),
+    (["profile", "--k", "5"], "with k=5"),
+    (["eval-heads", "--k", "3"], "with k=3"),
+    (["eval-heads", "--k", "4", "--baseline", "--model", "gemma3-270m"], "with k=4: use --k 2"),
+    (["serve", "--k", "3", "--port", "0"], "with k=3"),
+    (["train", "--k", "0", "--out", "x"], "--k must be at least 1"),
+    # A model without shipped heads: a method that needs them is refused before the load.
+    (["generate", "--prompt", "x", "--method", "clp", "--model", "TINY"], "no heads are shipped for 'tiny-llama"),
+    (["serve", "--model", "TINY", "--port", "0"], "no heads are shipped"),
+])
+def test_k_is_checked_before_the_load(capsys, tiny_llama_dir, no_load, argv, message):
+    argv = [str(tiny_llama_dir) if a == "TINY" else a for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and err.startswith("clp: error:") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x", "--method", "verified"],
+                                     ["generate", "--prompt", "x"], ["info"], ["eval-heads"], ["profile", "--context", "16"],
+                                     ["bench", "--methods", "ar,clp"], ["serve", "--port", "0"]])
+@pytest.mark.parametrize("heads, message", [("empty", "is not a heads folder (needs config.json and "
+                                                       "model.safetensors)"),
+                                            ("file", "is a file; give the folder"),
+                                            ("missing", "does not exist")])
+def test_heads_folder_is_checked_before_the_load(capsys, tmp_path, tiny_llama_dir, no_load, command, heads,
+                                                 message):
+    """`clp serve --heads /tmp` failed after loading the model (27 s), `eval-heads --heads
+    EMPTY_DIR` after 6 s: a --heads that is no heads folder is refused at once, everywhere."""
+    folder = tmp_path / heads
+    if heads == "empty":
+        folder.mkdir()
+    elif heads == "file":
+        folder.write_text("{}")
+    code, out, err = run(capsys, *command, "--model", str(tiny_llama_dir), "--heads", str(folder))
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_k_with_a_heads_folder_and_without_shipped_heads(capsys, tmp_path, tiny_backbone, tiny_llama_dir):
+    """A --heads folder has its own k (--k is not used); a backbone without shipped heads runs
+    ar whatever --k says (there is nothing --k could select)."""
+    save_drafter(random_drafter(tiny_backbone, k=3), tmp_path / "h", tiny_backbone)
+    code, out, err = run(capsys, "info", "--model", str(tiny_llama_dir), "--heads", str(tmp_path / "h"), "--json")
+    assert code == 0 and json.loads(out)["heads"]["k"] == 3, err
+    code, out, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--k", "3",
+                         "--max-new-tokens", "3", "--json")
+    assert code == 0 and json.loads(out)["method"] == "ar", err
+
+
 def test_interrupted_on_its_own_line(capsys, monkeypatch, tiny_llama_dir):
     import clpdecode
 
@@ -247,6 +320,55 @@ def test_profile_takes_step_sizes_and_tree_sizes(capsys, tiny_llama_dir):
     assert set(json.loads(out)[0]["forward_ms"]) == {"1", "4", "tree3", "tree6"}
     code, _, err = run(capsys, "profile", "--model", str(tiny_llama_dir), "--tokens", "0,2")
     assert code == 2 and "--tokens" in err
+
+
+@pytest.mark.parametrize("argv, need", [(["--context", "300"], 309), (["--context", "250"], 259),
+                                        (["--context", "254", "--tokens", "1", "--tree-sizes", ""], 257)])
+def test_profile_context_past_the_window_fails_before_the_load(capsys, monkeypatch, tiny_llama_dir, argv, need):
+    """The tiny model's window is 256 positions: --context plus the largest timed step (a
+    tree of 8 drafts is 9 tokens; the row check takes 3) must fit, checked before loading."""
+    import clpdecode.backbone
+
+    def must_not_load(*a, **k):
+        raise AssertionError("loaded the backbone before checking --context")
+
+    monkeypatch.setattr(clpdecode.backbone, "load_backbone", must_not_load)
+    code, out, err = run(capsys, "profile", "--model", str(tiny_llama_dir), *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"needs {need} positions > the model's context window of 256; use --context {256 - need + int(argv[1])}" \
+        in err
+
+
+def test_profile_context_checked_after_the_load_where_unknown_before(capsys, monkeypatch, tiny_llama_dir):
+    """A model whose window only the load tells (a hub id not yet cached): checked before the prefill."""
+    import clpdecode.backbone.loading as loading
+    import clpdecode.evaluation.profile as profile
+
+    monkeypatch.setattr(loading, "context_window", lambda name: None)
+    monkeypatch.setattr(profile, "profile_step", lambda *a, **k: pytest.fail("profiled past the window"))
+    code, _, err = run(capsys, "profile", "--model", str(tiny_llama_dir), "--context", "300")
+    assert code == 2 and "context window of 256" in err
+
+
+def test_context_window_without_loading(tmp_path, tiny_backbone, tiny_llama_dir):
+    """The window read from a folder's config or a GGUF's header, as the loaded backbone has it."""
+    import gguf
+
+    from clpdecode.backbone.loading import context_window, gguf_context_length
+
+    assert context_window(str(tiny_llama_dir)) == tiny_backbone.max_positions == 256
+    assert context_window(str(tmp_path / "no-such-model")) is None
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", "llama")
+    w.add_string("general.name", "tiny")
+    w.add_array("tokenizer.ggml.tokens", ["a", "bc", "def"])
+    w.add_array("llama.some_floats", [0.5, 1.5])
+    w.add_context_length(1234)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    assert gguf_context_length(tmp_path / "m.gguf") == 1234
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 20)
+    assert gguf_context_length(tmp_path / "bad.gguf") is None
 
 
 def test_streamed_text_equals_the_answer(capsys, tiny_llama_dir):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -208,6 +210,127 @@ def test_format_1_marker_is_upgraded_not_rebuilt(tmp_path):
     cached_folder(folder, "src", build)
     assert len(calls) == 1
     assert json.loads(marker.read_text())["files"] == info["files"]
+
+
+def fake_gguf(path, content=b""):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 64 + content)
+    return path
+
+
+@pytest.fixture
+def conversions(tmp_path, monkeypatch):
+    """A fresh cache in tmp_path/cache, and GGUF "conversions" (the GGUF paths, listed in
+    the returned list) that write the tiny random model."""
+    from clpdecode.backbone import loading
+
+    from conftest import save_tiny_model
+
+    calls = []
+
+    def convert(path, name, tmp):
+        calls.append(path)
+        save_tiny_model(tmp)
+
+    monkeypatch.setenv("CLP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    return calls
+
+
+@pytest.fixture
+def fake_embedded(tmp_path, monkeypatch, conversions):
+    """The embedded backbone as a tiny stand-in: a fake GGUF file converted to the tiny model."""
+    from clpdecode.backbone import loading
+
+    gguf = fake_gguf(tmp_path / "pkg" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setattr(loading, "embedded_gguf_path", lambda: gguf)
+    return gguf, conversions
+
+
+def test_conversion_status_goes_to_stderr(capsys, fake_embedded):
+    """A first run's `[clp] converting ...` line must not corrupt --json output."""
+    _, calls = fake_embedded
+    code, out, err = run(capsys, "info", "--json")
+    assert code == 0, err
+    assert json.loads(out)["backbone"]["name"] == "SmolLM2-135M-Instruct"
+    assert len(calls) == 1 and "[clp] converting" in err and "[clp]" not in out
+    code, out, err = run(capsys, "info", "--json")  # cached: no status line at all
+    assert code == 0 and len(calls) == 1 and "[clp]" not in err and json.loads(out)
+
+
+def test_identical_ggufs_share_one_conversion(tmp_path, conversions):
+    """Two installs (two virtualenvs) hold byte-identical GGUFs with different mtimes: both
+    use the one cached conversion instead of rebuilding it in turn."""
+    import os
+
+    from clpdecode.backbone.loading import converted_gguf_folder
+
+    a = fake_gguf(tmp_path / "venv-a" / "m.gguf")
+    b = fake_gguf(tmp_path / "venv-b" / "m.gguf")
+    os.utime(a, (1_600_000_000, 1_600_000_000))
+    os.utime(b, (1_700_000_000, 1_700_000_000))
+    folder = converted_gguf_folder(a, "tiny", progress=False)
+    for gguf in (b, a, b):
+        assert converted_gguf_folder(gguf, "tiny", progress=False) == folder
+    assert conversions == [a] and _loads(folder)
+    other = fake_gguf(tmp_path / "venv-c" / "m.gguf", b"other weights")
+    converted_gguf_folder(other, "tiny", progress=False)  # another file: converted
+    assert conversions == [a, other]
+
+
+def test_gguf_hash_is_computed_once_per_file(tmp_path, monkeypatch, conversions):
+    import os
+
+    from clpdecode.backbone import loading
+
+    gguf = fake_gguf(tmp_path / "venv" / "m.gguf")
+    hashed = []
+    real = loading._sha256
+    monkeypatch.setattr(loading, "_sha256", lambda p: hashed.append(Path(p)) or real(p))
+    loading.converted_gguf_folder(gguf, "tiny", progress=False)
+    assert hashed.count(gguf) == 1
+    for _ in range(3):
+        loading.converted_gguf_folder(gguf, "tiny", progress=False)
+    assert hashed.count(gguf) == 1  # remembered in the cache's file-hashes.json
+    os.utime(gguf, (1_600_000_000, 1_600_000_000))  # touched (same content): hashed again, not rebuilt
+    loading.converted_gguf_folder(gguf, "tiny", progress=False)
+    assert hashed.count(gguf) == 2 and conversions == [gguf]
+    fake_gguf(gguf, b"new weights")  # the same path with other content: converted again
+    loading.converted_gguf_folder(gguf, "tiny", progress=False)
+    assert conversions == [gguf, gguf]
+
+
+def test_cache_shared_with_an_earlier_version(tmp_path, conversions):
+    """Earlier versions keyed the cache on the GGUF's name, size and mtime (the marker's
+    "source", all they compare). A cache one of them built from this very file is kept;
+    and the marker keeps that "source" beside the content "key", so that an earlier version
+    in the same install (sharing the cache) keeps it too, instead of the two rebuilding it
+    in turn."""
+    from clpdecode.backbone import loading
+
+    gguf = fake_gguf(tmp_path / "venv" / "m.gguf")
+    st = gguf.stat()
+    old_key = f"{gguf.name}:{st.st_size}:{int(st.st_mtime)}:"  # as earlier versions wrote it
+    folder = loading.cache_dir() / "models" / "tiny"
+    marker_file = folder / loading._DONE_MARKER
+    loading.cached_folder(folder, old_key, _cache_builder([]))
+    old_marker = json.loads(marker_file.read_text())
+    del old_marker["key"]  # earlier versions wrote no "key"
+    marker_file.write_text(json.dumps(old_marker))
+    assert loading.converted_gguf_folder(gguf, "tiny", progress=False) == folder and conversions == []
+    marker = json.loads(marker_file.read_text())
+    assert marker["key"] == loading._content_fingerprint(gguf) and marker["source"] == old_key
+    # A conversion by this version records the earlier key too.
+    shutil.rmtree(folder)
+    loading.converted_gguf_folder(gguf, "tiny", progress=False)
+    marker = json.loads(marker_file.read_text())
+    assert conversions == [gguf] and marker["source"] == old_key
+    assert marker["key"] == loading._content_fingerprint(gguf)
+    # A "key" decides: another file with the same name, size and mtime is not this one.
+    marker["key"] = "m.gguf:0:sha256=other"
+    marker_file.write_text(json.dumps(marker))
+    loading.converted_gguf_folder(gguf, "tiny", progress=False)
+    assert conversions == [gguf, gguf]
 
 
 # ---- model names ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -265,6 +266,29 @@ def test_bad_bodies_and_routes(served):
         c.completions.create(model=server.model_id, prompt="", max_tokens=3)
 
 
+def test_deeply_nested_json_is_a_bad_request(served):
+    """~2 KB of nested arrays: 400 like other bad JSON (not a 500 from a RecursionError),
+    and the keep-alive connection goes on serving."""
+    url, server = served
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        for key in ("messages", "user"):
+            deep = b"[" * 1000 + b"]" * 1000
+            body = b'{"%s": %s' % (key.encode(), deep) + (b"}" if key == "messages" else b', "messages": []}')
+            conn.request("POST", CHAT, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            err = json.loads(resp.read())["error"]
+            assert resp.status == 400 and err["code"] == "invalid_json", err
+            assert set(err) == {"message", "type", "param", "code"}
+            conn.request("POST", CHAT, body=json.dumps({"messages": MSG, "max_tokens": 2}).encode(),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()  # the same connection
+            assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] >= 1
+    finally:
+        conn.close()
+
+
 def test_api_key(tiny_backbone, drafter):
     from clpdecode.serve import create_app
 
@@ -420,22 +444,25 @@ def test_clp_serve_command(tiny_llama_dir, heads_dir, tmp_path, capsys):
         assert main(["serve", *argv]) == 2
         assert msg in capsys.readouterr().err
     sock.close()
+    # --port 0: the OS picks a free port, and the status line (stderr) names the one bound.
     cmd = [sys.executable, "-m", "clpdecode.cli", "serve", "--model", str(tiny_llama_dir), "--heads", str(heads_dir),
-           "--numerics", "fp32", "--port", str(port), "--api-key", "k", "--max-queue", "4"]
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
+           "--numerics", "fp32", "--port", "0", "--api-key", "k", "--max-queue", "4"]
+    log, out = open(tmp_path / "serve.log", "w"), open(tmp_path / "stdout.log", "w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.time() + 60
         while True:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if raw(url, "GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
+            status = re.search(r"^clp serve: .*: http://127\.0\.0\.1:(\d+)/v1$", (tmp_path / "serve.log").read_text(),
+                               re.M)
+            if status:
+                break
             assert time.time() < deadline, "clp serve did not start"
             time.sleep(0.2)
+        port = int(status.group(1))
+        assert port != 0
+        url = f"http://127.0.0.1:{port}"
+        assert raw(url, "GET", "/health")[0] == 200  # listening once the line is printed
         status, _, resp = raw(url, "POST", CHAT, {"model": str(tiny_llama_dir), "messages": MSG, "max_tokens": 5},
                               headers={"Authorization": "Bearer k"})
         assert status == 200 and resp["clp"]["method"] == "verified", resp
@@ -444,3 +471,7 @@ def test_clp_serve_command(tiny_llama_dir, heads_dir, tmp_path, capsys):
         proc.terminate()
         proc.wait(timeout=20)
         log.close()
+        out.close()
+    # Status and access log lines go to stderr; the server has no result for stdout.
+    assert "POST /v1/chat/completions" in (tmp_path / "serve.log").read_text()
+    assert (tmp_path / "stdout.log").read_text() == ""

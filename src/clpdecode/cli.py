@@ -42,7 +42,9 @@ def _add_drafter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", default=None,
                    help="heads folder (config.json + model.safetensors); default: the heads shipped "
                         "for the backbone and --k")
-    p.add_argument("--k", type=int, default=2, help="horizon of the shipped heads to load: 2 or 4 (default: 2)")
+    p.add_argument("--k", type=int, default=2,
+                   help="horizon of the shipped heads to load: 2 or 4 for the embedded backbone, 2 for "
+                        "gemma3-270m (default: 2; a --heads folder has its own k)")
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -97,7 +99,19 @@ def _backbone(args):
     return load_backbone(args.model, numerics=args.numerics)
 
 
+def _check_drafter(args, required: bool) -> None:
+    """--heads and --k, checked before the backbone loads (heads.artifacts.drafter_folder,
+    with the backbone's name as --model gives it); `required`: the command cannot run
+    without a drafter."""
+    from .backbone.loading import backbone_name
+    from .heads.artifacts import drafter_folder
+
+    drafter_folder(backbone_name(args.model), args.k, args.heads, required)
+
+
 def _drafter(args, backbone, required: bool):
+    """The drafter after the load: the --heads folder's or the shipped one; without
+    `required` (and without --heads), None where none fits the backbone."""
     from .heads import default_drafter
 
     if args.heads is None and not required:
@@ -155,6 +169,7 @@ def cmd_generate(args) -> int:
     # The library's own checks (budget, temperature, top-p), before the slow backbone load.
     GenerationConfig(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()),
                      sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    _check_drafter(args, required=args.method != "ar")
     backbone = _backbone(args)
     prompt_ids = backbone.encode_prompt(args.prompt, system=args.system, chat=False if args.raw else None)
     check_context(len(prompt_ids), args.max_new_tokens, backbone.max_positions)
@@ -187,6 +202,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
+    _check_drafter(args, required=False)
     backbone = _backbone(args)
     out = {"backbone": backbone.info.as_dict()}
     drafter = _drafter(args, backbone, required=args.heads is not None)

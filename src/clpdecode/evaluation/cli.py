@@ -10,28 +10,40 @@ from pathlib import Path
 from ..errors import ClpError
 
 
-def cmd_eval_heads(args) -> int:
-    from ..backbone import load_backbone
-    from ..heads import default_drafter, load_drafter
-    from ..heads.accuracy import heldout_accuracy, heldout_states
-    from ..corpus import corpus_dir, read_corpus
+def _baseline_folder(backbone_name: str, k: int) -> Path:
     from ..heads.artifacts import shipped_drafter_dir
 
-    backbone = load_backbone(args.model, numerics=args.numerics)
-    drafter = default_drafter(backbone, k=args.k, folder=args.heads)
-    corpus = Path(args.corpus) if args.corpus else corpus_dir(backbone.name)
+    folder = shipped_drafter_dir(backbone_name, k, baseline=True)
+    if folder is None:
+        raise ClpError(f"no independent heads are shipped for {backbone_name!r} with k={k}")
+    return folder
+
+
+def cmd_eval_heads(args) -> int:
+    from ..backbone import load_backbone
+    from ..backbone.loading import backbone_name
+    from ..heads import default_drafter, load_drafter
+    from ..heads.accuracy import heldout_accuracy, heldout_states
+    from ..cli import _check_drafter
+    from ..corpus import corpus_dir, read_corpus
+
+    # Everything a user can get wrong is checked before the backbone loads.
+    name = backbone_name(args.model)
+    _check_drafter(args, required=True)
+    if args.baseline and args.heads is None:  # with --heads, the folder's k is known once it is read
+        _baseline_folder(name, args.k)
+    corpus = Path(args.corpus) if args.corpus else corpus_dir(name)
     if not corpus.is_dir():
         raise ClpError(f"no corpus at {corpus}: pass --corpus DIR (written by `clp distill`)")
     records = [r for r in read_corpus(corpus) if r.get("split") == "heldout"]
     if not records:
         raise ClpError(f"{corpus} has no held-out answers")
+    backbone = load_backbone(args.model, numerics=args.numerics)
+    drafter = default_drafter(backbone, k=args.k, folder=args.heads)
+    base = load_drafter(_baseline_folder(backbone.name, drafter.k), backbone) if args.baseline else None
     states = heldout_states(backbone, records)
     res = heldout_accuracy(drafter.heads, backbone, states, drafter.k)
-    if args.baseline:
-        folder = shipped_drafter_dir(backbone.name, drafter.k, baseline=True)
-        if folder is None:
-            raise ClpError(f"no independent heads are shipped for {backbone.name!r} with k={drafter.k}")
-        base = load_drafter(folder, backbone)
+    if base is not None:
         res["baseline"] = heldout_accuracy(base.heads, backbone, states, base.k)
     if args.json:
         print(json.dumps(res))
@@ -52,6 +64,7 @@ def cmd_bench(args) -> int:
     from ..backbone import load_backbone
     from ..decoding import METHODS
     from ..heads import default_drafter
+    from ..cli import _check_drafter
     from ..decoding import GenerationConfig
     from .bench import BenchSettings, prepare_out_dir, run_bench, table, write_report
     from .prompts import load_prompts
@@ -63,8 +76,7 @@ def cmd_bench(args) -> int:
         raise ClpError(f"unknown method(s) {', '.join(bad) or repr(args.methods)}; choose from {', '.join(METHODS)}")
     GenerationConfig(max_new_tokens=args.max_new_tokens)
     prompts = load_prompts(args.prompts, args.limit)
-    if args.heads is not None and not Path(args.heads).exists():
-        raise ClpError(f"heads folder {args.heads!r} does not exist")
+    _check_drafter(args, required=any(m != "ar" for m in methods))
     out_dir = prepare_out_dir(Path(args.out))
     backbone = load_backbone(args.model, numerics=args.numerics)
     drafter = None
@@ -105,8 +117,10 @@ def _int_list(flag: str, text: str, empty: bool = False) -> tuple[int, ...]:
 
 def cmd_profile(args) -> int:
     from ..backbone import load_backbone
-    from ..heads import default_drafter
-    from .profile import STEP_TOKENS, profile_step
+    from ..backbone.loading import context_window
+    from ..cli import _check_drafter, _drafter
+    from ..errors import check_profile_context
+    from .profile import largest_step, profile_step
 
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
     if not engines or any(e not in ("lean", "hf") for e in engines):
@@ -114,13 +128,16 @@ def cmd_profile(args) -> int:
     if args.context < 1 or args.repeats < 1:
         raise ClpError("--context and --repeats must be at least 1")
     tokens, tree_sizes = _int_list("--tokens", args.tokens), _int_list("--tree-sizes", args.tree_sizes, empty=True)
+    step = largest_step(tokens, tree_sizes)
+    # The window from the model's config or GGUF header, before the load; from the loaded
+    # backbone (before the prefill) where that is not known without loading.
+    check_profile_context(args.context, step, context_window(args.model))
+    _check_drafter(args, required=False)
     rows = []
     for numerics in args.numerics_list.split(","):
         backbone = load_backbone(args.model, numerics=numerics.strip())
-        try:
-            drafter = default_drafter(backbone, k=args.k, folder=args.heads)
-        except ClpError:
-            drafter = None
+        check_profile_context(args.context, step, backbone.max_positions)
+        drafter = _drafter(args, backbone, required=args.heads is not None)  # as `clp info` has it
         rows.append(profile_step(backbone, drafter, context=args.context, repeats=args.repeats, engines=engines,
                                  tokens=tokens, tree_sizes=tree_sizes))
         del backbone

@@ -19,6 +19,13 @@ import time
 import torch
 
 STEP_TOKENS = (1, 2, 3, 5, 8)
+ROW_CHECK_TOKENS = 3  # the row-independence check: one 3-token step against three 1-token steps
+
+
+def largest_step(tokens=STEP_TOKENS, tree_sizes=(8,)) -> int:
+    """Positions past the cached context that profile_step uses: its largest step (a tree
+    of N drafts is N + 1 tokens)."""
+    return max([*tokens, *(s + 1 for s in tree_sizes), ROW_CHECK_TOKENS])
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -97,7 +104,7 @@ def profile_step(backbone, drafter=None, context: int = 256, repeats: int = 9, e
     for e in engines:
         if e == "lean" and own != "lean":
             continue
-        cache = backbone.new_cache(capacity=context + max(list(tokens) + [s + 1 for s in tree_sizes]), engine=e)
+        cache = backbone.new_cache(capacity=context + largest_step(tokens, tree_sizes), engine=e)
         backbone.forward(prompt, cache)
         caches[e] = cache
     new = {t: torch.randint(lo, hi, (1, t), generator=g) for t in tokens}
@@ -134,11 +141,11 @@ def profile_step(backbone, drafter=None, context: int = 256, repeats: int = 9, e
         if drafter.clp is not None:
             out["clp_ms"] = _median_ms(lambda: drafter.clp.decide(h[0], 0.5), repeats)
     # Row independence (the backbone's own engine): a 3-token step against three 1-token steps.
-    x = torch.randint(lo, hi, (1, 3), generator=g)
+    x = torch.randint(lo, hi, (1, ROW_CHECK_TOKENS), generator=g)
     c1, c2 = backbone.new_cache(), backbone.new_cache()
     backbone.forward(prompt, c1)
     backbone.forward(prompt, c2)
     joint = backbone.forward(x, c1)[0]
-    single = torch.cat([backbone.forward(x[:, i : i + 1], c2)[0] for i in range(3)])
+    single = torch.cat([backbone.forward(x[:, i : i + 1], c2)[0] for i in range(ROW_CHECK_TOKENS)])
     out["row_max_abs_diff"] = float((joint - single).abs().max())
     return out

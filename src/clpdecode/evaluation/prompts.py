@@ -69,8 +69,11 @@ def humaneval() -> list[str]:
 def user_file(path: str | Path) -> list[str]:
     """A JSONL file with one {"prompt": ...} object per line."""
     p = Path(path)
+    if p.is_dir():
+        raise ClpError(f"prompt file {str(path)!r} is a directory, not a file: give a JSONL file of "
+                       '{"prompt": ...} lines')
     if not p.is_file():
-        raise ClpError(f"prompt file {str(path)!r} does not exist")
+        raise ClpError(f"prompt file {str(path)!r} " + ("is not a regular file" if p.exists() else "does not exist"))
     prompts = []
     for n, rec in _read_jsonl_lines(p):
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):

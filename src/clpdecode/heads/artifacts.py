@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_folder
-from ..errors import ClpError
+from ..errors import ClpError, check_positive_int
 from ..predictors.modules import CLP, Gates, PredictorConfig
 from .chained import ChainConfig, ChainedHeads
 from .modules import HeadsConfig, MTPHeads
@@ -135,9 +135,7 @@ def load_drafter(folder: Path, backbone=None) -> Drafter:
     """Load a bundle; with `backbone`, check it matches and attach the LM-head rows."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise ClpError(f"{str(folder)!r} is not a heads folder (needs config.json and model.safetensors)")
+    folder = check_heads_folder(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
         tensors = load_file(str(folder / "model.safetensors"))
@@ -184,6 +182,55 @@ def load_drafter(folder: Path, backbone=None) -> Drafter:
     return drafter.attach(backbone) if backbone is not None else drafter
 
 
+def check_heads_folder(folder: str | Path) -> Path:
+    """A heads folder as given (--heads): a directory holding config.json and
+    model.safetensors. Checked without reading them (load_drafter reads them)."""
+    path = Path(folder)
+    if not path.exists():
+        raise ClpError(f"heads folder {str(folder)!r} does not exist")
+    if not path.is_dir():
+        raise ClpError(f"heads folder {str(folder)!r} is a file; give the folder holding config.json and "
+                       "model.safetensors")
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ClpError(f"{str(folder)!r} is not a heads folder (needs config.json and model.safetensors)")
+    return path
+
+
+def shipped_ks(backbone_name: str) -> list[int]:
+    """The k of every default drafter shipped for a backbone (k{k} folders), ascending."""
+    root = Path(str(resources.files("clpdecode") / "assets" / "drafters" / backbone_name))
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name[1:]) for p in root.iterdir()
+                  if p.name[:1] == "k" and p.name[1:].isdigit() and (p / "config.json").is_file())
+
+
+def drafter_folder(backbone_name: str, k: int = 2, folder: str | Path | None = None,
+                   required: bool = True) -> Path | None:
+    """Where a backbone's drafter comes from, checked without loading anything (the one
+    check of --heads and --k, run by every command before the backbone loads).
+
+    `folder` (--heads): a heads folder, whose own config sets k (`k` is not used then).
+    Otherwise the bundle shipped for this backbone and `k`: k must be at least 1, and one
+    of the shipped k where any are shipped for this backbone. Where none are: an error if
+    `required`, else None (no drafter).
+    """
+    if folder is not None:
+        return check_heads_folder(folder)
+    check_positive_int("--k", k)
+    shipped = shipped_drafter_dir(backbone_name, k)
+    if shipped is not None:
+        return shipped
+    ks = shipped_ks(backbone_name)
+    if ks:
+        raise ClpError(f"no heads are shipped for {backbone_name!r} with k={k}: use --k "
+                       f"{' or '.join(map(str, ks))}, or pass --heads DIR")
+    if required:
+        raise ClpError(f"no heads are shipped for {backbone_name!r}: train some with `clp distill` and "
+                       "`clp train`, then pass --heads DIR")
+    return None
+
+
 def shipped_drafter_dir(backbone_name: str, k: int, baseline: bool = False, create: bool = False) -> Path | None:
     """The bundle shipped inside the package for this backbone and k, if any.
 
@@ -210,14 +257,4 @@ def shipped_head_accuracy(backbone_name: str) -> dict[str, dict]:
 
 def default_drafter(backbone, k: int = 2, folder: str | Path | None = None) -> Drafter:
     """Heads from `folder` (its own k), else the ones shipped for this backbone and k."""
-    if folder is None:
-        shipped = shipped_drafter_dir(backbone.name, k)
-        if shipped is None:
-            raise ClpError(
-                f"no heads are shipped for {backbone.name!r} with k={k}: train some with "
-                "`clp distill` and `clp train`, then pass --heads DIR"
-            )
-        folder = shipped
-    elif not Path(folder).exists():
-        raise ClpError(f"heads folder {str(folder)!r} does not exist")
-    return load_drafter(Path(folder), backbone)
+    return load_drafter(drafter_folder(backbone.name, k, folder), backbone)

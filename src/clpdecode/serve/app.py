@@ -317,6 +317,9 @@ class Server:
             data = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:  # a small body can nest arrays deeper than the parser recurses
+            raise ApiError(400, "the request body nests JSON arrays or objects too deeply",
+                           code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         return data

@@ -53,11 +53,29 @@ def _check_port(host: str, port: int) -> None:
             raise ClpError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
+def _stderr_logging() -> dict:
+    """uvicorn's logging config with its access log on stderr too (uvicorn writes that one
+    to stdout): the server's log lines are status, and stdout carries results only."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for handler in config["handlers"].values():
+        handler["stream"] = "ext://sys.stderr"
+    return config
+
+
 def cmd_serve(args) -> int:
     check_positive_int("--max-queue", args.max_queue)
     if args.api_key is not None and not args.api_key.strip():
         raise ClpError("--api-key must not be empty")
     _check_port(args.host, args.port)  # before the slow load
+    from ..cli import _check_drafter, _drafter
+
+    # With --method ar (and no --heads) the drafter is optional: requests may still pick
+    # another method, and are refused if it needs the drafter that is missing.
+    _check_drafter(args, required=args.method != "ar")
     try:
         import uvicorn
 
@@ -65,21 +83,27 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise ClpError(f"clp serve needs fastapi and uvicorn ({e}); run `make setup`") from None
     from ..backbone import load_backbone
-    from ..heads import default_drafter
 
     backbone = load_backbone(args.model, numerics=args.numerics)
-    if args.heads is None and args.method == "ar":
-        try:  # optional: requests may still ask for another method
-            drafter = default_drafter(backbone, k=args.k)
-        except ClpError:
-            drafter = None
-    else:
-        drafter = default_drafter(backbone, k=args.k, folder=args.heads)
+    drafter = _drafter(args, backbone, required=args.method != "ar")
     app = create_app(backbone, drafter, aliases=(args.model,), method=args.method,
                      clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold, draft=args.draft,
                      lookup=args.lookup, tree=args.tree, api_key=args.api_key, max_queue=args.max_queue)
-    server = app.state.server
-    print(f"clp serve: model {server.model_id!r}, method {args.method}, numerics {args.numerics}: "
-          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    served = app.state.server
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started:  # the status line names the port bound (with --port 0, the one the OS chose)
+                port = self.servers[0].sockets[0].getsockname()[1]
+                host = f"[{args.host}]" if ":" in args.host else args.host
+                print(f"clp serve: model {served.model_id!r}, method {args.method}, numerics {args.numerics}: "
+                      f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                   timeout_graceful_shutdown=5, log_config=_stderr_logging()))
+    try:
+        server.run()  # a failed start exits with uvicorn's status 3, as uvicorn.run does
+    except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C is the way to stop a server
+        pass
     return 0

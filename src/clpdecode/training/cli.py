@@ -51,8 +51,10 @@ def cmd_train(args) -> int:
     from ..backbone import load_backbone
     from ..heads.artifacts import save_drafter
     from .data import load_features
+    from ..errors import check_positive_int
     from .train import TrainConfig, train_all
 
+    check_positive_int("--k", args.k)
     backbone = load_backbone(args.model)
     features = features_dir(args.features, backbone.name)
     out = Path(args.out)
