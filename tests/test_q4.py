@@ -241,3 +241,22 @@ def test_q4_without_the_kernels_falls_back_to_torchs_int4(tmp_path, monkeypatch)
     ids = torch.tensor([[5, 9, 14, 20]])
     h4, h32 = bb.forward(ids, bb.new_cache()), ref.forward(ids, ref.new_cache())
     assert (h4 - h32).abs().mean() < 0.1 * h32.abs().mean()  # bf16 activations
+
+
+@native
+def test_chain_drafting_on_the_kernels_matches_the_fp32_chain(q4_backbone):
+    """Drafting with 8-bit weights on the kernels (what q4 backbones do) computes the same
+    chain features as the fp32 chain, to the rounding of its weights."""
+    drafter = random_drafter(q4_backbone, k=3, design="chained", seed=1, scale=0.05)
+    chain = drafter.heads
+    assert "kernels" in chain._fast_mods()  # attach() under q4 picked the kernels
+    g = torch.Generator().manual_seed(0)
+    feats, tokens = torch.randn(6, 128, generator=g), [5, 9, 14, 20, 33, 7]
+    s_k, s_f = chain.new_state(), chain.new_state()
+    g_k = chain.extend(s_k, feats, tokens)
+    d_k = chain.draft_candidates(s_k, g_k, 3)
+    chain.prepare_inference(None)  # fp32 copies
+    g_f = chain.extend(s_f, feats, tokens)
+    assert torch.allclose(g_k, g_f, atol=0.02 * g_f.abs().max())
+    assert torch.allclose(s_k.k[:, :6], s_f.k[:, :6], atol=0.02 * s_f.k[:, :6].abs().max())
+    assert len(chain.draft_candidates(s_f, g_f, 3)) == len(d_k) == 3

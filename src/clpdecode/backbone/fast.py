@@ -185,7 +185,7 @@ class LeanForward:
         self.kv_dtype = kv_dtype
         # The fused C++ path: every projection on the q4 kernel, whole tiles of 4 outputs.
         self.native = native and all(
-            op.kind == "q4" and op.q4.native and not op.q4._pad
+            op.kind == "q4" and op.q4.native
             for layer in self.layers for op in (layer.qkv, layer.o, layer.gate_up, layer.down))
         self._cos = self._sin = None
         self._table_len = 0
@@ -277,21 +277,19 @@ class LeanForward:
         row-invariant, so a T-token step equals T one-token steps bit for bit."""
         t, start = input_ids.shape[1], cache.length
         x = self.embed_tokens(input_ids[0]).float()  # (T, d)
-        linear = torch.ops.clp.q4_linear.default
         rope_store = torch.ops.clp.rope_store.default
         attention = torch.ops.clp.decode_attention.default
         nh, scale = self.n_heads, self.head_dim ** -0.5
         cos, sin = cos.contiguous(), sin.contiguous()
         for layer, kb, vb in zip(self.layers, cache.keys, cache.values):
-            qkv, o, gu, down = layer.qkv.q4, layer.o.q4, layer.gate_up.q4, layer.down.q4
-            h = linear(x, qkv.qs, qkv.d, qkv.m, qkv.bias, layer.in_norm, layer.in_eps, 0, None)
+            h = layer.qkv.q4(x, norm=layer.in_norm, eps=layer.in_eps)
             q = rope_store(h, cos, sin, kb[0], vb[0], start, nh)
             a = attention(q, kb[0], vb[0], start, step_mask, layer.scale or scale)
-            x = linear(a.view(t, -1), o.qs, o.d, o.m, o.bias, None, 0.0, 0, x)
-            h = linear(x, gu.qs, gu.d, gu.m, gu.bias, layer.post_norm, layer.post_eps, 0, None)
-            x = linear(h, down.qs, down.d, down.m, down.bias, None, 0.0, 1, x)
+            x = layer.o.q4(a.view(t, -1), residual=x)
+            h = layer.gate_up.q4(x, norm=layer.post_norm, eps=layer.post_eps)
+            x = layer.down.q4(h, act="silu", residual=x)
         cache.advance(t)
-        return F.rms_norm(x, (x.shape[-1],), self.norm, self.norm_eps).view(1, t, -1)
+        return torch.ops.clp.rms_norm(x, self.norm, self.norm_eps).view(1, t, -1)
 
 
 def _step_mask(mask: torch.Tensor | None, start: int, t: int):

@@ -71,8 +71,12 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], qs.shape[0] * 4))
 
     @torch.library.register_fake("clp::q8_linear")
-    def _(x, qs, d, norm, eps):
+    def _(x, qs, d, bias, norm, eps, act, residual):
         return x.new_empty((x.shape[0], qs.shape[0] * 4))
+
+    @torch.library.register_fake("clp::rms_norm")
+    def _(x, weight, eps):
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake("clp::rope_store")
     def _(qkv, cos, sin, k_cache, v_cache, start, n_heads):

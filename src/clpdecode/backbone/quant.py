@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 GROUP = 32  # weights per scale/min group: ggml's Q4_1 block, Q4_K's sub-block
 _Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
@@ -235,13 +236,50 @@ def pack_tiles(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return qs, d, m
 
 
-class Int4Linear:
-    """y = x W^T + b with W as 4-bit groups of 32; fp32 (M, K) in, fp32 (M, N) out.
+ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}  # an activation between the halves of [gate | up]
+
+
+class KernelLinear:
+    """y = op(x) W^T + b (+ residual) on the C++ kernels, fp32 (M, K) in, fp32 (M, N) out.
+
+    op(x) is x, RMSNorm(x) * norm, or act(gate) * up for x = [gate | up]: what each kernel
+    call fuses in front of its product. Without the kernels the same is computed in torch
+    (the `_fallback` product of the subclass).
+    """
+
+    out_features: int
+    bias: torch.Tensor | None
+    native: bool
+    _pad: int = 0
+
+    def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, act: str | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.native:
+            fused = residual if not self._pad else None
+            y = self._op(x, *self._weights, self.bias, norm, eps, ACTS[act], fused)
+            if self._pad:
+                y = y[:, : self.out_features]
+                return y if residual is None else y + residual
+            return y
+        if norm is not None:
+            x = F.rms_norm(x, (x.shape[-1],), norm, eps)
+        elif act is not None:
+            k = x.shape[-1] // 2
+            gate = F.silu(x[:, :k]) if act == "silu" else F.gelu(x[:, :k], approximate="tanh")
+            x = gate * x[:, k:]
+        y = self._fallback(x)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if residual is None else y + residual
+
+
+class Int4Linear(KernelLinear):
+    """4-bit groups of 32 (Int4Weight).
 
     With the project's C++ kernels (kernels.py): clp::q4_linear, fp32 scales and mins and
-    int8-quantised activations (per row, groups of 32), row-invariant. Without them: torch's
-    own int4 kernel with bf16 activations, scales and zeros (slower; rows of a step may then
-    differ from one-row steps by float noise through the attention).
+    activations rounded to int16 per row and group of 32, row-invariant. Without them:
+    torch's own int4 kernel with bf16 activations, scales and zeros (slower; rows of a step
+    may then differ from one-row steps by float noise through the attention).
     """
 
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None):
@@ -254,26 +292,21 @@ class Int4Linear:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.native = kernels.load() is not None
         if self.native:
-            pad = -n % 4
-            if pad:  # whole tiles of 4 features; the padding rows are zero and cut off
-                zero = Int4Weight(torch.zeros(pad, k, dtype=torch.uint8), torch.zeros(pad, k // GROUP),
-                                  torch.zeros(pad, k // GROUP))
+            self._pad = -n % 4
+            if self._pad:  # whole tiles of 4 features; the padding rows are zero and cut off
+                zero = Int4Weight(torch.zeros(self._pad, k, dtype=torch.uint8), torch.zeros(self._pad, k // GROUP),
+                                  torch.zeros(self._pad, k // GROUP))
                 weight = Int4Weight.cat([weight, zero])
-            self.qs, self.d, self.m = pack_tiles(weight)
+            self._weights = pack_tiles(weight)
             self._op = torch.ops.clp.q4_linear.default
-            self._pad = pad
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1)
             zeros = weight.mins + 8 * weight.scales  # the kernel computes (q - 8) * scale + zero
             self.scales_zeros = torch.stack([weight.scales.t(), zeros.t()], -1).to(torch.bfloat16).contiguous()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native:
-            y = self._op(x, self.qs, self.d, self.m, self.bias, None, 0.0, 0, None)
-            return y[:, : self.out_features] if self._pad else y
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP,
-                                                       self.scales_zeros).float()
-        return y if self.bias is None else y + self.bias
+    def _fallback(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP,
+                                                          self.scales_zeros).float()
 
 
 def pack_tiles8(w: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,33 +319,41 @@ def pack_tiles8(w: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
     return qs, d
 
 
-class Q8Linear(torch.nn.Module):
-    """An LM head on 8-bit groups (ggml Q8_0) computed by clp::q8_linear; without the C++
+class Int8Linear(KernelLinear):
+    """8-bit groups of 32 (Int8Weight, ggml's Q8_0) on clp::q8_linear; without the C++
     kernels, the dequantised weight as an fbgemm fp16 linear."""
 
-    def __init__(self, weight: Int8Weight):
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None = None):
         from . import kernels
 
-        super().__init__()
         n, k = weight.shape
         self.out_features, self.in_features = n, k
+        self.bias = None if bias is None else bias.detach().float().contiguous()
         self.native = kernels.load() is not None
         if self.native:
-            pad = -n % 4
-            if pad:
-                weight = Int8Weight(torch.cat([weight.codes, torch.zeros(pad, k, dtype=torch.int8)]),
-                                    torch.cat([weight.scales, torch.zeros(pad, k // GROUP)]))
-            self.qs, self.d = pack_tiles8(weight)
+            self._pad = -n % 4
+            if self._pad:
+                weight = Int8Weight(torch.cat([weight.codes, torch.zeros(self._pad, k, dtype=torch.int8)]),
+                                    torch.cat([weight.scales, torch.zeros(self._pad, k // GROUP)]))
+            self._weights = pack_tiles8(weight)
+            self._op = torch.ops.clp.q8_linear.default
         else:
             self.packed = torch.ops.quantized.linear_prepack_fp16(weight.dequantize(), None)
 
+    def _fallback(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+class Q8Linear(torch.nn.Module):
+    """An nn.Linear replacement on 8-bit groups (the q4 backbone's LM head)."""
+
+    def __init__(self, weight: Int8Weight):
+        super().__init__()
+        self.op = Int8Linear(weight)
+        self.out_features, self.in_features = weight.shape
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).float()
-        if self.native:
-            y = torch.ops.clp.q8_linear(x2, self.qs, self.d, None, 0.0)[:, : self.out_features]
-        else:
-            y = torch.ops.quantized.linear_dynamic_fp16(x2, self.packed)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.op(x.reshape(-1, x.shape[-1]).float()).reshape(*x.shape[:-1], self.out_features)
 
 
 class Q4Linear(torch.nn.Module):

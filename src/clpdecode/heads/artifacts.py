@@ -49,11 +49,13 @@ class Drafter:
         for h in (self.heads, self.competing):
             if isinstance(h, ChainedHeads):
                 h.attach(backbone.lm_head_weight, backbone.model.get_input_embeddings().weight)
-                # Under reduced backbone numerics the chain drafts with dynamic int8 linears:
-                # drafts only propose (verification keeps the output exact), and on 8
-                # MT-Bench prompts int8 drafting kept 0.735 drafts per step against fp16's
-                # 0.759 for about a third less drafting time (docs/design.md).
-                h.prepare_inference(dtype=torch.qint8 if backbone.info.numerics != "fp32" else None)
+                # Under reduced backbone numerics the chain drafts with 8-bit weights: drafts
+                # only propose (verification keeps the output exact). q4: groups of 32 on the
+                # C++ kernels; fp16/int8: fbgemm's dynamic int8, which on 8 MT-Bench prompts
+                # kept 0.735 drafts per step against fp16's 0.759 for about a third less
+                # drafting time (docs/design.md).
+                numerics = backbone.info.numerics
+                h.prepare_inference(dtype={"fp32": None, "q4": "q8"}.get(numerics, torch.qint8))
             elif h is not None:
                 h.attach(backbone.lm_head_weight)
         return self

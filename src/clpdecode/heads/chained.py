@@ -259,11 +259,19 @@ class ChainedHeads(nn.Module):
     # draft LM-head rows as a Linear), optionally dynamically quantised (fbgemm, fp32
     # activations; Drafter.attach picks int8 under reduced numerics). Training never
     # touches these copies.
-    def prepare_inference(self, dtype: torch.dtype | None = None) -> dict:
+    def prepare_inference(self, dtype: torch.dtype | str | None = None) -> dict:
         """Build the fused drafting linears, dynamically quantised to `dtype` (torch.float16
-        or torch.qint8; None keeps fp32); returns them."""
+        or torch.qint8; None keeps fp32), or "q8": 8-bit groups of 32 on the C++ kernels
+        (backbone/kernels.py) with the RMSNorms, SiLU * up and residuals fused into the
+        products and the kernels' attention; returns them."""
         if self.proj is None:
             raise RuntimeError("the chain is not attached to a backbone: call attach()")
+        if dtype == "q8":
+            from ..backbone import kernels
+
+            if kernels.load() is not None:
+                return self._prepare_kernels()
+            dtype = torch.qint8
 
         def lin(*weights):
             w = torch.cat([x.detach().float() for x in weights], 0)
@@ -288,34 +296,77 @@ class ChainedHeads(nn.Module):
         self.__dict__["_fast"] = mods  # not a submodule: never saved, never trained
         return mods
 
+    def _prepare_kernels(self) -> dict:
+        from ..backbone.quant import Int8Linear, Int8Weight
+
+        def lin(*weights):
+            return Int8Linear(Int8Weight.from_float(torch.cat([w.detach().float() for w in weights], 0)))
+
+        d = self.cfg.hidden_size
+        # fc([a; b]) = fc_a(a) + fc_b(b): two products, each with its input's RMSNorm fused.
+        mods = {"kernels": True, "fc_feature": lin(self.fc.weight[:, :d]), "fc_token": lin(self.fc.weight[:, d:]),
+                "mlp_in": lin(self.gate_proj.weight, self.up_proj.weight),
+                "down": lin(self.down_proj.weight), "head": lin(self.proj)}
+        if self.cfg.attention:
+            mods["qkv"] = lin(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+            mods["o"] = lin(self.o_proj.weight)
+        self.__dict__["_fast"] = mods
+        return mods
+
     def train(self, mode: bool = True):
         self.__dict__.pop("_fast", None)  # weights may change: rebuild the copies when drafting
         return super().train(mode)
 
-    def _rope_table(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (>= n, hd) for positions 0.. (cached; drafting reads rows of it)."""
+    def _rope_table(self, n: int, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (>= n, hd) for positions 0.. (cached; drafting reads rows of it). signed:
+        sin with its first half negated (rotate_half folded in, as clp::rope_store takes it)."""
         table = self.__dict__.get("_rope")
         if table is None or table[0].shape[0] < n:
             size = max(n, 2 * table[0].shape[0] if table is not None else 1024)
-            table = rope_cos_sin(torch.arange(size), self.cfg.head_dim, self.cfg.rope_theta)
+            cos, sin = rope_cos_sin(torch.arange(size), self.cfg.head_dim, self.cfg.rope_theta)
+            signed_sin = sin.clone()
+            signed_sin[:, : self.cfg.head_dim // 2].neg_()
+            table = (cos, sin, signed_sin)
             self.__dict__["_rope"] = table
-        return table
+        return (table[0], table[2]) if signed else table[:2]
 
     def _fast_mods(self) -> dict:
         return self.__dict__.get("_fast") or self.prepare_inference()
 
     def _run(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        # fbgemm's dynamic Linear wants a 2-D input.
+        # fbgemm's dynamic Linear (and the kernels) want a 2-D input.
         return self._fast_mods()[name](x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
-    def _step(self, feature: torch.Tensor, token_emb: torch.Tensor, start: int, state: "ChainState | None",
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _step_kernels(self, mods: dict, feature: torch.Tensor, token_emb: torch.Tensor, start: int,
+                      state: "ChainState | None") -> torch.Tensor:
+        """_step on the C++ kernels: nine kernel calls per block."""
+        c = self.cfg
+        nf, nt = self.norm_feature, self.norm_token
+        x = mods["fc_feature"](feature.contiguous(), norm=nf.weight, eps=nf.eps)  # (n, d)
+        x = mods["fc_token"](token_emb.contiguous(), norm=nt.weight, eps=nt.eps, residual=x)
+        if c.attention:
+            n = x.shape[0]
+            cos, sin = self._rope_table(start + n, signed=True)
+            state.ensure(start + n)
+            h = mods["qkv"](x, norm=self.norm_attn.weight, eps=self.norm_attn.eps)
+            q = torch.ops.clp.rope_store(h, cos[start : start + n], sin[start : start + n], state.k, state.v, start,
+                                         c.num_heads)
+            a = torch.ops.clp.decode_attention(q, state.k, state.v, start, None, c.head_dim ** -0.5)
+            x = mods["o"](a.view(n, -1), residual=x)
+        h = mods["mlp_in"](x, norm=self.norm_mlp.weight, eps=self.norm_mlp.eps)
+        x = mods["down"](h, act="silu", residual=x)
+        return torch.ops.clp.rms_norm(x, self.norm_out.weight, self.norm_out.eps)
+
+    def _step(self, feature: torch.Tensor, token_emb: torch.Tensor, start: int, state: "ChainState | None") -> torch.Tensor:
         """One block on n rows at positions start..start+n-1: (n, d) inputs -> (n, d) features.
 
         With attention, the rows' K/V are written into `state` at those positions (past its
-        length for the chain's own entries) and the rows attend to state[:start + n] under
-        `mask` (n, start + n). Nothing is concatenated: the cache is preallocated.
+        length for the chain's own entries) and row i attends to state[:start + i + 1]
+        (causal). Nothing is concatenated: the cache is preallocated.
         """
+        mods = self._fast_mods()
+        if "kernels" in mods:
+            return self._step_kernels(mods, feature, token_emb, start, state)
         c = self.cfg
         x = self._run("fc", torch.cat([self.norm_feature(feature), self.norm_token(token_emb)], -1))  # (n, d)
         if c.attention:
@@ -331,6 +382,7 @@ class ChainedHeads(nn.Module):
                                                        cos, sin)
             state.v[:, start : start + n] = v.view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)
             keys, vals = state.k[None, :, : start + n], state.v[None, :, : start + n]
+            mask = torch.ones(n, start + n, dtype=torch.bool).tril(start) if n > 1 else None
             x = x + self._run("o", self._attend(q, keys, vals, mask)[0])
         h = self.norm_mlp(x)
         gate, up = self._run("mlp_in", h).chunk(2, -1)
@@ -359,7 +411,7 @@ class ChainedHeads(nn.Module):
         if not self.cfg.attention:
             return self._step(features[-1:].float(), emb[-1:], 0, None)[0]
         n, L0 = len(tokens), state.length
-        g = self._step(features.float(), emb, L0, state, torch.ones(n, L0 + n, dtype=torch.bool).tril(L0))
+        g = self._step(features.float(), emb, L0, state)
         state.length = L0 + n
         return g[-1]
 

@@ -349,13 +349,15 @@ inline void q8_tile_scalar(const int8_t* wq, const float* wd, int64_t ng, const 
 }
 
 torch::Tensor q8_linear(const torch::Tensor& x_in, const torch::Tensor& qs, const torch::Tensor& d,
-                        const c10::optional<torch::Tensor>& norm, double eps) {
-  // qs: (N/4, K/32, 128) int8 tiles; d: (N/4, K/32, 4) fp32. norm as in q4_linear.
+                        const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& norm, double eps,
+                        int64_t act, const c10::optional<torch::Tensor>& residual) {
+  // qs: (N/4, K/32, 128) int8 tiles; d: (N/4, K/32, 4) fp32. bias, norm, act, residual as in q4_linear.
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat, "q8_linear: x must be (M, K) float32");
   TORCH_CHECK(qs.scalar_type() == torch::kChar && qs.dim() == 3 && qs.size(2) == 128,
               "q8_linear: qs must be (N/4, K/32, 128) int8 tiles");
+  TORCH_CHECK(act >= 0 && act <= 2 && !(act && norm.has_value()), "q8_linear: act is 0, 1 or 2, and not with norm");
   const auto x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), tiles = qs.size(0), N = tiles * 4, ng = K / G;
+  const int64_t M = x.size(0), K = act ? x.size(1) / 2 : x.size(1), tiles = qs.size(0), N = tiles * 4, ng = K / G;
   TORCH_CHECK(K % G == 0 && qs.size(1) == ng && d.numel() == tiles * ng * 4 && d.is_contiguous() && qs.is_contiguous(),
               "q8_linear: weight shapes do not match the input");
   auto out = torch::empty({M, N}, x.options());
@@ -367,13 +369,16 @@ torch::Tensor q8_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
   QT* qv = sc.q.data();
   float* dxv = sc.dx.data();
   torch::Tensor nw;
-  if (norm.has_value() && norm->defined()) nw = norm->contiguous();
-  quantize_rows(x.data_ptr<float>(), M, K, K, nw.defined() ? nw.data_ptr<float>() : nullptr, (float)eps, 0, qv, dxv,
-                sc.sx.data());
+  if (norm.has_value() && norm->defined()) {
+    nw = norm->contiguous();
+    TORCH_CHECK(nw.scalar_type() == torch::kFloat && nw.numel() == K, "q8_linear: norm weight must be (K,) float32");
+  }
+  quantize_rows(x.data_ptr<float>(), M, K, x.size(1), nw.defined() ? nw.data_ptr<float>() : nullptr, (float)eps, act,
+                qv, dxv, sc.sx.data());
   const int8_t* W = qs.data_ptr<int8_t>();
   const float* D = d.data_ptr<float>();
   float* O = out.data_ptr<float>();
-  at::parallel_for(0, tiles, 64, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int8_t* wq = W + t * ng * 128;
       const float* wd = D + t * ng * 4;
@@ -392,6 +397,8 @@ torch::Tensor q8_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
 #endif
     }
   });
+  if (bias.has_value() && bias->defined()) out.add_(*bias);
+  if (residual.has_value() && residual->defined()) out.add_(*residual);
   return out;
 }
 
@@ -583,6 +590,23 @@ torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k
   return attention_impl<at::Half>(q, kc, vc, L, step_mask, scale);
 }
 
+// ---- RMSNorm ---------------------------------------------------------------------------------------
+torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w_in, double eps) {
+  // (M, K) fp32 rows, each scaled to unit RMS and by w: the arithmetic the linears fuse.
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat, "rms_norm: x must be (M, K) float32");
+  const auto x = x_in.contiguous();
+  const auto w = w_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(w.scalar_type() == torch::kFloat && w.numel() == K, "rms_norm: weight must be (K,) float32");
+  auto out = torch::empty_like(x);
+  const float *X = x.data_ptr<float>(), *W = w.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) input_row(X + r * K, K, W, (float)eps, ACT_NONE, O + r * K);
+  });
+  return out;
+}
+
 // ---- rotary + cache write ----------------------------------------------------------------------
 template <typename KV>
 void store_row(KV* dst, const float* src, int64_t n) {
@@ -634,7 +658,9 @@ torch::Tensor rope_store(const torch::Tensor& qkv_in, const torch::Tensor& cos_i
 TORCH_LIBRARY(clp, m) {
   m.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor mn, Tensor? bias, Tensor? norm, float eps, int act, "
         "Tensor? residual) -> Tensor");
-  m.def("q8_linear(Tensor x, Tensor qs, Tensor d, Tensor? norm, float eps) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor qs, Tensor d, Tensor? bias, Tensor? norm, float eps, int act, "
+        "Tensor? residual) -> Tensor");
   m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
         "int n_heads) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, int L, Tensor? step_mask, float scale) -> Tensor");
@@ -645,6 +671,7 @@ TORCH_LIBRARY_IMPL(clp, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("rope_store", &rope_store);
   m.impl("q8_linear", &q8_linear);
+  m.impl("rms_norm", &rms_norm);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
