@@ -110,20 +110,25 @@ def test_q4_linear_fuses_norm_activation_and_residual():
 
 
 @native
-@pytest.mark.parametrize("hd", [64, 8])  # the vectorised path and the generic one
+@pytest.mark.parametrize("hd", [64, 8, 256])  # the vectorised path (2 sizes) and the generic one
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("cached,t", [(0, 1), (5, 3), (300, 1), (1000, 5), (130, 8)])
-def test_decode_attention_matches_sdpa_and_is_row_invariant(hd, dtype, cached, t):
+@pytest.mark.parametrize("window", [0, 7, 200])
+def test_decode_attention_matches_sdpa_and_is_row_invariant(hd, dtype, cached, t, window):
     g = torch.Generator().manual_seed(cached + t)
     nh, nkv = 6, 2
     k = torch.randn(nkv, cached + t + 3, hd, generator=g).to(dtype)
     v = torch.randn(nkv, cached + t + 3, hd, generator=g).to(dtype)
     q = torch.randn(t, nh, hd, generator=g)
     op = torch.ops.clp.decode_attention
-    out = op(q, k, v, cached, None, hd ** -0.5)
-    ref = gqa_attention(q.transpose(0, 1)[None], k[None, :, : cached + t].float(), v[None, :, : cached + t].float())
+    out = op(q, k, v, cached, None, hd ** -0.5, window)
+    s = cached + t
+    pos = torch.arange(s)
+    qpos = pos[cached:, None]
+    mask = (pos[None] <= qpos) & ((pos[None] > qpos - window) if window else True)  # transformers' sliding rule
+    ref = gqa_attention(q.transpose(0, 1)[None], k[None, :, :s].float(), v[None, :, :s].float(), mask)
     assert torch.allclose(out, ref[0], atol=2e-6)
-    one = torch.cat([op(q[i : i + 1], k, v, cached + i, None, hd ** -0.5) for i in range(t)])
+    one = torch.cat([op(q[i : i + 1], k, v, cached + i, None, hd ** -0.5, window) for i in range(t)])
     assert torch.equal(out, one)
 
 
@@ -158,6 +163,14 @@ def test_rope_store_rotates_and_writes_the_cache():
     q = torch.ops.clp.rope_store(qkv, cos, sin, kc, vc, start, nh)
     x = qkv.view(t, nh + 2 * nkv, hd)
     rot = x * cos[:, None] + torch.roll(x, hd // 2, -1) * sin[:, None]
+    # With per-head RMSNorms on queries and keys first (Gemma 3).
+    qn, kn = torch.rand(hd, generator=g) + 0.5, torch.rand(hd, generator=g) + 0.5
+    kc2 = torch.zeros(nkv, 16, hd)
+    q2 = torch.ops.clp.rope_store(qkv, cos, sin, kc2, vc.clone(), start, nh, qn, kn, 1e-6)
+    xn = torch.cat([F.rms_norm(x[:, :nh], (hd,), qn, 1e-6), F.rms_norm(x[:, nh : nh + nkv], (hd,), kn, 1e-6)], 1)
+    rot2 = xn * cos[:, None] + torch.roll(xn, hd // 2, -1) * sin[:, None]
+    assert torch.allclose(q2, rot2[:, :nh], atol=1e-5)
+    assert torch.allclose(kc2[:, start : start + t], rot2[:, nh:].transpose(0, 1), atol=1e-5)
     assert torch.allclose(q, rot[:, :nh], atol=1e-6)
     assert torch.allclose(kc[:, start : start + t], rot[:, nh : nh + nkv].transpose(0, 1), atol=1e-6)
     assert torch.equal(vc[:, start : start + t], x[:, nh + nkv :].transpose(0, 1).half())

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"] + (["-DCLP_ACT8"] if __import__("os").environ.get("CLP_ACT8") else [])
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"] + [f"-D{v}" for v in ("CLP_ACT8", "CLP_HADD") if __import__("os").environ.get(v)]
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -75,13 +75,13 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], qs.shape[0] * 4))
 
     @torch.library.register_fake("clp::rms_norm")
-    def _(x, weight, eps):
+    def _(x, weight, eps, residual=None):
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("clp::rope_store")
-    def _(qkv, cos, sin, k_cache, v_cache, start, n_heads):
+    def _(qkv, cos, sin, k_cache, v_cache, start, n_heads, q_norm=None, k_norm=None, eps=0.0):
         return qkv.new_empty((qkv.shape[0], n_heads, k_cache.shape[-1]))
 
     @torch.library.register_fake("clp::decode_attention")
-    def _(q, k, v, L, step_mask, scale):
+    def _(q, k, v, L, step_mask, scale, window=0):
         return q.new_empty(q.shape)

@@ -140,6 +140,18 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+// [p0 p1 p2 p3] (8 int32 lanes each) -> [f0 f1 f2 f3 | f0 f1 f2 f3]: each fi the sum of pi's
+// lanes in that 128-bit half. Unpacks and adds (single-uop instructions) instead of hadd.
+inline __m256i reduce4(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
+#ifdef CLP_HADD
+  return _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+#else
+  const __m256i s01 = _mm256_add_epi32(_mm256_unpacklo_epi32(p0, p1), _mm256_unpackhi_epi32(p0, p1));
+  const __m256i s23 = _mm256_add_epi32(_mm256_unpacklo_epi32(p2, p3), _mm256_unpackhi_epi32(p2, p3));
+  return _mm256_add_epi32(_mm256_unpacklo_epi64(s01, s23), _mm256_unpackhi_epi64(s01, s23));
+#endif
+}
+
 // u8 x s8 dot of 32 pairs -> 8 int32 lane sums.
 inline __m256i dot_u8s8(__m256i w, __m256i x) {
 #if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
@@ -193,7 +205,7 @@ inline void q4_tile(const uint8_t* wq, const float* wd, const float* wm, int64_t
       const __m256i p3 = _mm256_add_epi32(_mm256_madd_epi16(wa[3], xa), _mm256_madd_epi16(wb[3], xb));
 #endif
       // hadd sums lane pairs within 128-bit halves; twice gives [f0 f1 f2 f3 | f0 f1 f2 f3].
-      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+      const __m256i h = reduce4(p0, p1, p2, p3);
       const __m256 scale = _mm256_mul_ps(d8, _mm256_set1_ps(dx[r * ng + g]));
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), scale, acc[r]);
       acc[r] = _mm256_fmadd_ps(m8, _mm256_set1_ps(sx[r * ng + g]), acc[r]);
@@ -325,7 +337,7 @@ inline void q8_tile(const int8_t* wq, const float* wd, int64_t ng, const QT* q, 
       __m256i p[4];
       for (int f = 0; f < 4; ++f) p[f] = _mm256_add_epi32(_mm256_madd_epi16(wa[f], xa), _mm256_madd_epi16(wb[f], xb));
 #endif
-      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+      const __m256i h = reduce4(p[0], p[1], p[2], p[3]);
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(d8, _mm256_set1_ps(dx[r * ng + g])), acc[r]);
     }
   }
@@ -425,20 +437,20 @@ template <typename KV>
 void chunk_partial(const float* q, const KV* K, const KV* V, const int64_t* slots, int64_t n, int64_t hd,
                    float scale, float* scores, float* m_out, float* s_out, float* acc) {
 #if CLP_AVX2
-  if (hd == 64) {
-    // Scores four keys at a time: four independent FMA chains, q kept in registers.
-    __m256 qv[8];
-    for (int c = 0; c < 8; ++c) qv[c] = _mm256_loadu_ps(q + c * 8);
+  if (hd % 8 == 0 && hd <= 512) {
+    const int64_t nb = hd / 8;  // 8-float blocks of a head
+    // Scores four keys at a time: four independent FMA chains.
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-      const KV *k0 = K + slots[j] * 64, *k1 = K + slots[j + 1] * 64, *k2 = K + slots[j + 2] * 64,
-               *k3 = K + slots[j + 3] * 64;
+      const KV *k0 = K + slots[j] * hd, *k1 = K + slots[j + 1] * hd, *k2 = K + slots[j + 2] * hd,
+               *k3 = K + slots[j + 3] * hd;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int c = 0; c < 8; ++c) {
-        a0 = _mm256_fmadd_ps(qv[c], load8<KV>(k0 + c * 8), a0);
-        a1 = _mm256_fmadd_ps(qv[c], load8<KV>(k1 + c * 8), a1);
-        a2 = _mm256_fmadd_ps(qv[c], load8<KV>(k2 + c * 8), a2);
-        a3 = _mm256_fmadd_ps(qv[c], load8<KV>(k3 + c * 8), a3);
+      for (int64_t c = 0; c < nb; ++c) {
+        const __m256 qc = _mm256_loadu_ps(q + c * 8);
+        a0 = _mm256_fmadd_ps(qc, load8<KV>(k0 + c * 8), a0);
+        a1 = _mm256_fmadd_ps(qc, load8<KV>(k1 + c * 8), a1);
+        a2 = _mm256_fmadd_ps(qc, load8<KV>(k2 + c * 8), a2);
+        a3 = _mm256_fmadd_ps(qc, load8<KV>(k3 + c * 8), a3);
       }
       // [a0 a1 a2 a3] -> 4 sums.
       const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
@@ -446,9 +458,9 @@ void chunk_partial(const float* q, const KV* K, const KV* V, const int64_t* slot
       _mm_storeu_ps(scores + j, _mm_mul_ps(s4, _mm_set1_ps(scale)));
     }
     for (; j < n; ++j) {  // the last 0-3 keys, one at a time (same for every row that has them)
-      const KV* k = K + slots[j] * 64;
+      const KV* k = K + slots[j] * hd;
       __m256 a = _mm256_setzero_ps();
-      for (int c = 0; c < 8; ++c) a = _mm256_fmadd_ps(qv[c], load8<KV>(k + c * 8), a);
+      for (int64_t c = 0; c < nb; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + c * 8), load8<KV>(k + c * 8), a);
       scores[j] = hsum(a) * scale;
     }
     float mx = -std::numeric_limits<float>::infinity();
@@ -466,15 +478,18 @@ void chunk_partial(const float* q, const KV* K, const KV* V, const int64_t* slot
       scores[j] = std::exp(scores[j] - mx);
       s += scores[j];
     }
-    // Values: eight independent accumulators (one per 8 of the 64 dims).
-    __m256 o[8];
-    for (int c = 0; c < 8; ++c) o[c] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < n; ++t) {
-      const __m256 p = _mm256_set1_ps(scores[t]);
-      const KV* v = V + slots[t] * 64;
-      for (int c = 0; c < 8; ++c) o[c] = _mm256_fmadd_ps(p, load8<KV>(v + c * 8), o[c]);
+    // Values: up to eight independent accumulators (8 dims each) per pass over the keys.
+    for (int64_t c0 = 0; c0 < nb; c0 += 8) {
+      const int64_t cn = std::min<int64_t>(8, nb - c0);
+      __m256 o[8];
+      for (int c = 0; c < 8; ++c) o[c] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        const __m256 p = _mm256_set1_ps(scores[t]);
+        const KV* v = V + slots[t] * hd + c0 * 8;
+        for (int c = 0; c < cn; ++c) o[c] = _mm256_fmadd_ps(p, load8<KV>(v + c * 8), o[c]);
+      }
+      for (int c = 0; c < cn; ++c) _mm256_storeu_ps(acc + (c0 + c) * 8, o[c]);
     }
-    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(acc + c * 8, o[c]);
     *m_out = mx;
     *s_out = s;
     return;
@@ -502,16 +517,20 @@ void chunk_partial(const float* q, const KV* K, const KV* V, const int64_t* slot
 
 template <typename KV>
 torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, int64_t L,
-                             const c10::optional<torch::Tensor>& step_mask, double scale) {
+                             const c10::optional<torch::Tensor>& step_mask, double scale, int64_t window) {
   // q: (T, n_heads, hd) fp32; kc, vc: (n_kv, capacity, hd) with the step's keys already at
-  // [L, L + T); step_mask: optional (T, T) bool, row i may see step key j (default causal).
+  // [L, L + T); step_mask: optional (T, T) bool, row i may see step key j (default causal);
+  // window > 0: a row sees only its last `window` keys (sliding-window layers).
   const int64_t T = q.size(0), nh = q.size(1), hd = q.size(2), nkv = kc.size(0), cap = kc.size(1);
   TORCH_CHECK(nh % nkv == 0, "decode_attention: heads not a multiple of K/V heads");
   TORCH_CHECK(L + T <= cap, "decode_attention: the step's keys are past the cache");
+  TORCH_CHECK(window >= 0, "decode_attention: window must be >= 0");
   const int64_t group = nh / nkv;
   // Each row's keys as a virtual sequence: the cache [0, L), then the step keys it may see
-  // in step order (for a chain: 0..i, exactly a one-token step at position L + i).
+  // in step order (for a chain: 0..i, exactly a one-token step at position L + i); a window
+  // keeps the last `window` of them. Chunks sit at fixed virtual positions.
   std::vector<std::vector<int64_t>> tail(T);
+  std::vector<int64_t> first(T), count(T);
   const bool* mk = nullptr;
   torch::Tensor mask;
   if (step_mask.has_value() && step_mask->defined()) {
@@ -523,7 +542,9 @@ torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& kc, co
   for (int64_t i = 0; i < T; ++i) {
     for (int64_t j = 0; j < T; ++j)
       if (mk ? mk[i * T + j] : j <= i) tail[i].push_back(L + j);
-    max_keys = std::max(max_keys, L + (int64_t)tail[i].size());
+    count[i] = L + (int64_t)tail[i].size();
+    first[i] = window > 0 ? std::max<int64_t>(0, count[i] - window) : 0;
+    max_keys = std::max(max_keys, count[i]);
   }
   const int64_t nchunks = (max_keys + CHUNK - 1) / CHUNK;
   // Partials per (row, head, chunk): max, sum, acc[hd].
@@ -539,8 +560,7 @@ torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& kc, co
       const KV* K = Kb + kvh * cap * hd;
       const KV* V = Vb + kvh * cap * hd;
       for (int64_t i = 0; i < T; ++i) {
-        const int64_t nkeys = L + (int64_t)tail[i].size();
-        const int64_t lo = c * CHUNK, hi = std::min(nkeys, lo + CHUNK);
+        const int64_t lo = std::max(c * CHUNK, first[i]), hi = std::min(count[i], (c + 1) * CHUNK);
         if (lo >= hi) continue;
         for (int64_t v = lo; v < hi; ++v) slots[v - lo] = v < L ? v : tail[i][v - L];
         for (int64_t g = 0; g < group; ++g) {
@@ -559,10 +579,9 @@ torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& kc, co
     std::vector<float> acc(hd);
     for (int64_t rh = b; rh < e; ++rh) {
       const int64_t i = rh / nh;
-      const int64_t row_chunks = (L + (int64_t)tail[i].size() + CHUNK - 1) / CHUNK;
       float m = -std::numeric_limits<float>::infinity(), s = 0.f;
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t c = 0; c < row_chunks; ++c) {
+      for (int64_t c = first[i] / CHUNK; c * CHUNK < count[i]; ++c) {
         const int64_t idx = rh * nchunks + c;
         const float mc = pm[idx];
         const float nm = std::max(m, mc);
@@ -579,20 +598,22 @@ torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& kc, co
 }
 
 torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& kc, const torch::Tensor& vc,
-                               int64_t L, const c10::optional<torch::Tensor>& step_mask, double scale) {
+                               int64_t L, const c10::optional<torch::Tensor>& step_mask, double scale, int64_t window) {
   TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == torch::kFloat, "decode_attention: q must be (T, H, hd) float32");
   TORCH_CHECK(kc.dim() == 3 && vc.dim() == 3 && kc.is_contiguous() && vc.is_contiguous(),
               "decode_attention: caches must be contiguous (n_kv, capacity, hd)");
   TORCH_CHECK(kc.scalar_type() == vc.scalar_type(), "decode_attention: K and V dtypes differ");
   const auto q = q_in.contiguous();
-  if (kc.scalar_type() == torch::kFloat) return attention_impl<float>(q, kc, vc, L, step_mask, scale);
+  if (kc.scalar_type() == torch::kFloat) return attention_impl<float>(q, kc, vc, L, step_mask, scale, window);
   TORCH_CHECK(kc.scalar_type() == torch::kHalf, "decode_attention: cache must be float32 or float16");
-  return attention_impl<at::Half>(q, kc, vc, L, step_mask, scale);
+  return attention_impl<at::Half>(q, kc, vc, L, step_mask, scale, window);
 }
 
 // ---- RMSNorm ---------------------------------------------------------------------------------------
-torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w_in, double eps) {
-  // (M, K) fp32 rows, each scaled to unit RMS and by w: the arithmetic the linears fuse.
+torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w_in, double eps,
+                       const c10::optional<torch::Tensor>& residual) {
+  // (M, K) fp32 rows, each scaled to unit RMS and by w (the arithmetic the linears fuse),
+  // plus residual (M, K) when given.
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat, "rms_norm: x must be (M, K) float32");
   const auto x = x_in.contiguous();
   const auto w = w_in.contiguous();
@@ -604,6 +625,7 @@ torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w_in, dou
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) input_row(X + r * K, K, W, (float)eps, ACT_NONE, O + r * K);
   });
+  if (residual.has_value() && residual->defined()) out.add_(*residual);
   return out;
 }
 
@@ -614,7 +636,11 @@ void store_row(KV* dst, const float* src, int64_t n) {
 }
 
 torch::Tensor rope_store(const torch::Tensor& qkv_in, const torch::Tensor& cos_in, const torch::Tensor& sin_in,
-                         torch::Tensor& kc, torch::Tensor& vc, int64_t start, int64_t nh) {
+                         torch::Tensor& kc, torch::Tensor& vc, int64_t start, int64_t nh,
+                         const c10::optional<torch::Tensor>& q_norm, const c10::optional<torch::Tensor>& k_norm,
+                         double eps) {
+  // q_norm, k_norm: optional (hd,) RMSNorm weights applied to every query / key head before
+  // the rotation (Gemma 3).
   // qkv: (T, (nh + 2 nkv) hd) fp32; cos, sin: (T, hd) with sin's first half negated (so that
   // rotate_half(x) * sin = roll(x, hd / 2) * sin); kc, vc: (nkv, capacity, hd). Rotates the
   // queries and keys, writes keys and values at [start, start + T), returns the queries (T, nh, hd).
@@ -627,11 +653,20 @@ torch::Tensor rope_store(const torch::Tensor& qkv_in, const torch::Tensor& cos_i
   auto q = torch::empty({T, nh, hd}, qkv.options());
   const float *X = qkv.data_ptr<float>(), *C = cs.data_ptr<float>(), *S = sn.data_ptr<float>();
   float* Q = q.data_ptr<float>();
-  std::vector<float> tmp(hd);
+  torch::Tensor qn, kn;
+  if (q_norm.has_value() && q_norm->defined()) qn = q_norm->contiguous();
+  if (k_norm.has_value() && k_norm->defined()) kn = k_norm->contiguous();
+  TORCH_CHECK((!qn.defined() || qn.numel() == hd) && (!kn.defined() || kn.numel() == hd), "rope_store: norm shape");
+  std::vector<float> tmp(hd), normed(hd);
   for (int64_t t = 0; t < T; ++t) {
     const float *c = C + t * hd, *s = S + t * hd, *row = X + t * qkv.size(1);
     for (int64_t h = 0; h < nh + nkv; ++h) {
       const float* x = row + h * hd;
+      const torch::Tensor& nw = h < nh ? qn : kn;
+      if (nw.defined()) {
+        input_row(x, hd, nw.data_ptr<float>(), (float)eps, ACT_NONE, normed.data());
+        x = normed.data();
+      }
       float* dst = h < nh ? Q + (t * nh + h) * hd : tmp.data();
       for (int64_t i = 0; i < hd; ++i) dst[i] = x[i] * c[i] + x[(i + half) % hd] * s[i];
       if (h >= nh) {
@@ -658,12 +693,12 @@ torch::Tensor rope_store(const torch::Tensor& qkv_in, const torch::Tensor& cos_i
 TORCH_LIBRARY(clp, m) {
   m.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor mn, Tensor? bias, Tensor? norm, float eps, int act, "
         "Tensor? residual) -> Tensor");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual=None) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor qs, Tensor d, Tensor? bias, Tensor? norm, float eps, int act, "
         "Tensor? residual) -> Tensor");
   m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
-        "int n_heads) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, int L, Tensor? step_mask, float scale) -> Tensor");
+        "int n_heads, Tensor? q_norm=None, Tensor? k_norm=None, float eps=0.0) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, int L, Tensor? step_mask, float scale, int window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(clp, CPU, m) {
