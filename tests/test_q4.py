@@ -49,11 +49,33 @@ def test_q4_k_blocks_decode_exactly_as_ggml():
     assert torch.allclose(from_q4_k(raw, k).dequantize(), torch.from_numpy(ref.astype(np.float32)), atol=1e-6)
 
 
+def test_q5_0_q8_0_blocks_decode_exactly_and_q6_k_within_its_rounding():
+    import gguf
+    from gguf import quants
+
+    from clpdecode.backbone.quant import from_q5_0, from_q6_k, from_q8_0
+
+    x = np.random.default_rng(2).standard_normal((4, 256)).astype(np.float32)
+    for qtype, reader in (("Q5_0", from_q5_0), ("Q8_0", from_q8_0)):
+        t = getattr(gguf.GGMLQuantizationType, qtype)
+        raw = quants.quantize(x, t)
+        ref = torch.from_numpy(quants.dequantize(raw, t).astype(np.float32))
+        assert torch.equal(reader(raw, 256).dequantize(), ref), qtype
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, size=(4, 1, 210), dtype=np.uint8)
+    blocks[..., 208:210] = np.array([0.01], dtype=np.float16).view(np.uint8)  # d, the last 2 bytes
+    raw = blocks.reshape(4, -1)
+    ref = torch.from_numpy(quants.dequantize(raw, gguf.GGMLQuantizationType.Q6_K).astype(np.float32))
+    err = (from_q6_k(raw, 256).dequantize() - ref).abs().max()
+    assert err <= ref.abs().max() / 254 * 1.01  # half an 8-bit step of the largest group
+
+
 def test_from_float_rounds_to_the_nearest_code():
     w = torch.randn(8, 64)
     q = Int4Weight.from_float(w)
     step = q.scales.repeat_interleave(GROUP, 1)
-    assert (q.dequantize() - w).abs().le(step / 2 + 1e-3).all()
+    # Half a step, plus what storing the step and the min as fp16 moves (as ggml does).
+    assert (q.dequantize() - w).abs().le(step / 2 + 2e-3 * w.abs().max()).all()
     with pytest.raises(ValueError):
         Int4Weight.from_float(torch.randn(4, 40))
 
@@ -190,7 +212,7 @@ def test_q4_backbone_runs_the_fused_path_with_an_fp16_cache(q4_backbone):
         pytest.skip("no C++ kernels: q4 runs torch's int4 kernel")
     assert q4_backbone.info.numerics == "q4" and q4_backbone._lean.native
     assert q4_backbone.new_cache().dtype == torch.float16
-    assert q4_backbone.quant_sources == {"gguf": 0, "quantised": 14, "lm_head": "quantised"}
+    assert q4_backbone.quant_sources == {"gguf": 0, "gguf_rounded": 0, "quantised": 14, "lm_head": "quantised"}
 
 
 def test_q4_steps_equal_one_token_steps_bit_for_bit(q4_backbone):
@@ -228,7 +250,7 @@ def test_q4_hidden_states_stay_close_to_the_dequantised_model(q4_backbone):
     # Activations are rounded to 16 bits per group of 32 (8 with CLP_ACT8) and K/V to fp16.
     tol = 2e-3 if kernels.load(quiet=True) is not None and kernels.load().activation_levels() > 127 else 0.1
     assert (h4 - h32).abs().mean() < tol * h32.abs().mean()
-    # The transformers engine runs the same q4 projections (Q4Linear modules in place).
+    # The transformers engine runs the same q4 projections (QuantLinear modules in place).
     hf = q4_backbone.forward(ids, q4_backbone.new_cache(engine="hf"))
     assert (h4 - hf).abs().mean() < tol * hf.abs().mean()
 

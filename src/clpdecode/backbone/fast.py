@@ -24,7 +24,7 @@ from torch import nn
 
 from .attention import gqa_attention_folded, prefill_attention, prepare_mask
 from .cache import StaticKVCache
-from .quant import Int4Linear, Int4Weight, Q4Linear
+from .quant import QuantLinear, kernel_linear
 
 LEAN_MODEL_TYPES = ("llama", "qwen2")
 # Rotary variants whose tables depend only on the position (not on the sequence length).
@@ -54,8 +54,8 @@ def lean_unsupported_reason(model: nn.Module) -> str | None:
 def _numerics_of(mod: nn.Module) -> str:
     if isinstance(mod, nn.Linear):
         return "fp32"
-    if isinstance(mod, Q4Linear):
-        return "q4"
+    if isinstance(mod, QuantLinear):
+        return mod.kind
     packed = getattr(mod, "_packed_params", None)
     if packed is not None:
         return {torch.float16: "fp16", torch.qint8: "int8"}[packed.dtype]
@@ -76,6 +76,8 @@ class LinearOp:
 
     def __init__(self, mods: list[nn.Module], bf16: bool = False):
         kinds = {_numerics_of(m) for m in mods}
+        if kinds == {"q4", "q8"}:  # a GGUF may store q/k in 4 bits and v in more: no fusing
+            kinds = {"mixed"}
         if len(kinds) != 1:
             raise ValueError(f"mixed numerics in one fused linear: {kinds}")
         self.kind = kinds.pop()
@@ -96,8 +98,10 @@ class LinearOp:
         elif self.kind == "fp16":
             w = torch.cat([m.weight() for m in mods]).float().contiguous()
             self.packed = torch.ops.quantized.linear_prepack_fp16(w, bias)
-        elif self.kind == "q4":  # the sources' 4-bit groups stacked row-wise: the same numbers
-            self.q4 = Int4Linear(Int4Weight.cat([m.weight4 for m in mods]), bias)
+        elif self.kind in ("q4", "q8"):  # the sources' groups stacked row-wise: the same numbers
+            self.kernel = kernel_linear(type(mods[0].weight_q).cat([m.weight_q for m in mods]), bias)
+        elif self.kind == "mixed":
+            self.kernel = _Concat([kernel_linear(m.weight_q, m.bias_q) for m in mods])
         else:  # int8
             qws = [m.weight() for m in mods]
             if len(qws) == 1:
@@ -119,8 +123,8 @@ class LinearOp:
             self.fn = lambda x, w=self.weight, b=self.bias: F.linear(x, w, b)
         elif self.kind == "fp16":
             self.fn = lambda x, op=torch.ops.quantized.linear_dynamic_fp16.default, p=self.packed: op(x, p)
-        elif self.kind == "q4":
-            self.fn = self.q4
+        elif self.kind in ("q4", "q8", "mixed"):
+            self.fn = self.kernel
         else:
             self.fn = (lambda x, op=torch.ops.quantized.linear_dynamic.default, p=self.packed, r=self.reduce_range:
                        op(x, p, r))
@@ -129,9 +133,24 @@ class LinearOp:
         return self.fn(x)
 
 
+class _Concat:
+    """Kernel linears that read the same input but cannot be fused (4- and 8-bit sources):
+    called one after the other, outputs concatenated. The same interface as KernelLinear."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.native = all(p.native for p in parts)
+
+    def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, act=None,
+                 residual=None) -> torch.Tensor:
+        if residual is not None:
+            raise ValueError("a residual needs a single product")
+        return torch.cat([p(x, norm=norm, eps=eps, act=act) for p in self.parts], -1)
+
+
 def _bias(m: nn.Module) -> torch.Tensor | None:
-    if isinstance(m, Q4Linear):
-        return m.bias4
+    if isinstance(m, QuantLinear):
+        return m.bias_q
     b = m.bias() if callable(getattr(m, "bias", None)) else getattr(m, "bias", None)
     return None if b is None else b.detach()
 
@@ -185,7 +204,7 @@ class LeanForward:
         self.kv_dtype = kv_dtype
         # The fused C++ path: every projection on the q4 kernel, whole tiles of 4 outputs.
         self.native = native and all(
-            op.kind == "q4" and op.q4.native
+            op.kind in ("q4", "q8", "mixed") and op.kernel.native
             for layer in self.layers for op in (layer.qkv, layer.o, layer.gate_up, layer.down))
         self._cos = self._sin = None
         self._table_len = 0
@@ -282,12 +301,12 @@ class LeanForward:
         nh, scale = self.n_heads, self.head_dim ** -0.5
         cos, sin = cos.contiguous(), sin.contiguous()
         for layer, kb, vb in zip(self.layers, cache.keys, cache.values):
-            h = layer.qkv.q4(x, norm=layer.in_norm, eps=layer.in_eps)
+            h = layer.qkv.kernel(x, norm=layer.in_norm, eps=layer.in_eps)
             q = rope_store(h, cos, sin, kb[0], vb[0], start, nh)
             a = attention(q, kb[0], vb[0], start, step_mask, layer.scale or scale)
-            x = layer.o.q4(a.view(t, -1), residual=x)
-            h = layer.gate_up.q4(x, norm=layer.post_norm, eps=layer.post_eps)
-            x = layer.down.q4(h, act="silu", residual=x)
+            x = layer.o.kernel(a.view(t, -1), residual=x)
+            h = layer.gate_up.kernel(x, norm=layer.post_norm, eps=layer.post_eps)
+            x = layer.down.kernel(h, act="silu", residual=x)
         cache.advance(t)
         return torch.ops.clp.rms_norm(x, self.norm, self.norm_eps).view(1, t, -1)
 

@@ -154,9 +154,9 @@ class Backbone:
     def _quantize_q4(self) -> None:
         """4-bit trunk projections and an 8-bit LM head: the GGUF's own blocks where the model
         came from one (Q4_1/Q4_K and Q8_0), round-to-nearest quantisation of the fp32
-        weights otherwise. In place in the transformers model as well (Q4Linear/Q8Linear),
+        weights otherwise. In place in the transformers model as well (QuantLinear modules),
         so its own forward and generate() run the same weights."""
-        from .quant import GGUFWeights, Int8Weight, Q8Linear, quantize_q4
+        from .quant import GGUFWeights, Int8Weight, QuantLinear, quantize_q4
 
         gguf = GGUFWeights(self.gguf, self.config) if self.gguf else None
         self.quant_sources = quantize_q4(self.trunk, gguf)
@@ -165,7 +165,7 @@ class Backbone:
             head = None
         self.quant_sources["lm_head"] = "gguf" if head is not None else "quantised"
         # A fresh module: the tied input embeddings stay fp32.
-        self.lm_head = Q8Linear(head if head is not None else Int8Weight.from_float(self.lm_head_weight))
+        self.lm_head = QuantLinear(head if head is not None else Int8Weight.from_float(self.lm_head_weight))
         self.model.set_output_embeddings(self.lm_head)
         self.info.numerics = "q4"
         if self._use_lean:

@@ -101,6 +101,13 @@ class Int8Weight:
         n, k = self.shape
         return (self.codes.view(n, k // GROUP, GROUP).float() * self.scales[..., None]).reshape(n, k)
 
+    def rows(self, index: torch.Tensor) -> "Int8Weight":
+        return Int8Weight(self.codes[index], self.scales[index])
+
+    @staticmethod
+    def cat(parts: list["Int8Weight"]) -> "Int8Weight":
+        return Int8Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]))
+
     @staticmethod
     def from_float(w: torch.Tensor) -> "Int8Weight":
         """Round-to-nearest Q8_0 of an fp32 (N, K) weight (ggml's quantize_row_q8_0_ref)."""
@@ -141,6 +148,29 @@ def from_q8_0(raw: np.ndarray, k: int) -> Int8Weight:
     return Int8Weight(torch.from_numpy(codes), torch.from_numpy(d))
 
 
+def from_q5_0(raw: np.ndarray, k: int) -> Int8Weight:
+    """(N, K/32 * 22) bytes of Q5_0 blocks (fp16 d, 32 fifth bits, 16 bytes of nibbles;
+    w = d * (q - 16)) -> Int8Weight with codes q - 16, exactly."""
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(n, k // GROUP, 22)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qh = blocks[..., 2:6].copy().view(np.uint32)[..., 0]  # bit j: the fifth bit of element j
+    high = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+    codes = (_nibbles(blocks[..., 6:22]) | high).astype(np.int16) - 16
+    return Int8Weight(torch.from_numpy(codes.astype(np.int8).reshape(n, k)), torch.from_numpy(d))
+
+
+def from_q6_k(raw: np.ndarray, k: int) -> Int8Weight:
+    """Q6_K (6-bit codes with an int8 scale per 16 weights) has no exact 8-bit group-of-32
+    layout: it is dequantised and rounded to Q8_0 (8-bit codes, one fp16 scale per 32), about
+    0.2% of a weight's range (tests measure it)."""
+    import gguf
+    from gguf import quants
+
+    w = quants.dequantize(np.ascontiguousarray(raw), gguf.GGMLQuantizationType.Q6_K).reshape(raw.shape[0], k)
+    return Int8Weight.from_float(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+
+
 def _q4_k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(..., 12) packed bytes -> (..., 8) 6-bit scales and mins (ggml's get_scale_min_k4)."""
     s = s.astype(np.uint8)
@@ -178,9 +208,12 @@ def _llama_unpermute_rows(n: int, n_head: int) -> torch.Tensor:
 
 
 class GGUFWeights:
-    """The 4-bit projections of a GGUF file, by Hugging Face module name."""
+    """The projections of a GGUF file as 4- or 8-bit groups of 32, by Hugging Face module name."""
 
-    READERS = {"Q4_1": from_q4_1, "Q4_K": from_q4_k}
+    # type -> (reader, exact): Q4_1/Q4_K map onto 4-bit groups and Q5_0/Q8_0 onto 8-bit ones
+    # exactly; Q6_K is rounded to 8-bit groups.
+    READERS = {"Q4_1": (from_q4_1, True), "Q4_K": (from_q4_k, True), "Q5_0": (from_q5_0, True),
+               "Q8_0": (from_q8_0, True), "Q6_K": (from_q6_k, False)}
 
     def __init__(self, path: Path, config):
         import gguf
@@ -192,21 +225,20 @@ class GGUFWeights:
         self.n_head = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_head
 
-    def get(self, layer: int, hf_name: str) -> Int4Weight | None:
-        """The projection `hf_name` (e.g. "self_attn.q_proj") of a layer as stored, or None when
-        the file stores it in a type that has no exact 4-bit group layout (e.g. Q6_K)."""
+    def get(self, layer: int, hf_name: str) -> tuple[Int4Weight | Int8Weight, bool] | None:
+        """(weight, exact) for the projection `hf_name` (e.g. "self_attn.q_proj") of a layer,
+        or None when the file stores it in a type we do not read (then it is quantised from
+        the fp32 model)."""
         t = self.tensors.get(f"blk.{layer}.{GGUF_NAMES[hf_name]}.weight")
-        if t is None:
+        if t is None or t.tensor_type.name not in self.READERS:
             return None
-        reader = self.READERS.get(t.tensor_type.name)
-        if reader is None:
-            return None
+        reader, exact = self.READERS[t.tensor_type.name]
         k, n = (int(x) for x in t.shape[:2])  # GGUF lists dimensions innermost first
         w = reader(np.asarray(t.data).reshape(n, -1), k)
         if self.arch == "llama" and hf_name in ("self_attn.q_proj", "self_attn.k_proj"):
             heads = self.n_head if hf_name.endswith("q_proj") else self.n_kv
             w = w.rows(_llama_unpermute_rows(n, heads))
-        return w
+        return w, exact
 
     def lm_head(self) -> Int8Weight | None:
         """The output projection (the token embedding when they are tied) when the file stores
@@ -344,54 +376,50 @@ class Int8Linear(KernelLinear):
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
 
-class Q8Linear(torch.nn.Module):
-    """An nn.Linear replacement on 8-bit groups (the q4 backbone's LM head)."""
+def kernel_linear(weight: Int4Weight | Int8Weight, bias: torch.Tensor | None = None) -> KernelLinear:
+    return (Int4Linear if isinstance(weight, Int4Weight) else Int8Linear)(weight, bias)
 
-    def __init__(self, weight: Int8Weight):
+
+class QuantLinear(torch.nn.Module):
+    """An nn.Linear replacement on 4- or 8-bit groups of 32 (put in place of the transformers
+    model's projections and LM head, so its own forward and generate() run our numbers)."""
+
+    def __init__(self, weight: Int4Weight | Int8Weight, bias: torch.Tensor | None = None):
         super().__init__()
-        self.op = Int8Linear(weight)
-        self.out_features, self.in_features = weight.shape
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x.reshape(-1, x.shape[-1]).float()).reshape(*x.shape[:-1], self.out_features)
-
-
-class Q4Linear(torch.nn.Module):
-    """An nn.Linear replacement computing on 4-bit groups (put in place of the transformers
-    model's projections, so its own forward and generate() run the same numerics as ours)."""
-
-    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.weight4 = weight  # kept for fusing (LeanForward concatenates QKV and gate/up)
-        self.bias4 = None if bias is None else bias.detach().float()
-        self.op = Int4Linear(weight, self.bias4)
+        self.weight_q = weight  # kept for fusing (LeanForward concatenates QKV and gate/up)
+        self.bias_q = None if bias is None else bias.detach().float()
+        self.kind = "q4" if isinstance(weight, Int4Weight) else "q8"
+        self.op = kernel_linear(weight, self.bias_q)
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x.reshape(-1, x.shape[-1]).float()).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, q4 group {GROUP}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} group {GROUP}"
 
 
 def quantize_q4(trunk: torch.nn.Module, gguf: GGUFWeights | None = None) -> dict:
-    """Replace every decoder projection of `trunk` by a Q4Linear, in place.
+    """Replace every decoder projection of `trunk` by a QuantLinear, in place.
 
-    Weights come from the GGUF's own blocks where the file stores them as Q4_1 or Q4_K, and
-    are quantised here (round-to-nearest Q4_1) otherwise. Returns counts per source.
+    Weights come from the GGUF's own blocks where the file has them (4-bit Q4_1/Q4_K and
+    8-bit Q5_0/Q8_0 exactly, Q6_K rounded to 8 bits), and are quantised to 4 bits here
+    (round-to-nearest Q4_1) otherwise. Returns how many projections came from where.
     """
-    counts = {"gguf": 0, "quantised": 0}
-    layers = trunk.layers
-    for i, layer in enumerate(layers):
+    counts = {"gguf": 0, "gguf_rounded": 0, "quantised": 0}
+    for i, layer in enumerate(trunk.layers):
         for hf_name in GGUF_NAMES:
             parent_name, attr = hf_name.split(".")
             parent = getattr(layer, parent_name)
             lin = getattr(parent, attr)
             stored = gguf.get(i, hf_name) if gguf is not None else None
-            if stored is not None and stored.shape != tuple(lin.weight.shape):
-                raise ValueError(f"GGUF tensor for layer {i} {hf_name} has shape {stored.shape}, "
+            if stored is not None and stored[0].shape != tuple(lin.weight.shape):
+                raise ValueError(f"GGUF tensor for layer {i} {hf_name} has shape {stored[0].shape}, "
                                  f"the model {tuple(lin.weight.shape)}")
-            weight = stored if stored is not None else Int4Weight.from_float(lin.weight)
-            counts["gguf" if stored is not None else "quantised"] += 1
-            setattr(parent, attr, Q4Linear(weight, lin.bias))
+            if stored is None:
+                weight, source = Int4Weight.from_float(lin.weight), "quantised"
+            else:
+                weight, source = stored[0], "gguf" if stored[1] else "gguf_rounded"
+            counts[source] += 1
+            setattr(parent, attr, QuantLinear(weight, lin.bias))
     return counts
