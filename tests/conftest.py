@@ -40,6 +40,11 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 32, heads: int = 
                   num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   max_position_embeddings=256,
                   eos_token_id=2, pad_token_id=0, bos_token_id=1, tie_word_embeddings=True)
+    if arch == "gemma3":  # sliding-window layers (window 8), Gemma's norms and tanh-GELU
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(**common, head_dim=hidden_size // heads, sliding_window=8,
+                                layer_types=["sliding_attention", "full_attention"])
     return LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
 
 
@@ -68,6 +73,11 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3", seed=3)
 
 
 @pytest.fixture(scope="session")

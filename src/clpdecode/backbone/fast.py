@@ -1,4 +1,4 @@
-"""A lean decode forward for the Llama family (SmolLM2) and Qwen2, in the manner of
+"""A lean decode forward for the Llama family (SmolLM2), Qwen2 and Gemma 3, in the manner of
 gpt-fast's model.py.
 
 The transformers module stack costs ~20 ms per 1-token step on this CPU even without a
@@ -9,7 +9,10 @@ transformers model (nothing is retrained or converted on disk) and runs:
 - fused projections: one QKV linear and one gate/up linear per layer (fewer, larger
   GEMMs), quantised the way the backbone's numerics say (fp32, fbgemm fp16 weights with
   fp32 activations, fbgemm dynamic int8), the output and down projections as loaded;
-- RMSNorm as one op, rotary tables precomputed by the model's own rotary module;
+- RMSNorm as one op, rotary tables precomputed by the model's own rotary module (one per
+  layer type for Gemma 3, whose sliding-window and global layers rotate differently);
+- Gemma 3's extras: (1 + w) norms, norms after attention and MLP, per-head q/k norms,
+  tanh-GELU, sliding-window layers (masks from positions, so rollback needs nothing);
 - our static KV cache (cache.py) and copy-free grouped-query attention (attention.py).
 
 It returns the post-norm hidden states, as the transformers trunk does; the transformers
@@ -22,13 +25,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import gqa_attention_folded, prefill_attention, prepare_mask
+from .attention import causal_offset_mask, gqa_attention_folded, prefill_attention, prepare_mask
 from .cache import StaticKVCache
 from .quant import QuantLinear, kernel_linear
 
-LEAN_MODEL_TYPES = ("llama", "qwen2")
+LEAN_MODEL_TYPES = ("llama", "qwen2", "gemma3_text")
 # Rotary variants whose tables depend only on the position (not on the sequence length).
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _rope_types(cfg) -> list[str]:
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return ["default"]
+    if rope and all(isinstance(v, dict) for v in rope.values()):  # per layer type (Gemma 3)
+        return [v.get("rope_type", "default") for v in rope.values()]
+    return [rope.get("rope_type", rope.get("type", "default"))]
 
 
 def lean_unsupported_reason(model: nn.Module) -> str | None:
@@ -36,14 +49,19 @@ def lean_unsupported_reason(model: nn.Module) -> str | None:
     cfg = model.config
     if getattr(cfg, "model_type", None) not in LEAN_MODEL_TYPES:
         return f"architecture {getattr(cfg, 'model_type', '?')!r} (lean forward: {', '.join(LEAN_MODEL_TYPES)})"
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in _STATIC_ROPE:
-        return f"rope type {rope_type!r}"
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-        return "sliding-window layers"
-    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
-        return f"activation {cfg.hidden_act!r}"
+    bad = [t for t in _rope_types(cfg) if t not in _STATIC_ROPE]
+    if bad:
+        return f"rope type {bad[0]!r}"
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t not in _LAYER_TYPES for t in layer_types):
+        return f"layer types {sorted(set(layer_types) - set(_LAYER_TYPES))}"
+    if "sliding_attention" in layer_types and not getattr(cfg, "sliding_window", None):
+        return "sliding-window layers without a window size"
+    act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+    if act not in ("silu", "swish", "gelu_pytorch_tanh"):
+        return f"activation {act!r}"
+    if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "use_bidirectional_attention", False):
+        return "attention logit soft-capping or bidirectional attention"
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return "unexpected module layout"
@@ -74,7 +92,7 @@ class LinearOp:
       tensor exactly as in each source module, so results equal the separate linears'.
     """
 
-    def __init__(self, mods: list[nn.Module], bf16: bool = False):
+    def __init__(self, mods: list[nn.Module]):
         kinds = {_numerics_of(m) for m in mods}
         if kinds == {"q4", "q8"}:  # a GGUF may store q/k in 4 bits and v in more: no fusing
             kinds = {"mixed"}
@@ -89,12 +107,7 @@ class LinearOp:
         self.out_features = sum(_out_features(m) for m in mods)
         if self.kind == "fp32":
             w = torch.cat([m.weight.detach() for m in mods]) if len(mods) > 1 else mods[0].weight.detach()
-            self.bf16 = bf16
-            if bf16:
-                self.weight = w.to(torch.bfloat16).contiguous()
-                self.bias = bias.to(torch.bfloat16) if bias is not None else None
-            else:
-                self.weight, self.bias = w.contiguous(), bias
+            self.weight, self.bias = w.contiguous(), bias
         elif self.kind == "fp16":
             w = torch.cat([m.weight() for m in mods]).float().contiguous()
             self.packed = torch.ops.quantized.linear_prepack_fp16(w, bias)
@@ -117,9 +130,7 @@ class LinearOp:
             self.reduce_range = getattr(mods[0], "version", 4) is None or mods[0].version >= 4
 
         # One plain callable per linear (no dispatch on the kind at every call).
-        if self.kind == "fp32" and self.bf16:
-            self.fn = lambda x, w=self.weight, b=self.bias: F.linear(x.to(torch.bfloat16), w, b).float()
-        elif self.kind == "fp32":
+        if self.kind == "fp32":
             self.fn = lambda x, w=self.weight, b=self.bias: F.linear(x, w, b)
         elif self.kind == "fp16":
             self.fn = lambda x, op=torch.ops.quantized.linear_dynamic_fp16.default, p=self.packed: op(x, p)
@@ -161,28 +172,55 @@ def _out_features(m: nn.Module) -> int:
 
 # ---- the forward -------------------------------------------------------------------------
 class _Layer:
-    def __init__(self, layer: nn.Module, bf16: bool):
+    """One decoder layer's weights and settings, whatever the family.
+
+    Norms are stored as the weight they multiply by (Gemma 3's (1 + w) precomputed, in fp32
+    as Gemma computes it). attn_out_norm / mlp_out_norm: Gemma 3's norms of the attention and
+    MLP outputs before their residual adds (None for Llama/Qwen2).
+    """
+
+    def __init__(self, layer: nn.Module, cfg, layer_type: str):
         a, mlp = layer.self_attn, layer.mlp
-        self.in_norm = layer.input_layernorm.weight.detach()
-        self.post_norm = layer.post_attention_layernorm.weight.detach()
-        self.in_eps = layer.input_layernorm.variance_epsilon
-        self.post_eps = layer.post_attention_layernorm.variance_epsilon
-        self.qkv = LinearOp([a.q_proj, a.k_proj, a.v_proj], bf16)
-        self.o = LinearOp([a.o_proj], bf16)
-        self.gate_up = LinearOp([mlp.gate_proj, mlp.up_proj], bf16)
-        self.down = LinearOp([mlp.down_proj], bf16)
+        gemma = cfg.model_type == "gemma3_text"
+
+        def norm(m):
+            w = m.weight.detach().float()
+            return (w + 1.0 if gemma else w).contiguous(), float(getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))
+
+        self.in_norm, self.in_eps = norm(layer.input_layernorm)
+        if gemma:
+            self.attn_out_norm, self.attn_out_eps = norm(layer.post_attention_layernorm)
+            self.mlp_norm, self.mlp_eps = norm(layer.pre_feedforward_layernorm)
+            self.mlp_out_norm, self.mlp_out_eps = norm(layer.post_feedforward_layernorm)
+            (self.q_norm, self.qk_eps), (self.k_norm, _) = norm(a.q_norm), norm(a.k_norm)
+        else:
+            self.mlp_norm, self.mlp_eps = norm(layer.post_attention_layernorm)
+            self.attn_out_norm = self.mlp_out_norm = self.q_norm = self.k_norm = None
+            self.attn_out_eps = self.mlp_out_eps = self.qk_eps = 0.0
+        self.act = "gelu_tanh" if gemma else "silu"
+        self.window = int(cfg.sliding_window) if layer_type == "sliding_attention" else 0
+        self.rope = layer_type if gemma else "default"  # which rotary table
+        self.qkv = LinearOp([a.q_proj, a.k_proj, a.v_proj])
+        self.o = LinearOp([a.o_proj])
+        self.gate_up = LinearOp([mlp.gate_proj, mlp.up_proj])
+        self.down = LinearOp([mlp.down_proj])
         self.scale = getattr(a, "scaling", None)
 
 
+def _act(gu: torch.Tensor, act: str) -> torch.Tensor:
+    inter = gu.shape[-1] // 2
+    gate = F.silu(gu[:, :inter]) if act == "silu" else F.gelu(gu[:, :inter], approximate="tanh")
+    return gate * gu[:, inter:]
+
+
 class LeanForward:
-    """The trunk of a Llama/Qwen2 transformers model as a handful of fused ops per layer.
+    """The trunk of a Llama/Qwen2/Gemma 3 transformers model as a handful of fused ops per layer.
 
     Build it after the model's numerics are set (quantised in place or not): it copies the
     projections it fuses and reads the others as they are.
     """
 
-    def __init__(self, model: nn.Module, bf16: bool = False, native: bool = False,
-                 kv_dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, native: bool = False, kv_dtype: torch.dtype = torch.float32):
         """native: run batch-1 steps of a q4 model on the fused C++ kernels (kernels.py;
         row-invariant, attention chunked over keys). kv_dtype: the cache's dtype (float16
         halves what attention reads)."""
@@ -191,22 +229,24 @@ class LeanForward:
             raise ValueError(f"the lean forward does not support this model: {reason}")
         cfg = model.config
         inner = model.model
-        self.embed_tokens = inner.embed_tokens
+        self.embed_tokens = inner.embed_tokens  # Gemma's scales by sqrt(d) itself
         self.rotary = inner.rotary_emb
-        self.norm = inner.norm.weight.detach()
-        self.norm_eps = inner.norm.variance_epsilon
+        gemma = cfg.model_type == "gemma3_text"
+        self.norm = (inner.norm.weight.detach().float() + (1.0 if gemma else 0.0)).contiguous()
+        self.norm_eps = float(getattr(inner.norm, "variance_epsilon", getattr(inner.norm, "eps", 1e-6)))
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.hidden_size = cfg.hidden_size
-        self.layers = [_Layer(layer, bf16) for layer in inner.layers]
-        self.bf16 = bf16
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(inner.layers)
+        self.layers = [_Layer(layer, cfg, t) for layer, t in zip(inner.layers, types)]
+        self._per_type_rope = gemma
         self.kv_dtype = kv_dtype
-        # The fused C++ path: every projection on the q4 kernel, whole tiles of 4 outputs.
+        # The fused C++ path: every projection on the kernels.
         self.native = native and all(
             op.kind in ("q4", "q8", "mixed") and op.kernel.native
             for layer in self.layers for op in (layer.qkv, layer.o, layer.gate_up, layer.down))
-        self._cos = self._sin = None
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._table_len = 0
 
     # ---- cache and rotary tables ----------------------------------------------------------
@@ -214,16 +254,21 @@ class LeanForward:
         return StaticKVCache(len(self.layers), batch, self.n_kv, self.head_dim, capacity=capacity, chunk=chunk,
                              dtype=self.kv_dtype)
 
-    def _rope_tables(self, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, signed sin of shape (>= upto, head_dim), from the model's own rotary module."""
+    def _rope_tables(self, upto: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{rope key: (cos, signed sin)} of shape (>= upto, head_dim), from the model's own
+        rotary module (per layer type for Gemma 3)."""
         if upto > self._table_len:
             n = -(-upto // 1024) * 1024
             pos = torch.arange(n)[None, :]
-            cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), pos)
-            sin = sin[0].float().clone()
-            sin[:, : self.head_dim // 2].neg_()  # rotate_half's sign folded into the table
-            self._cos, self._sin, self._table_len = cos[0].float(), sin, n
-        return self._cos, self._sin
+            keys = sorted({layer.rope for layer in self.layers})
+            for key in keys:
+                args = (key,) if self._per_type_rope else ()
+                cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), pos, *args)
+                sin = sin[0].float().clone()
+                sin[:, : self.head_dim // 2].neg_()  # rotate_half's sign folded into the table
+                self._tables[key] = (cos[0].float().contiguous(), sin.contiguous())
+            self._table_len = n
+        return self._tables
 
     # ---- forward --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -245,30 +290,38 @@ class LeanForward:
         start = cache.length
         cache.ensure_batch(b)
         cache.reserve(t)
-        if positions is None:
-            cos, sin = self._rope_tables(start + t)
-            cos, sin = cos[start : start + t], sin[start : start + t]
-        else:
-            cos, sin = self._rope_tables(int(positions.max()) + 1)
-            cos, sin = cos[positions], sin[positions]
+        tables = self._rope_tables(start + t if positions is None else int(positions.max()) + 1)
+        rows = slice(start, start + t) if positions is None else positions
+        rope = {key: (cos[rows], sin[rows]) for key, (cos, sin) in tables.items()}  # (T, hd) each
         if self.native and b == 1:
             step_mask = _step_mask(mask, start, t)
             if step_mask is not False:
-                return self._forward_native(input_ids, cache, cos, sin, step_mask)
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, hd)
+                return self._forward_native(input_ids, cache, rope, step_mask)
+        rope = {key: (cos[None, :, None, :], sin[None, :, None, :]) for key, (cos, sin) in rope.items()}  # (1,T,1,hd)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        end = start + t
         # A prompt from position 0 with the causal mask takes SDPA's is_causal path; any
-        # other step gets its folded mask built once here, shared by the layers.
+        # other step gets its folded mask built once here, shared by the layers (one per
+        # sliding window size: its keys also end `window` positions back).
         prefill = start == 0 and t > 1 and mask is None and positions is None
-        folded = None if prefill else prepare_mask(mask, t, start + t, nh // nkv)
+        folded = {}
+        for window in {layer.window for layer in self.layers}:
+            if prefill and (not window or t <= window):
+                folded[window] = None
+            else:
+                folded[window] = prepare_mask(_window_mask(mask, t, end, window, positions), t, end, nh // nkv)
         x = self.embed_tokens(input_ids).reshape(b * t, -1).float()  # (N, d), N = B*T
-        d, end, half, nq = x.shape[-1], start + t, hd // 2, nh + nkv
+        d, half, nq = x.shape[-1], hd // 2, nh + nkv
         pos = torch.arange(start, end)  # cache slots of the new tokens
         rms_norm, roll, addcmul, attend = F.rms_norm, torch.roll, torch.addcmul, gqa_attention_folded
         for layer, kb, vb in zip(self.layers, cache.keys, cache.values):
             h = rms_norm(x, (d,), layer.in_norm, layer.in_eps)
             qkv = layer.qkv.fn(h).view(b, t, nq + nkv, hd)
             qk = qkv[:, :, :nq]
+            if layer.q_norm is not None:  # Gemma 3: every query and key head normed first
+                qk = torch.cat([rms_norm(qk[:, :, :nh], (hd,), layer.q_norm, layer.qk_eps),
+                                rms_norm(qk[:, :, nh:], (hd,), layer.k_norm, layer.qk_eps)], 2)
+            cos, sin = rope[layer.rope]
             # Rotary on queries and keys at once: x * cos + rotate_half(x) * sin, where
             # rotate_half(x) * sin = roll(x, hd/2) * [-sin_1, sin_2] (sin is signed so).
             qk = addcmul(qk * cos, roll(qk, half, -1), sin)  # (B, T, nh + nkv, hd)
@@ -276,39 +329,67 @@ class LeanForward:
             kb.index_copy_(2, pos, k_new.to(kb.dtype))  # in place, at the step's slots
             vb.index_copy_(2, pos, v_new.to(vb.dtype))
             q = qk[:, :, :nh].transpose(1, 2)
-            if prefill:  # from the new keys themselves (exact whatever the cache's dtype)
+            if prefill and folded[layer.window] is None:  # from the new keys themselves (exact whatever the cache's dtype)
                 att = prefill_attention(q, k_new, v_new, layer.scale)
             else:  # SDPA reads fp32 (a reduced-precision cache is widened: batched steps only)
-                att = attend(q, kb[:, :, :end].float(), vb[:, :, :end].float(), folded, layer.scale)
-            x = x + layer.o.fn(att.reshape(b * t, nh * hd))
-            h = rms_norm(x, (d,), layer.post_norm, layer.post_eps)
-            gu = layer.gate_up.fn(h)
-            inter = gu.shape[-1] // 2
-            x = x + layer.down.fn(F.silu(gu[:, :inter]) * gu[:, inter:])
+                att = attend(q, kb[:, :, :end].float(), vb[:, :, :end].float(), folded[layer.window], layer.scale)
+            y = layer.o.fn(att.reshape(b * t, nh * hd))
+            if layer.attn_out_norm is not None:
+                y = rms_norm(y, (d,), layer.attn_out_norm, layer.attn_out_eps)
+            x = x + y
+            h = rms_norm(x, (d,), layer.mlp_norm, layer.mlp_eps)
+            y = layer.down.fn(_act(layer.gate_up.fn(h), layer.act))
+            if layer.mlp_out_norm is not None:
+                y = rms_norm(y, (d,), layer.mlp_out_norm, layer.mlp_out_eps)
+            x = x + y
         cache.advance(t)
         return F.rms_norm(x, (d,), self.norm, self.norm_eps).view(b, t, -1)
 
-    def _forward_native(self, input_ids: torch.Tensor, cache: StaticKVCache, cos: torch.Tensor, sin: torch.Tensor,
+    def _forward_native(self, input_ids: torch.Tensor, cache: StaticKVCache, rope: dict,
                         step_mask: torch.Tensor | None) -> torch.Tensor:
         """Batch 1 on the C++ kernels: six fused ops per layer (RMSNorm into the QKV product,
-        rotary with the cache write, attention, the output product with its residual, RMSNorm
-        into gate/up, SiLU * up into the down product with its residual). Every op is
-        row-invariant, so a T-token step equals T one-token steps bit for bit."""
+        rotary (and Gemma's q/k norms) with the cache write, attention, the output product
+        with its residual, RMSNorm into gate/up, the activation into the down product with
+        its residual; Gemma's output norms as one more op each). Every op is row-invariant,
+        so a T-token step equals T one-token steps bit for bit."""
         t, start = input_ids.shape[1], cache.length
         x = self.embed_tokens(input_ids[0]).float()  # (T, d)
         rope_store = torch.ops.clp.rope_store.default
         attention = torch.ops.clp.decode_attention.default
+        norm_add = torch.ops.clp.rms_norm.default
         nh, scale = self.n_heads, self.head_dim ** -0.5
-        cos, sin = cos.contiguous(), sin.contiguous()
         for layer, kb, vb in zip(self.layers, cache.keys, cache.values):
+            cos, sin = rope[layer.rope]
             h = layer.qkv.kernel(x, norm=layer.in_norm, eps=layer.in_eps)
-            q = rope_store(h, cos, sin, kb[0], vb[0], start, nh)
-            a = attention(q, kb[0], vb[0], start, step_mask, layer.scale or scale)
-            x = layer.o.kernel(a.view(t, -1), residual=x)
-            h = layer.gate_up.kernel(x, norm=layer.post_norm, eps=layer.post_eps)
-            x = layer.down.kernel(h, act="silu", residual=x)
+            q = rope_store(h, cos, sin, kb[0], vb[0], start, nh, layer.q_norm, layer.k_norm, layer.qk_eps)
+            a = attention(q, kb[0], vb[0], start, step_mask, layer.scale or scale, layer.window).view(t, -1)
+            if layer.attn_out_norm is None:
+                x = layer.o.kernel(a, residual=x)
+            else:
+                x = norm_add(layer.o.kernel(a), layer.attn_out_norm, layer.attn_out_eps, x)
+            h = layer.gate_up.kernel(x, norm=layer.mlp_norm, eps=layer.mlp_eps)
+            if layer.mlp_out_norm is None:
+                x = layer.down.kernel(h, act=layer.act, residual=x)
+            else:
+                x = norm_add(layer.down.kernel(h, act=layer.act), layer.mlp_out_norm, layer.mlp_out_eps, x)
         cache.advance(t)
-        return torch.ops.clp.rms_norm(x, self.norm, self.norm_eps).view(1, t, -1)
+        return norm_add(x, self.norm, self.norm_eps, None).view(1, t, -1)
+
+
+def _window_mask(mask: torch.Tensor | None, t: int, end: int, window: int,
+                 positions: torch.Tensor | None) -> torch.Tensor | None:
+    """The step's boolean (T, end) or (B, T, end) mask with a sliding window applied: a key
+    further than `window` - 1 positions back from the query is dropped (transformers' rule;
+    positions are the rotary ones, so a draft tree's nodes count their depth)."""
+    if not window:
+        return mask
+    if mask is None:
+        mask = causal_offset_mask(t, end)
+    qpos = positions if positions is not None else torch.arange(end - t, end)
+    kpos = torch.arange(end)
+    kpos = torch.where(kpos >= end - t, qpos[(kpos - (end - t)).clamp(min=0)], kpos)  # step keys sit at their tokens' positions
+    near = kpos[None, :] > qpos[:, None] - window  # (T, end)
+    return mask & near
 
 
 def _step_mask(mask: torch.Tensor | None, start: int, t: int):

@@ -87,11 +87,12 @@ class Int4Weight:
 
 @dataclass
 class Int8Weight:
-    """An (N, K) weight as int8 codes with one scale per group of 32 inputs (ggml's Q8_0):
-    w[n, g*32 + j] = scales[n, g] * codes[n, g*32 + j]."""
+    """An (N, K) weight as int8 codes with one scale per group of `group` inputs (ggml's Q8_0
+    and Q5_0: 32; Q6_K: 16): w[n, g*group + j] = scales[n, g] * codes[n, g*group + j]."""
 
     codes: torch.Tensor  # (N, K) int8
-    scales: torch.Tensor  # (N, K / 32) fp32
+    scales: torch.Tensor  # (N, K / group) fp32
+    group: int = GROUP
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -99,14 +100,16 @@ class Int8Weight:
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.shape
-        return (self.codes.view(n, k // GROUP, GROUP).float() * self.scales[..., None]).reshape(n, k)
+        return (self.codes.view(n, k // self.group, self.group).float() * self.scales[..., None]).reshape(n, k)
 
     def rows(self, index: torch.Tensor) -> "Int8Weight":
-        return Int8Weight(self.codes[index], self.scales[index])
+        return Int8Weight(self.codes[index], self.scales[index], self.group)
 
     @staticmethod
     def cat(parts: list["Int8Weight"]) -> "Int8Weight":
-        return Int8Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]))
+        if len({p.group for p in parts}) != 1:
+            raise ValueError("cannot stack 8-bit weights with different group sizes")
+        return Int8Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), parts[0].group)
 
     @staticmethod
     def from_float(w: torch.Tensor) -> "Int8Weight":
@@ -161,14 +164,22 @@ def from_q5_0(raw: np.ndarray, k: int) -> Int8Weight:
 
 
 def from_q6_k(raw: np.ndarray, k: int) -> Int8Weight:
-    """Q6_K (6-bit codes with an int8 scale per 16 weights) has no exact 8-bit group-of-32
-    layout: it is dequantised and rounded to Q8_0 (8-bit codes, one fp16 scale per 32), about
-    0.2% of a weight's range (tests measure it)."""
-    import gguf
-    from gguf import quants
+    """(N, K/256 * 210) bytes of Q6_K blocks -> Int8Weight with a scale per 16 weights, exactly.
 
-    w = quants.dequantize(np.ascontiguousarray(raw), gguf.GGMLQuantizationType.Q6_K).reshape(raw.shape[0], k)
-    return Int8Weight.from_float(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+    A block: 128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 int8 scales, fp16 d;
+    w = d * sc[p // 16] * (q - 32) for weight p of the block (ggml's dequantize_row_q6_K).
+    """
+    n = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(n, k // 256, 210)
+    ql, qh = b[..., 0:128].reshape(n, -1, 2, 64), b[..., 128:192].reshape(n, -1, 2, 32)
+    sc = b[..., 192:208].copy().view(np.int8).astype(np.float32)  # (N, K/256, 16)
+    d = b[..., 208:210].copy().view(np.float16)[..., 0].astype(np.float32)
+    lo, hi = ql[..., :32], ql[..., 32:]
+    q = np.stack([(lo & 0xF) | ((qh & 3) << 4), (hi & 0xF) | (((qh >> 2) & 3) << 4),
+                  (lo >> 4) | (((qh >> 4) & 3) << 4), (hi >> 4) | (((qh >> 6) & 3) << 4)], axis=3)  # (N,K/256,2,4,32)
+    codes = q.reshape(n, k).astype(np.int16) - 32
+    scales = (d[..., None] * sc).reshape(n, k // 16)  # fp16 x int8: exact in fp32
+    return Int8Weight(torch.from_numpy(codes.astype(np.int8)), torch.from_numpy(scales), group=16)
 
 
 def _q4_k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -210,10 +221,10 @@ def _llama_unpermute_rows(n: int, n_head: int) -> torch.Tensor:
 class GGUFWeights:
     """The projections of a GGUF file as 4- or 8-bit groups of 32, by Hugging Face module name."""
 
-    # type -> (reader, exact): Q4_1/Q4_K map onto 4-bit groups and Q5_0/Q8_0 onto 8-bit ones
-    # exactly; Q6_K is rounded to 8-bit groups.
+    # type -> (reader, exact): Q4_1/Q4_K map onto 4-bit groups of 32, Q5_0/Q8_0 onto 8-bit
+    # groups of 32 and Q6_K onto 8-bit groups of 16, all exactly.
     READERS = {"Q4_1": (from_q4_1, True), "Q4_K": (from_q4_k, True), "Q5_0": (from_q5_0, True),
-               "Q8_0": (from_q8_0, True), "Q6_K": (from_q6_k, False)}
+               "Q8_0": (from_q8_0, True), "Q6_K": (from_q6_k, True)}
 
     def __init__(self, path: Path, config):
         import gguf
@@ -343,11 +354,13 @@ class Int4Linear(KernelLinear):
 
 def pack_tiles8(w: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
     """clp::q8_linear's layout: qs (N/4, K/32, 128) int8 (32 codes per feature of a tile of 4)
-    and the scales as (N/4, K/32, 4) fp32."""
+    and the scales as (N/4, K/32, 4) fp32, or (N/4, K/32, 8) for groups of 16 (the 4 features'
+    first halves, then their second halves)."""
     n, k = w.shape
     ng = k // GROUP
     qs = w.codes.view(n // 4, 4, ng, GROUP).transpose(1, 2).reshape(n // 4, ng, 4 * GROUP).contiguous()
-    d = w.scales.float().view(n // 4, 4, ng).transpose(1, 2).contiguous()
+    per = GROUP // w.group  # scales per group of 32: 1, or 2 (Q6_K's halves)
+    d = w.scales.float().view(n // 4, 4, ng, per).permute(0, 2, 3, 1).reshape(n // 4, ng, 4 * per).contiguous()
     return qs, d
 
 
@@ -365,8 +378,8 @@ class Int8Linear(KernelLinear):
         if self.native:
             self._pad = -n % 4
             if self._pad:
-                weight = Int8Weight(torch.cat([weight.codes, torch.zeros(self._pad, k, dtype=torch.int8)]),
-                                    torch.cat([weight.scales, torch.zeros(self._pad, k // GROUP)]))
+                weight = Int8Weight.cat([weight, Int8Weight(torch.zeros(self._pad, k, dtype=torch.int8),
+                                                            torch.zeros(self._pad, k // weight.group), weight.group)])
             self._weights = pack_tiles8(weight)
             self._op = torch.ops.clp.q8_linear.default
         else:

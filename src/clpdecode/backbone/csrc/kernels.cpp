@@ -303,19 +303,21 @@ torch::Tensor q4_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
   return out;
 }
 
-// ---- 8-bit weights (the LM head: ggml Q8_0, w = d * q) ------------------------------------------
+// ---- 8-bit weights (ggml Q8_0 / Q5_0: w = d * q; Q6_K: a scale per 16 weights) -------------
 #if CLP_AVX2
 // One tile of 4 output features: per group 128 bytes of int8 codes (32 per feature), scales
-// (ng, 4) fp32. Activations as in q4_tile.
-template <int R>
+// (ng, 4) fp32, or with S16 (ng, 8): the 4 features' scales of weights 0..15, then 16..31.
+// Activations as in q4_tile.
+template <int R, bool S16>
 inline void q8_tile(const int8_t* wq, const float* wd, int64_t ng, const QT* q, const float* dx, int64_t K,
                     float* out, int64_t N) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const int8_t* w = wq + g * 128;
-    const __m256 d8 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(wd + g * 4));
+    const __m256 da = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(wd + g * (S16 ? 8 : 4)));
 #ifdef CLP_ACT8
+    static_assert(!S16, "scales per 16 weights need int16 activations");
     // s8 x s8 via the sign trick: |w| (u8) times x with w's sign.
     __m256i wa[4];
     for (int f = 0; f < 4; ++f) wa[f] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + f * 32));
@@ -325,36 +327,69 @@ inline void q8_tile(const int8_t* wq, const float* wd, int64_t ng, const QT* q, 
       for (int f = 0; f < 4; ++f)
         p[f] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wa[f], wa[f]), _mm256_sign_epi8(xv, wa[f])),
                                  _mm256_set1_epi16(1));
+      const __m256i h = reduce4(p[0], p[1], p[2], p[3]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(da, _mm256_set1_ps(dx[r * ng + g])), acc[r]);
+    }
 #else
     __m256i wa[4], wb[4];
     for (int f = 0; f < 4; ++f) {
       wa[f] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + f * 32)));
       wb[f] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + f * 32 + 16)));
     }
+    const __m256 db = S16 ? _mm256_broadcast_ps(reinterpret_cast<const __m128*>(wd + g * 8 + 4)) : da;
     for (int r = 0; r < R; ++r) {
       const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * K + g * G));
       const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * K + g * G + 16));
-      __m256i p[4];
-      for (int f = 0; f < 4; ++f) p[f] = _mm256_add_epi32(_mm256_madd_epi16(wa[f], xa), _mm256_madd_epi16(wb[f], xb));
-#endif
-      const __m256i h = reduce4(p[0], p[1], p[2], p[3]);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(d8, _mm256_set1_ps(dx[r * ng + g])), acc[r]);
+      const __m256 sx = _mm256_set1_ps(dx[r * ng + g]);
+      if (S16) {  // each half of the group with its own scale
+        const __m256i ha = reduce4(_mm256_madd_epi16(wa[0], xa), _mm256_madd_epi16(wa[1], xa),
+                                   _mm256_madd_epi16(wa[2], xa), _mm256_madd_epi16(wa[3], xa));
+        const __m256i hb = reduce4(_mm256_madd_epi16(wb[0], xb), _mm256_madd_epi16(wb[1], xb),
+                                   _mm256_madd_epi16(wb[2], xb), _mm256_madd_epi16(wb[3], xb));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ha), _mm256_mul_ps(da, sx), acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hb), _mm256_mul_ps(db, sx), acc[r]);
+      } else {
+        __m256i p[4];
+        for (int f = 0; f < 4; ++f) p[f] = _mm256_add_epi32(_mm256_madd_epi16(wa[f], xa), _mm256_madd_epi16(wb[f], xb));
+        const __m256i h = reduce4(p[0], p[1], p[2], p[3]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(da, sx), acc[r]);
+      }
     }
+#endif
   }
   for (int r = 0; r < R; ++r) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
     _mm_storeu_ps(out + r * N, s);
   }
 }
+
+template <bool S16>
+inline void q8_rows(const int8_t* wq, const float* wd, int64_t ng, const QT* q, const float* dx, int64_t K, float* o,
+                    int64_t N, int64_t M) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4) q8_tile<4, S16>(wq, wd, ng, q + r * K, dx + r * ng, K, o + r * N, N);
+  switch (M - r) {
+    case 3: q8_tile<3, S16>(wq, wd, ng, q + r * K, dx + r * ng, K, o + r * N, N); break;
+    case 2: q8_tile<2, S16>(wq, wd, ng, q + r * K, dx + r * ng, K, o + r * N, N); break;
+    case 1: q8_tile<1, S16>(wq, wd, ng, q + r * K, dx + r * ng, K, o + r * N, N); break;
+    default: break;
+  }
+}
 #endif
 
-inline void q8_tile_scalar(const int8_t* wq, const float* wd, int64_t ng, const QT* q, const float* dx, float* out) {
+inline void q8_tile_scalar(const int8_t* wq, const float* wd, int64_t ng, const QT* q, const float* dx, float* out,
+                           bool s16) {
   for (int f = 0; f < 4; ++f) {
     float acc = 0.f;
     for (int64_t g = 0; g < ng; ++g) {
-      int64_t dot = 0;
-      for (int j = 0; j < G; ++j) dot += int64_t(wq[g * 128 + f * 32 + j]) * q[g * G + j];
-      acc += float(dot) * (wd[g * 4 + f] * dx[g]);
+      int64_t dot[2] = {0, 0};
+      for (int j = 0; j < G; ++j) dot[j / 16] += int64_t(wq[g * 128 + f * 32 + j]) * q[g * G + j];
+      if (s16) {
+        acc += float(dot[0]) * (wd[g * 8 + f] * dx[g]);
+        acc += float(dot[1]) * (wd[g * 8 + 4 + f] * dx[g]);
+      } else {
+        acc += float(dot[0] + dot[1]) * (wd[g * 4 + f] * dx[g]);
+      }
     }
     out[f] = acc;
   }
@@ -363,15 +398,17 @@ inline void q8_tile_scalar(const int8_t* wq, const float* wd, int64_t ng, const 
 torch::Tensor q8_linear(const torch::Tensor& x_in, const torch::Tensor& qs, const torch::Tensor& d,
                         const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& norm, double eps,
                         int64_t act, const c10::optional<torch::Tensor>& residual) {
-  // qs: (N/4, K/32, 128) int8 tiles; d: (N/4, K/32, 4) fp32. bias, norm, act, residual as in q4_linear.
+  // qs: (N/4, K/32, 128) int8 tiles; d: (N/4, K/32, 4) fp32 scales per 32 weights, or
+  // (N/4, K/32, 8) per 16 (Q6_K). bias, norm, act, residual as in q4_linear.
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat, "q8_linear: x must be (M, K) float32");
   TORCH_CHECK(qs.scalar_type() == torch::kChar && qs.dim() == 3 && qs.size(2) == 128,
               "q8_linear: qs must be (N/4, K/32, 128) int8 tiles");
   TORCH_CHECK(act >= 0 && act <= 2 && !(act && norm.has_value()), "q8_linear: act is 0, 1 or 2, and not with norm");
   const auto x = x_in.contiguous();
   const int64_t M = x.size(0), K = act ? x.size(1) / 2 : x.size(1), tiles = qs.size(0), N = tiles * 4, ng = K / G;
-  TORCH_CHECK(K % G == 0 && qs.size(1) == ng && d.numel() == tiles * ng * 4 && d.is_contiguous() && qs.is_contiguous(),
-              "q8_linear: weight shapes do not match the input");
+  const bool s16 = d.numel() == tiles * ng * 8;
+  TORCH_CHECK(K % G == 0 && qs.size(1) == ng && (s16 || d.numel() == tiles * ng * 4) && d.is_contiguous() &&
+                  qs.is_contiguous(), "q8_linear: weight shapes do not match the input");
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
   thread_local Scratch sc;
@@ -393,19 +430,15 @@ torch::Tensor q8_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
   at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int8_t* wq = W + t * ng * 128;
-      const float* wd = D + t * ng * 4;
+      const float* wd = D + t * ng * (s16 ? 8 : 4);
       float* o = O + t * 4;
-      int64_t r = 0;
 #if CLP_AVX2
-      for (; r + 4 <= M; r += 4) q8_tile<4>(wq, wd, ng, qv + r * K, dxv + r * ng, K, o + r * N, N);
-      switch (M - r) {
-        case 3: q8_tile<3>(wq, wd, ng, qv + r * K, dxv + r * ng, K, o + r * N, N); break;
-        case 2: q8_tile<2>(wq, wd, ng, qv + r * K, dxv + r * ng, K, o + r * N, N); break;
-        case 1: q8_tile<1>(wq, wd, ng, qv + r * K, dxv + r * ng, K, o + r * N, N); break;
-        default: break;
-      }
+      if (s16)
+        q8_rows<true>(wq, wd, ng, qv, dxv, K, o, N, M);
+      else
+        q8_rows<false>(wq, wd, ng, qv, dxv, K, o, N, M);
 #else
-      for (; r < M; ++r) q8_tile_scalar(wq, wd, ng, qv + r * K, dxv + r * ng, o + r * N);
+      for (int64_t r = 0; r < M; ++r) q8_tile_scalar(wq, wd, ng, qv + r * K, dxv + r * ng, o + r * N, s16);
 #endif
     }
   });
