@@ -394,7 +394,7 @@ def _smollm2_tokenizer():
 def test_stream_decoder_pieces_add_up(which):
     """Incremental decoding (linear time) gives the full decode's text, multi-byte
     characters split across byte-level tokens included."""
-    from clpdecode.cli import StreamDecoder
+    from clpdecode.decoding.stream import StreamDecoder
 
     from conftest import make_tokenizer
 
