@@ -38,10 +38,27 @@ test: setup
 gemma: setup
 	$(PIP) install -q --disable-pip-version-check --no-deps -r requirements-gemma.txt
 
-# Opt-in: llama.cpp (llama-cpp-python, built from source: about 10 min on 2 cores), timed by
-# `clp bench --hf-generate` as a peer on the very GGUF file the embedded backbone comes from.
-peers: setup
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q --disable-pip-version-check -c constraints.txt llama-cpp-python==0.3.36
+# Opt-in: llama.cpp, timed by `clp bench --hf-generate` as a peer on the very GGUF file the
+# embedded backbone comes from, twice: in process (llama-cpp-python, built from source: about
+# 10 min on 2 cores) and as llama.cpp's own server, llama-server, built from the llama.cpp
+# sources inside the same llama-cpp-python sdist (downloaded with pip, unpacked under
+# build/peers; about 20 min on 2 cores, skipped while the binary exists). The bench finds it
+# there, or at $CLP_LLAMA_SERVER, or on PATH. Needs cmake and a C++ compiler.
+LLAMA_CPP_VERSION := 0.3.36
+PEERS_WORK := build/peers
+LLAMA_CPP_SRC := $(PEERS_WORK)/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
+LLAMA_SERVER := $(LLAMA_CPP_SRC)/build/bin/llama-server
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+peers: setup $(LLAMA_SERVER)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q --disable-pip-version-check -c constraints.txt llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+$(LLAMA_SERVER): | $(STAMP)
+	mkdir -p $(PEERS_WORK)
+	test -f $(PEERS_WORK)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz || $(PIP) download -q --disable-pip-version-check \
+		--no-deps --no-binary :all: -d $(PEERS_WORK) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	tar -xzf $(PEERS_WORK)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(PEERS_WORK)
+	cd $(LLAMA_CPP_SRC) && cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release && cmake --build build --target llama-server -j$(JOBS)
 
 # Reproduce the shipped drafter, smaller, on CPU (about 2.5 h on 2 cores; rerun to resume:
 # answers and training checkpoints are kept in build/heads). The shipped weights come from

@@ -230,7 +230,10 @@ def test_bench_llama_cpp_row(capsys, tmp_path, tiny_llama_dir, monkeypatch):
     import types
 
     import clpdecode.backbone.model as model
+    import clpdecode.evaluation.peers as peers
 
+    # No llama-server here, whatever this machine has built (tests/test_peers.py covers it).
+    monkeypatch.setattr(peers, "find_llama_server", lambda: (None, "none in this test"))
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello there"}\n{"prompt": "and again"}\n')
     argv = ["bench", "--model", str(tiny_llama_dir), "--methods", "ar", "--hf-generate", "--prompts", str(prompts),
@@ -394,7 +397,7 @@ def _smollm2_tokenizer():
 def test_stream_decoder_pieces_add_up(which):
     """Incremental decoding (linear time) gives the full decode's text, multi-byte
     characters split across byte-level tokens included."""
-    from clpdecode.cli import StreamDecoder
+    from clpdecode.decoding.stream import StreamDecoder
 
     from conftest import make_tokenizer
 

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from ..decoding.tree import DEFAULT_TREE
 from ..errors import ClpError, check_context
 from ..heads.artifacts import shipped_head_accuracy
 from .metrics import DEFINITIONS, backbone_nll, common_prefix, mean_repetition
+from .peers import OWN_NUMERICS, PEER_NAMES, PeerRun, close_peers, open_peers
 
 
 @dataclass
@@ -124,8 +124,6 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
     Returns:
         The results dict written to results.json.
     """
-    from tqdm import tqdm
-
     methods = list(dict.fromkeys(["ar", *settings.methods]))  # AR is always the reference
     policies = {m: make_policy(m, backbone, drafter, clp_threshold=settings.clp_threshold, lookup=settings.lookup, tree=settings.tree,
                                gate_threshold=settings.gate_threshold, draft=settings.draft) for m in methods}
@@ -137,19 +135,37 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
             raise ClpError(f"prompt {i + 1}: {e}") from None
     records = _resumable_records(out_dir, backbone, settings, encoded) if resume and out_dir else []
     cfg = GenerationConfig(max_new_tokens=settings.max_new_tokens)
-    ref = reference or backbone
     fp32_policy = make_policy("ar", reference) if reference is not None and reference is not backbone else None
-    llama = None
+    peers, warm_ids = [], []
     if settings.hf_generate and len(records) < len(encoded):
-        llama, why_not = LlamaCppPeer.open(backbone)
-        if why_not:
-            print(f"clp bench: no llama.cpp row: {why_not}", file=sys.stderr)
-    if len(records) < len(encoded):
-        # Warm-up: first calls pay for allocator growth and lazy initialisation.
-        for m in methods:
-            generate(backbone, encoded[0], policies[m], GenerationConfig(max_new_tokens=settings.warmup_tokens))
-        if llama is not None:
-            llama.time(encoded[0], settings.warmup_tokens)
+        warm_ids = backbone.encode_prompt(WARMUP_PROMPT, chat=False if settings.raw else None)
+        peers = open_peers(backbone, [len(ids) for ids in [*encoded, warm_ids]], settings.max_new_tokens)
+    try:
+        if len(records) < len(encoded):
+            # Warm-up: first calls pay for allocator growth and lazy initialisation. The peers
+            # warm up on a prompt of their own: a llama-server in ngram-mod mode remembers
+            # every request's n-grams, and must not have seen a prompt before it is timed.
+            for m in methods:
+                generate(backbone, encoded[0], policies[m], GenerationConfig(max_new_tokens=settings.warmup_tokens))
+            for peer in peers:
+                peer.warm_up(warm_ids, settings.warmup_tokens)
+        _measure(backbone, drafter, settings, encoded, records, methods, policies, peers, reference, fp32_policy,
+                 cfg, len(prompts), progress, out_dir)
+    finally:
+        close_peers(peers)
+    return summarize(records, backbone, drafter, settings, len(prompts))
+
+
+# What the peers warm up on (not a bench prompt: see run_bench).
+WARMUP_PROMPT = "Write one sentence about the weather today."
+
+
+def _measure(backbone, drafter, settings, encoded, records, methods, policies, peers, reference, fp32_policy,
+             cfg, n_prompts, progress, out_dir) -> None:
+    """The timed loop of run_bench: every method, then every peer, prompt by prompt."""
+    from tqdm import tqdm
+
+    ref = reference or backbone
     # Closed on any exit, so that an error or "interrupted" line starts on a line of its own.
     with tqdm(total=len(encoded) - len(records), desc="bench", unit="prompt", disable=not progress) as bar:
         for ids in encoded[len(records):]:
@@ -157,11 +173,9 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
             for m in methods:  # timed runs first, interleaved; quality measures after them
                 rec["methods"][m] = _record(generate(backbone, ids, policies[m], cfg))
                 bar.set_postfix(method=m)
-            if settings.hf_generate:
-                for peer, extra in PEERS.items():
-                    rec[peer] = list(_time_hf_generate(backbone, ids, settings.max_new_tokens, **extra))
-                if llama is not None:
-                    rec["llama_cpp"] = list(llama.time(ids, settings.max_new_tokens))
+            for peer in peers:
+                rec[peer.name] = peer.time(ids, settings.max_new_tokens).as_record()
+                bar.set_postfix(method=peer.name)
             for m in methods:
                 rec["methods"][m]["nll"] = backbone_nll(ref, ids, rec["methods"][m]["token_ids"])
             if fp32_policy is not None:
@@ -170,8 +184,7 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
             bar.update(1)
             if out_dir is not None:
                 atomic_write_text(Path(out_dir) / "results.json",
-                                  json.dumps(summarize(records, backbone, drafter, settings, len(prompts)), indent=1))
-    return summarize(records, backbone, drafter, settings, len(prompts))
+                                  json.dumps(summarize(records, backbone, drafter, settings, n_prompts), indent=1))
 
 
 def summarize(records: list[dict], backbone, drafter, settings: BenchSettings, n_prompts: int) -> dict:
@@ -233,80 +246,51 @@ def summarize(records: list[dict], backbone, drafter, settings: BenchSettings, n
             by_k.setdefault(str(drafter.k), training["heads"])
         if by_k:
             out["head_accuracy_by_k"] = by_k
-    peers = {}
-    for peer in PEER_NAMES:
-        times = [rec[peer] for rec in records if peer in rec]
-        if times:
-            rate = sum(x[0] for x in times) / sum(x[1] for x in times)
-            peers[peer] = {"tokens_per_s_e2e": round(rate, 3), "speedup_vs_ar": round(rate / ar_e2e, 4),
-                           "n_prompts": len(times)}
-            if peer == "llama_cpp":  # its own numerics (the GGUF's quantised weights): its tokens may differ
-                peers[peer]["same_tokens_as_ar"] = round(sum(
-                    rec[peer][2] == rec["methods"]["ar"]["token_ids"] for rec in records if peer in rec) / len(times), 4)
+    peers = _summarize_peers(records, ar_e2e, ar_decode)
     if peers:
         out["peers"] = peers
-        hf_rate = peers["hf_generate"]["tokens_per_s_e2e"]
-        out["transformers_generate"] = {"tokens_per_s_e2e": hf_rate, "our_ar_speedup_e2e": round(ar_e2e / hf_rate, 4)}
+        if "hf_generate" in peers:
+            hf_rate = peers["hf_generate"]["tokens_per_s_e2e"]
+            out["transformers_generate"] = {"tokens_per_s_e2e": hf_rate,
+                                            "our_ar_speedup_e2e": round(ar_e2e / hf_rate, 4)}
     out["examples"] = {m: runs[m][0]["text"] for m in methods}
     out["runs"] = records  # per prompt and method: what `--resume` continues from
     return out
 
 
-# Peers timed with --hf-generate, on the same model, prompts and numerics: transformers'
-# greedy generate(), and its prompt-lookup decoding (lossless drafts copied from n-grams of
-# the prompt and the text so far; no training).
-PEERS = {"hf_generate": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10}}
-# ... and llama.cpp (llama-cpp-python, `make peers`) on the GGUF file the backbone was
-# converted from, greedy, with as many threads as torch uses: the engine a CPU user would
-# otherwise pick. It computes with the GGUF's quantised weights, so its text may differ.
-PEER_NAMES = (*PEERS, "llama_cpp")
-
-
-class LlamaCppPeer:
-    """llama.cpp on the backbone's own GGUF file, timed like our loop (prefill included)."""
-
-    def __init__(self, llm, eos_ids: set[int]):
-        self.llm, self.eos_ids = llm, eos_ids
-
-    @classmethod
-    def open(cls, backbone) -> tuple["LlamaCppPeer | None", str | None]:
-        """(peer, None), or (None, why there is no llama.cpp row)."""
-        if getattr(backbone, "gguf", None) is None:
-            return None, f"{backbone.name} was not converted from a GGUF file"
-        try:
-            import llama_cpp
-        except ImportError:
-            return None, "llama-cpp-python is not installed (`make peers` builds it, ~10 min)"
-        window = backbone.max_positions or 2048
-        llm = llama_cpp.Llama(model_path=str(backbone.gguf), n_ctx=min(window, 4096), n_threads=torch.get_num_threads(),
-                              n_threads_batch=torch.get_num_threads(), verbose=False)
-        return cls(llm, backbone.eos_ids), None
-
-    def time(self, ids: list[int], max_new_tokens: int) -> tuple[int, float, list[int]]:
-        """(new tokens, seconds, token ids) of a greedy continuation of the token ids."""
-        import time
-
-        self.llm.reset()  # no prefix reuse across prompts: our loop prefills every prompt too
-        t = time.perf_counter()
-        out: list[int] = []
-        for tok in self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            out.append(int(tok))
-            if tok in self.eos_ids or len(out) >= max_new_tokens:
-                break
-        return len(out), time.perf_counter() - t, out
-
-
-@torch.inference_mode()
-def _time_hf_generate(backbone, ids: list[int], max_new_tokens: int, **extra) -> tuple[int, float]:
-    """(new tokens, seconds) of transformers' greedy generate() on the same model."""
-    import time
-
-    x = torch.tensor([ids])
-    t = time.perf_counter()
-    out = backbone.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                                  max_new_tokens=max_new_tokens, pad_token_id=next(iter(backbone.eos_ids), 0),
-                                  **extra)
-    return out.shape[1] - len(ids), time.perf_counter() - t
+def _summarize_peers(records: list[dict], ar_e2e: float, ar_decode: float) -> dict:
+    """peers of results.json: per peer, its rates against our AR's over the prompts it ran;
+    for a peer with its own numerics, the share of outputs token-identical to our AR's; for
+    llama-server's speculative modes, also to its own AR's, and the drafts it accepted."""
+    peers = {}
+    for name in PEER_NAMES:
+        pairs = [(rec, PeerRun.from_record(rec[name])) for rec in records if name in rec]
+        if not pairs:
+            continue
+        runs = [r for _, r in pairs]
+        secs = sum(r.seconds for r in runs)
+        rate = sum(r.new_tokens for r in runs) / secs if secs > 0 else 0.0
+        row = {"tokens_per_s_e2e": round(rate, 3), "speedup_vs_ar": round(rate / ar_e2e, 4) if ar_e2e else None,
+               "n_prompts": len(runs)}
+        if all(r.decode_seconds is not None for r in runs):
+            dsecs = sum(r.decode_seconds for r in runs)
+            drate = sum(r.decode_tokens for r in runs) / dsecs if dsecs > 0 else 0.0
+            row["tokens_per_s"] = round(drate, 3)
+            row["speedup_decode_vs_ar"] = round(drate / ar_decode, 4) if ar_decode else None
+        if name in OWN_NUMERICS:  # its own numerics (the GGUF's quantised weights): its tokens may differ
+            row["same_tokens_as_ar"] = round(sum(
+                r.token_ids == rec["methods"]["ar"]["token_ids"] for rec, r in pairs) / len(runs), 4)
+        if name.startswith("llama_server_") and name != "llama_server_ar":
+            base = [(r, PeerRun.from_record(rec["llama_server_ar"])) for rec, r in pairs if "llama_server_ar" in rec]
+            if base:
+                row["same_tokens_as_llama_server_ar"] = round(sum(a.token_ids == b.token_ids for a, b in base)
+                                                              / len(base), 4)
+        if any(r.draft_n is not None for r in runs):
+            drafted, accepted = sum(r.draft_n or 0 for r in runs), sum(r.draft_accepted or 0 for r in runs)
+            row.update(draft_n=drafted, draft_accepted=accepted,
+                       draft_acceptance=round(accepted / drafted, 4) if drafted else None)
+        peers[name] = row
+    return peers
 
 
 def _hist(values: list[int], k: int) -> list[int]:
@@ -340,6 +324,27 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def peer_table(peers: dict) -> str:
+    def x(v):
+        return f"{v:.2f}x" if v is not None else "-"
+
+    rows = ["| peer (same prompts) | tok/s end to end | vs our AR (e2e) | decode tok/s | vs our AR (decode) | "
+            "same tokens as AR | drafts accepted |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, p in peers.items():
+        same = p.get("same_tokens_as_ar", "same model and numerics")
+        if "same_tokens_as_llama_server_ar" in p:
+            same = f"{same} ({p['same_tokens_as_llama_server_ar']} as llama_server_ar)"
+        drafts = "-"
+        if "draft_n" in p:
+            rate = f"{p['draft_acceptance']:.2f}, " if p.get("draft_acceptance") is not None else ""
+            drafts = f"{rate}{p['draft_accepted']} of {p['draft_n']}"
+        decode = f"{p['tokens_per_s']:.1f}" if "tokens_per_s" in p else "-"
+        rows.append(f"| {name} | {p['tokens_per_s_e2e']:.1f} | {x(p['speedup_vs_ar'])} | {decode} | "
+                    f"{x(p.get('speedup_decode_vs_ar'))} | {same} | {drafts} |")
+    return "\n".join(rows)
+
+
 def render_markdown(results: dict, command: str) -> str:
     s = results["settings"]
     b = results["backbone"]
@@ -366,13 +371,14 @@ def render_markdown(results: dict, command: str) -> str:
         lines += [f"transformers' generate() (greedy, same numerics): {t['tokens_per_s_e2e']:.1f} tok/s end to end; "
                   f"our AR loop is {t['our_ar_speedup_e2e']:.2f}x that.", ""]
     if "peers" in results:
-        lines += ["| peer (same prompts) | tok/s end to end | vs our AR (e2e) | same tokens as AR |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {name} | {p['tokens_per_s_e2e']:.1f} | {p['speedup_vs_ar']:.2f}x | "
-                  f"{p.get('same_tokens_as_ar', 'same model and numerics')} |"
-                  for name, p in results["peers"].items()]
-        lines += ["", "hf_* peers run transformers on our very model and numerics; llama_cpp runs the GGUF "
-                  "file the backbone was converted from, with its quantised weights.", ""]
+        lines += peer_table(results["peers"]).split("\n")
+        lines += ["", "hf_* peers run transformers on our very model and numerics; llama_cpp (llama-cpp-python, in "
+                  "process) and llama_server_* (llama.cpp's server, one process per mode, sent our prompt token ids) "
+                  "run the GGUF file the backbone was converted from, with its quantised weights. llama_server_ar is "
+                  "its plain decoding, the others its n-gram speculative modes (--spec-type; lossless, so their text "
+                  "should equal llama_server_ar's). Decode tok/s: tokens after the first over the time after the "
+                  "prefill (ours from our loop, llama-server's from its own `timings`); drafts accepted: "
+                  "accepted / drafted tokens, as llama-server reports them.", ""]
     if "drafter" in results:
         d = results["drafter"]
         lines += ["Sizes: " + ", ".join(f"{k} {v['params']:,} parameters" for k, v in d.items()), ""]

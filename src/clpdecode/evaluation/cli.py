@@ -77,6 +77,10 @@ def cmd_bench(args) -> int:
     GenerationConfig(max_new_tokens=args.max_new_tokens)
     prompts = load_prompts(args.prompts, args.limit)
     _check_drafter(args, required=any(m != "ar" for m in methods))
+    if args.hf_generate:
+        from .peers import find_llama_server
+
+        find_llama_server()  # a $CLP_LLAMA_SERVER that names no executable fails here, not after the load
     out_dir = prepare_out_dir(Path(args.out))
     backbone = load_backbone(args.model, numerics=args.numerics)
     drafter = None
@@ -206,8 +210,12 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
     b.add_argument("--raw", action="store_true",
                    help="plain-text prompts, no chat template (base models such as gemma3-270m)")
     b.add_argument("--hf-generate", action="store_true",
-                   help="also time the peers on the same model: transformers' greedy generate() and its "
-                        "prompt-lookup decoding (prompt_lookup_num_tokens=10); results.json gets a `peers` object")
+                   help="also time the peers on the same prompts: transformers' greedy generate() and its "
+                        "prompt-lookup decoding (prompt_lookup_num_tokens=10) on our model; llama.cpp on the "
+                        "backbone's GGUF, in process (llama-cpp-python) and as llama-server (AR and its ngram-simple, "
+                        "ngram-mod and ngram-map-k speculative modes; the binary from `make peers`, "
+                        "$CLP_LLAMA_SERVER or PATH); a peer that cannot run is skipped with one line on stderr; "
+                        "results.json gets a `peers` object")
     b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

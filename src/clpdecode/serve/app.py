@@ -38,8 +38,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..cli import StreamDecoder
 from ..decoding import METHODS, GenerationConfig, SamplingConfig, generate, make_policy
+from ..decoding.stream import StreamDecoder
 from ..decoding.tree import DEFAULT_TREE
 from ..errors import ClpError, check_context, check_positive_int, check_prompt, check_text, check_unit_interval
 
