@@ -1,10 +1,12 @@
 """Time verified decoding with chain and tree drafts against AR, interleaved in one process.
 
-The measurement behind the default of `--tree` (docs/design.md, "Draft trees"): for each
-prompt, AR and every draft shape run back to back on the same backbone, so that load from
-other processes spreads over all of them; every output is checked against AR's.
+The measurement behind the defaults of `--tree`, `--k` and `--clp-threshold` (docs/design.md,
+"Draft trees" and "Verified settings"): for each prompt, AR and every configuration run back
+to back on the same backbone, so that load from other processes spreads over all of them;
+every output is checked against AR's.
 
     python scripts/sweep_drafts.py --prompts mtbench --limit 10 --trees chain,4,6,8 --min-prob 0.3
+    python scripts/sweep_drafts.py --numerics q4 --ks 2,4 --thresholds 0.3,0.5,0.7 --trees chain
 
 Prints one JSON line per configuration: tokens/s, speedup over AR (end to end) and tokens
 per forward. Run it on a quiet machine (2 threads by default).
@@ -25,8 +27,8 @@ def main() -> None:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--numerics", default="fp16")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--clp-threshold", type=float, default=0.3)
+    ap.add_argument("--ks", default="4", help="drafter horizons, comma-separated (each its shipped drafter)")
+    ap.add_argument("--thresholds", default="0.3", help="CLP thresholds, comma-separated")
     ap.add_argument("--prompts", default="mtbench")
     ap.add_argument("--limit", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -44,13 +46,16 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     bb = load_backbone(args.model, numerics=args.numerics, progress=False)
-    drafter = default_drafter(bb, k=args.k)
     ids = [bb.encode_prompt(p) for p in load_prompts(args.prompts, args.limit)]
     extra = {k: v for k, v in (("min_prob", args.min_prob), ("width", args.width)) if v is not None}
     policies = {"ar": make_policy("ar")}
-    for t in args.trees.split(","):
-        tree = TREE_CHAIN if t == TREE_CHAIN else TreeConfig(size=int(t), **extra)
-        policies[f"verified_{t}"] = make_policy("verified", bb, drafter, clp_threshold=args.clp_threshold, tree=tree)
+    for k in (int(x) for x in args.ks.split(",")):
+        drafter = default_drafter(bb, k=k)
+        for thr in (float(x) for x in args.thresholds.split(",")):
+            for t in args.trees.split(","):
+                tree = TREE_CHAIN if t == TREE_CHAIN else TreeConfig(size=int(t), **extra)
+                policies[f"verified_k{k}_t{thr}_{t}"] = make_policy("verified", bb, drafter, clp_threshold=thr,
+                                                                   tree=tree)
     for p in policies.values():  # warm-up
         generate(bb, ids[0], p, GenerationConfig(max_new_tokens=16))
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)

@@ -84,7 +84,7 @@ def tiny_gemma_dir(tmp_path_factory):
 def tiny_backbone(tiny_llama_dir):
     from clpdecode.backbone import load_backbone
 
-    return load_backbone(str(tiny_llama_dir))
+    return load_backbone(str(tiny_llama_dir), numerics="fp32")
 
 
 def random_drafter(backbone, k: int = 2, design: str = "fused", seed: int = 0, scale: float = 0.5):

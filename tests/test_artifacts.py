@@ -28,7 +28,7 @@ def test_wrong_backbone_is_refused(tmp_path, tiny_backbone):
     from clpdecode.backbone import load_backbone
 
     save_drafter(random_drafter(tiny_backbone), tmp_path / "h", tiny_backbone)
-    other = load_backbone(str(save_tiny_model(tmp_path / "other", "llama", seed=9)))
+    other = load_backbone(str(save_tiny_model(tmp_path / "other", "llama", seed=9)), numerics="fp32")
     with pytest.raises(ClpError, match="trained for backbone"):
         load_drafter(tmp_path / "h", other)
 

@@ -17,7 +17,7 @@ def test_local_folder_loads_and_matches_generate(request, fixture):
     from clpdecode import generate_text
 
     path = request.getfixturevalue(fixture)
-    bb = load_backbone(str(path))
+    bb = load_backbone(str(path), numerics="fp32")
     assert bb.info.hidden_size == 32 and bb.info.num_layers == 2
     res = generate_text(bb, "hello there", max_new_tokens=12)
     ids = torch.tensor([bb.encode_prompt("hello there")])
@@ -88,7 +88,7 @@ def test_quantised_numerics(tiny_llama_dir, numerics):
     res = generate_text(bb, "abc", max_new_tokens=8)
     assert 1 <= res.new_tokens <= 8
     # Heads stay tied to the fp32 LM head: same fingerprint as the fp32 backbone.
-    assert bb.fingerprint == load_backbone(str(tiny_llama_dir)).fingerprint
+    assert bb.fingerprint == load_backbone(str(tiny_llama_dir), numerics="fp32").fingerprint
     # transformers' generate() runs the same numerics (quantised in place).
     ids = torch.tensor([bb.encode_prompt("abc")])
     ref = bb.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,

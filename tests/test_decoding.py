@@ -213,7 +213,7 @@ def test_bad_inputs(tiny_backbone):
 
 def test_sliding_window_model_verified_equals_ar_past_the_window():
     """Gemma 3 style sliding-window layers (window 8), decoding 40 tokens: rollbacks past
-    the window keep verified == AR == transformers' generate (transformers path)."""
+    the window keep verified == AR == transformers' generate (lean engine)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from clpdecode.backbone.model import Backbone

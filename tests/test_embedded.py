@@ -17,7 +17,7 @@ pytestmark = pytest.mark.embedded
 
 @pytest.fixture(scope="module")
 def embedded():
-    return clp.load_backbone("embedded")
+    return clp.load_backbone("embedded", numerics="fp32")
 
 
 def test_ar_matches_transformers_generate(embedded):

@@ -119,6 +119,29 @@ def test_lean_hidden_states_match_transformers(request, fixture, numerics):
         assert torch.allclose(parts[1], step, atol=1e-3 * step.abs().max())
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gemma_dir"])
+@pytest.mark.parametrize("numerics", ["fp32", "q4"])
+def test_aux_layer_inputs_match_transformers_hidden_states(request, fixture, numerics):
+    """The residual stream entering chosen layers (what EAGLE-3 drafters read), from the
+    lean engine (both paths) and transformers' engine alike."""
+    bb = load_backbone(str(request.getfixturevalue(fixture)), numerics=numerics)
+    ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = bb.model.model(input_ids=ids, output_hidden_states=True).hidden_states
+    want = torch.cat([ref[0], ref[1]], -1)  # inputs of layers 0 and 1
+    cache = bb.new_cache()
+    h1, aux1 = bb.forward(ids[:, :9], cache, aux_layers=(0, 1))
+    h2, aux2 = bb.forward(ids[:, 9:], cache, aux_layers=(0, 1))
+    got = torch.cat([aux1, aux2], 1)
+    assert got.shape == (1, 12, 2 * bb.info.hidden_size)
+    tol = 1e-4 if numerics == "fp32" else 3e-3
+    assert torch.allclose(got, want, atol=tol * want.abs().max())
+    hf_h, hf_aux = bb.forward(ids, bb.new_cache(engine="hf"), aux_layers=(0, 1))
+    assert torch.allclose(hf_aux, want, atol=1e-5 * want.abs().max())
+    with pytest.raises(ValueError, match="aux layers"):
+        bb.forward(ids[:, :2], bb.new_cache(), aux_layers=(5,))
+
+
 def test_int8_step_matches_transformers_step(tiny_llama_dir):
     """int8: the fused QKV/gate-up keep each projection's weight scale, so a step equals
     transformers' own int8 step (same rows in the same step)."""
@@ -149,7 +172,7 @@ def test_lean_greedy_equals_transformers_generate(request, fixture, numerics):
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen_dir"])
 def test_tree_mask_and_positions(request, fixture):
     """Two siblings after one node, in one forward: each equals its own chain."""
-    bb = load_backbone(str(request.getfixturevalue(fixture)))
+    bb = load_backbone(str(request.getfixturevalue(fixture)), numerics="fp32")
     prompt = torch.tensor([[4, 5, 6, 7, 8]])
     a, b1, b2 = 30, 31, 32
     cache = bb.new_cache()
@@ -167,7 +190,7 @@ def test_tree_mask_and_positions(request, fixture):
 
 
 def test_cache_grows_past_its_capacity_hint(tiny_llama_dir):
-    bb = load_backbone(str(tiny_llama_dir))
+    bb = load_backbone(str(tiny_llama_dir), numerics="fp32")
     ids = torch.randint(3, 90, (1, 60), generator=torch.Generator().manual_seed(3))
     cache = bb._lean.new_cache(capacity=8, chunk=8)
     hs = [bb._lean.forward(ids[:, :5], cache)] + [bb._lean.forward(ids[:, i : i + 5], cache) for i in range(5, 60, 5)]
@@ -179,7 +202,7 @@ def test_cache_grows_past_its_capacity_hint(tiny_llama_dir):
 
 
 def test_batched_steps_match_transformers(tiny_qwen_dir):
-    bb = load_backbone(str(tiny_qwen_dir))
+    bb = load_backbone(str(tiny_qwen_dir), numerics="fp32")
     ids = torch.randint(3, 90, (2, 14), generator=torch.Generator().manual_seed(4))
     cache = bb.new_cache()  # sized for batch 1; takes the batch of its first step
     got = torch.cat([bb.forward(ids[:, :10], cache), bb.forward(ids[:, 10:], cache)], 1)
@@ -193,9 +216,9 @@ def test_batched_steps_match_transformers(tiny_qwen_dir):
 def test_engine_choice_and_fallback(tiny_llama_dir):
     from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig
 
-    hf = load_backbone(str(tiny_llama_dir), engine="hf")
+    hf = load_backbone(str(tiny_llama_dir), engine="hf", numerics="fp32")
     assert hf.engine == "hf" and isinstance(hf.new_cache(), DynamicCache)
-    lean = load_backbone(str(tiny_llama_dir), engine="lean")
+    lean = load_backbone(str(tiny_llama_dir), engine="lean", numerics="fp32")
     assert isinstance(lean.new_cache(), StaticKVCache)
     prompt = [9, 10, 11, 12]
     a = generate(hf, prompt, make_policy("ar"), GenerationConfig(max_new_tokens=20)).token_ids
@@ -218,7 +241,7 @@ def test_engine_choice_and_fallback(tiny_llama_dir):
 def test_embedded_lean_greedy_equals_transformers_generate():
     import clpdecode as clp
 
-    bb = clp.load_backbone("embedded")
+    bb = clp.load_backbone("embedded", numerics="fp32")
     assert bb.engine == "lean"
     ids = bb.encode_prompt("Give me three tips for sleeping well.")
     ours = generate(bb, ids, make_policy("ar"), GenerationConfig(max_new_tokens=32)).token_ids

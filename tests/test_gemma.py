@@ -1,4 +1,5 @@
-"""Gemma 3 270M, the second real backbone: a base model on the transformers engine.
+"""Gemma 3 270M, the second real backbone: a base model on the lean engine (sliding-window
+layers, Gemma's norms), in fp32 and q4 (its GGUF's own Q4_K/Q5_0/Q6_K/Q8_0 blocks).
 
 Skipped unless `make gemma` installed its four PyPI chunks (CI does not). Loading the
 converted model takes a few seconds once the first conversion (~50 s) is cached.
@@ -21,7 +22,7 @@ from conftest import random_drafter  # noqa: E402
 def gemma():
     from clpdecode.backbone import load_backbone
 
-    return load_backbone("gemma3-270m", progress=False)
+    return load_backbone("gemma3-270m", progress=False, numerics="fp32")
 
 
 def hf_greedy(backbone, ids, n):
@@ -40,7 +41,7 @@ def gemma_drafter(backbone):
 
 
 def test_base_model_takes_plain_text(gemma):
-    assert gemma.name == "gemma-3-270m" and gemma.engine == "hf"
+    assert gemma.name == "gemma-3-270m" and gemma.engine == "lean"
     assert not getattr(gemma.tokenizer, "chat_template", None)
     ids = gemma.encode_prompt("The capital of France is")
     assert ids[0] == gemma.tokenizer.bos_token_id and "<start_of_turn>" not in gemma.tokenizer.decode(ids)
@@ -68,3 +69,16 @@ def test_verified_equals_ar_past_the_sliding_window(gemma):
     ver = generate(gemma, ids, make_policy("verified", gemma, gemma_drafter(gemma)), GenerationConfig(max_new_tokens=n))
     assert ver.token_ids == ar.token_ids
     assert sum(ver.accepted_per_step) > 0  # drafts were kept, so spans and rollbacks happened
+
+
+def test_q4_reads_every_projection_from_the_gguf_and_equals_fp32(gemma):
+    from clpdecode.backbone import load_backbone
+
+    q4 = load_backbone("gemma3-270m", numerics="q4", progress=False)
+    assert q4.quant_sources == {"gguf": 126, "gguf_rounded": 0, "quantised": 0, "lm_head": "gguf"}
+    ids = gemma.encode_prompt("The capital of France is")
+    cfg = GenerationConfig(max_new_tokens=32)
+    ar = generate(q4, ids, make_policy("ar"), cfg)
+    assert ar.token_ids == generate(gemma, ids, make_policy("ar"), cfg).token_ids
+    ver = generate(q4, ids, make_policy("verified", q4, gemma_drafter(q4)), cfg)
+    assert ver.token_ids == ar.token_ids

@@ -231,7 +231,7 @@ def test_q4_steps_equal_one_token_steps_bit_for_bit(q4_backbone):
 def _dequantised_reference(path):
     """The fp32 model with every projection replaced by its 4-bit weights, dequantised: what
     q4 computes, but for the int8 rounding of activations and the fp16 cache."""
-    ref = load_backbone(str(path))
+    ref = load_backbone(str(path), numerics="fp32")
     with torch.no_grad():
         for layer in ref.model.model.layers:
             for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,

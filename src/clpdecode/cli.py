@@ -26,15 +26,17 @@ MODEL_HELP = ("backbone: 'embedded' (SmolLM2-135M-Instruct, shipped in a PyPI pa
 def _add_model_args(p: argparse.ArgumentParser, numerics: bool = True) -> None:
     """--model and --threads; --numerics where the command honours it (training and
     distillation always read the backbone in fp32: they define the targets)."""
-    from .backbone.model import NUMERICS
+    from .backbone.model import DEFAULT_NUMERICS, NUMERICS
 
     p.add_argument("--model", default="embedded", help=MODEL_HELP + " (default: embedded)")
     p.set_defaults(numerics="fp32")
     if numerics:
-        p.add_argument("--numerics", default="fp32", choices=NUMERICS,
-                       help="backbone numerics: fp32; fp16 = fp16 weights with fp32 activations, the fast "
-                            "CPU path (~2x, verified stays exact); int8 = dynamic int8, fastest multi-token "
-                            "steps but rows of a step interact, so verified may differ from AR (default: fp32)")
+        p.add_argument("--numerics", default=DEFAULT_NUMERICS, choices=NUMERICS,
+                       help="backbone numerics: q4 = the GGUF's own 4/5/6/8-bit blocks on the project's C++ "
+                            "kernels (built once, ~1 min), equal to fp32 decoding of the file and the fastest here; "
+                            "fp16 = fp16 weights, fp32 activations; fp32 = the reference; int8 = dynamic int8 "
+                            "(rows of a step interact: verified may differ from AR); auto = q4 for a backbone from "
+                            "a GGUF (embedded, gemma3-270m), fp16 for others (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 

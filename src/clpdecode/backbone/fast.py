@@ -273,7 +273,7 @@ class LeanForward:
     # ---- forward --------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, aux_layers: tuple[int, ...] = ()):
         """Run the new tokens through every layer, writing their K/V at [cache.length, +T).
 
         Args:
@@ -283,8 +283,11 @@ class LeanForward:
                 default: causal (token i at position L + i sees keys 0 .. L + i).
             positions: optional (T,) rotary positions of the new tokens (default L .. L+T-1),
                 for draft trees whose nodes share depths.
+            aux_layers: layer indices whose inputs (the residual stream before the layer, as
+                EAGLE-3 drafters read them; vLLM and llama.cpp take the same) are returned too.
         Returns:
-            (B, T, d) post-norm hidden states.
+            (B, T, d) post-norm hidden states; with aux_layers, also (B, T, len(aux_layers) * d),
+            those inputs concatenated in the order given.
         """
         b, t = input_ids.shape
         start = cache.length
@@ -296,7 +299,7 @@ class LeanForward:
         if self.native and b == 1:
             step_mask = _step_mask(mask, start, t)
             if step_mask is not False:
-                return self._forward_native(input_ids, cache, rope, step_mask)
+                return self._forward_native(input_ids, cache, rope, step_mask, aux_layers)
         rope = {key: (cos[None, :, None, :], sin[None, :, None, :]) for key, (cos, sin) in rope.items()}  # (1,T,1,hd)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         end = start + t
@@ -314,7 +317,10 @@ class LeanForward:
         d, half, nq = x.shape[-1], hd // 2, nh + nkv
         pos = torch.arange(start, end)  # cache slots of the new tokens
         rms_norm, roll, addcmul, attend = F.rms_norm, torch.roll, torch.addcmul, gqa_attention_folded
-        for layer, kb, vb in zip(self.layers, cache.keys, cache.values):
+        aux = {}
+        for i, (layer, kb, vb) in enumerate(zip(self.layers, cache.keys, cache.values)):
+            if i in aux_layers:
+                aux[i] = x
             h = rms_norm(x, (d,), layer.in_norm, layer.in_eps)
             qkv = layer.qkv.fn(h).view(b, t, nq + nkv, hd)
             qk = qkv[:, :, :nq]
@@ -343,10 +349,11 @@ class LeanForward:
                 y = rms_norm(y, (d,), layer.mlp_out_norm, layer.mlp_out_eps)
             x = x + y
         cache.advance(t)
-        return F.rms_norm(x, (d,), self.norm, self.norm_eps).view(b, t, -1)
+        out = F.rms_norm(x, (d,), self.norm, self.norm_eps).view(b, t, -1)
+        return (out, _aux(aux, aux_layers, x).view(b, t, -1)) if aux_layers else out
 
     def _forward_native(self, input_ids: torch.Tensor, cache: StaticKVCache, rope: dict,
-                        step_mask: torch.Tensor | None) -> torch.Tensor:
+                        step_mask: torch.Tensor | None, aux_layers: tuple[int, ...] = ()):
         """Batch 1 on the C++ kernels: six fused ops per layer (RMSNorm into the QKV product,
         rotary (and Gemma's q/k norms) with the cache write, attention, the output product
         with its residual, RMSNorm into gate/up, the activation into the down product with
@@ -358,7 +365,10 @@ class LeanForward:
         attention = torch.ops.clp.decode_attention.default
         norm_add = torch.ops.clp.rms_norm.default
         nh, scale = self.n_heads, self.head_dim ** -0.5
-        for layer, kb, vb in zip(self.layers, cache.keys, cache.values):
+        aux = {}
+        for i, (layer, kb, vb) in enumerate(zip(self.layers, cache.keys, cache.values)):
+            if i in aux_layers:
+                aux[i] = x  # every op returns a new tensor: keeping it costs nothing
             cos, sin = rope[layer.rope]
             h = layer.qkv.kernel(x, norm=layer.in_norm, eps=layer.in_eps)
             q = rope_store(h, cos, sin, kb[0], vb[0], start, nh, layer.q_norm, layer.k_norm, layer.qk_eps)
@@ -373,7 +383,16 @@ class LeanForward:
             else:
                 x = norm_add(layer.down.kernel(h, act=layer.act), layer.mlp_out_norm, layer.mlp_out_eps, x)
         cache.advance(t)
-        return norm_add(x, self.norm, self.norm_eps, None).view(1, t, -1)
+        out = norm_add(x, self.norm, self.norm_eps, None).view(1, t, -1)
+        return (out, _aux(aux, aux_layers, x).view(1, t, -1)) if aux_layers else out
+
+
+def _aux(found: dict, layers: tuple[int, ...], last: torch.Tensor) -> torch.Tensor:
+    """The inputs of `layers` (each < the number of layers) concatenated along features."""
+    missing = [i for i in layers if i not in found]
+    if missing:
+        raise ValueError(f"aux layers {missing} are not layers of this model")
+    return torch.cat([found[i] for i in layers], -1)
 
 
 def _window_mask(mask: torch.Tensor | None, t: int, end: int, window: int,

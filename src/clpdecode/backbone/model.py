@@ -30,7 +30,23 @@ from .loading import resolve_model, source_gguf
 # q4: the trunk's projections compute on 4-bit groups of 32 and the LM head on 8-bit ones
 # (the GGUF's own Q4_1/Q4_K and Q8_0 blocks where the model came from one; quant.py), on
 # the project's C++ kernels (kernels.py) with fp16 K/V: the fastest here, rows independent.
-NUMERICS = ("fp32", "fp16", "int8", "q4")
+# auto (the default): q4 for a backbone that came from a GGUF (it then computes on the file's
+# own blocks: nothing is rounded that the file did not round) when the C++ kernels build,
+# fp16 otherwise (a model in full precision is not silently cut to 4 bits).
+NUMERICS = ("auto", "fp32", "fp16", "int8", "q4")
+DEFAULT_NUMERICS = "auto"
+
+
+def resolve_numerics(numerics: str, gguf) -> str:
+    """The numerics "auto" stands for with this backbone (others are returned as they are)."""
+    if numerics != "auto":
+        return numerics
+    if gguf is not None:
+        from . import kernels
+
+        if kernels.load() is not None:
+            return "q4"
+    return "fp16"
 # "auto": the lean forward where the architecture supports it, else transformers'.
 ENGINES = ("auto", "lean", "hf")
 
@@ -60,6 +76,7 @@ class Backbone:
                  gguf=None):
         if numerics not in NUMERICS:
             raise ClpError(f"unknown numerics {numerics!r}; choose one of {', '.join(NUMERICS)}")
+        numerics = resolve_numerics(numerics, gguf)
         if engine not in ENGINES:
             raise ClpError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         why_not = lean_unsupported_reason(model) if engine != "hf" else None
@@ -193,7 +210,7 @@ class Backbone:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache, mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, aux_layers: tuple[int, ...] = ()):
         """Run the trunk over new tokens, extending the cache.
 
         Args:
@@ -202,14 +219,19 @@ class Backbone:
             mask, positions: lean engine only (e.g. a draft tree): a bool (T, L + T) mask,
                 True where a new token may attend, and the (T,) rotary positions of the
                 new tokens. Default: causal, positions L .. L + T - 1.
+            aux_layers: also return the inputs of these decoder layers (the residual stream
+                before each; EAGLE-3 drafters read three of them), concatenated.
         Returns:
-            (B, T, d) post-norm hidden states, the input of the LM head.
+            (B, T, d) post-norm hidden states, the input of the LM head; with aux_layers, a
+            pair (hidden, (B, T, len(aux_layers) * d)).
         """
         if isinstance(cache, StaticKVCache):
-            return self._lean.forward(input_ids, cache, mask=mask, positions=positions)
+            return self._lean.forward(input_ids, cache, mask=mask, positions=positions, aux_layers=aux_layers)
         if mask is not None or positions is not None:
-            raise ClpError("custom attention masks and positions need the lean engine (Llama/Qwen2)")
-        out = self.trunk(input_ids=input_ids, cache=cache, use_cache=True)
+            raise ClpError("custom attention masks and positions need the lean engine (Llama/Qwen2/Gemma 3)")
+        out = self.trunk(input_ids=input_ids, cache=cache, use_cache=True, output_hidden_states=bool(aux_layers))
+        if aux_layers:  # hidden_states[i] is the input of layer i (i = num_layers: the last output, unnormed)
+            return out.last_hidden_state, torch.cat([out.hidden_states[i] for i in aux_layers], -1)
         return out.last_hidden_state
 
     @torch.inference_mode()
@@ -301,11 +323,13 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def load_backbone(name: str = "embedded", numerics: str = "fp32", progress: bool = True,
+def load_backbone(name: str = "embedded", numerics: str = DEFAULT_NUMERICS, progress: bool = True,
                   engine: str = "auto") -> Backbone:
     """Load a frozen backbone by name ("embedded", "gemma3-270m"), hub id or local directory.
 
-    engine: "auto" (the lean forward for Llama/Qwen2, transformers' otherwise), "lean" or "hf".
+    numerics: "auto" (q4 for a backbone from a GGUF, fp16 otherwise; see NUMERICS), "fp32",
+    "fp16", "int8" or "q4". engine: "auto" (the lean forward for Llama/Qwen2/Gemma 3,
+    transformers' otherwise), "lean" or "hf".
     """
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -86,9 +86,10 @@ def cmd_bench(args) -> int:
     drafter = None
     if any(m != "ar" for m in methods):
         drafter = default_drafter(backbone, k=args.k, folder=args.heads)
-    reference = load_backbone(args.model, numerics="fp32", progress=False) if args.numerics != "fp32" else None
+    numerics = backbone.info.numerics  # "auto" resolved
+    reference = load_backbone(args.model, numerics="fp32", progress=False) if numerics != "fp32" else None
     settings = BenchSettings(prompts=args.prompts, limit=args.limit, methods=methods,
-                             max_new_tokens=args.max_new_tokens, numerics=args.numerics,
+                             max_new_tokens=args.max_new_tokens, numerics=numerics,
                              clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
                              draft=args.draft, k=drafter.k if drafter else args.k, threads=torch.get_num_threads(),
                              hf_generate=args.hf_generate, raw=args.raw, lookup=args.lookup,
@@ -227,7 +228,8 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
     p.add_argument("--model", default="embedded", help="backbone (default: embedded)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     add_drafter_args(p)
-    p.add_argument("--numerics-list", default="fp32,fp16,int8", help="numerics to profile (default: fp32,fp16,int8)")
+    p.add_argument("--numerics-list", default="q4,fp16,fp32",
+                   help="numerics to profile, comma-separated, of fp32,fp16,int8,q4 (default: q4,fp16,fp32)")
     p.add_argument("--context", type=int, default=256, help="cached tokens before the step (default: 256)")
     p.add_argument("--engines", default="lean,hf",
                    help="forwards to time: lean (ours, Llama/Qwen2) and/or hf (transformers'); default: lean,hf")

@@ -18,10 +18,6 @@ def add_serve_command(sub, add_model_args, add_drafter_args, add_policy_args) ->
                     "GET /v1/models, GET /health. One generation runs at a time; others wait in a queue. "
                     "A request may choose its own method and clp_threshold (extension fields).")
     add_model_args(s)
-    for action in s._actions:  # the server's default is the fast CPU path
-        if action.dest == "numerics":
-            action.default = "fp16"
-            action.help = action.help.replace("(default: fp32)", "(default: fp16)")
     add_drafter_args(s)
     s.add_argument("--method", default="verified", choices=METHODS,
                    help="method of requests that name none (default: verified, identical to ar)")
@@ -97,7 +93,7 @@ def cmd_serve(args) -> int:
             if self.started:  # the status line names the port bound (with --port 0, the one the OS chose)
                 port = self.servers[0].sockets[0].getsockname()[1]
                 host = f"[{args.host}]" if ":" in args.host else args.host
-                print(f"clp serve: model {served.model_id!r}, method {args.method}, numerics {args.numerics}: "
+                print(f"clp serve: model {served.model_id!r}, method {args.method}, numerics {backbone.info.numerics}: "
                       f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
