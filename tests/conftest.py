@@ -101,7 +101,13 @@ def random_drafter(backbone, k: int = 2, design: str = "fused", seed: int = 0, s
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
         return mod
 
-    if design in ("chained", "chained-mlp"):
+    if design == "eagle3":
+        from clpdecode.heads.eagle3 import Eagle3Config, Eagle3Drafter
+
+        cfg = Eagle3Config.from_backbone_config(backbone.config, k=k, draft_vocab=0,
+                                                aux_layers=(0, 1, backbone.info.num_layers - 1))
+        heads = randomise(Eagle3Drafter(cfg))
+    elif design in ("chained", "chained-mlp"):
         from clpdecode.heads.chained import ChainConfig, ChainedHeads
 
         cfg = ChainConfig.from_backbone_config(backbone.config, k=k, draft_vocab=0,

@@ -37,7 +37,8 @@ def test_ar_equals_transformers_generate(tiny_backbone, ids, n):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=prompts, n=st.integers(1, 40), k=st.integers(1, 4), seed=st.integers(0, 10_000),
-       design=st.sampled_from(["fused", "residual", "chained", "chained-mlp"]), draft=st.sampled_from(["clp", "all"]),
+       design=st.sampled_from(["fused", "residual", "chained", "chained-mlp", "eagle3"]),
+       draft=st.sampled_from(["clp", "all"]),
        thr=st.floats(0.0, 1.0), lookup=st.booleans(), tree=st.sampled_from(TREES))
 def test_verified_equals_ar(tiny_backbone, ids, n, k, seed, design, draft, thr, lookup, tree):
     drafter = random_drafter(tiny_backbone, k=k, design=design, seed=seed)

@@ -110,19 +110,30 @@ class _Output:
         return any(s in tail for s in self.cfg.stop)
 
 
-def prefill(backbone, prompt_ids: list[int], cache) -> torch.Tensor:
+def _rows(out, aux_layers) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, drafter features) of batch row 0: the aux layers' inputs where the drafter
+    reads them (EAGLE-3), else the hidden states themselves."""
+    if aux_layers:
+        return out[0][0], out[1][0]
+    return out[0], out[0]
+
+
+def prefill(backbone, prompt_ids: list[int], cache, aux_layers: tuple[int, ...] = ()):
     """Run the prompt through the backbone.
 
     Args:
         prompt_ids: the prompt's token ids.
         cache: an empty cache; holds the prompt afterwards.
+        aux_layers: the drafter's feature layers (Drafter.aux_layers), if any.
     Returns:
-        (T, d) hidden states of the prompt positions.
+        (T, d) hidden states of the prompt positions, and the drafter's features of them
+        ((T, 3d) aux-layer inputs, or the hidden states again).
     """
-    return backbone.forward(torch.tensor([prompt_ids]), cache)[0]
+    return _rows(backbone.forward(torch.tensor([prompt_ids]), cache, aux_layers=aux_layers), aux_layers)
 
 
-def decode_forward(backbone, pending: list[int], cache, tree: DraftTree | None = None) -> torch.Tensor:
+def decode_forward(backbone, pending: list[int], cache, tree: DraftTree | None = None,
+                   aux_layers: tuple[int, ...] = ()):
     """One decode forward over the tokens of the last step.
 
     Args:
@@ -130,14 +141,16 @@ def decode_forward(backbone, pending: list[int], cache, tree: DraftTree | None =
         cache: grows by len(pending) positions.
         tree: when the drafts branch, their tree (pending = tree.tokens): each node sees
             only its ancestors, at its depth's position.
+        aux_layers: as for prefill().
     Returns:
-        (len(pending), d) hidden states.
+        (len(pending), d) hidden states, and the drafter's features of those positions.
     """
     ids = torch.tensor([pending])
     if tree is None or tree.is_chain:
-        return backbone.forward(ids, cache)[0]
+        return _rows(backbone.forward(ids, cache, aux_layers=aux_layers), aux_layers)
     past = cache.get_seq_length()
-    return backbone.forward(ids, cache, mask=tree.mask(past), positions=tree.positions(past))[0]
+    out = backbone.forward(ids, cache, mask=tree.mask(past), positions=tree.positions(past), aux_layers=aux_layers)
+    return _rows(out, aux_layers)
 
 
 def generate(
@@ -168,9 +181,10 @@ def generate(
     cache = backbone.new_cache()
 
     policy.start()
+    aux_layers = policy.aux_layers
     t0 = time.perf_counter()
-    states = prefill(backbone, prompt_ids, cache)  # (T, d)
-    policy.observe(states, list(prompt_ids[1:]))
+    states, feats = prefill(backbone, prompt_ids, cache, aux_layers)  # (T, d), (T, d or 3d)
+    policy.observe(feats, list(prompt_ids[1:]))
     hidden = states[-1]  # (d,)
     p = sampler.probs(backbone.logits(hidden))  # (V,)
     forwards, prefill_seconds, prefill_tokens = 1, None, 0
@@ -191,7 +205,7 @@ def generate(
             prefill_seconds, prefill_tokens = time.perf_counter() - t0, len(out.ids)
         if out.done:
             break
-        states = decode_forward(backbone, fed, cache, tree)  # (len(fed), d)
+        states, feats = decode_forward(backbone, fed, cache, tree, aux_layers)  # (len(fed), d)
         forwards += 1
         if tree is not None:
             path, p = verify_tree(backbone, tree, states, sampler)
@@ -201,10 +215,10 @@ def generate(
             if out.done:
                 break
             backbone.keep(cache, len(fed), path)
-            policy.observe(states[path], kept)
+            policy.observe(feats[path], kept)
             hidden = states[path[-1]]
         else:
-            policy.observe(states, drafts)
+            policy.observe(feats, drafts)
             hidden = states[-1]
             p = sampler.probs(backbone.logits(hidden))
     seconds = time.perf_counter() - t0

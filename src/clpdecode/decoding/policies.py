@@ -52,8 +52,15 @@ class Policy:
         """Called by the loop before each generation: fresh drafting state."""
         self.session = self.drafter.session(self.backbone) if self.drafter is not None else None
 
+    @property
+    def aux_layers(self) -> tuple[int, ...]:
+        """The backbone layers whose inputs the loop hands to observe() (an EAGLE-3 drafter's
+        features), or () for the hidden states themselves."""
+        return self.drafter.aux_layers if self.session is not None else ()
+
     def observe(self, rows: torch.Tensor, tokens: list[int]) -> None:
-        """New backbone states (n, d) and the n-1 tokens that followed all but the last."""
+        """New backbone rows (n, d) (or (n, 3d): aux_layers) and the n-1 tokens that followed
+        all but the last."""
         if self.session is not None:
             self.session.observe(rows, tokens)
 

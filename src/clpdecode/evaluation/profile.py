@@ -48,7 +48,7 @@ def _step_costs(backbone, caches: dict, new: dict, repeats: int, trees: dict | N
 
     items = {t: (lambda c, ids=ids: backbone.forward(ids, c)) for t, ids in new.items()}
     for key, tree in (trees or {}).items():
-        items[key] = lambda c, tree=tree: decode_forward(backbone, tree.tokens, c, tree)
+        items[key] = lambda c, tree=tree: decode_forward(backbone, tree.tokens, c, tree)[0]
     sizes = {t: t for t in new} | {key: len(tree) for key, tree in (trees or {}).items()}
     times = {(e, t): [] for e in caches for t in items}
     for r in range(repeats + 1):

@@ -21,6 +21,7 @@ from ..atomic import atomic_folder
 from ..errors import ClpError, check_positive_int
 from ..predictors.modules import CLP, Gates, PredictorConfig
 from .chained import ChainConfig, ChainedHeads
+from .eagle3 import Eagle3Config, Eagle3Drafter
 from .modules import HeadsConfig, MTPHeads
 
 FORMAT = "clp-decode-drafter/1"
@@ -30,7 +31,7 @@ FORMAT = "clp-decode-drafter/1"
 class Drafter:
     """Everything a multi-token policy needs besides the backbone."""
 
-    heads: MTPHeads | ChainedHeads  # independent heads, or a chain (design "chained")
+    heads: MTPHeads | ChainedHeads | Eagle3Drafter  # independent heads, a chain, or EAGLE-3 (the default)
     clp: CLP | None = None
     gates: Gates | None = None
     competing: MTPHeads | None = None
@@ -44,10 +45,15 @@ class Drafter:
     def design(self) -> str:
         return self.heads.cfg.design
 
+    @property
+    def aux_layers(self) -> tuple[int, ...]:
+        """Backbone layers whose inputs the drafter reads (EAGLE-3), or () for the last state."""
+        return tuple(getattr(self.heads, "aux_layers", ()))
+
     def attach(self, backbone) -> "Drafter":
         check_backbone(self.meta, backbone)
         for h in (self.heads, self.competing):
-            if isinstance(h, ChainedHeads):
+            if isinstance(h, (ChainedHeads, Eagle3Drafter)):
                 h.attach(backbone.lm_head_weight, backbone.model.get_input_embeddings().weight)
                 # Under reduced backbone numerics the chain drafts with 8-bit weights: drafts
                 # only propose (verification keeps the output exact). q4: groups of 32 on the
@@ -62,7 +68,7 @@ class Drafter:
 
     def session(self, backbone):
         """Per-generation drafting state with observe(rows, tokens) / propose(hidden, token, m)."""
-        if isinstance(self.heads, ChainedHeads):
+        if isinstance(self.heads, (ChainedHeads, Eagle3Drafter)):
             return self.heads.session()
         return self.heads.session(backbone.embed)
 
@@ -150,9 +156,14 @@ def load_drafter(folder: Path, backbone=None) -> Drafter:
     def part(prefix: str) -> dict:
         return loaded_tensors({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
 
-    def make_heads(cfg: dict, state: dict) -> MTPHeads | ChainedHeads:
-        chained = cfg.get("design") == "chained"
-        heads = ChainedHeads(ChainConfig(**cfg)) if chained else MTPHeads(HeadsConfig(**cfg))
+    def make_heads(cfg: dict, state: dict) -> MTPHeads | ChainedHeads | Eagle3Drafter:
+        design = cfg.get("design")
+        if design == "eagle3":
+            heads = Eagle3Drafter(Eagle3Config(**cfg))
+        elif design == "chained":
+            heads = ChainedHeads(ChainConfig(**cfg))
+        else:
+            heads = MTPHeads(HeadsConfig(**cfg))
         heads.set_draft_vocab(state["draft_ids"])  # sized by the file, so set before loading
         heads.load_state_dict(state)
         return heads
