@@ -215,6 +215,11 @@ def _data_key() -> tuple[str, dict]:
     return hashlib.sha256(blob.encode()).hexdigest()[:16], params
 
 
+def split_rule_key() -> str:
+    """The key of the current held-out rule on the installed data (what caches record)."""
+    return _data_key()[0]
+
+
 def _human_turns(records: list[dict]) -> Iterator[tuple[int, int, str]]:
     """(record index, turn index, text) of every human turn with text."""
     for r, rec in enumerate(records):
