@@ -14,8 +14,9 @@ With ``--model gemma3-270m`` (any backbone other than the embedded one) nothing 
 but tokens: the committed passages corpus (already self-distilled on CPU) and plain-text
 teacher-forced answers, for `device_train.py --device cpu --model gemma3-270m`.
 
-Held-out prompts (every 20th ShareGPT prompt, the committed corpus's rule) are excluded
-from everything that trains.
+Only ShareGPT records that the held-out rule lets train (datasets.sharegpt_split: held-out
+clusters and duplicates of benchmark prompts excluded) feed anything that trains; the
+held-out answers are the committed corpus's, relabelled under the same rule.
 
     python scripts/device_pack.py --out .gpu
 """
@@ -122,22 +123,26 @@ def load_packed(folders: list[Path]) -> dict:
 
 
 def pack_tokens(backbone, out: Path, n_sd: int, n_tf: int, max_prompt: int = 320, max_len: int = 640,
-                heldout_every: int = 20, seed: int = 0) -> dict:
+                seed: int = 0) -> dict:
     from clpdecode.errors import ClpError
-    from clpdecode.evaluation.prompts import sharegpt_conversations
+    from clpdecode.datasets import opening_prompt, sharegpt_conversations, sharegpt_split
     from clpdecode.corpus import read_corpus
 
     tok = backbone.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    records = []  # (sharegpt index, human text, gpt text or None)
+    rule = sharegpt_split("prompts")
+    records = []  # (prompt number, human text, gpt text or None) of the records that may train
     idx = 0
-    for rec in sharegpt_conversations():
-        turns = rec.get("conversations") or []
-        if turns and turns[0].get("from") == "human" and (turns[0].get("value") or "").strip():
-            ans = turns[1].get("value") if len(turns) > 1 and turns[1].get("from") == "gpt" else None
-            records.append((idx, turns[0]["value"], ans))
-            idx += 1
-    train = [r for r in records if r[0] % heldout_every != 0]
+    for r, rec in enumerate(sharegpt_conversations()):
+        human = opening_prompt(rec)
+        if human is None:
+            continue
+        turns = rec["conversations"]
+        ans = turns[1].get("value") if len(turns) > 1 and turns[1].get("from") == "gpt" else None
+        if rule.of_record(r) == "train":
+            records.append((idx, human, ans))
+        idx += 1
+    train = records
     random.Random(seed).shuffle(train)
     sd_prompts, tf_seqs, tf_plen = [], [], []
     for i, human, _ in train:
@@ -195,7 +200,7 @@ def pack_corpus_tokens(backbone, out: Path, n_tf: int, max_len: int = 192, seed:
     """Token data for a base model whose answers were self-distilled here (`clp distill
     --prompt-set passages`): the committed corpus's train split as ready answers (sd_answers:
     device_train then skips its own distillation), its held-out split, and teacher-forced
-    plain-text ShareGPT answers (BOS + text, cut to max_len) from records that are not held out.
+    plain-text ShareGPT answers (BOS + text, cut to max_len) from records the held-out rule lets train.
 
     Args:
         backbone: the loaded backbone (its name finds the corpus, its tokenizer encodes).
@@ -205,7 +210,7 @@ def pack_corpus_tokens(backbone, out: Path, n_tf: int, max_len: int = 192, seed:
         Counts of what was packed.
     """
     from clpdecode.corpus import corpus_dir, read_corpus
-    from clpdecode.datasets import HELDOUT_EVERY, sharegpt_conversations
+    from clpdecode.datasets import sharegpt_conversations, sharegpt_split
 
     recs = read_corpus(corpus_dir(backbone.name))
     if not recs:
@@ -213,8 +218,9 @@ def pack_corpus_tokens(backbone, out: Path, n_tf: int, max_len: int = 192, seed:
     train = [r for r in recs if r["split"] == "train" and len(r["answer"]) >= 2]
     held = [r for r in recs if r["split"] == "heldout"]
     texts = []
+    rule = sharegpt_split("records")
     for i, rec in enumerate(sharegpt_conversations()):
-        if i % HELDOUT_EVERY == 0:
+        if rule.of_record(i) != "train":
             continue
         ans = next((t.get("value") for t in rec.get("conversations") or [] if t.get("from") == "gpt"), None)
         if isinstance(ans, str) and len(ans) > 400:

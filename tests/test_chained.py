@@ -109,6 +109,76 @@ def test_eval_heads_on_a_tiny_model_without_cached_features(capsys, tmp_path, ti
     assert abs(res["mean_accepted"] - sum(res["chain_accept"])) < 1e-3
 
 
+def test_eval_heads_on_a_prompt_file_generates_answers_once(capsys, tmp_path, monkeypatch, tiny_backbone,
+                                                            tiny_llama_dir):
+    """--prompts FILE: the backbone's greedy answers are generated (batched), scored, and
+    cached by content: a rerun reads them back and gives the same figures."""
+    import json
+
+    from clpdecode.cli import main
+    from clpdecode.decoding import GenerationConfig, generate, make_policy
+    from clpdecode.heads import save_drafter
+
+    from conftest import random_drafter
+
+    monkeypatch.setenv("CLP_CACHE", str(tmp_path / "cache"))
+    save_drafter(random_drafter(tiny_backbone, k=2, design="chained"), tmp_path / "h", tiny_backbone)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "abc"}\n{"prompt": "hello there"}\n{"prompt": "xyz 123 q"}\n')
+    argv = ["eval-heads", "--model", str(tiny_llama_dir), "--heads", str(tmp_path / "h"), "--prompts", str(prompts),
+            "--max-new-tokens", "12", "--batch-size", "2", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    first = json.loads(out.out)
+    assert first["answers_cached"] is False and first["sequences"] == 3 and first["tokens"] > 0
+    assert first["source"] == "prompts" and first["max_new_tokens"] == 12
+    assert abs(first["mean_accepted"] - sum(first["chain_accept"])) < 1e-3
+    cached = list((tmp_path / "cache" / "eval-answers").glob("*.jsonl"))
+    assert len(cached) == 1
+    recs = [json.loads(line) for line in cached[0].read_text().splitlines()]
+    for r, text in zip(recs, ["abc", "hello there", "xyz 123 q"]):  # in the file's order
+        assert r["prompt"] == tiny_backbone.encode_prompt(text)
+        ar = generate(tiny_backbone, r["prompt"], make_policy("ar"), GenerationConfig(max_new_tokens=12))
+        assert ar.token_ids == r["answer"]  # the backbone's greedy answer
+    stamp = cached[0].stat().st_mtime_ns
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    second = json.loads(out.out)
+    assert second.pop("answers_cached") is True and first.pop("answers_cached") is False
+    assert second == first and cached[0].stat().st_mtime_ns == stamp and "cached answers" in out.err
+    # Other settings are other answers: --limit and --max-new-tokens are part of the key.
+    assert main(argv[:-1] + ["--limit", "2", "--max-new-tokens", "6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sequences"] == 2
+    assert len(list((tmp_path / "cache" / "eval-answers").glob("*.jsonl"))) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompts", "nope"], "unknown prompt set 'nope'"),
+    (["--prompts", "mtbench", "--limit", "0"], "--limit must be at least 1"),
+    (["--prompts", "mtbench", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--prompts", "mtbench", "--corpus", "x"], "--corpus and --prompts"),
+    (["--limit", "3"], "--limit and --max-new-tokens go with --prompts"),
+])
+def test_eval_heads_prompt_options_are_checked_before_the_load(capsys, monkeypatch, tmp_path, tiny_backbone,
+                                                               tiny_llama_dir, extra, message):
+    import clpdecode.backbone
+    from clpdecode.cli import main
+    from clpdecode.heads import save_drafter
+
+    from conftest import random_drafter
+
+    save_drafter(random_drafter(tiny_backbone, k=2, design="chained"), tmp_path / "h", tiny_backbone)
+
+    def must_not_load(*a, **k):
+        raise AssertionError("loaded the backbone before checking the options")
+
+    monkeypatch.setattr(clpdecode.backbone, "load_backbone", must_not_load)
+    code = main(["eval-heads", "--model", str(tiny_llama_dir), "--heads", str(tmp_path / "h"), *extra])
+    out = capsys.readouterr()
+    assert code == 2 and out.out == "" and out.err.startswith("clp: error:") and out.err.count("\n") == 1
+    assert message in out.err, out.err
+
+
 def test_verified_acceptance_matches_heldout_chain_accept(tiny_backbone):
     """The accuracy metric and the decoding loop agree: with span k on the backbone's own
     greedy text, the drafts the loop keeps per step are what chain_accept predicts for

@@ -21,12 +21,13 @@ def test_sharegpt_truncated_file_is_read_record_by_record():
 
 
 def test_passages_are_held_out_plain_text_openings():
-    from clpdecode.datasets import HELDOUT_EVERY, PASSAGE_MAX, PASSAGE_MIN, passage_opening, passages
+    from clpdecode.datasets import PASSAGE_MAX, PASSAGE_MIN, passage_opening, passages, sharegpt_split
 
     held = passages("heldout", limit=20)
     assert [p for _, p in held] == load_prompts("passages", limit=20)  # deterministic, one source
-    assert all(i % HELDOUT_EVERY == 0 and PASSAGE_MIN <= len(p) <= PASSAGE_MAX for i, p in held)
-    assert all(i % HELDOUT_EVERY for i, _ in passages("train", limit=20))
+    rule = sharegpt_split("records")  # the held-out rule of passages: one source with training
+    assert all(rule.of_record(i) == "heldout" and PASSAGE_MIN <= len(p) <= PASSAGE_MAX for i, p in held)
+    assert all(rule.of_record(i) == "train" for i, _ in passages("train", limit=20))
     assert passage_opening("word " * 200) is not None and passage_opening("short.") is None
     assert passage_opening("```python\n" + "a = 1\n" * 100) is None
     # The opening ends at a sentence end, not at a list number's "1.".

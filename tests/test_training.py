@@ -29,6 +29,14 @@ def features(tmp_path_factory, tiny_backbone):
 def test_corpus_generation_resumes(features, tiny_backbone):
     recs = read_corpus(features / "corpus")
     assert len(recs) == 12 and {r["split"] for r in recs} <= {"train", "heldout"}
+    # The held-out rule decides the labels (every 3rd chosen prompt is drawn from its held-out
+    # records); the labels written at generation are the rule's.
+    from clpdecode.datasets import sharegpt_split
+
+    rule = sharegpt_split("prompts")
+    assert sum(r["split"] == "heldout" for r in recs) == 4
+    assert all(r["split"] == r["split_at_generation"] == rule.of_record(r["record"]) for r in recs)
+    assert all(rule.record_of_prompt(r["i"]) == r["record"] for r in recs)
     shards = sorted((features / "corpus").glob("shard-*.jsonl"))
     cfg = DistillConfig(n_prompts=12, max_new_tokens=24, batch_size=4, heldout_every=3, max_prompt_tokens=200)
     generate_corpus(tiny_backbone, features / "corpus", cfg, progress=False)  # nothing left to do
@@ -160,3 +168,18 @@ def test_clp_resume_continues_the_class_weight_ramp(features, tiny_backbone, tmp
         tr._optimise = real_optimise
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_hidden_states_cached_under_another_held_out_rule_are_refused(tmp_path, features):
+    """Cached hidden states carry the held-out flags of their day: without the current rule's
+    marker they are refused, not trained on."""
+    from clpdecode.errors import ClpError
+
+    assert json.loads((features / "feats" / "split.json").read_text())["split_rule"]
+    load_features(features / "feats")  # made under today's rule
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in (features / "feats").glob("*.npz"):
+        (old / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ClpError, match="another held-out rule"):
+        load_features(old)

@@ -26,31 +26,66 @@ def cmd_eval_heads(args) -> int:
     from ..heads.accuracy import heldout_accuracy, heldout_states
     from ..cli import _check_drafter
     from ..corpus import corpus_dir, read_corpus
+    from ..errors import check_positive_int
 
     # Everything a user can get wrong is checked before the backbone loads.
     name = backbone_name(args.model)
     _check_drafter(args, required=True)
     if args.baseline and args.heads is None:  # with --heads, the folder's k is known once it is read
         _baseline_folder(name, args.k)
-    corpus = Path(args.corpus) if args.corpus else corpus_dir(name)
-    if not corpus.is_dir():
-        raise ClpError(f"no corpus at {corpus}: pass --corpus DIR (written by `clp distill`)")
-    records = [r for r in read_corpus(corpus) if r.get("split") == "heldout"]
-    if not records:
-        raise ClpError(f"{corpus} has no held-out answers")
+    source: dict = {}
+    if args.prompts is not None:
+        from .prompts import load_prompts
+
+        if args.corpus is not None:
+            raise ClpError("--corpus and --prompts are two sources of answers: give one")
+        max_new_tokens = 128 if args.max_new_tokens is None else args.max_new_tokens
+        check_positive_int("--max-new-tokens", max_new_tokens)
+        check_positive_int("--batch-size", args.batch_size)
+        prompts = load_prompts(args.prompts, args.limit)
+    else:
+        if args.limit is not None or args.max_new_tokens is not None:
+            raise ClpError("--limit and --max-new-tokens go with --prompts (the corpus's answers are fixed)")
+        corpus = Path(args.corpus) if args.corpus else corpus_dir(name)
+        if not corpus.is_dir():
+            raise ClpError(f"no corpus at {corpus}: pass --corpus DIR (written by `clp distill`)")
+        all_records = read_corpus(corpus)
+        records = [r for r in all_records if r.get("split") == "heldout"]
+        if not records:
+            raise ClpError(f"{corpus} has no held-out answers")
+        source = {"source": "corpus", "corpus": str(corpus), "sequences": len(records)}
+        was = sum(r.get("split_at_generation") == "heldout" for r in all_records)
+        if "split_at_generation" in records[0]:
+            source["heldout_at_generation"] = was
     backbone = load_backbone(args.model, numerics=args.numerics)
     drafter = default_drafter(backbone, k=args.k, folder=args.heads)
     base = load_drafter(_baseline_folder(backbone.name, drafter.k), backbone) if args.baseline else None
+    if args.prompts is not None:
+        from .answers import prompt_answers
+
+        records, cached = prompt_answers(backbone, prompts, max_new_tokens, batch_size=args.batch_size)
+        source = {"source": "prompts", "prompts": args.prompts, "sequences": len(records),
+                  "max_new_tokens": max_new_tokens, "numerics": args.numerics, "answers_cached": cached}
     states = heldout_states(backbone, records)
     res = heldout_accuracy(drafter.heads, backbone, states, drafter.k)
+    res.update(source)
     if base is not None:
         res["baseline"] = heldout_accuracy(base.heads, backbone, states, base.k)
     if args.json:
         print(json.dumps(res))
         return 0
+    if source["source"] == "corpus":
+        what = f"{source['sequences']} held-out answers of {source['corpus']}"
+        if "heldout_at_generation" in source:
+            what += (f" (of the {source['heldout_at_generation']} held out when it was made, the rest now train: "
+                     "their prompts have duplicates in training)")
+    else:
+        what = (f"the backbone's greedy answers ({source['max_new_tokens']} new tokens at most, "
+                f"{source['numerics']}) to {source['sequences']} prompts of {source['prompts']}")
+    print(f"scored on {what}")
     rows = [res] + ([res["baseline"]] if args.baseline else [])
     for r in rows:
-        print(f"{r['design']}: k = {r['k']}, {r['tokens']} held-out positions, "
+        print(f"{r['design']}: k = {r['k']}, {r['tokens']} positions, "
               f"mean accepted {r['mean_accepted']:.3f} drafts per verified step")
         for i in range(r["k"]):
             print(f"  draft {i + 1} (token t+{i + 2}): top-1 {r['head_top1'][i]:.3f}  top-5 {r['head_top5'][i]:.3f}"
@@ -167,20 +202,37 @@ def cmd_profile(args) -> int:
 
 
 def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_args) -> None:
+    from .prompts import PROMPT_SET_HELP
+
     e = sub.add_parser(
         "eval-heads", help="held-out accuracy and chain acceptance of the drafter",
-        description="Accuracy of each draft against the backbone's greedy continuation on the held-out "
-                    "self-distilled answers (the committed corpus): top-1/top-5 per draft, the share of "
-                    "positions whose drafts 1..i are all right, and their sum (drafts kept per verified "
-                    "step). Computes the backbone's states itself (about 20 s on 2 cores).")
+        description="Accuracy of each draft against the backbone's greedy continuation: top-1/top-5 per draft, "
+                    "the share of positions whose drafts 1..i are all right, and their sum (drafts kept per "
+                    "verified step). By default on the committed corpus's held-out self-distilled answers, "
+                    "relabelled under the deduplicated held-out rule (answers whose prompts have duplicates in "
+                    "training no longer count); with --prompts on the backbone's greedy answers to a prompt set, "
+                    "generated here in batches and cached by content (prompts, backbone, numerics, "
+                    "--max-new-tokens), so a rerun only recomputes the states. Computes the backbone's states "
+                    "itself (about 20 s per 45 answers on 2 cores; answers ~10-40 tokens/s).")
     add_model_args(e)
     add_drafter_args(e)
     e.add_argument("--corpus", default=None, help="token-id corpus with a held-out split (default: the shipped one)")
+    e.add_argument("--prompts", default=None,
+                   help="score on the backbone's own greedy answers to these prompts instead of the corpus: "
+                        + "; ".join(f"{k}: {v}" for k, v in PROMPT_SET_HELP.items() if k != "passages")
+                        + "; passages: plain-text openings of held-out ShareGPT answers (211; read as plain text "
+                          "by a backbone without a chat template, e.g. gemma3-270m)"
+                        + '; or a JSONL file of {"prompt": ...} lines')
+    e.add_argument("--limit", type=int, default=None, help="with --prompts: the first N prompts (default: all)")
+    e.add_argument("--max-new-tokens", type=int, default=None,
+                   help="with --prompts: answer length cap (default: 128)")
+    e.add_argument("--batch-size", type=int, default=16,
+                   help="with --prompts: prompts answered together (default: 16)")
     e.add_argument("--baseline", action="store_true",
                    help="also evaluate the shipped independent heads on the same positions")
     e.add_argument("--json", action="store_true",
                    help='print {"k", "design", "head_top1", "head_top5", "chain_accept", "mean_accepted", '
-                        '"tokens"[, "baseline"]}')
+                        '"tokens", "source", "sequences", ...[, "baseline"]}')
     e.set_defaults(func=cmd_eval_heads)
 
     b = sub.add_parser(

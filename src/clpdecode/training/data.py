@@ -6,9 +6,10 @@ backbone state whose LM-head argmax is answer token j (the backbone's "t+1"), an
 -> t+1+i), the target of head i at j is tokens[j + o - 2 + i], when the sequence is that
 long.
 
-Splits, by sequence: ``heldout`` (chosen at generation, for every evaluation), and the
-rest split again into ``heads`` (trains the heads) and ``predictor`` (trains CLP and the
-gates on head predictions the heads were not fitted to, so that their labels are honest).
+Splits, by sequence: ``heldout`` (the held-out rule's, datasets.sharegpt_split: every
+evaluation), and the rest split again into ``heads`` (trains the heads) and ``predictor``
+(trains CLP and the gates on head predictions the heads were not fitted to, so that their
+labels are honest).
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def load_features(features_dir: Path, predictor_share: float = 0.2, sources: str
     teacher (teacher-forced ShareGPT only, plus the distilled rows CLP and evaluation need)."""
     if sources not in SOURCES:
         raise ClpError(f"sources must be one of {', '.join(SOURCES)}")
+    from .distill import check_features_rule
+
+    check_features_rule(features_dir)  # held-out flags of today's rule, or a clear error
     # Self-distilled shards are always read: even "teacher" needs them for CLP and evaluation.
     shards = sorted(Path(features_dir).glob("shard-*.npz"))
     shards += sorted(Path(features_dir).glob("tf-*.npz")) if sources != "distilled" else []

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +24,8 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_file, atomic_write_text
-from ..corpus import read_corpus  # noqa: F401  (re-exported: the corpus's writer)
-from ..datasets import HELDOUT_EVERY, passages, sharegpt, sharegpt_conversations
+from ..corpus import corpus_grid, greedy_answers, read_corpus  # noqa: F401  (read_corpus re-exported)
+from ..datasets import opening_prompt, passages, sharegpt_conversations, sharegpt_split
 from ..errors import ClpError
 
 
@@ -36,7 +35,10 @@ class DistillConfig:
     max_prompt_tokens: int = 320  # longer prompts are skipped, not truncated
     max_new_tokens: int = 192  # answer length cap
     batch_size: int = 16  # batched greedy generation: ~4x the tokens/s of batch 1 on CPU
-    heldout_every: int = HELDOUT_EVERY  # every 20th prompt goes to the held-out split (5%)
+    # Which prompts are held out is the rule's (datasets.sharegpt_split), never this: None
+    # takes prompts in the seeded shuffled order whatever their split (about 3.5% are held
+    # out); N makes every N-th chosen prompt a held-out one (a small corpus then has some).
+    heldout_every: int | None = None
     seed: int = 0
     # "sharegpt": first human turns through the chat template (instruct models);
     # "passages": plain-text openings of ShareGPT answers to continue (base models).
@@ -46,30 +48,52 @@ class DistillConfig:
 DISTILL_PROMPT_SETS = ("sharegpt", "passages")
 
 
-def _candidate_prompts(cfg: DistillConfig) -> tuple[list[str], list[int], bool | None]:
+def _candidate_prompts(cfg: DistillConfig) -> tuple[list[str], list[int], list[int], bool | None]:
     """The texts to answer.
 
     Args:
         cfg: its prompt_set picks the texts.
     Returns:
-        (texts, their ShareGPT indices, which decide the held-out split, chat): chat is
-        False for passages (plain text) and None otherwise (the backbone's template, if any).
+        (texts, their corpus indices "i", their ShareGPT record indices, chat): "i" is the
+        record index for passages and the prompt number for ShareGPT prompts (as the
+        committed corpora have it); chat is False for passages (plain text) and None
+        otherwise (the backbone's template, if any).
     """
     if cfg.prompt_set == "passages":
-        # Indexed by ShareGPT record, so a passage is held out here exactly when
-        # `clp bench --prompts passages` may show it.
         pairs = passages("all")
-        return [text for _, text in pairs], [i for i, _ in pairs], False
+        return [text for _, text in pairs], [i for i, _ in pairs], [i for i, _ in pairs], False
     if cfg.prompt_set != "sharegpt":
         raise ClpError(f"unknown distillation prompt set {cfg.prompt_set!r}; use {', '.join(DISTILL_PROMPT_SETS)}")
-    prompts = sharegpt()
-    return prompts, list(range(len(prompts))), None
+    texts, records = [], []
+    for r, rec in enumerate(sharegpt_conversations()):
+        text = opening_prompt(rec)
+        if text is not None:
+            texts.append(text)
+            records.append(r)
+    return texts, list(range(len(texts))), records, None
 
 
-def _select_prompts(backbone, cfg: DistillConfig) -> list[tuple[int, list[int]]]:
-    prompts, index, chat = _candidate_prompts(cfg)
+def _grid(cfg: DistillConfig) -> str:
+    return "records" if cfg.prompt_set == "passages" else "prompts"
+
+
+def _select_prompts(backbone, cfg: DistillConfig) -> list[tuple[int, int, str, list[int]]]:
+    """(corpus index, record, split, prompt ids) of the prompts to answer, in a seeded order;
+    prompts that duplicate a benchmark prompt are never chosen."""
+    prompts, index, record, chat = _candidate_prompts(cfg)
+    rule = sharegpt_split(_grid(cfg))
     order = list(range(len(prompts)))
     random.Random(cfg.seed).shuffle(order)
+    order = [n for n in order if rule.of_record(record[n]) != "bench"]
+    if cfg.heldout_every:
+        held = iter([n for n in order if rule.of_record(record[n]) == "heldout"])
+        train = iter([n for n in order if rule.of_record(record[n]) == "train"])
+        order = []
+        for pos in range(len(prompts)):
+            n = next(held if pos % cfg.heldout_every == 0 else train, None)
+            if n is None:
+                break
+            order.append(n)
     chosen = []
     for n in order:
         try:
@@ -77,7 +101,7 @@ def _select_prompts(backbone, cfg: DistillConfig) -> list[tuple[int, list[int]]]
         except ClpError:
             continue
         if len(ids) <= cfg.max_prompt_tokens:
-            chosen.append((index[n], ids))
+            chosen.append((index[n], record[n], rule.of_record(record[n]), ids))
         if len(chosen) >= cfg.n_prompts:
             break
     return chosen
@@ -85,60 +109,34 @@ def _select_prompts(backbone, cfg: DistillConfig) -> list[tuple[int, list[int]]]
 
 def generate_corpus(backbone, corpus_dir: Path, cfg: DistillConfig, progress: bool = True) -> Path:
     """Answer ShareGPT prompts (or continue passages) greedily in batches; resume where an
-    earlier run stopped."""
-    from tqdm import tqdm
-
+    earlier run stopped. Each answer is labelled with its prompt's split under the held-out
+    rule; readers relabel under the current rule anyway (corpus.read_corpus)."""
     corpus_dir = Path(corpus_dir)
     corpus_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"backbone": backbone.name, "fingerprint": backbone.fingerprint, "config": cfg.__dict__}
     meta_path = corpus_dir / "meta.json"
+    grid = _grid(cfg)
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
         if old.get("fingerprint") != backbone.fingerprint:
             raise ClpError(f"{corpus_dir} was generated by another backbone ({old.get('backbone')})")
+        if corpus_grid(corpus_dir) not in (None, grid):
+            raise ClpError(f"{corpus_dir} holds answers to another prompt set than {cfg.prompt_set}")
+    rule = sharegpt_split(grid)
+    meta = {"backbone": backbone.name, "fingerprint": backbone.fingerprint, "config": cfg.__dict__,
+            "grid": grid, "split_rule": rule.key}
     atomic_write_text(meta_path, json.dumps(meta, indent=1))
 
-    done = {r["i"] for r in read_corpus(corpus_dir)}
-    todo = [(i, ids) for i, ids in _select_prompts(backbone, cfg) if i not in done]
-    # Similar lengths in a batch waste less compute on padding.
-    todo.sort(key=lambda x: len(x[1]))
-    batches = [todo[j : j + cfg.batch_size] for j in range(0, len(todo), cfg.batch_size)]
-    tok = backbone.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(backbone.eos_ids))
+    done = {r["i"] for r in read_corpus(corpus_dir, resplit=False)}
+    todo = [c for c in _select_prompts(backbone, cfg) if c[0] not in done]
     next_shard = len(list(corpus_dir.glob("shard-*.jsonl")))
-    bar = tqdm(total=len(todo), desc="distill: answering prompts", unit="prompt", disable=not progress)
-    n_tokens, t0 = 0, time.time()
-    for batch in batches:
-        width = max(len(ids) for _, ids in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for r, (_, ids) in enumerate(batch):
-            input_ids[r, width - len(ids) :] = torch.tensor(ids)
-            mask[r, width - len(ids) :] = 1
-        with torch.inference_mode():
-            out = backbone.model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=cfg.max_new_tokens,
-                pad_token_id=pad_id,
-            )
+    for batch in greedy_answers(backbone, [ids for *_, ids in todo], cfg.max_new_tokens, cfg.batch_size,
+                                progress=progress, desc="distill: answering prompts"):
         lines = []
-        for r, (i, ids) in enumerate(batch):
-            ans = out[r, width:].tolist()
-            # Cut after the first EOS: what follows is padding.
-            for j, t in enumerate(ans):
-                if t in backbone.eos_ids:
-                    ans = ans[: j + 1]
-                    break
-            n_tokens += len(ans)
-            split = "heldout" if i % cfg.heldout_every == 0 else "train"
-            lines.append(json.dumps({"i": i, "split": split, "prompt": ids, "answer": ans}))
+        for n, ans in batch:
+            i, record, split, ids = todo[n]
+            lines.append(json.dumps({"i": i, "record": record, "split": split, "prompt": ids, "answer": ans}))
         atomic_write_text(corpus_dir / f"shard-{next_shard:05d}.jsonl", "\n".join(lines) + "\n")
         next_shard += 1
-        bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{n_tokens / (time.time() - t0):.1f}", tokens=n_tokens)
-    bar.close()
     return corpus_dir
 
 
@@ -157,6 +155,8 @@ def build_features(backbone, corpus_dir: Path, features_dir: Path, progress: boo
     shards = sorted(corpus_dir.glob("shard-*.jsonl"))
     if not shards:
         raise ClpError(f"no corpus in {corpus_dir}: run `clp distill` first")
+    claim_features_dir(features_dir)
+    labels = {r["i"]: r["split"] for r in read_corpus(corpus_dir)}  # the current held-out rule's
     todo = [s for s in shards if not (features_dir / (s.stem + ".npz")).exists()]
     bar = tqdm(todo, desc="distill: caching hidden states", unit="shard", disable=not progress)
     for shard in bar:
@@ -164,8 +164,8 @@ def build_features(backbone, corpus_dir: Path, features_dir: Path, progress: boo
         hidden, tokens, seq, split = [], [], [], []
         for r in recs:
             ans = r["answer"]
-            if len(ans) < 2:
-                continue
+            if len(ans) < 2 or labels[r["i"]] not in ("train", "heldout"):
+                continue  # too short, or a duplicate of a benchmark prompt
             ids = torch.tensor([r["prompt"] + ans])
             h = backbone.forward(ids, backbone.new_cache())[0]  # (T, d)
             p = len(r["prompt"])
@@ -173,12 +173,49 @@ def build_features(backbone, corpus_dir: Path, features_dir: Path, progress: boo
             hidden.append(h[p - 1 : p - 1 + len(ans)].to(torch.float16).numpy())
             tokens.append(np.asarray(ans, dtype=np.int32))
             seq.append(np.full(len(ans), r["i"], dtype=np.int32))
-            split.append(np.full(len(ans), r["split"] == "heldout", dtype=np.bool_))
+            split.append(np.full(len(ans), labels[r["i"]] == "heldout", dtype=np.bool_))
         on_path = [np.ones(len(t), dtype=np.bool_) for t in tokens]
         if not hidden:
             continue
         _save_shard(features_dir / (shard.stem + ".npz"), hidden, tokens, seq, split, on_path)
     return features_dir
+
+
+SPLIT_MARKER = "split.json"
+
+
+def claim_features_dir(features_dir: Path) -> None:
+    """Refuse hidden states cached under another held-out rule, and mark a folder as this rule's.
+
+    Their held-out flags (and the teacher-forced conversations they hold) were chosen by the
+    rule of their day; the marker (split.json) records it. A folder with shards and no
+    marker predates the deduplicated split.
+    """
+    from ..datasets import split_rule_key
+
+    features_dir = Path(features_dir)
+    marker = features_dir / SPLIT_MARKER
+    key = split_rule_key()
+    check_features_rule(features_dir, key)
+    if not marker.exists():
+        atomic_write_text(marker, json.dumps({"split_rule": key}))
+
+
+def check_features_rule(features_dir: Path, key: str | None = None) -> None:
+    """ClpError when the cached hidden states were labelled under another held-out rule."""
+    from ..datasets import split_rule_key
+
+    features_dir = Path(features_dir)
+    shards = list(features_dir.glob("shard-*.npz")) + list(features_dir.glob("tf-*.npz"))
+    if not shards:
+        return
+    try:
+        recorded = json.loads((features_dir / SPLIT_MARKER).read_text()).get("split_rule")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != (key or split_rule_key()):
+        raise ClpError(f"the hidden states in {features_dir} were cached under another held-out rule (before "
+                       "ShareGPT was deduplicated, or on other data): delete that folder and rerun `clp distill`")
 
 
 def _save_shard(path: Path, hidden, tokens, seq, heldout, on_path) -> None:
@@ -198,14 +235,19 @@ def build_teacher_features(backbone, features_dir: Path, n_conversations: int = 
     followed the backbone's choices in between (a_j == x_{j+1}, ...): ``on_path[j]``
     records a_j == x_{j+1}, and training uses a head target only when the whole chain
     before it is on the path. No generation: ~10x the positions per CPU-hour of
-    self-distillation. Rows go to the head-training split only (shards ``tf-*.npz``).
+    self-distillation. Rows go to the head-training split only (shards ``tf-*.npz``), and
+    only conversations the held-out rule lets train are read.
     """
     from tqdm import tqdm
 
     features_dir = Path(features_dir)
     features_dir.mkdir(parents=True, exist_ok=True)
+    claim_features_dir(features_dir)
+    rule = sharegpt_split("prompts")
     pairs = []
-    for rec in sharegpt_conversations():
+    for r, rec in enumerate(sharegpt_conversations()):
+        if rule.of_record(r) != "train":  # held out, or a duplicate of a benchmark prompt
+            continue
         turns = rec.get("conversations") or []
         if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
             if (turns[0].get("value") or "").strip() and (turns[1].get("value") or "").strip():

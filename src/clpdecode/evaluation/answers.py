@@ -1,0 +1,74 @@
+"""The backbone's greedy answers to a prompt set, for `clp eval-heads --prompts`, cached by content.
+
+Generating them is the slow part (~10-40 tokens/s here), so they are kept in
+<cache>/eval-answers/<key>.jsonl, where the key hashes everything that decides them: the
+prompts' token ids (so the chat template too), the backbone (name and LM-head fingerprint),
+its numerics and engine, max_new_tokens and the batch size (left padding of a batch can
+move a float, so a batch's answers are only reproduced by the same batches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from ..atomic import atomic_write_text
+from ..errors import ClpError, check_context
+
+ANSWERS_FORMAT = 1
+
+
+def answers_key(backbone, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int) -> str:
+    blob = json.dumps({"format": ANSWERS_FORMAT, "backbone": backbone.name, "fingerprint": backbone.fingerprint,
+                       "numerics": backbone.info.numerics, "max_new_tokens": max_new_tokens,
+                       "batch_size": batch_size, "prompts": prompt_ids}, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def answers_path(key: str) -> Path:
+    from ..backbone.loading import cache_dir
+
+    return cache_dir() / "eval-answers" / f"{key}.jsonl"
+
+
+def prompt_answers(backbone, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
+                   progress: bool = True) -> tuple[list[dict], bool]:
+    """Greedy answers of the backbone to `prompts` (its chat template when it has one).
+
+    Returns:
+        ([{"prompt": ids, "answer": ids}] in the order of `prompts`, whether they came
+        from the cache).
+    """
+    from ..corpus import greedy_answers
+
+    encoded = []
+    for n, text in enumerate(prompts):
+        try:
+            ids = backbone.encode_prompt(text)
+            check_context(len(ids), max_new_tokens, backbone.max_positions)
+        except ClpError as e:
+            raise ClpError(f"prompt {n + 1}: {e}") from None
+        encoded.append(ids)
+    key = answers_key(backbone, encoded, max_new_tokens, batch_size)
+    path = answers_path(key)
+    try:
+        recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if [r["prompt"] for r in recs] == encoded:
+            if progress:
+                print(f"clp: eval-heads: {len(recs)} cached answers ({path})", file=sys.stderr)
+            return recs, True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    answers: list[list[int] | None] = [None] * len(encoded)
+    for batch in greedy_answers(backbone, encoded, max_new_tokens, batch_size, progress=progress,
+                                desc="eval-heads: the backbone's greedy answers"):
+        for n, ans in batch:
+            answers[n] = ans
+    recs = [{"prompt": p, "answer": a} for p, a in zip(encoded, answers)]
+    try:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
+    except OSError:  # a read-only cache: generated again next time
+        pass
+    return recs, False
