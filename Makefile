@@ -93,8 +93,8 @@ heads-gemma: gemma
 # The independent heads (the baseline shipped as independent-k2/-k4), about 45 min.
 heads-independent: setup
 	$(VENV)/bin/clp distill --teacher-forced 1000
-	$(VENV)/bin/clp train --k 2 --steps 2000 --competing-steps 1000 --out $(ASSETS)/independent-k2
-	$(VENV)/bin/clp train --k 4 --steps 2000 --competing-steps 1000 --out $(ASSETS)/independent-k4
+	$(VENV)/bin/clp train --design fused --k 2 --steps 2000 --competing-steps 1000 --out $(ASSETS)/independent-k2
+	$(VENV)/bin/clp train --design fused --k 4 --steps 2000 --competing-steps 1000 --out $(ASSETS)/independent-k4
 
 # Extend the committed token-id corpus (it resumes): the committed one is the first 24
 # batches (768 prompts, shortest first) of this command, ~45 answer tokens/s on 2 cores.

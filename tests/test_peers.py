@@ -84,7 +84,7 @@ def bench_argv(tmp_path, tiny_llama_dir, monkeypatch):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello there"}\n{"prompt": "and again"}\n')
     return ["bench", "--model", str(tiny_llama_dir), "--methods", "ar", "--hf-generate", "--prompts", str(prompts),
-            "--max-new-tokens", "6"]
+            "--max-new-tokens", "6", "--numerics", "fp16"]  # the fake GGUF has no blocks for q4 to read
 
 
 def test_llama_server_rows(capsys, tmp_path, bench_argv, monkeypatch):
@@ -103,14 +103,15 @@ def test_llama_server_rows(capsys, tmp_path, bench_argv, monkeypatch):
     assert code == 0, err
     assert "| llama_server" not in out  # stdout: the results table only
     skips = [ln for ln in err.splitlines() if ln.startswith("clp bench: no llama_server") or "llama-server" in ln]
-    assert len(skips) == 1 and "no llama_server_ngram_map_k row: llama-server exited with status 1" in skips[0]
-    assert "invalid argument" in skips[0]
+    assert len(skips) == 2 and "no llama_server_ngram_map_k row: llama-server exited with status 1" in skips[0]
+    assert "no llama_server_ngram_map_k_n3 row" in skips[1] and all("invalid argument" in s for s in skips)
 
     res = json.loads((tmp_path / "b" / "results.json").read_text())
     rows = res["peers"]
-    assert {"llama_server_ar", "llama_server_ngram_simple", "llama_server_ngram_mod"} <= set(rows)
-    assert "llama_server_ngram_map_k" not in rows
-    for name in ("llama_server_ar", "llama_server_ngram_simple", "llama_server_ngram_mod"):
+    running = ("llama_server_ar", "llama_server_ngram_simple", "llama_server_ngram_mod", "llama_server_ngram_simple_n3")
+    assert set(running) <= set(rows)
+    assert "llama_server_ngram_map_k" not in rows and "llama_server_ngram_map_k_n3" not in rows
+    for name in running:
         row = rows[name]
         assert row["n_prompts"] == 2 and row["tokens_per_s_e2e"] > 0 and row["speedup_vs_ar"] > 0
         # (6 - 1) tokens over 12 ms, as its timings say
@@ -124,16 +125,18 @@ def test_llama_server_rows(capsys, tmp_path, bench_argv, monkeypatch):
 
     entries = [json.loads(ln) for ln in log.read_text().splitlines()]
     starts = [e for e in entries if "argv" in e]
-    assert len(starts) == 4
+    assert len(starts) == 6
     for e in starts:
         a = e["argv"]
         assert a[a.index("-m") + 1] == str(tmp_path / "model.gguf")
         threads = str(torch.get_num_threads())
         assert a[a.index("-t") + 1] == a[a.index("-tb") + 1] == threads and a[a.index("-np") + 1] == "1"
         assert e["ld"].split(os.pathsep)[0] == str(exe.parent.resolve())
-    assert len({e["argv"][e["argv"].index("--port") + 1] for e in starts}) == 4
+    assert len({e["argv"][e["argv"].index("--port") + 1] for e in starts}) == 6
+    n3 = [e["argv"] for e in starts if "3" in e["argv"] and "--spec-ngram-simple-size-n" in e["argv"]]
+    assert n3 and n3[0][n3[0].index("--spec-ngram-simple-size-m") + 1] == "4"
     requests = [e for e in entries if "body" in e]
-    assert len(requests) == 3 * 3  # warm-up + 2 prompts, per running mode
+    assert len(requests) == 3 * 4  # warm-up + 2 prompts, per running mode
     for e in requests:
         b = e["body"]
         assert all(isinstance(t, int) for t in b["prompt"]) and b["cache_prompt"] is False

@@ -86,7 +86,7 @@ def test_sequence_states_lay_rows_out_as_prefilled_answers():
     hidden = torch.arange(7, dtype=torch.float16)[:, None].repeat(1, 4)
     f = Features(hidden, torch.tensor([10, 11, 12, 20, 21, 30, 31]), torch.tensor([0, 0, 0, 1, 1, 2, 2]),
                  np.array(["heldout"] * 3 + ["heads"] * 2 + ["heldout"] * 2), torch.ones(7, dtype=torch.bool))
-    (s0, ids0, m0), (s2, ids2, m2) = sequence_states(f, "heldout")
+    (s0, ids0, m0, _), (s2, ids2, m2, _) = sequence_states(f, "heldout")
     assert s0[0, :, 0].tolist() == [0, 1, 2, 0] and ids0[0, 1:].tolist() == [10, 11, 12]
     assert m0[0].tolist() == [True, True, True, False]
     assert s2[0, :, 0].tolist() == [5, 6, 0] and ids2[0, 1:].tolist() == [30, 31] and m2[0].tolist() == [True, True, False]
@@ -126,7 +126,7 @@ def test_two_process_training_with_accelerate_launch(features, tiny_llama_dir, t
     launcher = Path(sys.executable).with_name("accelerate")
     out = tmp_path / "heads"
     cmd = [str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "clpdecode.cli", "train",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "clpdecode.cli", "train", "--design", "fused",
            "--model", str(tiny_llama_dir), "--features", str(features / "feats"), "--out", str(out),
            "--k", "2", "--steps", "4", "--predictor-steps", "2", "--batch-size", "8", "--draft-vocab", "40"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -183,3 +183,32 @@ def test_hidden_states_cached_under_another_held_out_rule_are_refused(tmp_path, 
         (old / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ClpError, match="another held-out rule"):
         load_features(old)
+
+
+def test_eagle3_training_command_end_to_end(features, tiny_llama_dir, tmp_path, capsys):
+    """`clp train` (EAGLE-3, the default design) on the tiny model: token corpora in, a bundle
+    out with CLP and gates; a rerun resumes; verified decoding with it equals AR."""
+    from clpdecode.backbone import load_backbone
+    from clpdecode.cli import main
+    from clpdecode.decoding import GenerationConfig, generate, make_policy
+    from clpdecode.heads.eagle3 import Eagle3Drafter
+
+    out, work = tmp_path / "e3", tmp_path / "work"
+    argv = ["train", "--model", str(tiny_llama_dir), "--corpus", str(features / "corpus"), "--out", str(out),
+            "--work", str(work), "--k", "2", "--steps", "3", "--conversations", "6", "--max-len", "96",
+            "--batch-sequences", "2", "--draft-vocab", "40", "--numerics", "fp32"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["drafter_steps"] == 3 and res["finished"] and res["predictors"]["positions"] > 0
+    bb = load_backbone(str(tiny_llama_dir), numerics="fp32")
+    drafter = load_drafter(out, bb)
+    assert isinstance(drafter.heads, Eagle3Drafter) and drafter.clp is not None and drafter.gates is not None
+    assert drafter.heads.draft_ids.numel() == 40
+    assert torch.load(work / "drafter.pt", weights_only=False)["step"] == 3
+    argv[argv.index("--steps") + 1] = "5"  # resumes from step 3
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["drafter_steps"] == 5
+    ids = [5, 9, 14, 20]
+    cfg = GenerationConfig(max_new_tokens=20)
+    ar = generate(bb, ids, make_policy("ar"), cfg)
+    assert generate(bb, ids, make_policy("verified", bb, load_drafter(out, bb)), cfg).token_ids == ar.token_ids

@@ -185,6 +185,23 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .backbone.loading import backbone_name, resolve_model
+    from .heads.artifacts import drafter_folder, load_drafter
+    from .heads.export import export_eagle3
+
+    import torch
+
+    folder = drafter_folder(backbone_name(args.model), args.k, args.heads, required=True)
+    drafter = load_drafter(folder)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    out = export_eagle3(drafter, Path(args.out), dtype)
+    _, target = resolve_model(args.model)  # the target's folder (config + tokenizer) for converters
+    print(json.dumps({"out": str(out), "format": args.format, "heads": str(folder), "target_model_dir": target,
+                      "aux_layers": list(drafter.aux_layers), "draft_vocab": int(drafter.heads.draft_ids.numel())}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .decoding import METHODS
 
@@ -226,6 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_drafter_args(i)
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=cmd_info)
+
+    from .heads.export import FORMATS
+
+    x = sub.add_parser("export", help="write a drafter in the format serving engines load (EAGLE-3)",
+                       description="Write an EAGLE-3 drafter as the checkpoint vLLM, SGLang and llama.cpp load "
+                                   "(SpecForge's LlamaForCausalLMEagle3: config.json + model.safetensors with "
+                                   "d2t/t2d). llama.cpp: `python convert_hf_to_gguf.py OUT --target-model-dir "
+                                   "TARGET --outtype f16` (TARGET: printed as target_model_dir), then "
+                                   "`llama-server -m BACKBONE.gguf -md drafter.gguf --spec-type draft-eagle3`.")
+    x.add_argument("--format", default="eagle3", choices=list(FORMATS), help="checkpoint format (default: eagle3)")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="weight dtype (default: float16)")
+    x.add_argument("--model", default="embedded", help=MODEL_HELP + " (default: embedded)")
+    _add_drafter_args(x)
+    x.set_defaults(func=cmd_export)
 
     from .training.cli import add_training_commands
     from .evaluation.cli import add_evaluation_commands

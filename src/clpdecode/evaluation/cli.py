@@ -66,7 +66,8 @@ def cmd_eval_heads(args) -> int:
         records, cached = prompt_answers(backbone, prompts, max_new_tokens, batch_size=args.batch_size)
         source = {"source": "prompts", "prompts": args.prompts, "sequences": len(records),
                   "max_new_tokens": max_new_tokens, "numerics": args.numerics, "answers_cached": cached}
-    states = heldout_states(backbone, records)
+    aux = drafter.aux_layers or (base.aux_layers if base is not None else ())
+    states = heldout_states(backbone, records, aux_layers=aux)
     res = heldout_accuracy(drafter.heads, backbone, states, drafter.k)
     res.update(source)
     if base is not None:

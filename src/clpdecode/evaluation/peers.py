@@ -157,6 +157,12 @@ SERVER_MODES = {
     "llama_server_ngram_simple": ["--spec-type", "ngram-simple"],
     "llama_server_ngram_mod": ["--spec-type", "ngram-mod"],
     "llama_server_ngram_map_k": ["--spec-type", "ngram-map-k"],
+    # The same lookups with short keys and drafts, as our lookup drafts (3-token keys, 4 drafts):
+    # llama.cpp's defaults (12-token keys, 48 drafts) rarely fire on fresh chat answers.
+    "llama_server_ngram_simple_n3": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
+                                     "--spec-ngram-simple-size-m", "4"],
+    "llama_server_ngram_map_k_n3": ["--spec-type", "ngram-map-k", "--spec-ngram-map-k-size-n", "3",
+                                    "--spec-ngram-map-k-size-m", "4"],
 }
 SERVER_START_S = 180.0  # model load and the server's own warm-up
 REQUEST_S = 900.0

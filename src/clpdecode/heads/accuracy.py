@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .chained import ChainedHeads
+from .eagle3 import Eagle3Drafter
 
 
 def shifted(x: torch.Tensor, s: int, fill=0) -> torch.Tensor:
@@ -38,11 +39,16 @@ def draft_topk(drafter_heads, features: torch.Tensor, tokens: torch.Tensor, embe
     """(B, L, steps, topk) token ids each draft step ranks first at every chain start.
 
     Args:
-        features: (B, L, d) backbone post-norm states; tokens (B, L) the text, whose
-            token at j+1 is the backbone's t+1 after position j.
+        features: (B, L, d) backbone post-norm states, or for an EAGLE-3 drafter (B, L, 3d)
+            the inputs of its aux layers; tokens (B, L) the text, whose token at j+1 is the
+            backbone's t+1 after position j.
         embed: (V, d) input embedding table (for independent fused heads and chains).
     """
     heads = drafter_heads
+    if isinstance(heads, Eagle3Drafter):
+        outs = heads.forward_train(features.float(), [embed[shifted(tokens, 1)].float()], steps=steps,
+                                   own_tokens=True)
+        return torch.stack([heads.draft_ids[heads.logits(x).topk(topk, -1).indices] for x in outs], 2)
     if isinstance(heads, ChainedHeads):
         outs = heads.forward_train(features.float(), [embed[shifted(tokens, 1)].float()], steps=steps,
                                    own_tokens=True)
@@ -94,11 +100,14 @@ def summarise(counts: list[dict], k: int, design: str) -> dict:
 
 
 @torch.no_grad()
-def heldout_states(backbone, records: list[dict], progress: bool = True) -> list[tuple]:
-    """One prefill per held-out answer: [(states (1, T, d), ids (1, T), answer_mask (1, T))].
+def heldout_states(backbone, records: list[dict], progress: bool = True,
+                   aux_layers: tuple[int, ...] = ()) -> list[tuple]:
+    """One prefill per held-out answer: [(states (1, T, d), ids (1, T), answer_mask (1, T),
+    aux (1, T, 3d) or None)].
 
     Args:
         records: {"prompt": ids, "answer": ids} with the answer the backbone's greedy output.
+        aux_layers: also keep the inputs of these layers (an EAGLE-3 drafter's features).
     """
     from tqdm import tqdm
 
@@ -108,10 +117,11 @@ def heldout_states(backbone, records: list[dict], progress: bool = True) -> list
         if len(r["answer"]) < 2:
             continue
         ids = list(r["prompt"]) + list(r["answer"])
-        states = backbone.forward(torch.tensor([ids]), backbone.new_cache())  # (1, T, d)
+        out_ = backbone.forward(torch.tensor([ids]), backbone.new_cache(), aux_layers=aux_layers)
+        states, aux = out_ if aux_layers else (out_, None)  # (1, T, d), (1, T, 3d)
         mask = torch.zeros(1, len(ids), dtype=torch.bool)
         mask[0, len(r["prompt"]) - 1 : len(ids) - 1] = True  # p's next token is an answer token
-        out.append((states.float(), torch.tensor([ids]), mask))
+        out.append((states.float(), torch.tensor([ids]), mask, None if aux is None else aux.float()))
     return out
 
 
@@ -119,5 +129,8 @@ def heldout_states(backbone, records: list[dict], progress: bool = True) -> list
 def heldout_accuracy(drafter_heads, backbone, states: list[tuple], k: int) -> dict:
     """Accuracy of heads or a chain on held-out answers whose states heldout_states computed."""
     embed = backbone.model.get_input_embeddings().weight.detach().float()
-    counts = [accuracy_counts(drafter_heads, f, ids, mask, embed, k) for f, ids, mask in states]
+    eagle = isinstance(drafter_heads, Eagle3Drafter)
+    if eagle and any(aux is None for *_, aux in states):
+        raise ValueError("an EAGLE-3 drafter is scored on aux-layer states: heldout_states(aux_layers=...)")
+    counts = [accuracy_counts(drafter_heads, aux if eagle else f, ids, mask, embed, k) for f, ids, mask, aux in states]
     return summarise(counts, k, drafter_heads.cfg.design)

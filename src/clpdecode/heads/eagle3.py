@@ -37,8 +37,10 @@ from .modules import top_candidates
 
 
 def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
-    """EAGLE-3's low, middle and high layers (their inputs): vLLM's and llama.cpp's default."""
-    return (2, num_layers // 2, num_layers - 3)
+    """EAGLE-3's low, middle and high layers (their inputs): vLLM's and llama.cpp's default,
+    [2, L/2, L-3], kept inside the model for very shallow (test) models."""
+    last = num_layers - 1
+    return (min(2, last), min(num_layers // 2, last), max(0, min(num_layers - 3, last)))
 
 
 @dataclass

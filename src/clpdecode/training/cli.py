@@ -45,6 +45,45 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_train_drafter(args) -> int:
+    """`clp train` with the default design (EAGLE-3): token corpora in, a drafter bundle out."""
+    import torch
+
+    from ..backbone import load_backbone
+    from ..corpus import read_corpus
+    from ..errors import check_positive_int
+    from ..heads.artifacts import save_drafter
+    from .data import drafter_sequences
+    from .drafter import DrafterTrainConfig, train_drafter
+    from .train import _accelerator
+
+    for opt in ("k", "steps", "batch_sequences", "max_len"):
+        check_positive_int("--" + opt.replace("_", "-"), getattr(args, opt))
+    if args.minutes < 0:
+        raise ClpError(f"--minutes must be >= 0, got {args.minutes}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ClpError("--device cuda: no CUDA device is available here")
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out.parent / f".{out.name}-work"
+    backbone = load_backbone(args.model, numerics=args.numerics)
+    corpus = Path(args.corpus) if args.corpus else default_corpus_dir(backbone.name)
+    records = read_corpus(corpus) if corpus.is_dir() else []
+    cfg = DrafterTrainConfig(k=args.k, draft_vocab=args.draft_vocab, steps=args.steps, minutes=args.minutes,
+                             batch_sequences=args.batch_sequences, max_len=args.max_len, seed=args.seed,
+                             device=args.device)
+    train, pred = drafter_sequences(backbone, records, max_len=args.max_len, conversations=args.conversations,
+                                    predictor_share=cfg.predictor_share, seed=args.seed)
+    if not train:
+        raise ClpError(f"no training sequences (corpus {corpus}: run `clp distill` first)")
+    drafter, report = train_drafter(backbone, train, pred, cfg, work)
+    if not _accelerator().is_main_process:
+        return 0
+    save_drafter(drafter, out, backbone)
+    print(json.dumps({"out": str(out), "drafter_steps": report["drafter_steps"], "finished": report["finished"],
+                      "sequences": report["sequences"], "predictors": report.get("predictors")}, indent=1))
+    return 0
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -54,8 +93,10 @@ def cmd_train(args) -> int:
     from ..errors import check_positive_int
     from .train import TrainConfig, train_all
 
+    if args.design == "eagle3":
+        return cmd_train_drafter(args)
     check_positive_int("--k", args.k)
-    backbone = load_backbone(args.model)
+    backbone = load_backbone(args.model, numerics="fp32")
     features = features_dir(args.features, backbone.name)
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / f".{out.name}-work"
@@ -103,15 +144,30 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     d.set_defaults(func=cmd_distill)
 
     t = sub.add_parser(
-        "train", help="train MTP heads, CLP, gates and competing heads for one k",
-        description="Train on cached hidden states (see `clp distill`): the k MTP heads (head i -> token "
-                    "t+1+i), then CLP and the gate baseline on the heads' predictions, then the "
-                    "head-competition ablation heads. Checkpoints every 250 steps; rerun to resume. Writes "
-                    "a heads folder (config.json + model.safetensors).")
-    add_model_args(t, numerics=False)
-    t.add_argument("--k", type=int, default=2, help="horizon: number of heads (default: 2)")
-    t.add_argument("--design", default="fused", choices=["fused", "residual"],
-                   help="head design (default: fused)")
+        "train", help="train a drafter (EAGLE-3 by default), CLP and the gates for one k",
+        description="The default design (--design eagle3): the EAGLE-3 drafter trained on token sequences "
+                    "(the self-distilled corpus of `clp distill` and the training split of ShareGPT's "
+                    "conversations, every human turn in context) whose targets the frozen backbone computes "
+                    "on the fly, unrolled k steps (training-time test), then CLP and the gates on its own "
+                    "drafts over held-back self-distilled answers. Checkpoints every 25 steps; rerun to "
+                    "resume; --minutes bounds the run. Runs on CPU or CUDA (--device), and data-parallel "
+                    "under `accelerate launch`. --design fused|residual trains independent MTP heads (the "
+                    "earlier baseline) on cached hidden states (`clp distill`), with the head-competition "
+                    "ablation heads. Writes a heads folder (config.json + model.safetensors).")
+    add_model_args(t, numerics=True)
+    t.add_argument("--k", type=int, default=4, help="horizon: draft steps / heads (default: 4)")
+    t.add_argument("--design", default="eagle3", choices=["eagle3", "fused", "residual"],
+                   help="drafter design (default: eagle3)")
+    t.add_argument("--minutes", type=float, default=0.0,
+                   help="eagle3: stop the drafter's training after this many minutes and go on to CLP and the "
+                        "gates (0: all --steps); a rerun resumes (default: 0)")
+    t.add_argument("--conversations", type=int, default=None,
+                   help="eagle3: ShareGPT conversations to train on (default: all of the training split)")
+    t.add_argument("--max-len", type=int, default=384, help="eagle3: tokens per sequence (default: 384)")
+    t.add_argument("--batch-sequences", type=int, default=4, help="eagle3: sequences per step (default: 4)")
+    t.add_argument("--corpus", default=None,
+                   help="eagle3: self-distilled corpus (default: the package's assets/corpus/<backbone>)")
+    t.add_argument("--device", default="cpu", help="eagle3: where the drafter trains: cpu or cuda (default: cpu)")
     t.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size, 0 = all (default: 8192)")
     t.add_argument("--steps", type=int, default=3000, help="head optimiser steps (default: 3000)")
     t.add_argument("--predictor-steps", type=int, default=1500, help="CLP / gate steps (default: 1500)")

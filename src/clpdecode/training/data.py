@@ -65,7 +65,8 @@ class Features:
 
 def sequence_states(feats: Features, split: str) -> list[tuple]:
     """The rows of a split as whole sequences, in the layout of heads.accuracy.heldout_states:
-    [(states (1, n+1, d), ids (1, n+1), answer_mask (1, n+1))], one per sequence.
+    [(states (1, n+1, d), ids (1, n+1), answer_mask (1, n+1), None)], one per sequence (no
+    aux-layer states: these caches hold the last state only).
 
     Row j's state is the one whose next token is answer token j, so at position j of that
     layout ids[j+1] = tokens[j]. ids[0] (the prompt's last token, not cached) and the state
@@ -83,7 +84,7 @@ def sequence_states(feats: Features, split: str) -> list[tuple]:
         ids[0, 1:] = feats.tokens[seq_rows]
         mask = torch.zeros(1, n + 1, dtype=torch.bool)
         mask[0, :n] = True
-        out.append((states, ids, mask))
+        out.append((states, ids, mask, None))
     return out
 
 
@@ -138,3 +139,124 @@ def to_draft_index(targets: torch.Tensor, draft_ids: torch.Tensor, vocab_size: i
     valid = targets >= 0
     out[valid] = lut[targets[valid]]
     return out
+
+
+# ---- token sequences for the drafter (training/drafter.py) -----------------------------------
+def _chat_sequence(tokenizer, turns: list[dict], max_len: int) -> tuple[list[int], list[bool]] | None:
+    """A ShareGPT conversation through the chat template: (ids, mask) where mask[p] is True
+    when token p+1 belongs to an assistant turn (its text and end-of-turn)."""
+    role = {"human": "user", "gpt": "assistant"}
+    messages = []
+    for t in turns:
+        r, v = role.get(t.get("from")), t.get("value")
+        if r is None or not isinstance(v, str) or not v.strip():
+            break
+        if messages and messages[-1]["role"] == r:
+            break
+        messages.append({"role": r, "content": v})
+    if len(messages) < 2 or messages[0]["role"] != "user":
+        return None
+
+    def render(msgs, gen):
+        out = tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    ids, mask = [], []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], True)
+        after = render(messages[: i + 1], False)
+        if after[: len(before)] != before or len(after) <= len(before):
+            return None  # a template that does not extend its prefix: skip the conversation
+        ids = after
+        mask = (mask + [False] * (len(before) - len(mask)))[: len(before)]
+        mask += [True] * (len(after) - len(before))
+        if len(ids) >= max_len:
+            break
+    if not ids:
+        return None
+    ids, mask = ids[:max_len], mask[:max_len]
+    # mask[p]: token p + 1 trains.
+    return ids, mask[1:] + [False]
+
+
+def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, conversations: int | None = None,
+                      predictor_share: float = 0.08, seed: int = 0, progress: bool = True):
+    """The drafter's data: (train, predictor) lists of (ids, mask), mask[p] True when token
+    p+1 trains.
+
+    - self-distilled answers of the corpus's training split (prompt + the backbone's greedy
+      answer; answer tokens train); a `predictor_share` of them, never seen by the drafter,
+      goes to CLP and the gates (their labels need the backbone's own continuations);
+    - ShareGPT conversations of the training split (datasets.sharegpt_split: deduplicated,
+      no benchmark prompt), every human turn with its earlier turns as context, through the
+      chat template, assistant tokens training (`conversations`: how many, None = all); a
+      backbone without a chat template (a base model) reads each answer as plain text.
+    Tokenised conversations are cached in <cache>/datasets (keyed by the split rule, the
+    tokenizer and max_len).
+    """
+    import hashlib
+    import json
+    import random
+
+    from tqdm import tqdm
+
+    from ..backbone.loading import cache_dir
+    from ..datasets import sharegpt_conversations, sharegpt_split
+
+    answers = []
+    for r in corpus_records:
+        if r.get("split") != "train" or len(r.get("answer", ())) < 2:
+            continue
+        ids = (list(r["prompt"]) + list(r["answer"]))[:max_len]
+        n_prompt = len(r["prompt"])
+        mask = [n_prompt - 1 <= p < len(ids) - 1 for p in range(len(ids))]
+        answers.append((ids, mask))
+    rng = random.Random(seed)
+    rng.shuffle(answers)
+    n_pred = int(len(answers) * predictor_share)
+    pred, train = answers[:n_pred], answers[n_pred:]
+
+    split = sharegpt_split("prompts", progress=progress)
+    tok = backbone.tokenizer
+    chat = bool(getattr(tok, "chat_template", None))
+
+    def tokenise(records) -> list:
+        out = []
+        for r, rec in tqdm(records, desc="train: tokenising ShareGPT conversations", unit="conv",
+                           disable=not progress):
+            if split.of_record(r) != "train":
+                continue
+            turns = rec.get("conversations") or []
+            if chat:
+                seq = _chat_sequence(tok, turns, max_len)
+                if seq is not None:
+                    out.append(seq)
+            else:  # a base model: each answer as plain text, every token trains
+                for t in turns:
+                    if t.get("from") == "gpt" and isinstance(t.get("value"), str) and t["value"].strip():
+                        ids = tok(t["value"])["input_ids"][:max_len]
+                        if len(ids) >= 8:
+                            out.append((ids, [True] * (len(ids) - 1) + [False]))
+            if conversations is not None and len(out) >= conversations:
+                break
+        return out
+
+    records = list(enumerate(sharegpt_conversations()))
+    random.Random(seed + 1).shuffle(records)
+    if conversations is not None:  # a sample: tokenised as needed
+        convs = tokenise(records)[:conversations]
+    else:
+        key = hashlib.sha256(json.dumps([split.key, backbone.name, backbone.info.vocab_size, chat, max_len, seed]
+                                        ).encode()).hexdigest()[:16]
+        path = cache_dir() / "datasets" / f"drafter-sequences-{key}.pt"
+        if path.is_file():
+            convs = torch.load(path)
+        else:
+            from ..atomic import atomic_file
+
+            convs = tokenise(records)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_file(path, lambda tmp: torch.save(convs, tmp))
+    return train + convs, pred

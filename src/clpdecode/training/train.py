@@ -86,8 +86,10 @@ def _accelerator():
 
 
 def _optimise(module, loss_fn, steps, lr, warmup, ckpt: Path, desc: str, seed: int,
-              checkpoint_every: int, weight_decay: float = 0.0) -> None:
-    """AdamW with warm-up and cosine decay; checkpoints and resumes from `ckpt`.
+              checkpoint_every: int, weight_decay: float = 0.0, stop=None) -> int:
+    """AdamW with warm-up and cosine decay; checkpoints and resumes from `ckpt`. Returns the
+    steps done. `stop()`, checked before every step: when true, checkpoint and return early
+    (a time budget; a rerun continues).
 
     Under `accelerate launch` each process draws its own batches (seed + rank) and the
     gradients are averaged across processes before every step, so N processes train with
@@ -109,7 +111,13 @@ def _optimise(module, loss_fn, steps, lr, warmup, ckpt: Path, desc: str, seed: i
         start = state["step"]
     bar = _progress(steps, desc, start) if acc.is_main_process else None
     ema = None
+    step = start
     for step in range(start, steps):
+        if stop is not None and stop():
+            if acc.is_main_process:
+                _atomic_save({"module": module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                              "gen": gen.get_state(), "step": step}, ckpt)
+            break
         loss = loss_fn(gen, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,10 +135,13 @@ def _optimise(module, loss_fn, steps, lr, warmup, ckpt: Path, desc: str, seed: i
         if acc.is_main_process and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             _atomic_save({"module": module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                           "gen": gen.get_state(), "step": step + 1}, ckpt)
+    else:
+        step = steps
     if bar is not None:
         bar.close()
     acc.wait_for_everyone()
     module.to("cpu")
+    return step
 
 
 def _dev(module) -> torch.device:

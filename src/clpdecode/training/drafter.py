@@ -1,0 +1,256 @@
+"""Training the default drafter (EAGLE-3), then CLP and the gates on its own drafts: the one
+training path, on CPU or CUDA, in one process or several (``accelerate launch``).
+
+Data: token-id sequences with a mask of the positions that train (training.sequences):
+self-distilled answers (`clp distill`'s corpus) and ShareGPT conversations of the training
+split, every human turn with its earlier turns as context (teacher-forced: the targets are
+the backbone's own distributions on that text, as EAGLE trains). Nothing big is cached on
+disk: each sequence goes through the frozen backbone once when its batch comes up (batch 1,
+the backbone's own numerics: q4 computes what fp32 computes for a GGUF backbone, faster),
+giving the drafter's features (the inputs of its three aux layers) and the targets (the
+backbone's next-token distribution over the draft vocabulary, through its LM head).
+
+Loss: EAGLE-3's training-time test, unrolled k steps (Eagle3Drafter.forward_train); step s
+is a soft cross-entropy against the backbone's distribution at j + s, weighted 0.8^(s-1).
+AdamW with warm-up and cosine decay (training.train._optimise), checkpoints every
+`checkpoint_every` steps; the data order is a fixed permutation indexed by the step, so a
+resumed run continues with the sequences it had not seen.
+
+CLP and the gates then train on a predictor share of the sequences that the drafter never
+saw: labels are the drafter's accepted lengths against the backbone's greedy continuation
+(drafts fed back as at inference), features the backbone's last hidden state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..heads.accuracy import shifted
+from ..heads.eagle3 import Eagle3Config, Eagle3Drafter
+from ..predictors.modules import CLP, Gates, PredictorConfig
+from .train import _accelerator, _optimise, clp_class_weights
+
+
+@dataclass
+class DrafterTrainConfig:
+    k: int = 4  # draft steps, unrolled in training (training-time test)
+    draft_vocab: int = 8192  # tokens the drafter may propose (the most frequent training tokens)
+    steps: int = 2000  # optimiser steps
+    minutes: float = 0.0  # stop after this much training time (0: run all steps); a rerun resumes
+    batch_sequences: int = 4  # sequences per step (per process)
+    max_len: int = 384  # tokens per sequence (longer ones are cut)
+    lr: float = 1e-3  # AdamW peak learning rate
+    warmup: int = 100
+    step_decay: float = 0.8  # loss weight of step s is step_decay ** (s - 1)
+    predictor_share: float = 0.08  # sequences held back for CLP and gates (never seen by the drafter)
+    predictor_steps: int = 800
+    predictor_lr: float = 3e-3
+    clp_alpha: float = 0.5
+    clp_warmup: float = 0.3
+    checkpoint_every: int = 25
+    seed: int = 0
+    device: str = "cpu"  # where the drafter trains ("cuda" on a GPU); the backbone runs where it is
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class BackboneTargets:
+    """The frozen backbone's view of a sequence: the drafter's features and its targets."""
+
+    def __init__(self, backbone, aux_layers: tuple[int, ...], draft_ids: torch.Tensor):
+        self.backbone = backbone
+        self.aux_layers = aux_layers
+        self.proj = backbone.lm_head_weight.float()[draft_ids]  # (Vd, d) frozen LM-head rows
+        self.full = backbone.lm_head_weight.float()  # for the greedy token (CLP labels)
+
+    @torch.no_grad()
+    def __call__(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L,) ids -> aux (L, 3d) and hidden (L, d), fp32, on the CPU."""
+        hidden, aux = self.backbone.forward(torch.tensor([ids]), self.backbone.new_cache(),
+                                            aux_layers=self.aux_layers)
+        return aux[0].float(), hidden[0].float()
+
+
+def _pad(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    out = rows[0].new_zeros((len(rows), length) + tuple(rows[0].shape[1:]))
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def draft_vocabulary(sequences: list[tuple[list[int], list[bool]]], size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` most frequent trained tokens (ascending ids), what the drafter may propose."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for ids, mask in sequences:
+        t = torch.tensor(ids[1:])[torch.tensor(mask[:-1])]
+        counts += torch.bincount(t, minlength=vocab_size)[:vocab_size]
+    size = min(size or vocab_size, vocab_size)
+    return counts.topk(size).indices.sort().values
+
+
+class _Batches:
+    """Step -> its sequences (a fixed permutation; each process takes its own slice)."""
+
+    def __init__(self, sequences: list, cfg: DrafterTrainConfig, rank: int, world: int):
+        self.sequences, self.cfg, self.rank, self.world = sequences, cfg, rank, world
+        g = torch.Generator().manual_seed(cfg.seed)
+        self.order = torch.randperm(len(sequences), generator=g).tolist()
+
+    def __call__(self, step: int) -> list:
+        b = self.cfg.batch_sequences
+        start = (step * self.world + self.rank) * b
+        return [self.sequences[self.order[(start + i) % len(self.order)]] for i in range(b)]
+
+
+def drafter_loss(drafter: Eagle3Drafter, targets: BackboneTargets, batch: list, cfg: DrafterTrainConfig,
+                 embed: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The unrolled loss of one batch of (ids, mask) sequences."""
+    dev = next(drafter.parameters()).device
+    feats = [targets(ids[: cfg.max_len]) for ids, _ in batch]
+    L = max(len(a) for a, _ in feats)
+    aux = _pad([a for a, _ in feats], L).to(dev)  # (B, L, 3d)
+    hidden = _pad([h for _, h in feats], L)  # (B, L, d) CPU
+    ids = _pad([torch.tensor(i[: cfg.max_len]) for i, _ in batch], L)  # (B, L)
+    mask = _pad([torch.tensor(m[: cfg.max_len]) for _, m in batch], L).bool()  # p's next token trains
+    with torch.no_grad():
+        teacher = torch.softmax(hidden @ targets.proj.T, -1).to(dev)  # (B, L, Vd)
+    embs = [embed[shifted(ids, s)].to(dev) for s in range(1, cfg.k + 1)]
+    outs = drafter.forward_train(aux, embs, steps=cfg.k)
+    total, wsum, top1 = aux.new_zeros(()), 0.0, []
+    mask = mask.to(dev)
+    for s, x in enumerate(outs, start=1):
+        valid = mask & shifted(mask, s, False)
+        if not valid.any():
+            top1.append(0.0)
+            continue
+        logp = F.log_softmax(drafter.logits(x[valid]), -1)
+        tgt = shifted(teacher, s)[valid]
+        w = cfg.step_decay ** (s - 1)
+        total = total + w * -(tgt * logp).sum(-1).mean()
+        wsum += w
+        top1.append(float((logp.argmax(-1) == tgt.argmax(-1)).float().mean()))
+    return total / max(wsum, 1e-9), {"top1": top1}
+
+
+@torch.no_grad()
+def drafter_lengths(drafter: Eagle3Drafter, targets: BackboneTargets, ids: list[int], mask: list[bool],
+                    embed: torch.Tensor, k: int):
+    """Per position of one sequence: the backbone's hidden state, the drafter's accepted
+    length (its drafts fed back as at inference, against the backbone's greedy
+    continuation) and which drafts are right (CLP's and the gates' labels)."""
+    aux, hidden = targets(ids)
+    t = torch.tensor([ids])
+    greedy = (hidden @ targets.full.T).argmax(-1)[None]  # (1, L): the backbone's token after p
+    on_path = shifted(t, 1) == greedy
+    outs = drafter.forward_train(aux[None], [embed[shifted(t, 1)]], steps=k, own_tokens=True)
+    drafts = torch.stack([drafter.draft_ids[drafter.logits(x).argmax(-1)] for x in outs], -1)  # (1, L, k)
+    m = torch.tensor([mask])
+    correct, path = [], m.clone()
+    for s in range(1, k + 1):
+        path = path & shifted(on_path, s - 1, False)
+        correct.append(path & (drafts[:, :, s - 1] == shifted(greedy, s)) & shifted(m, s, False))
+    correct = torch.stack(correct, -1)[0]  # (L, k)
+    keep = m[0]
+    return hidden[keep], correct[keep].long().cumprod(-1).sum(-1), correct[keep]
+
+
+def _train_predictors(hidden, lengths, correct, k: int, cfg: DrafterTrainConfig, work: Path) -> tuple[CLP, Gates, dict]:
+    d = hidden.shape[1]
+    pcfg = PredictorConfig(k=k, hidden_size=d)
+    clp, gates = CLP(pcfg), Gates(pcfg)
+    final_w = clp_class_weights(lengths, k, cfg.clp_alpha)
+    ramp = max(1, int(cfg.clp_warmup * cfg.predictor_steps))
+
+    def clp_loss(gen, step):
+        w = 1 + min(1.0, step / ramp) * (final_w - 1)
+        idx = torch.randint(len(lengths), (256,), generator=gen)
+        return F.cross_entropy(clp(hidden[idx]), lengths[idx], weight=w)
+
+    def gate_loss(gen, step):
+        idx = torch.randint(len(lengths), (256,), generator=gen)
+        return F.binary_cross_entropy_with_logits(gates(hidden[idx]), correct[idx].float())
+
+    _optimise(clp, clp_loss, cfg.predictor_steps, cfg.predictor_lr, 50, work / "clp.pt", "train: CLP", cfg.seed,
+              cfg.checkpoint_every * 10)
+    _optimise(gates, gate_loss, cfg.predictor_steps, cfg.predictor_lr, 50, work / "gates.pt", "train: gates",
+              cfg.seed, cfg.checkpoint_every * 10)
+    return clp.eval(), gates.eval(), {"label_counts": torch.bincount(lengths, minlength=k + 1).tolist()}
+
+
+def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
+                  pred_seqs: list[tuple[list[int], list[bool]]], cfg: DrafterTrainConfig, work: Path):
+    """Train the EAGLE-3 drafter, then CLP and gates; returns (Drafter, report).
+
+    Args:
+        train_seqs: (token ids, mask) pairs the drafter trains on; mask[p] is True when
+            token p+1 trains.
+        pred_seqs: self-distilled sequences the drafter never sees: CLP's and the gates' data.
+        work: checkpoint folder (rerun with the same folder to resume).
+    """
+    from ..heads.artifacts import Drafter, backbone_meta
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    acc = _accelerator()
+    if not train_seqs:
+        raise ValueError("no training sequences")
+    vocab_path = work / "draft_ids.pt"
+    if vocab_path.exists():
+        draft_ids = torch.load(vocab_path)
+    else:
+        draft_ids = draft_vocabulary(train_seqs, cfg.draft_vocab, backbone.info.vocab_size)
+        torch.save(draft_ids, vocab_path)
+    ecfg = Eagle3Config.from_backbone_config(backbone.config, k=cfg.k, draft_vocab=len(draft_ids))
+    torch.manual_seed(cfg.seed)
+    drafter = Eagle3Drafter(ecfg)
+    drafter.set_draft_vocab(draft_ids)
+    drafter.init_from_backbone(backbone.lm_head_weight)
+    embed = backbone.model.get_input_embeddings().weight.detach().float()
+    drafter.attach(backbone.lm_head_weight, embed)
+    targets = BackboneTargets(backbone, ecfg.aux_layers, drafter.draft_ids)
+    batches = _Batches(train_seqs, cfg, acc.process_index, acc.num_processes)
+    stats = {"top1": None}
+    deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else math.inf
+
+    def loss_fn(gen, step):
+        loss, s = drafter_loss(drafter, targets, batches(step), cfg, embed)
+        stats["top1"] = s["top1"]
+        return loss
+
+    drafter.train()
+    done_steps = _optimise(drafter, loss_fn, cfg.steps, cfg.lr, cfg.warmup, work / "drafter.pt",
+                           "train: EAGLE-3 drafter", cfg.seed, cfg.checkpoint_every,
+                           stop=lambda: time.monotonic() > deadline)
+    state = torch.load(work / "drafter.pt", weights_only=False, map_location="cpu")
+    drafter.load_state_dict(state["module"])
+    drafter.to("cpu").eval()
+    drafter.attach(backbone.lm_head_weight, embed)
+    tokens_seen = done_steps * cfg.batch_sequences * acc.num_processes
+    report = {"train_config": cfg.as_dict(), "drafter_steps": done_steps, "finished": done_steps >= cfg.steps,
+              "sequences": {"train": len(train_seqs), "predictor": len(pred_seqs)},
+              "sequences_seen": tokens_seen, "last_batch_top1": stats["top1"]}
+    clp = gates = None
+    if pred_seqs and acc.is_main_process:
+        rows = [drafter_lengths(drafter, targets, ids[: cfg.max_len], m[: cfg.max_len], embed, cfg.k)
+                for ids, m in pred_seqs]
+        hidden = torch.cat([r[0] for r in rows])
+        lengths = torch.cat([r[1] for r in rows])
+        correct = torch.cat([r[2] for r in rows])
+        clp, gates, preport = _train_predictors(hidden, lengths, correct, cfg.k, cfg, work)
+        report["predictors"] = {**preport, "positions": len(lengths),
+                                "mean_accepted_predictor_split": round(float(lengths.float().mean()), 4)}
+    drafter_bundle = Drafter(heads=drafter, clp=clp, gates=gates,
+                             meta={"backbone": backbone_meta(backbone), "training": report})
+    (work / "report.json").write_text(json.dumps(report, indent=1))
+    return drafter_bundle, report
+
+
+__all__ = ["DrafterTrainConfig", "train_drafter", "drafter_loss", "drafter_lengths", "draft_vocabulary"]
