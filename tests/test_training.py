@@ -195,7 +195,7 @@ def test_eagle3_training_command_end_to_end(features, tiny_llama_dir, tmp_path, 
 
     out, work = tmp_path / "e3", tmp_path / "work"
     argv = ["train", "--model", str(tiny_llama_dir), "--corpus", str(features / "corpus"), "--out", str(out),
-            "--work", str(work), "--k", "2", "--steps", "3", "--conversations", "6", "--max-len", "96",
+            "--work", str(work), "--k", "2", "--steps", "3", "--conversations", "6", "--max-len", "320",
             "--batch-sequences", "2", "--draft-vocab", "40", "--numerics", "fp32"]
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out)

@@ -212,10 +212,11 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
         ids = (list(r["prompt"]) + list(r["answer"]))[:max_len]
         n_prompt = len(r["prompt"])
         mask = [n_prompt - 1 <= p < len(ids) - 1 for p in range(len(ids))]
-        answers.append((ids, mask))
+        if any(mask):  # a prompt longer than max_len leaves nothing to train on
+            answers.append((ids, mask))
     rng = random.Random(seed)
     rng.shuffle(answers)
-    n_pred = int(len(answers) * predictor_share)
+    n_pred = max(1, int(len(answers) * predictor_share)) if len(answers) >= 2 and predictor_share > 0 else 0
     pred, train = answers[:n_pred], answers[n_pred:]
 
     split = sharegpt_split("prompts", progress=progress)

@@ -244,9 +244,10 @@ def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
         hidden = torch.cat([r[0] for r in rows])
         lengths = torch.cat([r[1] for r in rows])
         correct = torch.cat([r[2] for r in rows])
-        clp, gates, preport = _train_predictors(hidden, lengths, correct, cfg.k, cfg, work)
-        report["predictors"] = {**preport, "positions": len(lengths),
-                                "mean_accepted_predictor_split": round(float(lengths.float().mean()), 4)}
+        if len(lengths):
+            clp, gates, preport = _train_predictors(hidden, lengths, correct, cfg.k, cfg, work)
+            report["predictors"] = {**preport, "positions": len(lengths),
+                                    "mean_accepted_predictor_split": round(float(lengths.float().mean()), 4)}
     drafter_bundle = Drafter(heads=drafter, clp=clp, gates=gates,
                              meta={"backbone": backbone_meta(backbone), "training": report})
     (work / "report.json").write_text(json.dumps(report, indent=1))
