@@ -311,3 +311,29 @@ def test_q8_linear_matches_the_dequantised_weight(group):
     y = lin(x)
     assert y.shape == (6, n) and torch.allclose(y, ref, atol=2e-4 * ref.abs().max())
     assert torch.equal(torch.cat([lin(x[i : i + 1]) for i in range(6)]), y)
+
+
+@native
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_cpp_layer_loop_equals_the_python_loop(tmp_path, arch):
+    """clp::layers_forward (the whole step's layers in one call) computes exactly what the
+    Python loop over the same kernels computes, steps, trees and aux layers included."""
+    path = save_tiny_model(tmp_path, arch, seed=6, hidden_size=128, heads=2, kv_heads=1)
+    bb = load_backbone(str(path), numerics="q4")
+    lean = bb._lean
+    assert lean._plan is not None
+    ids = torch.tensor([[5, 9, 14, 20, 33, 7, 60, 2, 11, 40, 41, 42]])
+    results = []
+    for use_cpp in (True, False):
+        plan, lean._plan = lean._plan, (lean._plan if use_cpp else None)
+        cache = bb.new_cache()
+        h1, a1 = bb.forward(ids[:, :9], cache, aux_layers=(0, 1))
+        h2 = bb.forward(ids[:, 9:], cache)
+        tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+        mask = torch.cat([torch.ones(3, cache.length, dtype=torch.bool), tree], 1)
+        h3 = bb.forward(torch.tensor([[3, 4, 5]]), cache, mask=mask,
+                        positions=torch.tensor([cache.length, cache.length + 1, cache.length + 1]))
+        results.append((h1, a1, h2, h3))
+        lean._plan = plan
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -43,6 +43,7 @@ class StaticKVCache:
         for old, new in zip(self.keys + self.values, new_k + new_v):
             new[:, :, : self.length].copy_(old[:, :, : self.length])
         self.keys, self.values, self.capacity = new_k, new_v, capacity
+        self._views0 = None
 
     def ensure_batch(self, batch: int) -> None:
         """An empty cache takes the batch size of its first step; a filled one must match."""
@@ -58,6 +59,13 @@ class StaticKVCache:
         need = self.length + n
         if need > self.capacity:
             self._alloc(self._round(need))
+
+    def views0(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Batch row 0 of every layer's buffers, (n_kv, capacity, hd) views (the C++ kernels'
+        layout), made once per allocation."""
+        if self._views0 is None:
+            self._views0 = ([k[0] for k in self.keys], [v[0] for v in self.values])
+        return self._views0
 
     # ---- steps --------------------------------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -248,6 +248,35 @@ class LeanForward:
             for layer in self.layers for op in (layer.qkv, layer.o, layer.gate_up, layer.down))
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._table_len = 0
+        self._plan = self._layer_plan() if self.native else None
+
+    def _layer_plan(self) -> dict | None:
+        """The model flattened for clp::layers_forward (the whole step's layers in one C++
+        call), or None where a projection is padded to whole tiles (the Python loop runs)."""
+        empty = torch.empty(0)
+        parts, kinds, op_parts, norms, eps, windows = [], [], [], [], [], []
+        for layer in self.layers:
+            for op in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                kls = op.kernel.parts if isinstance(op.kernel, _Concat) else [op.kernel]
+                for kl in kls:
+                    if kl._pad:
+                        return None
+                    w = list(kl._weights) + [empty] * (3 - len(kl._weights))
+                    parts += w + [kl.bias if kl.bias is not None else empty]
+                    kinds.append(0 if len(kl._weights) == 3 else 1)
+                op_parts.append(len(kls))
+            for n in (layer.in_norm, layer.mlp_norm, layer.attn_out_norm, layer.mlp_out_norm, layer.q_norm,
+                      layer.k_norm):
+                norms.append(n if n is not None else empty)
+            eps += [layer.in_eps, layer.mlp_eps, layer.attn_out_eps, layer.mlp_out_eps, layer.qk_eps]
+            windows.append(layer.window)
+        keys = sorted({layer.rope for layer in self.layers})
+        scales = {layer.scale or self.head_dim ** -0.5 for layer in self.layers}
+        if len(scales) != 1 or len({layer.act for layer in self.layers}) != 1:
+            return None
+        return {"parts": parts, "kinds": kinds, "op_parts": op_parts, "norms": norms, "eps": [float(e) for e in eps],
+                "windows": windows, "keys": keys, "rope": [keys.index(layer.rope) for layer in self.layers],
+                "scale": float(scales.pop()), "act": 1 if self.layers[0].act == "silu" else 2}
 
     # ---- cache and rotary tables ----------------------------------------------------------
     def new_cache(self, batch: int = 1, capacity: int = 0, chunk: int = 256) -> StaticKVCache:
@@ -291,6 +320,9 @@ class LeanForward:
         """
         b, t = input_ids.shape
         start = cache.length
+        bad = [i for i in aux_layers if not 0 <= i < len(self.layers)]
+        if bad:
+            raise ValueError(f"aux layers {bad} are not layers of this model")
         cache.ensure_batch(b)
         cache.reserve(t)
         tables = self._rope_tables(start + t if positions is None else int(positions.max()) + 1)
@@ -361,6 +393,23 @@ class LeanForward:
         so a T-token step equals T one-token steps bit for bit."""
         t, start = input_ids.shape[1], cache.length
         x = self.embed_tokens(input_ids[0]).float()  # (T, d)
+        plan = self._plan
+        if plan is not None:  # every layer in one C++ call: the same kernels, no interpreter between them
+            kc, vc = cache.views0()
+            outs = torch.ops.clp.layers_forward(
+                x, plan["parts"], plan["kinds"], plan["op_parts"], plan["norms"], plan["eps"], kc, vc,
+                [rope[k][0].contiguous() for k in plan["keys"]], [rope[k][1].contiguous() for k in plan["keys"]],
+                plan["rope"], plan["windows"], start, step_mask, self.n_heads, plan["scale"], plan["act"], self.norm,
+                self.norm_eps, list(aux_layers))
+            cache.advance(t)
+            out = outs[0].view(1, t, -1)
+            return (out, torch.cat(outs[1:], -1).view(1, t, -1)) if aux_layers else out
+        return self._forward_native_py(x, cache, rope, step_mask, aux_layers)
+
+    def _forward_native_py(self, x: torch.Tensor, cache: StaticKVCache, rope: dict, step_mask, aux_layers=()):
+        """_forward_native with the layer loop in Python (projections padded to whole tiles;
+        tests compare it with the C++ loop bit for bit)."""
+        t, start = x.shape[0], cache.length
         rope_store = torch.ops.clp.rope_store.default
         attention = torch.ops.clp.decode_attention.default
         norm_add = torch.ops.clp.rms_norm.default
@@ -388,10 +437,7 @@ class LeanForward:
 
 
 def _aux(found: dict, layers: tuple[int, ...], last: torch.Tensor) -> torch.Tensor:
-    """The inputs of `layers` (each < the number of layers) concatenated along features."""
-    missing = [i for i in layers if i not in found]
-    if missing:
-        raise ValueError(f"aux layers {missing} are not layers of this model")
+    """The inputs of `layers` (checked by forward: each a layer) concatenated along features."""
     return torch.cat([found[i] for i in layers], -1)
 
 

@@ -78,6 +78,11 @@ def _register_fakes() -> None:
     def _(x, weight, eps, residual=None):
         return x.new_empty(x.shape)
 
+    @torch.library.register_fake("clp::layers_forward")
+    def _(x, parts, kinds, op_parts, norms, eps, k_caches, v_caches, cos, sin, rope, windows, start, step_mask,
+          n_heads, scale, act, final_norm, final_eps, aux_layers):
+        return [x.new_empty(x.shape) for _ in range(1 + len(aux_layers))]
+
     @torch.library.register_fake("clp::rope_store")
     def _(qkv, cos, sin, k_cache, v_cache, start, n_heads, q_norm=None, k_norm=None, eps=0.0):
         return qkv.new_empty((qkv.shape[0], n_heads, k_cache.shape[-1]))

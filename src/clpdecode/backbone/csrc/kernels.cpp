@@ -721,12 +721,101 @@ torch::Tensor rope_store(const torch::Tensor& qkv_in, const torch::Tensor& cos_i
   return q;
 }
 
+// ---- a whole decode step's layers in one call --------------------------------------------------
+// The batch-1 step of LeanForward._forward_native, looped here instead of in Python: the same
+// kernels, called as C++ functions (no dispatcher, no interpreter between them), so the result
+// is bit-identical and ~180 op calls a step cost nothing. The model arrives flattened:
+//   parts: per projection part, 4 tensors (qs, d, m or undefined, bias or undefined) and a
+//          kind (0: 4-bit groups, 1: 8-bit groups; absent tensors are empty, numel 0);
+//          op_parts: how many parts each of a layer's
+//          4 ops (qkv, o, gate_up, down) has (several: side by side, outputs concatenated);
+//   norms: 6 per layer (in, mlp, attn_out, mlp_out, q, k; undefined where absent), eps: 5 per
+//          layer (in, mlp, attn_out, mlp_out, qk); rope: the layer's index into cos/sin;
+//          windows: 0 or the sliding window; act: 1 SiLU, 2 tanh-GELU.
+// Returns [hidden after the final norm, then the inputs of each aux layer].
+torch::Tensor linear_part(const torch::Tensor& x, const std::vector<torch::Tensor>& parts, const std::vector<int64_t>& kinds,
+                          int64_t first, int64_t count, const c10::optional<torch::Tensor>& norm, double eps, int64_t act,
+                          const c10::optional<torch::Tensor>& residual) {
+  std::vector<torch::Tensor> outs;
+  for (int64_t i = first; i < first + count; ++i) {
+    const auto& qs = parts[4 * i];
+    const auto& d = parts[4 * i + 1];
+    const auto& m = parts[4 * i + 2];
+    const auto& b = parts[4 * i + 3];
+    c10::optional<torch::Tensor> bias = b.numel() ? c10::optional<torch::Tensor>(b) : c10::nullopt;
+    c10::optional<torch::Tensor> res = count == 1 ? residual : c10::nullopt;
+    outs.push_back(kinds[i] == 0 ? q4_linear(x, qs, d, m, bias, norm, eps, act, res)
+                                 : q8_linear(x, qs, d, bias, norm, eps, act, res));
+  }
+  if (count == 1) return outs[0];
+  auto y = torch::cat(outs, 1);
+  if (residual.has_value() && residual->defined()) y.add_(*residual);
+  return y;
+}
+
+std::vector<torch::Tensor> layers_forward(const torch::Tensor& x_in, std::vector<torch::Tensor> parts,
+                                          std::vector<int64_t> kinds, std::vector<int64_t> op_parts,
+                                          std::vector<torch::Tensor> norms, std::vector<double> eps,
+                                          std::vector<torch::Tensor> kcs, std::vector<torch::Tensor> vcs,
+                                          std::vector<torch::Tensor> coss, std::vector<torch::Tensor> sins,
+                                          std::vector<int64_t> rope, std::vector<int64_t> windows, int64_t start,
+                                          const c10::optional<torch::Tensor>& step_mask, int64_t n_heads, double scale,
+                                          int64_t act, const torch::Tensor& final_norm, double final_eps,
+                                          std::vector<int64_t> aux_layers) {
+  const int64_t n_layers = (int64_t)kcs.size();
+  TORCH_CHECK((int64_t)op_parts.size() == 4 * n_layers && (int64_t)norms.size() == 6 * n_layers &&
+                  (int64_t)eps.size() == 5 * n_layers && (int64_t)vcs.size() == n_layers &&
+                  (int64_t)rope.size() == n_layers && (int64_t)windows.size() == n_layers,
+              "layers_forward: per-layer lists do not match the layer count");
+  TORCH_CHECK((int64_t)parts.size() == 4 * (int64_t)kinds.size(), "layers_forward: 4 tensors per part");
+  auto opt = [](const torch::Tensor& t) {
+    return t.defined() && t.numel() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
+  };
+  torch::Tensor x = x_in.contiguous();
+  const int64_t T = x.size(0);
+  std::vector<torch::Tensor> out(1 + aux_layers.size());
+  int64_t part = 0;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    for (size_t a = 0; a < aux_layers.size(); ++a)
+      if (aux_layers[a] == l) out[1 + a] = x;
+    const torch::Tensor* nl = &norms[6 * l];
+    const double* el = &eps[5 * l];
+    const int64_t* np = &op_parts[4 * l];
+    auto h = linear_part(x, parts, kinds, part, np[0], opt(nl[0]), el[0], 0, c10::nullopt);
+    part += np[0];
+    auto q = rope_store(h, coss[rope[l]], sins[rope[l]], kcs[l], vcs[l], start, n_heads, opt(nl[4]), opt(nl[5]), el[4]);
+    auto att = decode_attention(q, kcs[l], vcs[l], start, step_mask, scale, windows[l]).view({T, -1});
+    if (nl[2].numel()) {  // Gemma 3: the attention output normed before its residual
+      x = rms_norm(linear_part(att, parts, kinds, part, np[1], c10::nullopt, 0.0, 0, c10::nullopt), nl[2], el[2], x);
+    } else {
+      x = linear_part(att, parts, kinds, part, np[1], c10::nullopt, 0.0, 0, x);
+    }
+    part += np[1];
+    h = linear_part(x, parts, kinds, part, np[2], opt(nl[1]), el[1], 0, c10::nullopt);
+    part += np[2];
+    if (nl[3].numel()) {
+      x = rms_norm(linear_part(h, parts, kinds, part, np[3], c10::nullopt, 0.0, act, c10::nullopt), nl[3], el[3], x);
+    } else {
+      x = linear_part(h, parts, kinds, part, np[3], c10::nullopt, 0.0, act, x);
+    }
+    part += np[3];
+  }
+  for (size_t a = 0; a < aux_layers.size(); ++a)
+    TORCH_CHECK(out[1 + a].defined(), "layers_forward: aux layer ", aux_layers[a], " is not a layer of this model");
+  out[0] = rms_norm(x, final_norm, final_eps, c10::nullopt);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(clp, m) {
   m.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor mn, Tensor? bias, Tensor? norm, float eps, int act, "
         "Tensor? residual) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual=None) -> Tensor");
+  m.def("layers_forward(Tensor x, Tensor[] parts, int[] kinds, int[] op_parts, Tensor[] norms, float[] eps, "
+        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor[] cos, Tensor[] sin, int[] rope, int[] windows, "
+        "int start, Tensor? step_mask, int n_heads, float scale, int act, Tensor final_norm, float final_eps, "
+        "int[] aux_layers) -> Tensor[]");
   m.def("q8_linear(Tensor x, Tensor qs, Tensor d, Tensor? bias, Tensor? norm, float eps, int act, "
         "Tensor? residual) -> Tensor");
   m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
@@ -740,6 +829,7 @@ TORCH_LIBRARY_IMPL(clp, CPU, m) {
   m.impl("rope_store", &rope_store);
   m.impl("q8_linear", &q8_linear);
   m.impl("rms_norm", &rms_norm);
+  m.impl("layers_forward", &layers_forward);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
