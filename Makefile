@@ -51,6 +51,8 @@ LLAMA_SERVER := $(LLAMA_CPP_SRC)/build/bin/llama-server
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 peers: setup $(LLAMA_SERVER)
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q --disable-pip-version-check -c constraints.txt llama-cpp-python==$(LLAMA_CPP_VERSION)
+	# convert_hf_to_gguf.py (our EAGLE-3 drafter for llama-server's draft-eagle3 row) needs it
+	$(PIP) install -q --disable-pip-version-check -c constraints.txt sentencepiece
 
 $(LLAMA_SERVER): | $(STAMP)
 	mkdir -p $(PEERS_WORK)

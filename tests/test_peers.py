@@ -103,8 +103,9 @@ def test_llama_server_rows(capsys, tmp_path, bench_argv, monkeypatch):
     assert code == 0, err
     assert "| llama_server" not in out  # stdout: the results table only
     skips = [ln for ln in err.splitlines() if ln.startswith("clp bench: no llama_server") or "llama-server" in ln]
-    assert len(skips) == 2 and "no llama_server_ngram_map_k row: llama-server exited with status 1" in skips[0]
-    assert "no llama_server_ngram_map_k_n3 row" in skips[1] and all("invalid argument" in s for s in skips)
+    assert len(skips) == 3 and "no llama_server_eagle3 row: no drafter" in skips[0]  # `--methods ar`: no drafter
+    assert "no llama_server_ngram_map_k row: llama-server exited with status 1" in skips[1]
+    assert "no llama_server_ngram_map_k_n3 row" in skips[2] and all("invalid argument" in s for s in skips[1:])
 
     res = json.loads((tmp_path / "b" / "results.json").read_text())
     rows = res["peers"]

@@ -139,7 +139,7 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
     peers, warm_ids = [], []
     if settings.hf_generate and len(records) < len(encoded):
         warm_ids = backbone.encode_prompt(WARMUP_PROMPT, chat=False if settings.raw else None)
-        peers = open_peers(backbone, [len(ids) for ids in [*encoded, warm_ids]], settings.max_new_tokens)
+        peers = open_peers(backbone, [len(ids) for ids in [*encoded, warm_ids]], settings.max_new_tokens, drafter)
     try:
         if len(records) < len(encoded):
             # Warm-up: first calls pay for allocator growth and lazy initialisation. The peers

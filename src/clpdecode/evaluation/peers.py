@@ -163,7 +163,11 @@ SERVER_MODES = {
                                      "--spec-ngram-simple-size-m", "4"],
     "llama_server_ngram_map_k_n3": ["--spec-type", "ngram-map-k", "--spec-ngram-map-k-size-n", "3",
                                     "--spec-ngram-map-k-size-m", "4"],
+    # Our EAGLE-3 drafter in llama.cpp: exported (`clp export`), converted with the sdist's own
+    # convert_hf_to_gguf.py, given with -md (only when the bench's drafter is EAGLE-3).
+    "llama_server_eagle3": ["--spec-type", "draft-eagle3"],
 }
+DRAFTER_MODES = {"llama_server_eagle3"}
 SERVER_START_S = 180.0  # model load and the server's own warm-up
 REQUEST_S = 900.0
 
@@ -209,11 +213,12 @@ class LlamaServerPeer(Peer):
         self.name, self.proc, self.port, self.log_path, self.argv = name, proc, port, log_path, argv
 
     @classmethod
-    def start(cls, binary: Path, name: str, gguf: Path, threads: int, n_ctx: int) -> "LlamaServerPeer":
+    def start(cls, binary: Path, name: str, gguf: Path, threads: int, n_ctx: int,
+              draft: Path | None = None) -> "LlamaServerPeer":
         port = _free_port()
         argv = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                 "-t", str(threads), "-tb", str(threads), "-np", "1", "-c", str(n_ctx), "--no-webui",
-                *SERVER_MODES[name]]
+                *SERVER_MODES[name], *(["-md", str(draft)] if draft is not None else [])]
         env = dict(os.environ)
         lib = str(binary.resolve().parent)  # its shared libraries (libllama, libggml) sit beside it
         env["LD_LIBRARY_PATH"] = lib + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
@@ -300,7 +305,54 @@ class LlamaServerPeer(Peer):
             pass
 
 
-def open_llama_servers(backbone, n_ctx: int) -> tuple[list[LlamaServerPeer], list[str]]:
+def eagle3_gguf(drafter, backbone, binary: Path) -> tuple[Path | None, str | None]:
+    """Our EAGLE-3 drafter as a GGUF for llama-server (-md), converted once with the
+    convert_hf_to_gguf.py of the llama.cpp tree the binary was built from and cached by the
+    drafter's content; (None, why not) when that is not possible."""
+    import hashlib
+
+    from ..backbone.loading import cache_dir, resolve_model
+    from ..heads.eagle3 import Eagle3Drafter
+    from ..heads.export import eagle3_state, export_eagle3
+
+    heads = getattr(drafter, "heads", None)
+    if not isinstance(heads, Eagle3Drafter):
+        return None, "the drafter is not an EAGLE-3 drafter"
+    tree = next((p for p in binary.resolve().parents if (p / "convert_hf_to_gguf.py").is_file()), None)
+    if tree is None:
+        return None, f"no convert_hf_to_gguf.py in the llama.cpp tree of {binary}"
+    h = hashlib.sha256()
+    for name, t in sorted(eagle3_state(heads).items()):
+        h.update(name.encode() + t.numpy().tobytes())
+    out = cache_dir() / "eagle3-gguf" / f"{h.hexdigest()[:16]}.gguf"
+    if out.is_file():
+        return out, None
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = export_eagle3(drafter, Path(tmp) / "eagle3")
+        target = resolve_model(backbone_source(backbone))[1]
+        env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        part = out.with_suffix(".part")
+        res = subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(ckpt), "--target-model-dir",
+                              target, "--outtype", "f16", "--outfile", str(part)], capture_output=True, text=True,
+                             env=env)
+        if res.returncode != 0:
+            tail = (res.stderr.strip().splitlines() or ["?"])[-1][:200]
+            return None, f"convert_hf_to_gguf.py failed: {tail}"
+        os.replace(part, out)
+    return out, None
+
+
+def backbone_source(backbone) -> str:
+    """The model name that loads this backbone again (what `resolve_model` takes)."""
+    from ..backbone.loading import EMBEDDED, GEMMA, embedded_gguf_path
+
+    if backbone.gguf is not None and Path(backbone.gguf) == embedded_gguf_path():
+        return EMBEDDED
+    return GEMMA if backbone.gguf is not None else backbone.name
+
+
+def open_llama_servers(backbone, n_ctx: int, drafter=None) -> tuple[list[LlamaServerPeer], list[str]]:
     """A ready server per mode, and one line per mode (or for all) that has no row."""
     if getattr(backbone, "gguf", None) is None:
         return [], [f"no llama-server rows: {backbone.name} was not converted from a GGUF file"]
@@ -308,16 +360,25 @@ def open_llama_servers(backbone, n_ctx: int) -> tuple[list[LlamaServerPeer], lis
     if binary is None:
         return [], [f"no llama-server rows: {why}"]
     threads = torch.get_num_threads()
-    started = []
+    started, notes = [], []
+    drafts = {}
+    for name in DRAFTER_MODES:
+        path, why = eagle3_gguf(drafter, backbone, binary) if drafter is not None else (None, "no drafter")
+        if path is None:
+            notes.append(f"no {name} row: {why}")
+        else:
+            drafts[name] = path
     try:
         # All start at once (their model loads overlap), then each is waited for.
         for name in SERVER_MODES:
-            started.append(LlamaServerPeer.start(binary, name, Path(backbone.gguf), threads, n_ctx))
+            if name in DRAFTER_MODES and name not in drafts:
+                continue
+            started.append(LlamaServerPeer.start(binary, name, Path(backbone.gguf), threads, n_ctx, drafts.get(name)))
     except OSError as e:
         for s in started:
             s.close()
         return [], [f"no llama-server rows: cannot start {binary}: {e.strerror or e}"]
-    ready, notes = [], []
+    ready = []
     try:
         for s in started:
             why = s.wait_ready()
@@ -340,9 +401,10 @@ def server_context(backbone, prompt_lengths: list[int], max_new_tokens: int) -> 
     return min(n_ctx, window) if window else n_ctx
 
 
-def open_peers(backbone, prompt_lengths: list[int], max_new_tokens: int) -> list[Peer]:
+def open_peers(backbone, prompt_lengths: list[int], max_new_tokens: int, drafter=None) -> list[Peer]:
     """Every peer that can run here, in their rows' order; one line on stderr for each that
-    cannot. The caller closes them (close_peers)."""
+    cannot. The caller closes them (close_peers). `drafter`: ours, for llama-server's
+    draft-eagle3 mode when it is an EAGLE-3 drafter."""
     peers: list[Peer] = [HFGeneratePeer(backbone, name, **extra) for name, extra in HF_PEERS.items()]
     notes = []
     llama, why_not = LlamaCppPeer.open(backbone)
@@ -350,7 +412,8 @@ def open_peers(backbone, prompt_lengths: list[int], max_new_tokens: int) -> list
         peers.append(llama)
     else:
         notes.append(f"no llama.cpp row: {why_not}")
-    servers, server_notes = open_llama_servers(backbone, server_context(backbone, prompt_lengths, max_new_tokens))
+    servers, server_notes = open_llama_servers(backbone, server_context(backbone, prompt_lengths, max_new_tokens),
+                                               drafter)
     peers.extend(servers)
     notes.extend(server_notes)
     for note in notes:
