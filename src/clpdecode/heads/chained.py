@@ -105,6 +105,21 @@ def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     return apply_rope(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
+def drafting_rope_table(module: nn.Module, n: int, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (>= n, hd) of a drafter (its cfg.head_dim, cfg.rope_theta) for positions 0..,
+    cached on the module; drafting reads rows of it. signed: sin with its first half negated
+    (rotate_half folded in, as clp::rope_store takes it)."""
+    table = module.__dict__.get("_rope")
+    if table is None or table[0].shape[0] < n:
+        size = max(n, 2 * table[0].shape[0] if table is not None else 1024)
+        cos, sin = rope_cos_sin(torch.arange(size), module.cfg.head_dim, module.cfg.rope_theta)
+        signed_sin = sin.clone()
+        signed_sin[:, : module.cfg.head_dim // 2].neg_()
+        table = (cos, sin, signed_sin)
+        module.__dict__["_rope"] = table
+    return (table[0], table[2]) if signed else table[:2]
+
+
 class ChainState:
     """Per-generation state of a chain with attention: its KV cache over earlier positions."""
 
@@ -318,17 +333,7 @@ class ChainedHeads(nn.Module):
         return super().train(mode)
 
     def _rope_table(self, n: int, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (>= n, hd) for positions 0.. (cached; drafting reads rows of it). signed:
-        sin with its first half negated (rotate_half folded in, as clp::rope_store takes it)."""
-        table = self.__dict__.get("_rope")
-        if table is None or table[0].shape[0] < n:
-            size = max(n, 2 * table[0].shape[0] if table is not None else 1024)
-            cos, sin = rope_cos_sin(torch.arange(size), self.cfg.head_dim, self.cfg.rope_theta)
-            signed_sin = sin.clone()
-            signed_sin[:, : self.cfg.head_dim // 2].neg_()
-            table = (cos, sin, signed_sin)
-            self.__dict__["_rope"] = table
-        return (table[0], table[2]) if signed else table[:2]
+        return drafting_rope_table(self, n, signed)
 
     def _fast_mods(self) -> dict:
         return self.__dict__.get("_fast") or self.prepare_inference()
@@ -449,7 +454,8 @@ class ChainedHeads(nn.Module):
 
 
 class ChainSession:
-    """One generation's drafting with a chain: feed it the backbone's states as they come.
+    """One generation's drafting with a chain (or an EAGLE-3 drafter, whose rows are the
+    backbone's aux-layer inputs): feed it the backbone's states as they come.
 
     ``observe(rows, tokens)``: new backbone states, and the tokens that followed every row
     but the last (the last row's token is chosen at the next ``propose``).

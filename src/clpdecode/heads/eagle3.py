@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chained import ChainState, RMSNorm, apply_rope, rope, rope_cos_sin
+from .chained import ChainSession, ChainState, RMSNorm, apply_rope, drafting_rope_table, rope
 from .modules import top_candidates
 
 
@@ -238,15 +238,7 @@ class Eagle3Drafter(nn.Module):
         return self.__dict__.get("_fast") or self.prepare_inference()
 
     def _rope_table(self, n: int, signed: bool = False):
-        table = self.__dict__.get("_rope")
-        if table is None or table[0].shape[0] < n:
-            size = max(n, 2 * table[0].shape[0] if table is not None else 1024)
-            cos, sin = rope_cos_sin(torch.arange(size), self.cfg.head_dim, self.cfg.rope_theta)
-            signed_sin = sin.clone()
-            signed_sin[:, : self.cfg.head_dim // 2].neg_()
-            table = (cos, sin, signed_sin)
-            self.__dict__["_rope"] = table
-        return (table[0], table[2]) if signed else table[:2]
+        return drafting_rope_table(self, n, signed)
 
     def _step(self, g: torch.Tensor, emb: torch.Tensor, start: int, state: ChainState) -> torch.Tensor:
         """The layer on n rows at positions start..start+n-1 (causal over state[:start + n]):
@@ -284,8 +276,10 @@ class Eagle3Drafter(nn.Module):
             return mods["head"](x.contiguous(), norm=self.norm.weight, eps=self.norm.eps)
         return self.logits(x)
 
-    def session(self) -> "Eagle3Session":
-        return Eagle3Session(self)
+    def session(self) -> ChainSession:
+        """Per-generation drafting state: the chain's session, fed the backbone's aux-layer rows
+        (observe) instead of its last states; extend/draft_candidates have the chain's interface."""
+        return ChainSession(self)
 
     def new_state(self) -> ChainState:
         return ChainState(self.cfg)
@@ -318,33 +312,4 @@ class Eagle3Drafter(nn.Module):
         return out
 
 
-class Eagle3Session:
-    """One generation's drafting with an EAGLE-3 drafter (the interface of ChainSession):
-    ``observe(rows, tokens)`` takes the backbone's aux-layer rows (B, 3d), ``propose`` and
-    ``candidates`` draft after the backbone's chosen token."""
-
-    def __init__(self, drafter: Eagle3Drafter):
-        self.drafter = drafter
-        self.state = drafter.new_state()
-        self.rows: list[torch.Tensor] = []
-        self.tokens: list[int] = []
-
-    def observe(self, rows: torch.Tensor, tokens: list[int]) -> None:
-        if self.rows:
-            raise RuntimeError("observe() twice without propose()")
-        if len(tokens) != len(rows) - 1:
-            raise ValueError(f"{len(rows)} rows need {len(rows) - 1} following tokens, got {len(tokens)}")
-        self.rows, self.tokens = list(rows), list(tokens)
-
-    def propose(self, hidden: torch.Tensor, token: int, m: int) -> list[int]:
-        return [c[0][0] for c in self.candidates(hidden, token, m)]
-
-    def candidates(self, hidden: torch.Tensor, token: int, m: int, width: int = 1) -> list[list[tuple[int, float]]]:
-        if not self.rows:
-            raise RuntimeError("propose() before observe(): the drafter needs the backbone's aux rows")
-        x = self.drafter.extend(self.state, torch.stack(self.rows), self.tokens + [token])
-        self.rows, self.tokens = [], []
-        return self.drafter.draft_candidates(self.state, x, m, width) if m > 0 else []
-
-
-__all__ = ["Eagle3Config", "Eagle3Drafter", "Eagle3Session", "default_aux_layers"]
+__all__ = ["Eagle3Config", "Eagle3Drafter", "default_aux_layers"]

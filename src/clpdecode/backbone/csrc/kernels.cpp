@@ -242,6 +242,25 @@ struct Scratch {  // per-thread buffers reused across calls
   std::vector<float> dx, sx;
 };
 
+// A linear's input rows, prepared (norm or activation applied) and quantised into this
+// thread's scratch: q (M, K), dx and sx (M, K/32). Shared by q4_linear and q8_linear.
+Scratch& prepare_activations(const torch::Tensor& x, int64_t M, int64_t K, const c10::optional<torch::Tensor>& norm,
+                             double eps, int64_t act, const char* op) {
+  thread_local Scratch sc;
+  const int64_t ng = K / G;
+  sc.q.resize(M * K);
+  sc.dx.resize(M * ng);
+  sc.sx.resize(M * ng);
+  torch::Tensor nw;
+  if (norm.has_value() && norm->defined()) {
+    nw = norm->contiguous();
+    TORCH_CHECK(nw.scalar_type() == torch::kFloat && nw.numel() == K, op, ": norm weight must be (K,) float32");
+  }
+  quantize_rows(x.data_ptr<float>(), M, K, x.size(1), nw.defined() ? nw.data_ptr<float>() : nullptr, (float)eps, act,
+                sc.q.data(), sc.dx.data(), sc.sx.data());
+  return sc;
+}
+
 torch::Tensor q4_linear(const torch::Tensor& x_in, const torch::Tensor& qs, const torch::Tensor& d,
                         const torch::Tensor& mn, const c10::optional<torch::Tensor>& bias,
                         const c10::optional<torch::Tensor>& norm, double eps, int64_t act,
@@ -261,19 +280,9 @@ torch::Tensor q4_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
   TORCH_CHECK(d.numel() == tiles * ng * 4 && mn.numel() == tiles * ng * 4, "q4_linear: scale shape");
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
-  thread_local Scratch sc;
-  sc.q.resize(M * K);
-  sc.dx.resize(M * ng);
-  sc.sx.resize(M * ng);
+  Scratch& sc = prepare_activations(x, M, K, norm, eps, act, "q4_linear");
   QT* qv = sc.q.data();
   float *dxv = sc.dx.data(), *sxv = sc.sx.data();
-  torch::Tensor nw;
-  if (norm.has_value() && norm->defined()) {
-    nw = norm->contiguous();
-    TORCH_CHECK(nw.scalar_type() == torch::kFloat && nw.numel() == K, "q4_linear: norm weight must be (K,) float32");
-  }
-  quantize_rows(x.data_ptr<float>(), M, K, x.size(1), nw.defined() ? nw.data_ptr<float>() : nullptr, (float)eps, act,
-                qv, dxv, sxv);
   const uint8_t* W = qs.data_ptr<uint8_t>();
   const float* D = d.data_ptr<float>();
   const float* Mn = mn.data_ptr<float>();
@@ -411,19 +420,9 @@ torch::Tensor q8_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
                   qs.is_contiguous(), "q8_linear: weight shapes do not match the input");
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
-  thread_local Scratch sc;
-  sc.q.resize(M * K);
-  sc.dx.resize(M * ng);
-  sc.sx.resize(M * ng);
+  Scratch& sc = prepare_activations(x, M, K, norm, eps, act, "q8_linear");
   QT* qv = sc.q.data();
   float* dxv = sc.dx.data();
-  torch::Tensor nw;
-  if (norm.has_value() && norm->defined()) {
-    nw = norm->contiguous();
-    TORCH_CHECK(nw.scalar_type() == torch::kFloat && nw.numel() == K, "q8_linear: norm weight must be (K,) float32");
-  }
-  quantize_rows(x.data_ptr<float>(), M, K, x.size(1), nw.defined() ? nw.data_ptr<float>() : nullptr, (float)eps, act,
-                qv, dxv, sc.sx.data());
   const int8_t* W = qs.data_ptr<int8_t>();
   const float* D = d.data_ptr<float>();
   float* O = out.data_ptr<float>();
