@@ -3,8 +3,8 @@
 The Python API in three calls::
 
     import clpdecode as clp
-    bb = clp.load_backbone("embedded")                 # SmolLM2-135M-Instruct, offline
-    drafter = clp.default_drafter(bb, k=2)             # shipped heads + CLP + gates
+    bb = clp.load_backbone("embedded")                 # SmolLM2-135M-Instruct, offline (q4)
+    drafter = clp.default_drafter(bb)                  # shipped heads (largest k) + CLP + gates
     res = clp.generate_text(bb, "Name three rivers.", method="clp", drafter=drafter)
     print(res.text, res.tokens_per_forward)
 """
@@ -15,6 +15,7 @@ from typing import Callable
 
 from .backbone import Backbone, load_backbone
 from .decoding import METHODS, GenerationConfig, GenerationResult, SamplingConfig, generate, make_policy
+from .decoding.policies import DEFAULT_CLP_THRESHOLD
 from .decoding.tree import DEFAULT_TREE
 from .errors import ClpError
 from .heads import Drafter, default_drafter, load_drafter, save_drafter
@@ -34,7 +35,7 @@ def generate_text(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
-    clp_threshold: float = 0.5,
+    clp_threshold: float = DEFAULT_CLP_THRESHOLD,
     gate_threshold: float = 0.5,
     draft: str = "clp",
     lookup: bool = True,

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .decoding.stream import StreamDecoder
+from .decoding.policies import DEFAULT_CLP_THRESHOLD
 from .decoding.tree import DEFAULT_TREE, parse_tree
 from .errors import ClpError, check_context, check_positive_int, check_prompt, check_text, check_unit_interval
 
@@ -44,15 +45,15 @@ def _add_drafter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", default=None,
                    help="heads folder (config.json + model.safetensors); default: the heads shipped "
                         "for the backbone and --k")
-    p.add_argument("--k", type=int, default=2,
+    p.add_argument("--k", type=int, default=None,
                    help="horizon of the shipped heads to load: 2 or 4 for the embedded backbone, 2 for "
-                        "gemma3-270m (default: 2; a --heads folder has its own k)")
+                        "gemma3-270m (default: the largest shipped, 4 and 2; a --heads folder has its own k)")
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clp-threshold", type=float, default=0.5,
+    p.add_argument("--clp-threshold", type=float, default=DEFAULT_CLP_THRESHOLD,
                    help="CLP decision rule: accept the largest m with P(length >= m) >= this; "
-                        "higher is more conservative (default: 0.5)")
+                        f"higher is more conservative (default: {DEFAULT_CLP_THRESHOLD})")
     p.add_argument("--gate-threshold", type=float, default=0.5,
                    help="gate baseline: accept head tokens while P(correct) >= this (default: 0.5)")
     p.add_argument("--draft", default="clp", choices=["clp", "all"],

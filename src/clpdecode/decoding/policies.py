@@ -196,7 +196,12 @@ class Competing(Policy):
         return Proposal(tokens[0], tokens[1:], token_from_heads=True)
 
 
-def make_policy(method: str, backbone=None, drafter=None, *, clp_threshold: float = 0.5,
+# The CLP threshold of verified and clp decoding by default: the best of 0.3 / 0.5 for both
+# shipped drafters on MT-Bench (scripts/sweep_drafts.py; docs/design.md, "Verified settings").
+DEFAULT_CLP_THRESHOLD = 0.3
+
+
+def make_policy(method: str, backbone=None, drafter=None, *, clp_threshold: float = DEFAULT_CLP_THRESHOLD,
                 gate_threshold: float = 0.5, draft: str = "clp", lookup: bool = True,
                 tree: TreeConfig | str | int | None = None) -> Policy:
     """Build the policy for a method name (see METHODS). tree: verified only; 'chain'/None or

@@ -24,6 +24,7 @@ def cmd_eval_heads(args) -> int:
     from ..backbone.loading import backbone_name
     from ..heads import default_drafter, load_drafter
     from ..heads.accuracy import heldout_accuracy, heldout_states
+    from ..heads.artifacts import default_k
     from ..cli import _check_drafter
     from ..corpus import corpus_dir, read_corpus
     from ..errors import check_positive_int
@@ -32,7 +33,7 @@ def cmd_eval_heads(args) -> int:
     name = backbone_name(args.model)
     _check_drafter(args, required=True)
     if args.baseline and args.heads is None:  # with --heads, the folder's k is known once it is read
-        _baseline_folder(name, args.k)
+        _baseline_folder(name, args.k if args.k is not None else default_k(name))
     source: dict = {}
     if args.prompts is not None:
         from .prompts import load_prompts
@@ -127,7 +128,7 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(prompts=args.prompts, limit=args.limit, methods=methods,
                              max_new_tokens=args.max_new_tokens, numerics=numerics,
                              clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
-                             draft=args.draft, k=drafter.k if drafter else args.k, threads=torch.get_num_threads(),
+                             draft=args.draft, k=drafter.k if drafter else (args.k or 0), threads=torch.get_num_threads(),
                              hf_generate=args.hf_generate, raw=args.raw, lookup=args.lookup,
                              tree=str(args.tree))
     try:

@@ -218,18 +218,32 @@ def shipped_ks(backbone_name: str) -> list[int]:
                   if p.name[:1] == "k" and p.name[1:].isdigit() and (p / "config.json").is_file())
 
 
-def drafter_folder(backbone_name: str, k: int = 2, folder: str | Path | None = None,
+def default_k(backbone_name: str) -> int | None:
+    """The k loaded when none is asked for: the largest shipped for this backbone (None: none)."""
+    ks = shipped_ks(backbone_name)
+    return max(ks) if ks else None
+
+
+def drafter_folder(backbone_name: str, k: int | None = None, folder: str | Path | None = None,
                    required: bool = True) -> Path | None:
     """Where a backbone's drafter comes from, checked without loading anything (the one
     check of --heads and --k, run by every command before the backbone loads).
 
     `folder` (--heads): a heads folder, whose own config sets k (`k` is not used then).
-    Otherwise the bundle shipped for this backbone and `k`: k must be at least 1, and one
+    Otherwise the bundle shipped for this backbone and `k` (None: the largest shipped, see
+    default_k): k must be at least 1, and one
     of the shipped k where any are shipped for this backbone. Where none are: an error if
     `required`, else None (no drafter).
     """
     if folder is not None:
         return check_heads_folder(folder)
+    if k is None:
+        k = default_k(backbone_name)
+        if k is None:
+            if required:
+                raise ClpError(f"no heads are shipped for {backbone_name!r}: train some with `clp distill` and "
+                               "`clp train`, then pass --heads DIR")
+            return None
     check_positive_int("--k", k)
     shipped = shipped_drafter_dir(backbone_name, k)
     if shipped is not None:
@@ -268,6 +282,7 @@ def shipped_head_accuracy(backbone_name: str) -> dict[str, dict]:
     return out
 
 
-def default_drafter(backbone, k: int = 2, folder: str | Path | None = None) -> Drafter:
-    """Heads from `folder` (its own k), else the ones shipped for this backbone and k."""
+def default_drafter(backbone, k: int | None = None, folder: str | Path | None = None) -> Drafter:
+    """Heads from `folder` (its own k), else the ones shipped for this backbone and k (None:
+    the largest shipped)."""
     return load_drafter(drafter_folder(backbone.name, k, folder), backbone)

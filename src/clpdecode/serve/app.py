@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decoding import METHODS, GenerationConfig, SamplingConfig, generate, make_policy
 from ..decoding.stream import StreamDecoder
+from ..decoding.policies import DEFAULT_CLP_THRESHOLD
 from ..decoding.tree import DEFAULT_TREE
 from ..errors import ClpError, check_context, check_positive_int, check_prompt, check_text, check_unit_interval
 
@@ -187,7 +188,7 @@ class Server:
     """The backbone, the drafter, the queue and the one worker thread that decodes."""
 
     def __init__(self, backbone, drafter=None, *, model_id: str | None = None, aliases: tuple[str, ...] = (),
-                 method: str = "verified", clp_threshold: float = 0.5, gate_threshold: float = 0.5,
+                 method: str = "verified", clp_threshold: float = DEFAULT_CLP_THRESHOLD, gate_threshold: float = 0.5,
                  draft: str = "clp", lookup: bool = True, tree: str | int = DEFAULT_TREE,
                  api_key: str | None = None, max_queue: int = 64,
                  max_body_bytes: int = MAX_BODY_BYTES):
