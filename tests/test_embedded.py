@@ -50,5 +50,5 @@ def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["backbone"]["hidden_size"] == 576 and info["backbone"]["vocab_size"] == 49152
-    assert info["heads"]["k"] == 2 and info["clp"]["params"] == 576 * 3 + 3
+    assert info["heads"]["k"] == 4 and info["clp"]["params"] == 576 * 5 + 5
     assert info["gate"]["params"] > 100 * info["clp"]["params"]
