@@ -386,8 +386,9 @@ def render_markdown(results: dict, command: str) -> str:
         h = results["head_accuracy"]
         extra = "".join(f", {key.replace('_', ' ')} {h[key]}" for key in ("head_top5", "chain_accept", "mean_accepted")
                         if key in h)
-        lines += [f"Held-out draft accuracy (`clp eval-heads`; {h.get('design', 'heads')}, k = {h['k']}, "
-                  f"{h['tokens']} positions): top-1 {h['head_top1']}{extra}", ""]
+        lines += [f"Draft accuracy recorded when the drafter was trained ({h.get('design', 'heads')}, k = {h['k']}, "
+                  f"{h['tokens']} positions of that run's own held-out split; `clp eval-heads --prompts mtbench` "
+                  f"scores prompts no training saw): top-1 {h['head_top1']}{extra}", ""]
     lines += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in results["definitions"].items()]
     lines += ["", "## First answer of each method", ""]
     for m, text in results.get("examples", {}).items():

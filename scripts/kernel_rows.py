@@ -1,0 +1,91 @@
+"""Cost of each row of a multi-row q4 product: why a T-token step grows with T on CPU.
+
+Times `clp::q4_linear` over SmolLM2-135M's seven trunk projections x 30 layers (random
+Q4_1-style weights, the same shapes and layout as the real ones) for M = 1..8 rows, and
+prints one JSON line per M: ms per pass, ns per (output feature, group of 32) and the
+marginal ns per (feature, group, row) against M = 1. Run it on a quiet machine:
+
+    python scripts/kernel_rows.py --threads 1
+    python scripts/kernel_rows.py --threads 2
+    python scripts/kernel_rows.py --threads 2 --attention   # clp::decode_attention instead
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from clpdecode.backbone import kernels
+from clpdecode.backbone.quant import Int4Weight, Int4Linear
+
+# (out, in) of one SmolLM2-135M layer's projections: q, k, v, o, gate, up, down.
+SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--rows", default="1,2,3,4,5,8")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--attention", action="store_true",
+                   help="time clp::decode_attention (30 layers, 9 heads over 3 K/V heads, fp16 cache) instead")
+    p.add_argument("--context", type=int, default=1000, help="--attention: cached tokens")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if kernels.load(quiet=False) is None:
+        sys.exit("the q4 kernels are not available on this machine: " + str(kernels.why_unavailable()))
+    torch.manual_seed(0)
+    if args.attention:
+        return attention(args)
+    # Distinct weights per layer, so that a pass reads ~80 MB as a real step does (no cache reuse).
+    linears = [Int4Linear(Int4Weight.from_float(torch.randn(n, k) * 0.05)) for _ in range(args.layers)
+               for n, k in SHAPES]
+    groups = sum(n * k // 32 for n, k in SHAPES) * args.layers  # (feature, group) pairs per pass
+    base = None
+    for m in [int(r) for r in args.rows.split(",")]:
+        xs = {k: torch.randn(m, k) for _, k in SHAPES}
+        for lin, (_, k) in zip(linears[:7], SHAPES):
+            lin(xs[k])  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for lin, (_, k) in zip(linears, SHAPES * args.layers):
+                lin(xs[k])
+            times.append(time.perf_counter() - t0)
+        ms = statistics.median(times) * 1e3
+        base = ms if m == 1 else base
+        row = {"rows": m, "threads": args.threads, "ms": round(ms, 3),
+               "ns_per_feature_group": round(ms * 1e6 / groups, 3)}
+        if m > 1:
+            row["ns_per_feature_group_extra_row"] = round((ms - base) * 1e6 / groups / (m - 1), 3)
+        print(json.dumps(row), flush=True)
+
+
+def attention(args) -> None:
+    """Per-step attention of SmolLM2-135M (9 query heads over 3 K/V heads, head size 64)."""
+    op = torch.ops.clp.decode_attention.default
+    cap = args.context + 16
+    caches = [(torch.randn(3, cap, 64).half(), torch.randn(3, cap, 64).half()) for _ in range(args.layers)]
+    base = None
+    for m in [int(r) for r in args.rows.split(",")]:
+        q = torch.randn(m, 9, 64)
+        op(q, *caches[0], args.context, None, 0.125, 0)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for kc, vc in caches:
+                op(q, kc, vc, args.context, None, 0.125, 0)
+            times.append(time.perf_counter() - t0)
+        ms = statistics.median(times) * 1e3
+        base = ms if m == 1 else base
+        row = {"rows": m, "threads": args.threads, "context": args.context, "attention_ms": round(ms, 3)}
+        if m > 1:
+            row["ms_per_extra_row"] = round((ms - base) / (m - 1), 3)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
