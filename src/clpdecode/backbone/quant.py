@@ -42,6 +42,19 @@ GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
               "mlp.down_proj": "ffn_down"}
 
 
+def _check_groups(k: int, what: str) -> None:
+    """Every quantised layout here groups inputs by GROUP; the one check of that."""
+    if k % GROUP:
+        raise ValueError(f"{what} needs the input size to be a multiple of {GROUP}, got {k}")
+
+
+def _groups(w: torch.Tensor, what: str) -> torch.Tensor:
+    """An fp32 (N, K) weight as (N, K/GROUP, GROUP) groups."""
+    n, k = w.shape
+    _check_groups(k, what)
+    return w.detach().float().reshape(n, k // GROUP, GROUP)
+
+
 @dataclass
 class Int4Weight:
     """An (N, K) weight as 4-bit codes with one scale and one min per group of 32 inputs:
@@ -73,9 +86,7 @@ class Int4Weight:
     def from_float(w: torch.Tensor) -> "Int4Weight":
         """Round-to-nearest Q4_1 of an fp32 (N, K) weight (ggml's quantize_row_q4_1_ref)."""
         n, k = w.shape
-        if k % GROUP:
-            raise ValueError(f"q4 needs the input size to be a multiple of {GROUP}, got {k}")
-        g = w.detach().float().reshape(n, k // GROUP, GROUP)
+        g = _groups(w, "q4")
         lo, hi = g.amin(-1), g.amax(-1)
         d = (hi - lo) / 15
         inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
@@ -115,9 +126,7 @@ class Int8Weight:
     def from_float(w: torch.Tensor) -> "Int8Weight":
         """Round-to-nearest Q8_0 of an fp32 (N, K) weight (ggml's quantize_row_q8_0_ref)."""
         n, k = w.shape
-        if k % GROUP:
-            raise ValueError(f"q8 needs the input size to be a multiple of {GROUP}, got {k}")
-        g = w.detach().float().reshape(n, k // GROUP, GROUP)
+        g = _groups(w, "q8")
         d = g.abs().amax(-1) / 127
         inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
         q = g * inv[..., None]
@@ -329,8 +338,7 @@ class Int4Linear(KernelLinear):
         from . import kernels
 
         n, k = weight.shape
-        if k % GROUP:
-            raise ValueError(f"q4 needs the input size to be a multiple of {GROUP}, got {k}")
+        _check_groups(k, "q4")
         self.out_features, self.in_features = n, k
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.native = kernels.load() is not None
