@@ -109,3 +109,22 @@ def test_q4_backbone_drafts_with_eagle3_on_the_kernels(tmp_path):
     for tree in ("chain", 4):
         ver = generate(bb, ids, make_policy("verified", bb, drafter, draft="all", tree=tree), cfg)
         assert ver.token_ids == ar.token_ids
+
+
+def test_a_batch_with_nothing_to_train_steps_instead_of_failing(tiny_backbone):
+    """A batch whose answers all lie past max_len (seen at step 378 of a CPU run: `loss.backward`
+    raised) gives a zero loss on the graph; train_drafter drops such sequences up front."""
+    from clpdecode.training.drafter import BackboneTargets, DrafterTrainConfig, drafter_loss
+
+    drafter = random_drafter(tiny_backbone, k=2, design="eagle3", seed=1).heads.train()
+    embed = tiny_backbone.model.get_input_embeddings().weight.detach().float()
+    drafter.attach(tiny_backbone.lm_head_weight, embed)
+    targets = BackboneTargets(tiny_backbone, drafter.aux_layers, drafter.draft_ids)
+    cfg = DrafterTrainConfig(k=2, max_len=16)
+    batch = [(list(range(3, 19)), [False] * 16), (list(range(5, 15)), [False] * 10)]
+    loss, stats = drafter_loss(drafter, targets, batch, cfg, embed)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and stats["top1"] == [0.0, 0.0]
+    trained = [(list(range(3, 19)), [False] * 8 + [True] * 7 + [False])]
+    loss, _ = drafter_loss(drafter, targets, trained, cfg, embed)
+    assert float(loss.detach()) > 0

@@ -124,7 +124,9 @@ def drafter_loss(drafter: Eagle3Drafter, targets: BackboneTargets, batch: list, 
         teacher = torch.softmax(hidden @ targets.proj.T, -1).to(dev)  # (B, L, Vd)
     embs = [embed[shifted(ids, s)].to(dev) for s in range(1, cfg.k + 1)]
     outs = drafter.forward_train(aux, embs, steps=cfg.k)
-    total, wsum, top1 = aux.new_zeros(()), 0.0, []
+    # Zero, but on the graph: a batch with nothing to train (possible only when every
+    # sequence's answer lies past max_len) then steps with zero gradients instead of failing.
+    total, wsum, top1 = outs[0].sum() * 0.0, 0.0, []
     mask = mask.to(dev)
     for s, x in enumerate(outs, start=1):
         valid = mask & shifted(mask, s, False)
@@ -200,8 +202,10 @@ def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     acc = _accelerator()
+    # A sequence whose answer starts past max_len has nothing to train: drop it here, once.
+    train_seqs = [(ids, m) for ids, m in train_seqs if any(m[: cfg.max_len])]
     if not train_seqs:
-        raise ValueError("no training sequences")
+        raise ValueError("no training sequences (none has a trainable token within max_len)")
     vocab_path = work / "draft_ids.pt"
     if vocab_path.exists():
         draft_ids = torch.load(vocab_path)
