@@ -35,6 +35,38 @@ from torch import nn
 from .modules import top_candidates
 
 
+def grouped_attention(q, k, v, mask, num_kv_heads: int) -> torch.Tensor:
+    """Grouped-query SDPA: q (B,H,T,hd), k/v (B,KV,S,hd), mask (T,S), (B,1,T,S) bool or None
+    -> (B,T,H*hd). The query group is folded into the query length: K/V are never expanded."""
+    B, H, T, hd = q.shape
+    group = H // num_kv_heads
+    qg = q.reshape(B, num_kv_heads, group * T, hd)
+    if mask is not None:  # None: a single query that sees every key
+        mask = mask.repeat(group, 1) if mask.dim() == 2 else mask.repeat(1, 1, group, 1)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+    return o.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
+
+
+class UnrolledAttention:
+    """The attention memory of a training-time-test unroll over whole sequences (chain and
+    EAGLE-3 alike): each call adds one step's keys and values, and step s's query at start j
+    sees step 1's entries 0..j and every later step's entry at j, as incremental drafting
+    from start j would."""
+
+    def __init__(self, L: int, device, num_kv_heads: int):
+        self.causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        self.eye = torch.eye(L, dtype=torch.bool, device=device)
+        self.num_kv_heads = num_kv_heads
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def __call__(self, q, k, v) -> torch.Tensor:
+        self.keys.append(k)
+        self.values.append(v)
+        mask = torch.cat([self.causal] + [self.eye] * (len(self.keys) - 1), dim=1)  # (L, steps L)
+        return grouped_attention(q, torch.cat(self.keys, 2), torch.cat(self.values, 2), mask, self.num_kv_heads)
+
+
 @dataclass
 class ChainConfig:
     k: int = 4  # draft steps (tokens t+2 .. t+1+k)
@@ -195,20 +227,7 @@ class ChainedHeads(nn.Module):
         return rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta), v
 
     def _attend(self, q, k, v, mask) -> torch.Tensor:
-        """q (B,H,T,hd), k/v (B,KV,S,hd), mask (T,S), (B,1,T,S) bool or None -> (B,T,H*hd)."""
-        c = self.cfg
-        group = c.num_heads // c.num_kv_heads
-        B, H, T, hd = q.shape
-        # Fold the query group into the query length: K/V are never expanded.
-        qg = q.reshape(B, c.num_kv_heads, group * T, hd)
-        if mask is None:  # a single query that sees every key
-            pass
-        elif mask.dim() == 2:
-            mask = mask.repeat(group, 1)
-        else:
-            mask = mask.repeat(1, 1, group, 1)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
-        return o.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
+        return grouped_attention(q, k, v, mask, self.cfg.num_kv_heads)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm_mlp(x)
@@ -245,19 +264,13 @@ class ChainedHeads(nn.Module):
         pos = torch.arange(L, device=dev)
         outs: list[torch.Tensor] = []
         feat = features
-        keys, values = [], []
-        causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
-        eye = torch.eye(L, dtype=torch.bool, device=dev)
+        memory = UnrolledAttention(L, dev, c.num_kv_heads)
         emb = next_tokens_emb[0]
         for s in range(steps):
             x = self._input(feat, emb)
             if c.attention:
                 q, k, v = self._qkv(x, (pos + s).expand(B, L))
-                keys.append(k)
-                values.append(v)
-                # Step s's query at j sees step-1 entries 0..j and the chain's entries at j.
-                mask = torch.cat([causal] + [eye] * s, dim=1)  # (L, (s+1) L)
-                x = x + self.o_proj(self._attend(q, torch.cat(keys, 2), torch.cat(values, 2), mask))
+                x = x + self.o_proj(memory(q, k, v))
             g = self._finish(x)
             outs.append(g)
             feat = g

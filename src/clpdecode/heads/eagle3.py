@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chained import ChainSession, ChainState, RMSNorm, apply_rope, drafting_rope_table, rope
+from .chained import (ChainSession, ChainState, RMSNorm, UnrolledAttention, apply_rope, drafting_rope_table,
+                      grouped_attention, rope)
 from .modules import top_candidates
 
 
@@ -143,15 +144,7 @@ class Eagle3Drafter(nn.Module):
 
     # ---- the block ----------------------------------------------------------------------------
     def _attend(self, q, k, v, mask) -> torch.Tensor:
-        """q (B,H,T,hd), k/v (B,KV,S,hd), mask (T,S) bool or None -> (B,T,H*hd)."""
-        c = self.cfg
-        group = c.num_heads // c.num_kv_heads
-        B, H, T, hd = q.shape
-        qg = q.reshape(B, c.num_kv_heads, group * T, hd)  # fold the group: K/V never expanded
-        if mask is not None:
-            mask = mask.repeat(group, 1)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
-        return o.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
+        return grouped_attention(q, k, v, mask, self.cfg.num_kv_heads)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         h = self.post_attention_layernorm(x)
@@ -181,10 +174,9 @@ class Eagle3Drafter(nn.Module):
         B, L, _ = aux.shape
         dev = aux.device
         pos = torch.arange(L, device=dev)
-        causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
-        eye = torch.eye(L, dtype=torch.bool, device=dev)
+        memory = UnrolledAttention(L, dev, c.num_kv_heads)
         g = self.fc(aux)
-        keys, values, outs = [], [], []
+        outs = []
         emb = next_tokens_emb[0]
         for s in range(steps):
             if s:
@@ -196,10 +188,7 @@ class Eagle3Drafter(nn.Module):
             v = self.v_proj(u).view(B, L, c.num_kv_heads, c.head_dim).transpose(1, 2)
             p = (pos + s).expand(B, L)
             q, k = rope(q, p, c.rope_theta), rope(k, p, c.rope_theta)
-            keys.append(k)
-            values.append(v)
-            mask = torch.cat([causal] + [eye] * s, dim=1)  # (L, (s+1) L)
-            x = g + self.o_proj(self._attend(q, torch.cat(keys, 2), torch.cat(values, 2), mask))
+            x = g + self.o_proj(memory(q, k, v))
             x = self._mlp(x)
             outs.append(x)
             g = x
