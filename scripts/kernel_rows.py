@@ -8,6 +8,8 @@ marginal ns per (feature, group, row) against M = 1. Run it on a quiet machine:
     python scripts/kernel_rows.py --threads 1
     python scripts/kernel_rows.py --threads 2
     python scripts/kernel_rows.py --threads 2 --attention   # clp::decode_attention instead
+    python scripts/kernel_rows.py --threads 1 --attention --rows 1 --context 120 [--cache fp32]
+    python scripts/kernel_rows.py --threads 1 --matmul      # the machine's fp32 matmul rate
 """
 import argparse
 import json
@@ -33,11 +35,21 @@ def main() -> None:
     p.add_argument("--attention", action="store_true",
                    help="time clp::decode_attention (30 layers, 9 heads over 3 K/V heads, fp16 cache) instead")
     p.add_argument("--context", type=int, default=1000, help="--attention: cached tokens")
+    p.add_argument("--cache", choices=["fp16", "fp32"], default="fp16", help="--attention: the K/V cache's dtype")
+    p.add_argument("--matmul", action="store_true",
+                   help="the reference instead: torch's fp32 matmul (1024^3) in GFLOPS, the machine's FMA rate")
     args = p.parse_args()
+    if not args.rows.startswith("1,") and args.rows != "1":
+        p.error("--rows must start with 1: the extra-row figures are against the 1-row pass")
     torch.set_num_threads(args.threads)
     if kernels.load(quiet=False) is None:
         sys.exit("the q4 kernels are not available on this machine: " + str(kernels.why_unavailable()))
     torch.manual_seed(0)
+    if args.matmul:
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        ms = median_ms(lambda: a @ b, args.repeats)
+        print(json.dumps({"threads": args.threads, "matmul_gflops": round(2 * 1024 ** 3 / ms / 1e6, 1)}))
+        return
     if args.attention:
         return attention(args)
     # Distinct weights per layer, so that a pass reads ~80 MB as a real step does (no cache reuse).
@@ -49,13 +61,7 @@ def main() -> None:
         xs = {k: torch.randn(m, k) for _, k in SHAPES}
         for lin, (_, k) in zip(linears[:7], SHAPES):
             lin(xs[k])  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            for lin, (_, k) in zip(linears, SHAPES * args.layers):
-                lin(xs[k])
-            times.append(time.perf_counter() - t0)
-        ms = statistics.median(times) * 1e3
+        ms = median_ms(lambda: [lin(xs[k]) for lin, (_, k) in zip(linears, SHAPES * args.layers)], args.repeats)
         base = ms if m == 1 else base
         row = {"rows": m, "threads": args.threads, "ms": round(ms, 3),
                "ns_per_feature_group": round(ms * 1e6 / groups, 3)}
@@ -64,24 +70,30 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
 
+def median_ms(one_pass, repeats: int) -> float:
+    """Median wall time of `one_pass()` over `repeats` runs, in ms."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 def attention(args) -> None:
     """Per-step attention of SmolLM2-135M (9 query heads over 3 K/V heads, head size 64)."""
     op = torch.ops.clp.decode_attention.default
     cap = args.context + 16
-    caches = [(torch.randn(3, cap, 64).half(), torch.randn(3, cap, 64).half()) for _ in range(args.layers)]
+    dtype = torch.float16 if args.cache == "fp16" else torch.float32
+    caches = [(torch.randn(3, cap, 64).to(dtype), torch.randn(3, cap, 64).to(dtype)) for _ in range(args.layers)]
     base = None
     for m in [int(r) for r in args.rows.split(",")]:
         q = torch.randn(m, 9, 64)
         op(q, *caches[0], args.context, None, 0.125, 0)
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            for kc, vc in caches:
-                op(q, kc, vc, args.context, None, 0.125, 0)
-            times.append(time.perf_counter() - t0)
-        ms = statistics.median(times) * 1e3
+        ms = median_ms(lambda: [op(q, kc, vc, args.context, None, 0.125, 0) for kc, vc in caches], args.repeats)
         base = ms if m == 1 else base
-        row = {"rows": m, "threads": args.threads, "context": args.context, "attention_ms": round(ms, 3)}
+        row = {"rows": m, "threads": args.threads, "context": args.context, "cache": args.cache,
+               "attention_ms": round(ms, 3)}
         if m > 1:
             row["ms_per_extra_row"] = round((ms - base) / (m - 1), 3)
         print(json.dumps(row), flush=True)

@@ -177,8 +177,6 @@ def _chat_sequence(tokenizer, turns: list[dict], max_len: int) -> tuple[list[int
     if not ids:
         return None
     ids, mask = ids[:max_len], mask[:max_len]
-    if not any(mask[1:]):
-        return None  # the first answer starts past max_len: nothing would train
     # mask[p]: token p + 1 trains.
     return ids, mask[1:] + [False]
 
