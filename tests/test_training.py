@@ -212,3 +212,58 @@ def test_eagle3_training_command_end_to_end(features, tiny_llama_dir, tmp_path, 
     cfg = GenerationConfig(max_new_tokens=20)
     ar = generate(bb, ids, make_policy("ar"), cfg)
     assert generate(bb, ids, make_policy("verified", bb, load_drafter(out, bb)), cfg).token_ids == ar.token_ids
+
+
+def test_chain_training_command_and_fine_tuning_from_a_bundle(features, tiny_llama_dir, tmp_path, capsys):
+    """`clp train --design chain` trains the chain on the same path as EAGLE-3; `--init` starts
+    from a bundle (its weights and draft vocabulary; the competing heads carried over) and
+    refuses one of another design or k; verified decoding with the result equals AR."""
+    from safetensors.torch import load_file
+
+    from clpdecode.backbone import load_backbone
+    from clpdecode.cli import main
+    from clpdecode.decoding import GenerationConfig, generate, make_policy
+    from clpdecode.heads.chained import ChainedHeads
+    from conftest import random_drafter
+
+    bb = load_backbone(str(tiny_llama_dir), numerics="fp32")
+    base = tmp_path / "base"
+    start = random_drafter(bb, k=2, design="chained", seed=3)
+    save_drafter(start, base, bb)
+    common = ["--model", str(tiny_llama_dir), "--corpus", str(features / "corpus"), "--k", "2",
+              "--conversations", "6", "--max-len", "320", "--batch-sequences", "2", "--numerics", "fp32"]
+    out = tmp_path / "ft"
+    argv = ["train", "--design", "chain", "--init", str(base), "--steps", "2", "--lr", "1e-4", "--out", str(out),
+            "--work", str(tmp_path / "w1")] + common
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["drafter_steps"] == 2 and res["predictors"]["positions"] > 0
+    tuned = load_drafter(out, bb)
+    assert isinstance(tuned.heads, ChainedHeads) and tuned.clp is not None and tuned.gates is not None
+    assert torch.equal(tuned.heads.draft_ids, start.heads.draft_ids)  # the init's vocabulary, not a new one
+    assert tuned.meta["training"]["init"]["from"] == str(base)
+    before, after = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert not torch.equal(before["heads.fc.weight"], after["heads.fc.weight"])  # it trained
+    if start.competing is not None:
+        assert torch.equal(before["competing.draft_ids"], after["competing.draft_ids"])
+    ids = [5, 9, 14, 20]
+    cfg = GenerationConfig(max_new_tokens=20)
+    ar = generate(bb, ids, make_policy("ar"), cfg)
+    assert generate(bb, ids, make_policy("verified", bb, tuned), cfg).token_ids == ar.token_ids
+    # From scratch: a chain with its own draft vocabulary.
+    argv = ["train", "--design", "chain", "--steps", "1", "--draft-vocab", "40", "--out", str(tmp_path / "new"),
+            "--work", str(tmp_path / "w2")] + common
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert load_drafter(tmp_path / "new", bb).heads.draft_ids.numel() == 40
+    # A bundle of another design or k is refused before any training.
+    for design, k, match in (("eagle3", "2", "holds a chained drafter"), ("chain", "3", "not --k 3")):
+        bad = ["train", "--design", design, "--init", str(base), "--steps", "1", "--out", str(tmp_path / "bad"),
+               "--work", str(tmp_path / "w3")] + common
+        bad[bad.index("--k") + 1] = k
+        assert main(bad) == 2
+        err = capsys.readouterr().err
+        assert match in err and "tokenising" not in err
+    assert main(["train", "--design", "chain", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]
+                + common) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -52,7 +52,8 @@ def chain_loss(chain: ChainedHeads, features: torch.Tensor, tokens: torch.Tensor
     embs = [embed[shifted(tokens, s)].to(f32.dtype) for s in range(1, cfg.steps + 1)]
     outs = chain.forward_train(f32, embs, steps=cfg.steps)
     proj = chain.proj
-    total = f32.new_zeros(())
+    # Zero, but on the graph: a batch with no trainable position steps with zero gradients.
+    total = outs[0].sum() * 0.0
     wsum = 0.0
     top1 = []
     for s, g in enumerate(outs, start=1):

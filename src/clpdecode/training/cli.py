@@ -46,7 +46,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_train_drafter(args) -> int:
-    """`clp train` with the default design (EAGLE-3): token corpora in, a drafter bundle out."""
+    """`clp train --design eagle3|chain`: token corpora in, a drafter bundle out."""
     import torch
 
     from ..backbone import load_backbone
@@ -54,7 +54,7 @@ def cmd_train_drafter(args) -> int:
     from ..errors import check_positive_int
     from ..heads.artifacts import save_drafter
     from .data import drafter_sequences
-    from .drafter import DrafterTrainConfig, train_drafter
+    from .drafter import DrafterTrainConfig, load_init, train_drafter
     from .train import _accelerator
 
     for opt in ("k", "steps", "batch_sequences", "max_len"):
@@ -68,14 +68,22 @@ def cmd_train_drafter(args) -> int:
     backbone = load_backbone(args.model, numerics=args.numerics)
     corpus = Path(args.corpus) if args.corpus else default_corpus_dir(backbone.name)
     records = read_corpus(corpus) if corpus.is_dir() else []
-    cfg = DrafterTrainConfig(k=args.k, draft_vocab=args.draft_vocab, steps=args.steps, minutes=args.minutes,
-                             batch_sequences=args.batch_sequences, max_len=args.max_len, seed=args.seed,
-                             device=args.device)
+    if args.lr is not None and not args.lr > 0:
+        raise ClpError(f"--lr must be > 0, got {args.lr}")
+    if args.init:
+        from ..heads.artifacts import check_heads_folder
+
+        check_heads_folder(args.init)  # before the backbone loads
+    cfg = DrafterTrainConfig(design=args.design, init=args.init or "", k=args.k, draft_vocab=args.draft_vocab,
+                             steps=args.steps, minutes=args.minutes, batch_sequences=args.batch_sequences,
+                             max_len=args.max_len, seed=args.seed, device=args.device,
+                             **({"lr": args.lr} if args.lr is not None else {}))
+    init = load_init(args.init, cfg, backbone) if args.init else None  # before the data are read
     train, pred = drafter_sequences(backbone, records, max_len=args.max_len, conversations=args.conversations,
                                     predictor_share=cfg.predictor_share, seed=args.seed)
     if not train:
         raise ClpError(f"no training sequences (corpus {corpus}: run `clp distill` first)")
-    drafter, report = train_drafter(backbone, train, pred, cfg, work)
+    drafter, report = train_drafter(backbone, train, pred, cfg, work, init)
     if not _accelerator().is_main_process:
         return 0
     save_drafter(drafter, out, backbone)
@@ -87,14 +95,18 @@ def cmd_train_drafter(args) -> int:
 def cmd_train(args) -> int:
     import torch
 
+    from .drafter import DESIGNS
+
     from ..backbone import load_backbone
     from ..heads.artifacts import save_drafter
     from .data import load_features
     from ..errors import check_positive_int
     from .train import TrainConfig, train_all
 
-    if args.design == "eagle3":
+    if args.design in DESIGNS:
         return cmd_train_drafter(args)
+    if args.init:
+        raise ClpError("--init goes with --design eagle3 or chain")
     check_positive_int("--k", args.k)
     backbone = load_backbone(args.model, numerics="fp32")
     features = features_dir(args.features, backbone.name)
@@ -149,25 +161,33 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
                     "(the self-distilled corpus of `clp distill` and the training split of ShareGPT's "
                     "conversations, every human turn in context) whose targets the frozen backbone computes "
                     "on the fly, unrolled k steps (training-time test), then CLP and the gates on its own "
-                    "drafts over held-back self-distilled answers. Checkpoints every 25 steps; rerun to "
+                    "drafts over held-back self-distilled answers. --design chain trains the chain (the "
+                    "shipped drafters' design) the same way; --init DIR starts from a drafter folder, e.g. "
+                    "to fine-tune a shipped one. Checkpoints every 25 steps; rerun to "
                     "resume; --minutes bounds the run. Runs on CPU or CUDA (--device), and data-parallel "
                     "under `accelerate launch`. --design fused|residual trains independent MTP heads (the "
                     "earlier baseline) on cached hidden states (`clp distill`), with the head-competition "
                     "ablation heads. Writes a heads folder (config.json + model.safetensors).")
     add_model_args(t, numerics=True)
     t.add_argument("--k", type=int, default=4, help="horizon: draft steps / heads (default: 4)")
-    t.add_argument("--design", default="eagle3", choices=["eagle3", "fused", "residual"],
-                   help="drafter design (default: eagle3)")
+    t.add_argument("--design", default="eagle3", choices=["eagle3", "chain", "fused", "residual"],
+                   help="drafter design: eagle3 (three layers' states), chain (the last state, the shipped "
+                        "drafters' design), fused|residual (independent heads on cached states) (default: eagle3)")
+    t.add_argument("--init", default=None, metavar="DIR",
+                   help="eagle3/chain: start from this drafter folder (same design and k; its draft vocabulary "
+                        "is kept), e.g. to fine-tune a shipped drafter on more data (default: from scratch)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="eagle3/chain: AdamW peak learning rate (default: 1e-3; lower it to fine-tune)")
     t.add_argument("--minutes", type=float, default=0.0,
-                   help="eagle3: stop the drafter's training after this many minutes and go on to CLP and the "
+                   help="eagle3/chain: stop the drafter's training after this many minutes and go on to CLP and the "
                         "gates (0: all --steps); a rerun resumes (default: 0)")
     t.add_argument("--conversations", type=int, default=None,
-                   help="eagle3: ShareGPT conversations to train on (default: all of the training split)")
-    t.add_argument("--max-len", type=int, default=384, help="eagle3: tokens per sequence (default: 384)")
-    t.add_argument("--batch-sequences", type=int, default=4, help="eagle3: sequences per step (default: 4)")
+                   help="eagle3/chain: ShareGPT conversations to train on (default: all of the training split)")
+    t.add_argument("--max-len", type=int, default=384, help="eagle3/chain: tokens per sequence (default: 384)")
+    t.add_argument("--batch-sequences", type=int, default=4, help="eagle3/chain: sequences per step (default: 4)")
     t.add_argument("--corpus", default=None,
-                   help="eagle3: self-distilled corpus (default: the package's assets/corpus/<backbone>)")
-    t.add_argument("--device", default="cpu", help="eagle3: where the drafter trains: cpu or cuda (default: cpu)")
+                   help="eagle3/chain: self-distilled corpus (default: the package's assets/corpus/<backbone>)")
+    t.add_argument("--device", default="cpu", help="eagle3/chain: where the drafter trains: cpu or cuda (default: cpu)")
     t.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size, 0 = all (default: 8192)")
     t.add_argument("--steps", type=int, default=3000, help="head optimiser steps (default: 3000)")
     t.add_argument("--predictor-steps", type=int, default=1500, help="CLP / gate steps (default: 1500)")

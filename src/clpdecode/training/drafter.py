@@ -1,5 +1,5 @@
-"""Training the default drafter (EAGLE-3), then CLP and the gates on its own drafts: the one
-training path, on CPU or CUDA, in one process or several (``accelerate launch``).
+"""Training a drafter (EAGLE-3 by default, or the chain), then CLP and the gates on its own
+drafts: the one training path, on CPU or CUDA, in one process or several (``accelerate launch``).
 
 Data: token-id sequences with a mask of the positions that train (training.sequences):
 self-distilled answers (`clp distill`'s corpus) and ShareGPT conversations of the training
@@ -8,10 +8,15 @@ the backbone's own distributions on that text, as EAGLE trains). Nothing big is 
 disk: each sequence goes through the frozen backbone once when its batch comes up (batch 1,
 the backbone's own numerics: q4 computes what fp32 computes for a GGUF backbone, faster),
 giving the drafter's features (the inputs of its three aux layers) and the targets (the
-backbone's next-token distribution over the draft vocabulary, through its LM head).
+backbone's next-token distribution over the draft vocabulary, through its LM head). The
+chain (design "chain", heads/chained.py) reads the backbone's last state instead of three
+layers' inputs.
 
-Loss: EAGLE-3's training-time test, unrolled k steps (Eagle3Drafter.forward_train); step s
-is a soft cross-entropy against the backbone's distribution at j + s, weighted 0.8^(s-1).
+Loss: the training-time test, unrolled k steps (the drafter's forward_train); step s is a
+soft cross-entropy against the backbone's distribution at j + s, weighted 0.8^(s-1); the
+chain adds its SmoothL1 regression on the backbone's next state (training/chain.py).
+`init` starts from a drafter folder of the same design (fine-tuning: its weights and its
+draft vocabulary) instead of from scratch.
 AdamW with warm-up and cosine decay (training.train._optimise), checkpoints every
 `checkpoint_every` steps; the data order is a fixed permutation indexed by the step, so a
 resumed run continues with the sequences it had not seen.
@@ -33,13 +38,19 @@ import torch
 import torch.nn.functional as F
 
 from ..heads.accuracy import shifted
+from ..heads.chained import ChainConfig, ChainedHeads
 from ..heads.eagle3 import Eagle3Config, Eagle3Drafter
 from ..predictors.modules import CLP, Gates, PredictorConfig
+from .chain import ChainLossConfig, chain_loss
 from .train import _accelerator, _optimise, clp_class_weights
+
+DESIGNS = ("eagle3", "chain")
 
 
 @dataclass
 class DrafterTrainConfig:
+    design: str = "eagle3"  # "eagle3" (three layers' states) or "chain" (the last state)
+    init: str = ""  # a drafter folder of the same design to start from ("": from scratch)
     k: int = 4  # draft steps, unrolled in training (training-time test)
     draft_vocab: int = 8192  # tokens the drafter may propose (the most frequent training tokens)
     steps: int = 2000  # optimiser steps
@@ -49,6 +60,7 @@ class DrafterTrainConfig:
     lr: float = 1e-3  # AdamW peak learning rate
     warmup: int = 100
     step_decay: float = 0.8  # loss weight of step s is step_decay ** (s - 1)
+    feature_weight: float = 0.5  # chain: SmoothL1 weight on the backbone's next state
     predictor_share: float = 0.08  # sequences held back for CLP and gates (never seen by the drafter)
     predictor_steps: int = 800
     predictor_lr: float = 3e-3
@@ -63,7 +75,8 @@ class DrafterTrainConfig:
 
 
 class BackboneTargets:
-    """The frozen backbone's view of a sequence: the drafter's features and its targets."""
+    """The frozen backbone's view of a sequence: the drafter's features and its targets.
+    With no aux layers (the chain) the features are the last hidden state itself."""
 
     def __init__(self, backbone, aux_layers: tuple[int, ...], draft_ids: torch.Tensor):
         self.backbone = backbone
@@ -73,7 +86,11 @@ class BackboneTargets:
 
     @torch.no_grad()
     def __call__(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L,) ids -> aux (L, 3d) and hidden (L, d), fp32, on the CPU."""
+        """(L,) ids -> features (L, 3d) (or (L, d) without aux layers) and hidden (L, d),
+        fp32, on the CPU."""
+        if not self.aux_layers:
+            hidden = self.backbone.forward(torch.tensor([ids]), self.backbone.new_cache())[0].float()
+            return hidden, hidden
         hidden, aux = self.backbone.forward(torch.tensor([ids]), self.backbone.new_cache(),
                                             aux_layers=self.aux_layers)
         return aux[0].float(), hidden[0].float()
@@ -110,16 +127,19 @@ class _Batches:
         return [self.sequences[self.order[(start + i) % len(self.order)]] for i in range(b)]
 
 
-def drafter_loss(drafter: Eagle3Drafter, targets: BackboneTargets, batch: list, cfg: DrafterTrainConfig,
-                 embed: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def drafter_loss(drafter: Eagle3Drafter | ChainedHeads, targets: BackboneTargets, batch: list,
+                 cfg: DrafterTrainConfig, embed: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The unrolled loss of one batch of (ids, mask) sequences."""
     dev = next(drafter.parameters()).device
     feats = [targets(ids[: cfg.max_len]) for ids, _ in batch]
     L = max(len(a) for a, _ in feats)
-    aux = _pad([a for a, _ in feats], L).to(dev)  # (B, L, 3d)
     hidden = _pad([h for _, h in feats], L)  # (B, L, d) CPU
     ids = _pad([torch.tensor(i[: cfg.max_len]) for i, _ in batch], L)  # (B, L)
     mask = _pad([torch.tensor(m[: cfg.max_len]) for _, m in batch], L).bool()  # p's next token trains
+    if isinstance(drafter, ChainedHeads):
+        lcfg = ChainLossConfig(steps=cfg.k, feature_weight=cfg.feature_weight, step_decay=cfg.step_decay)
+        return chain_loss(drafter, hidden.to(dev), ids.to(dev), mask.to(dev), embed.to(dev), lcfg)
+    aux = _pad([a for a, _ in feats], L).to(dev)  # (B, L, 3d)
     with torch.no_grad():
         teacher = torch.softmax(hidden @ targets.proj.T, -1).to(dev)  # (B, L, Vd)
     embs = [embed[shifted(ids, s)].to(dev) for s in range(1, cfg.k + 1)]
@@ -143,16 +163,16 @@ def drafter_loss(drafter: Eagle3Drafter, targets: BackboneTargets, batch: list, 
 
 
 @torch.no_grad()
-def drafter_lengths(drafter: Eagle3Drafter, targets: BackboneTargets, ids: list[int], mask: list[bool],
+def drafter_lengths(drafter: Eagle3Drafter | ChainedHeads, targets: BackboneTargets, ids: list[int], mask: list[bool],
                     embed: torch.Tensor, k: int):
     """Per position of one sequence: the backbone's hidden state, the drafter's accepted
     length (its drafts fed back as at inference, against the backbone's greedy
     continuation) and which drafts are right (CLP's and the gates' labels)."""
-    aux, hidden = targets(ids)
+    features, hidden = targets(ids)
     t = torch.tensor([ids])
     greedy = (hidden @ targets.full.T).argmax(-1)[None]  # (1, L): the backbone's token after p
     on_path = shifted(t, 1) == greedy
-    outs = drafter.forward_train(aux[None], [embed[shifted(t, 1)]], steps=k, own_tokens=True)
+    outs = drafter.forward_train(features[None], [embed[shifted(t, 1)]], steps=k, own_tokens=True)
     drafts = torch.stack([drafter.draft_ids[drafter.logits(x).argmax(-1)] for x in outs], -1)  # (1, L, k)
     m = torch.tensor([mask])
     correct, path = [], m.clone()
@@ -187,15 +207,59 @@ def _train_predictors(hidden, lengths, correct, k: int, cfg: DrafterTrainConfig,
     return clp.eval(), gates.eval(), {"label_counts": torch.bincount(lengths, minlength=k + 1).tolist()}
 
 
+def load_init(folder, cfg: DrafterTrainConfig, backbone):
+    """The bundle `--init` names, checked against what this run trains: same design and k,
+    trained for this backbone (a ClpError otherwise)."""
+    from ..errors import ClpError
+    from ..heads.artifacts import check_backbone, load_drafter
+
+    init = load_drafter(Path(folder))
+    check_backbone(init.meta, backbone)
+    want = Eagle3Drafter if cfg.design == "eagle3" else ChainedHeads
+    if not isinstance(init.heads, want):
+        raise ClpError(f"--init {folder} holds a {init.heads.cfg.design} drafter, not one for --design {cfg.design}")
+    if init.heads.cfg.k != cfg.k:
+        raise ClpError(f"--init {folder} was trained for k = {init.heads.cfg.k}, not --k {cfg.k}")
+    return init
+
+
+def new_drafter(backbone, cfg: DrafterTrainConfig, train_seqs: list, work: Path, init=None):
+    """The drafter to train: `init`'s (a bundle from load_init: its weights and draft
+    vocabulary), else a fresh one whose draft vocabulary is the `cfg.draft_vocab` most
+    frequent training tokens, kept in `work` so that a resumed run drafts over the same tokens.
+    """
+    if cfg.design not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {cfg.design!r}")
+    torch.manual_seed(cfg.seed)
+    if init is not None:
+        return init.heads.train()
+    vocab_path = work / "draft_ids.pt"
+    if vocab_path.exists():
+        draft_ids = torch.load(vocab_path)
+    else:
+        draft_ids = draft_vocabulary(train_seqs, cfg.draft_vocab, backbone.info.vocab_size)
+        torch.save(draft_ids, vocab_path)
+    if cfg.design == "chain":
+        drafter = ChainedHeads(ChainConfig.from_backbone_config(backbone.config, k=cfg.k))
+        drafter.set_draft_vocab(draft_ids)
+        return drafter
+    drafter = Eagle3Drafter(Eagle3Config.from_backbone_config(backbone.config, k=cfg.k, draft_vocab=len(draft_ids)))
+    drafter.set_draft_vocab(draft_ids)
+    drafter.init_from_backbone(backbone.lm_head_weight)
+    return drafter
+
+
 def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
-                  pred_seqs: list[tuple[list[int], list[bool]]], cfg: DrafterTrainConfig, work: Path):
-    """Train the EAGLE-3 drafter, then CLP and gates; returns (Drafter, report).
+                  pred_seqs: list[tuple[list[int], list[bool]]], cfg: DrafterTrainConfig, work: Path,
+                  init=None):
+    """Train the drafter (cfg.design), then CLP and gates; returns (Drafter, report).
 
     Args:
         train_seqs: (token ids, mask) pairs the drafter trains on; mask[p] is True when
             token p+1 trains.
         pred_seqs: self-distilled sequences the drafter never sees: CLP's and the gates' data.
         work: checkpoint folder (rerun with the same folder to resume).
+        init: the bundle to start from (load_init); None loads `cfg.init` when it is set.
     """
     from ..heads.artifacts import Drafter, backbone_meta
 
@@ -206,20 +270,13 @@ def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
     train_seqs = [(ids, m) for ids, m in train_seqs if any(m[: cfg.max_len])]
     if not train_seqs:
         raise ValueError("no training sequences (none has a trainable token within max_len)")
-    vocab_path = work / "draft_ids.pt"
-    if vocab_path.exists():
-        draft_ids = torch.load(vocab_path)
-    else:
-        draft_ids = draft_vocabulary(train_seqs, cfg.draft_vocab, backbone.info.vocab_size)
-        torch.save(draft_ids, vocab_path)
-    ecfg = Eagle3Config.from_backbone_config(backbone.config, k=cfg.k, draft_vocab=len(draft_ids))
-    torch.manual_seed(cfg.seed)
-    drafter = Eagle3Drafter(ecfg)
-    drafter.set_draft_vocab(draft_ids)
-    drafter.init_from_backbone(backbone.lm_head_weight)
+    if init is None and cfg.init:
+        init = load_init(cfg.init, cfg, backbone)
+    drafter = new_drafter(backbone, cfg, train_seqs, work, init)
     embed = backbone.model.get_input_embeddings().weight.detach().float()
     drafter.attach(backbone.lm_head_weight, embed)
-    targets = BackboneTargets(backbone, ecfg.aux_layers, drafter.draft_ids)
+    aux_layers = drafter.aux_layers if isinstance(drafter, Eagle3Drafter) else ()
+    targets = BackboneTargets(backbone, aux_layers, drafter.draft_ids)
     batches = _Batches(train_seqs, cfg, acc.process_index, acc.num_processes)
     stats = {"top1": None}
     deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else math.inf
@@ -231,7 +288,7 @@ def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
 
     drafter.train()
     done_steps = _optimise(drafter, loss_fn, cfg.steps, cfg.lr, cfg.warmup, work / "drafter.pt",
-                           "train: EAGLE-3 drafter", cfg.seed, cfg.checkpoint_every,
+                           f"train: {cfg.design} drafter", cfg.seed, cfg.checkpoint_every,
                            stop=lambda: time.monotonic() > deadline)
     state = torch.load(work / "drafter.pt", weights_only=False, map_location="cpu")
     drafter.load_state_dict(state["module"])
@@ -252,10 +309,17 @@ def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
             clp, gates, preport = _train_predictors(hidden, lengths, correct, cfg.k, cfg, work)
             report["predictors"] = {**preport, "positions": len(lengths),
                                     "mean_accepted_predictor_split": round(float(lengths.float().mean()), 4)}
-    drafter_bundle = Drafter(heads=drafter, clp=clp, gates=gates,
+    competing = None
+    if init is not None:
+        # The head-competition ablation does not depend on the drafter: a fine-tuned bundle
+        # keeps the one it started from, so that `clp bench` still has that row.
+        competing = init.competing
+        report["init"] = {"from": str(cfg.init), "competing": "carried over unchanged" if competing else None,
+                          "training": init.meta.get("training", {}).get("command")}
+    drafter_bundle = Drafter(heads=drafter, clp=clp, gates=gates, competing=competing,
                              meta={"backbone": backbone_meta(backbone), "training": report})
     (work / "report.json").write_text(json.dumps(report, indent=1))
     return drafter_bundle, report
 
 
-__all__ = ["DrafterTrainConfig", "train_drafter", "drafter_loss", "drafter_lengths", "draft_vocabulary"]
+__all__ = ["DrafterTrainConfig", "train_drafter", "load_init", "drafter_loss", "drafter_lengths", "draft_vocabulary"]
