@@ -30,3 +30,19 @@ def test_failed_folder_write_keeps_the_old_folder(tmp_path):
             raise RuntimeError("killed")
     assert (tmp_path / "h" / "config.json").read_text() == "v1"
     assert [p.name for p in tmp_path.iterdir()] == ["h"]
+
+
+def test_artifacts_get_the_usual_permissions_not_private_ones(tmp_path):
+    """mkstemp/mkdtemp make 0600/0700 entries; a written artifact must be readable as a plain
+    open()/mkdir() would have left it (0644/0755 under the usual umask 022)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        f = atomic_write_text(tmp_path / "a.json", "{}")
+        with atomic_folder(tmp_path / "bundle") as tmp:
+            (tmp / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o755

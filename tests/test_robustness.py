@@ -248,14 +248,14 @@ def fake_embedded(tmp_path, monkeypatch, conversions):
 
 
 def test_conversion_status_goes_to_stderr(capsys, fake_embedded):
-    """A first run's `[clp] converting ...` line must not corrupt --json output."""
+    """A first run's `clp: converting ...` line must not corrupt --json output."""
     _, calls = fake_embedded
     code, out, err = run(capsys, "info", "--json", "--numerics", "fp32")  # the fake GGUF has no blocks
     assert code == 0, err
     assert json.loads(out)["backbone"]["name"] == "SmolLM2-135M-Instruct"
-    assert len(calls) == 1 and "[clp] converting" in err and "[clp]" not in out
+    assert len(calls) == 1 and "clp: converting" in err and "converting" not in out
     code, out, err = run(capsys, "info", "--json", "--numerics", "fp32")  # cached: no status line at all
-    assert code == 0 and len(calls) == 1 and "[clp]" not in err and json.loads(out)
+    assert code == 0 and len(calls) == 1 and "converting" not in err and json.loads(out)
 
 
 def test_identical_ggufs_share_one_conversion(tmp_path, conversions):

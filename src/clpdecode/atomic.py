@@ -11,6 +11,18 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, directory: bool) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; an artifact gets the mode a plain
+    open()/mkdir() would have given it (0666/0777 less the umask), so others can read it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_file(path: Path, write: Callable[[Path], None], suffix: str = "") -> Path:
     """Call write(tmp) on a temporary file next to `path`, then rename it to `path`."""
     path = Path(path)
@@ -19,6 +31,7 @@ def atomic_file(path: Path, write: Callable[[Path], None], suffix: str = "") -> 
     os.close(fd)
     try:
         write(Path(tmp))
+        _usual_mode(Path(tmp), directory=False)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -38,6 +51,7 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         yield tmp
+        _usual_mode(tmp, directory=True)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

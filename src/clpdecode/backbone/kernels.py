@@ -49,13 +49,13 @@ def load(quiet: bool = False):
             folder.mkdir(parents=True, exist_ok=True)
             built = any(folder.glob("*.so"))
             if not built and not quiet:
-                print(f"[clp] building the q4 CPU kernels in {folder} (once, ~30 s)...", file=sys.stderr, flush=True)
+                print(f"clp: building the q4 CPU kernels in {folder} (once, ~30 s)...", file=sys.stderr, flush=True)
             module = cpp_extension.load(name=f"clp_kernels_{key}", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
                                         extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
             _register_fakes()
         except Exception as e:  # no compiler, no ninja, a compile error: fall back, say why once
             _state["why"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
-            print(f"[clp] warning: the q4 CPU kernels could not be built ({_state['why']}); q4 runs torch's "
+            print(f"clp: warning: the q4 CPU kernels could not be built ({_state['why']}); q4 runs torch's "
                   "int4 kernel instead (slower; verified may differ from AR)", file=sys.stderr, flush=True)
         _state["module"] = module
         return module

@@ -289,7 +289,7 @@ def converted_gguf_folder(gguf: Path, name: str, progress: bool = True) -> Path:
     """
     source = _content_fingerprint(gguf)
     folder = cache_dir() / "models" / name
-    message = f"[clp] converting {gguf.name} to fp32 in {folder} (once, ~35 s)..." if progress else None
+    message = f"clp: converting {gguf.name} to fp32 in {folder} (once, ~35 s)..." if progress else None
     return cached_folder(folder, source, lambda tmp: _convert_gguf(gguf, name, tmp), message,
                          legacy=_legacy_fingerprint(gguf))
 
