@@ -267,3 +267,16 @@ def test_chain_training_command_and_fine_tuning_from_a_bundle(features, tiny_lla
     assert main(["train", "--design", "chain", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]
                 + common) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_zero_conversations_trains_on_the_self_distilled_answers_only(features, tiny_backbone):
+    """--conversations 0: no teacher-forced ShareGPT text, only the corpus's training answers
+    (the teacher-forced conversations lowered a fine-tuned chain's acceptance on greedy answers)."""
+    from clpdecode.training.data import drafter_sequences
+
+    recs = read_corpus(features / "corpus")
+    train, pred = drafter_sequences(tiny_backbone, recs, max_len=320, conversations=0, progress=False)
+    n_train = sum(r["split"] == "train" for r in recs)
+    assert len(train) + len(pred) == n_train and len(pred) >= 1
+    answers = {tuple(r["prompt"] + r["answer"])[:320] for r in recs if r["split"] == "train"}
+    assert {tuple(ids) for ids, _ in train + pred} <= answers

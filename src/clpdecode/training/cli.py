@@ -59,6 +59,8 @@ def cmd_train_drafter(args) -> int:
 
     for opt in ("k", "steps", "batch_sequences", "max_len"):
         check_positive_int("--" + opt.replace("_", "-"), getattr(args, opt))
+    if args.conversations is not None and args.conversations < 0:
+        raise ClpError(f"--conversations must be >= 0, got {args.conversations}")
     if args.minutes < 0:
         raise ClpError(f"--minutes must be >= 0, got {args.minutes}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -182,7 +184,8 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
                    help="eagle3/chain: stop the drafter's training after this many minutes and go on to CLP and the "
                         "gates (0: all --steps); a rerun resumes (default: 0)")
     t.add_argument("--conversations", type=int, default=None,
-                   help="eagle3/chain: ShareGPT conversations to train on (default: all of the training split)")
+                   help="eagle3/chain: ShareGPT conversations to train on, teacher-forced; 0: only the self-distilled "
+                        "corpus (default: all of the training split)")
     t.add_argument("--max-len", type=int, default=384, help="eagle3/chain: tokens per sequence (default: 384)")
     t.add_argument("--batch-sequences", type=int, default=4, help="eagle3/chain: sequences per step (default: 4)")
     t.add_argument("--corpus", default=None,

@@ -191,7 +191,7 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
       goes to CLP and the gates (their labels need the backbone's own continuations);
     - ShareGPT conversations of the training split (datasets.sharegpt_split: deduplicated,
       no benchmark prompt), every human turn with its earlier turns as context, through the
-      chat template, assistant tokens training (`conversations`: how many, None = all); a
+      chat template, assistant tokens training (`conversations`: how many, None = all, 0 = none); a
       backbone without a chat template (a base model) reads each answer as plain text.
     Tokenised conversations are cached in <cache>/datasets (keyed by the split rule, the
     tokenizer and max_len).
@@ -244,6 +244,8 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
                 break
         return out
 
+    if conversations == 0:  # the self-distilled answers only
+        return train, pred
     records = list(enumerate(sharegpt_conversations()))
     random.Random(seed + 1).shuffle(records)
     if conversations is not None:  # a sample: tokenised as needed

@@ -58,6 +58,7 @@ class DrafterTrainConfig:
     batch_sequences: int = 4  # sequences per step (per process)
     max_len: int = 384  # tokens per sequence (longer ones are cut)
     lr: float = 1e-3  # AdamW peak learning rate
+    clip: float = 1.0  # gradients' global norm is clipped to this (0: off), as the GPU run did
     warmup: int = 100
     step_decay: float = 0.8  # loss weight of step s is step_decay ** (s - 1)
     feature_weight: float = 0.5  # chain: SmoothL1 weight on the backbone's next state
@@ -289,7 +290,7 @@ def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
     drafter.train()
     done_steps = _optimise(drafter, loss_fn, cfg.steps, cfg.lr, cfg.warmup, work / "drafter.pt",
                            f"train: {cfg.design} drafter", cfg.seed, cfg.checkpoint_every,
-                           stop=lambda: time.monotonic() > deadline)
+                           stop=lambda: time.monotonic() > deadline, clip=cfg.clip)
     state = torch.load(work / "drafter.pt", weights_only=False, map_location="cpu")
     drafter.load_state_dict(state["module"])
     drafter.to("cpu").eval()

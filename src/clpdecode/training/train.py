@@ -86,10 +86,10 @@ def _accelerator():
 
 
 def _optimise(module, loss_fn, steps, lr, warmup, ckpt: Path, desc: str, seed: int,
-              checkpoint_every: int, weight_decay: float = 0.0, stop=None) -> int:
+              checkpoint_every: int, weight_decay: float = 0.0, stop=None, clip: float = 0.0) -> int:
     """AdamW with warm-up and cosine decay; checkpoints and resumes from `ckpt`. Returns the
     steps done. `stop()`, checked before every step: when true, checkpoint and return early
-    (a time budget; a rerun continues).
+    (a time budget; a rerun continues). `clip` > 0 clips the gradients' global norm to it.
 
     Under `accelerate launch` each process draws its own batches (seed + rank) and the
     gradients are averaged across processes before every step, so N processes train with
@@ -126,6 +126,8 @@ def _optimise(module, loss_fn, steps, lr, warmup, ckpt: Path, desc: str, seed: i
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
