@@ -10,7 +10,9 @@ answers are computed once for all checkpoints.
     python scripts/score_checkpoints.py --k 4 --prompts mtbench sharegpt-heldout --limit 80 \\
         base build/drafters/chain-ft/drafter-step200.pt
 
-"base" scores the bundle itself. One JSON line per checkpoint on stdout.
+"base" scores the bundle itself. `--full-vocab` lets a chain propose any token (its head is the
+backbone's frozen LM head: only the rows change) instead of its 8,192-token draft vocabulary.
+One JSON line per checkpoint on stdout.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def main() -> int:
     ap.add_argument("--prompts", nargs="+", default=["mtbench", "sharegpt-heldout"])
     ap.add_argument("--limit", type=int, default=80)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--full-vocab", action="store_true",
+                    help="a chain drafts over the whole vocabulary (its head is the backbone's LM head)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,14 +56,22 @@ def main() -> int:
         recs, _ = prompt_answers(bb, load_prompts(name, args.limit), 128, batch_size=16)
         states[name] = heldout_states(bb, recs, aux_layers=aux)
     for ck in args.checkpoints:
-        step = 0
-        if ck == "base":
-            heads.load_state_dict(base)
-        else:
+        step, state = 0, base
+        if ck != "base":
             st = torch.load(ck, weights_only=False, map_location="cpu")
-            heads.load_state_dict(st["module"])
-            step = st["step"]
-        row = {"checkpoint": ck, "step": step}
+            step, state = st["step"], st["module"]
+        heads.set_draft_vocab(state["draft_ids"])  # sized by the state (--full-vocab widens it below)
+        heads.load_state_dict(state)
+        if hasattr(heads, "proj"):  # a chain's head rows follow its draft vocabulary
+            heads.attach(bb.lm_head_weight, bb.model.get_input_embeddings().weight.detach().float())
+        if args.full_vocab:
+            from clpdecode.heads.chained import ChainedHeads
+
+            if not isinstance(heads, ChainedHeads):
+                raise SystemExit("--full-vocab: only a chain's head is the backbone's LM head")
+            heads.set_draft_vocab(torch.arange(bb.info.vocab_size))
+            heads.attach(bb.lm_head_weight, bb.model.get_input_embeddings().weight.detach().float())
+        row = {"checkpoint": ck, "step": step, "draft_vocab": int(heads.draft_ids.numel())}
         for name, st in states.items():
             r = heldout_accuracy(heads, bb, st, args.k)
             row[name] = {"mean_accepted": r["mean_accepted"], "t+2_top1": r["head_top1"][0], "tokens": r["tokens"]}
