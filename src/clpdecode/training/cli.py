@@ -190,7 +190,7 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     t.add_argument("--batch-sequences", type=int, default=4, help="eagle3/chain: sequences per step (default: 4)")
     t.add_argument("--corpus", default=None,
                    help="eagle3/chain: self-distilled corpus (default: the package's assets/corpus/<backbone>)")
-    t.add_argument("--device", default="cpu", help="eagle3/chain: where the drafter trains: cpu or cuda (default: cpu)")
+    t.add_argument("--device", default="cpu", help="eagle3/chain: where the drafter trains: cpu or cuda; the frozen backbone that computes its targets stays on the CPU, one sequence at a time (default: cpu)")
     t.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size, 0 = all (default: 8192)")
     t.add_argument("--steps", type=int, default=3000, help="head optimiser steps (default: 3000)")
     t.add_argument("--predictor-steps", type=int, default=1500, help="CLP / gate steps (default: 1500)")
