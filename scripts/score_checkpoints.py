@@ -31,6 +31,7 @@ from clpdecode.evaluation.answers import prompt_answers  # noqa: E402
 from clpdecode.evaluation.prompts import load_prompts  # noqa: E402
 from clpdecode.heads import default_drafter  # noqa: E402
 from clpdecode.heads.accuracy import heldout_accuracy, heldout_states  # noqa: E402
+from clpdecode.heads.chained import ChainedHeads  # noqa: E402
 
 
 def main() -> int:
@@ -49,6 +50,10 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     bb = load_backbone(args.model)
     heads = default_drafter(bb, k=args.k, folder=args.heads).heads
+    chain = isinstance(heads, ChainedHeads)
+    if args.full_vocab and not chain:
+        raise SystemExit("--full-vocab: only a chain's head is the backbone's LM head")
+    embed = bb.model.get_input_embeddings().weight.detach().float()
     base = {k: v.clone() for k, v in heads.state_dict().items()}
     aux = getattr(heads, "aux_layers", ())
     states = {}
@@ -60,17 +65,12 @@ def main() -> int:
         if ck != "base":
             st = torch.load(ck, weights_only=False, map_location="cpu")
             step, state = st["step"], st["module"]
-        heads.set_draft_vocab(state["draft_ids"])  # sized by the state (--full-vocab widens it below)
+        heads.set_draft_vocab(state["draft_ids"])  # sized by the state, so set before loading
         heads.load_state_dict(state)
-        if hasattr(heads, "proj"):  # a chain's head rows follow its draft vocabulary
-            heads.attach(bb.lm_head_weight, bb.model.get_input_embeddings().weight.detach().float())
         if args.full_vocab:
-            from clpdecode.heads.chained import ChainedHeads
-
-            if not isinstance(heads, ChainedHeads):
-                raise SystemExit("--full-vocab: only a chain's head is the backbone's LM head")
             heads.set_draft_vocab(torch.arange(bb.info.vocab_size))
-            heads.attach(bb.lm_head_weight, bb.model.get_input_embeddings().weight.detach().float())
+        if chain:  # a chain's head is the LM-head rows of its draft vocabulary
+            heads.attach(bb.lm_head_weight, embed)
         row = {"checkpoint": ck, "step": step, "draft_vocab": int(heads.draft_ids.numel())}
         for name, st in states.items():
             r = heldout_accuracy(heads, bb, st, args.k)

@@ -33,7 +33,7 @@ def test_failed_folder_write_keeps_the_old_folder(tmp_path):
 
 
 def test_artifacts_get_the_usual_permissions_not_private_ones(tmp_path):
-    """mkstemp/mkdtemp make 0600/0700 entries; a written artifact must be readable as a plain
+    """mkstemp/mkdtemp would make 0600/0700 entries; a written artifact must be readable as a plain
     open()/mkdir() would have left it (0644/0755 under the usual umask 022)."""
     import os
 

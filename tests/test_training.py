@@ -244,8 +244,8 @@ def test_chain_training_command_and_fine_tuning_from_a_bundle(features, tiny_lla
     assert tuned.meta["training"]["init"]["from"] == str(base)
     before, after = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert not torch.equal(before["heads.fc.weight"], after["heads.fc.weight"])  # it trained
-    if start.competing is not None:
-        assert torch.equal(before["competing.draft_ids"], after["competing.draft_ids"])
+    assert start.competing is not None and tuned.competing is not None  # carried over
+    assert torch.equal(before["competing.draft_ids"], after["competing.draft_ids"])
     ids = [5, 9, 14, 20]
     cfg = GenerationConfig(max_new_tokens=20)
     ar = generate(bb, ids, make_policy("ar"), cfg)

@@ -5,33 +5,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _usual_mode(path: Path, directory: bool) -> None:
-    """mkstemp/mkdtemp create private (0600/0700) entries; an artifact gets the mode a plain
-    open()/mkdir() would have given it (0666/0777 less the umask), so others can read it."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+def _temporary_name(target: Path, sep: str, suffix: str = "") -> Path:
+    """A hidden, random name beside `target`. Created with a plain exclusive open()/mkdir()
+    (not mkstemp/mkdtemp, whose entries are private: 0600/0700), so the artifact gets the
+    mode any file or folder gets here (0666/0777 less the umask)."""
+    return target.parent / f".{target.name}{sep}{secrets.token_hex(6)}{suffix}"
 
 
 def atomic_file(path: Path, write: Callable[[Path], None], suffix: str = "") -> Path:
     """Call write(tmp) on a temporary file next to `path`, then rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    tmp = _temporary_name(path, ".", suffix)
+    open(tmp, "x").close()
     try:
-        write(Path(tmp))
-        _usual_mode(Path(tmp), directory=False)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -48,10 +42,10 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `folder` whole."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    tmp = _temporary_name(folder, "-")
+    tmp.mkdir()
     try:
         yield tmp
-        _usual_mode(tmp, directory=True)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -63,6 +63,12 @@ def cmd_train_drafter(args) -> int:
         raise ClpError(f"--conversations must be >= 0, got {args.conversations}")
     if args.minutes < 0:
         raise ClpError(f"--minutes must be >= 0, got {args.minutes}")
+    if args.lr is not None and not args.lr > 0:
+        raise ClpError(f"--lr must be > 0, got {args.lr}")
+    if args.init:
+        from ..heads.artifacts import check_heads_folder
+
+        check_heads_folder(args.init)  # before the backbone loads
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ClpError("--device cuda: no CUDA device is available here")
     out = Path(args.out)
@@ -70,12 +76,6 @@ def cmd_train_drafter(args) -> int:
     backbone = load_backbone(args.model, numerics=args.numerics)
     corpus = Path(args.corpus) if args.corpus else default_corpus_dir(backbone.name)
     records = read_corpus(corpus) if corpus.is_dir() else []
-    if args.lr is not None and not args.lr > 0:
-        raise ClpError(f"--lr must be > 0, got {args.lr}")
-    if args.init:
-        from ..heads.artifacts import check_heads_folder
-
-        check_heads_folder(args.init)  # before the backbone loads
     cfg = DrafterTrainConfig(design=args.design, init=args.init or "", k=args.k, draft_vocab=args.draft_vocab,
                              steps=args.steps, minutes=args.minutes, batch_sequences=args.batch_sequences,
                              max_len=args.max_len, seed=args.seed, device=args.device,
