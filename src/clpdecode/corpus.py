@@ -63,12 +63,15 @@ def read_corpus(corpus_dir: Path, resplit: bool = True) -> list[dict]:
 
 
 def greedy_answers(backbone, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
-                   progress: bool = True, desc: str = "greedy answers") -> Iterator[list[tuple[int, list[int]]]]:
+                   progress: bool = True, desc: str = "greedy answers",
+                   device: str = "cpu") -> Iterator[list[tuple[int, list[int]]]]:
     """The backbone's greedy answers, generated in batches (transformers' generate, left
     padding; ~4x the tokens/s of batch 1 on CPU), shortest prompts first.
 
     Args:
         prompts: token ids of each prompt.
+        device: "cpu" runs the backbone as loaded (its numerics); "cuda" an fp32 copy of it
+            on the GPU (Backbone.fp32_model), where batches of hundreds pay.
     Yields:
         One list per batch of (index into `prompts`, answer ids cut after the first EOS).
     """
@@ -77,6 +80,8 @@ def greedy_answers(backbone, prompts: list[list[int]], max_new_tokens: int, batc
     import torch
     from tqdm import tqdm
 
+    model = backbone.model if torch.device(device).type == "cpu" else backbone.fp32_model(device)
+    dev = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda n: len(prompts[n]))  # less padding per batch
     tok = backbone.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(backbone.eos_ids))
@@ -92,8 +97,8 @@ def greedy_answers(backbone, prompts: list[list[int]], max_new_tokens: int, batc
             input_ids[r, width - len(ids) :] = torch.tensor(ids)
             mask[r, width - len(ids) :] = 1
         with torch.inference_mode():
-            out = backbone.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                                          max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+            out = model.generate(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id).cpu()
         answers = []
         for r, n in enumerate(batch):
             ans = out[r, width:].tolist()

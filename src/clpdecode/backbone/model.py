@@ -10,6 +10,7 @@ architecture). Both return the same hidden states to float tolerance (tests/test
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class Backbone:
         )
         self.eos_ids = _eos_ids(model, tokenizer)
         self.gguf = gguf  # the GGUF file it was converted from, if any (q4 reads its blocks)
+        self.source: str | None = None  # the folder or hub id load_backbone read it from
         self.quant_sources: dict = {}  # q4: how many projections came from the GGUF / were quantised
         self._lean: LeanForward | None = None
         self._use_lean = engine != "hf" and why_not is None
@@ -187,6 +189,24 @@ class Backbone:
         self.info.numerics = "q4"
         if self._use_lean:
             self._build_lean()
+
+    def fp32_model(self, device) -> nn.Module:
+        """The transformers model in fp32 on `device`, frozen: this one where it is fp32 and
+        the device is the CPU, else a copy (reloaded from `source` when this one is quantised).
+        Training runs it batched on a GPU for the drafter's targets (training/drafter.py)."""
+        device = torch.device(device)
+        if self.info.numerics == "fp32":
+            model = self.model if device.type == "cpu" else copy.deepcopy(self.model)
+        elif self.source is None:
+            raise ClpError(f"{self.name} is {self.info.numerics} and was not loaded from a folder or hub id: "
+                           "no fp32 copy to make")
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(self.source, dtype=torch.float32)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.to(device).eval()
 
     # ---- the forward ----------------------------------------------------------------
     def new_cache(self, capacity: int | None = None, engine: str | None = None):
@@ -354,4 +374,6 @@ def load_backbone(name: str = "embedded", numerics: str = DEFAULT_NUMERICS, prog
         raise ClpError(f"cannot load {name!r}: {msg[:200]}") from None
     except OSError as e:
         raise ClpError(f"cannot load model {name!r}: {str(e).splitlines()[0][:200]}") from None
-    return Backbone(model, tokenizer, display, numerics=numerics, engine=engine, gguf=source_gguf(name))
+    backbone = Backbone(model, tokenizer, display, numerics=numerics, engine=engine, gguf=source_gguf(name))
+    backbone.source = path
+    return backbone

@@ -25,16 +25,32 @@ def features_dir(arg: str | None, backbone_name: str, must_exist: bool = True) -
     return path
 
 
+def check_device(arg: str) -> None:
+    """--device: cpu, or cuda (cuda:N) where a GPU is; a clear error otherwise."""
+    import torch
+
+    try:
+        device = torch.device(arg)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ClpError(f"--device takes cpu or cuda (or cuda:N), got {arg!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ClpError("--device cuda: no CUDA device is available here")
+
+
 def cmd_distill(args) -> int:
     from ..backbone import load_backbone
     from .distill import DistillConfig, build_features, build_teacher_features, generate_corpus
 
+    check_device(args.device)
     backbone = load_backbone(args.model)
     corpus = Path(args.corpus) if args.corpus else default_corpus_dir(backbone.name)
     features = features_dir(args.features, backbone.name, must_exist=False)
     if args.prompts:
         generate_corpus(backbone, corpus, DistillConfig(n_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
-                                                        batch_size=args.batch_size, prompt_set=args.prompt_set))
+                                                        batch_size=args.batch_size, prompt_set=args.prompt_set,
+                                                        device=args.device))
     if args.corpus_only:
         print(f"corpus: {corpus}")
         return 0
@@ -45,44 +61,65 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def _aux_layers(arg: str | None, design: str) -> tuple[int, ...]:
+    """--aux-layers "2,15,27" -> (2, 15, 27); () when not given. Checked before anything loads."""
+    if not arg:
+        return ()
+    if design != "eagle3":
+        raise ClpError("--aux-layers goes with --design eagle3")
+    try:
+        layers = tuple(int(x) for x in arg.split(","))
+    except ValueError:
+        raise ClpError(f"--aux-layers takes three layer indices, e.g. 2,15,27; got {arg!r}") from None
+    if len(layers) != 3 or min(layers) < 0:
+        raise ClpError(f"--aux-layers takes three layer indices >= 0, e.g. 2,15,27; got {arg!r}")
+    return layers
+
+
 def cmd_train_drafter(args) -> int:
     """`clp train --design eagle3|chain`: token corpora in, a drafter bundle out."""
-    import torch
-
     from ..backbone import load_backbone
     from ..corpus import read_corpus
     from ..errors import check_positive_int
     from ..heads.artifacts import save_drafter
-    from .data import drafter_sequences
+    from .data import answer_sequences, drafter_sequences, load_sequences
     from .drafter import DrafterTrainConfig, load_init, train_drafter
     from .train import _accelerator
 
     for opt in ("k", "steps", "batch_sequences", "max_len"):
         check_positive_int("--" + opt.replace("_", "-"), getattr(args, opt))
+    if args.sequences and args.conversations is not None:
+        raise ClpError("--sequences replaces ShareGPT's conversations: give it or --conversations, not both")
     if args.conversations is not None and args.conversations < 0:
         raise ClpError(f"--conversations must be >= 0, got {args.conversations}")
     if args.minutes < 0:
         raise ClpError(f"--minutes must be >= 0, got {args.minutes}")
     if args.lr is not None and not args.lr > 0:
         raise ClpError(f"--lr must be > 0, got {args.lr}")
+    aux_layers = _aux_layers(args.aux_layers, args.design)
     if args.init:
         from ..heads.artifacts import check_heads_folder
 
         check_heads_folder(args.init)  # before the backbone loads
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ClpError("--device cuda: no CUDA device is available here")
+    check_device(args.device)
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / f".{out.name}-work"
     backbone = load_backbone(args.model, numerics=args.numerics)
+    if any(i >= backbone.info.num_layers for i in aux_layers):
+        raise ClpError(f"--aux-layers {args.aux_layers}: {backbone.name} has layers 0..{backbone.info.num_layers - 1}")
     corpus = Path(args.corpus) if args.corpus else default_corpus_dir(backbone.name)
     records = read_corpus(corpus) if corpus.is_dir() else []
-    cfg = DrafterTrainConfig(design=args.design, init=args.init or "", k=args.k, draft_vocab=args.draft_vocab,
+    cfg = DrafterTrainConfig(design=args.design, aux_layers=aux_layers, init=args.init or "", k=args.k, draft_vocab=args.draft_vocab,
                              steps=args.steps, minutes=args.minutes, batch_sequences=args.batch_sequences,
                              max_len=args.max_len, seed=args.seed, device=args.device,
                              **({"lr": args.lr} if args.lr is not None else {}))
     init = load_init(args.init, cfg, backbone) if args.init else None  # before the data are read
-    train, pred = drafter_sequences(backbone, records, max_len=args.max_len, conversations=args.conversations,
-                                    predictor_share=cfg.predictor_share, seed=args.seed)
+    if args.sequences:  # teacher-forced sequences tokenised elsewhere (no ShareGPT package needed here)
+        train, pred = answer_sequences(records, args.max_len, cfg.predictor_share, args.seed)
+        train += load_sequences(args.sequences, backbone.info.vocab_size)
+    else:
+        train, pred = drafter_sequences(backbone, records, max_len=args.max_len, conversations=args.conversations,
+                                        predictor_share=cfg.predictor_share, seed=args.seed)
     if not train:
         raise ClpError(f"no training sequences (corpus {corpus}: run `clp distill` first)")
     drafter, report = train_drafter(backbone, train, pred, cfg, work, init)
@@ -152,7 +189,10 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     d.add_argument("--corpus-only", action="store_true",
                    help="stop after the token-id corpus (skip caching hidden states)")
     d.add_argument("--max-new-tokens", type=int, default=192, help="answer length cap (default: 192)")
-    d.add_argument("--batch-size", type=int, default=32, help="generation batch (default: 32)")
+    d.add_argument("--batch-size", type=int, default=32, help="generation batch (default: 32; hundreds on a GPU)")
+    d.add_argument("--device", default="cpu",
+                   help="where the answers are generated: cpu (the backbone as loaded) or cuda (an fp32 copy of "
+                        "it on the GPU); the hidden-state cache is always made on the CPU (default: cpu)")
     d.add_argument("--teacher-forced", type=int, default=0,
                    help="also cache N teacher-forced ShareGPT answers (default: 0)")
     d.set_defaults(func=cmd_distill)
@@ -175,6 +215,9 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     t.add_argument("--design", default="eagle3", choices=["eagle3", "chain", "fused", "residual"],
                    help="drafter design: eagle3 (three layers' states), chain (the last state, the shipped "
                         "drafters' design), fused|residual (independent heads on cached states) (default: eagle3)")
+    t.add_argument("--aux-layers", default=None, metavar="A,B,C",
+                   help="eagle3: the three backbone layers whose inputs the drafter fuses, e.g. 27,27,27 for the "
+                        "high layer alone (an ablation) (default: 2, L/2, L-3 as vLLM and llama.cpp)")
     t.add_argument("--init", default=None, metavar="DIR",
                    help="eagle3/chain: start from this drafter folder (same design and k; its draft vocabulary "
                         "is kept), e.g. to fine-tune a shipped drafter on more data (default: from scratch)")
@@ -186,11 +229,19 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     t.add_argument("--conversations", type=int, default=None,
                    help="eagle3/chain: ShareGPT conversations to train on, teacher-forced; 0: only the self-distilled "
                         "corpus (default: all of the training split)")
+    t.add_argument("--sequences", default=None, metavar="FILE",
+                   help="eagle3/chain: teacher-forced sequences already tokenised (an .npz of token ids and the "
+                        "mask of trained positions, training.data.save_sequences) in place of ShareGPT's "
+                        "conversations, e.g. on a machine without the ShareGPT package (default: none)")
     t.add_argument("--max-len", type=int, default=384, help="eagle3/chain: tokens per sequence (default: 384)")
     t.add_argument("--batch-sequences", type=int, default=4, help="eagle3/chain: sequences per step (default: 4)")
     t.add_argument("--corpus", default=None,
                    help="eagle3/chain: self-distilled corpus (default: the package's assets/corpus/<backbone>)")
-    t.add_argument("--device", default="cpu", help="eagle3/chain: where the drafter trains: cpu or cuda; the frozen backbone that computes its targets stays on the CPU, one sequence at a time (default: cpu)")
+    t.add_argument("--device", default="cpu",
+                   help="eagle3/chain: where the drafter trains and the frozen backbone computes its targets: cpu "
+                        "(the backbone as loaded, one sequence at a time) or cuda (an fp32 copy of the backbone on "
+                        "the GPU, the whole batch at once; raise --batch-sequences there, e.g. 32; under "
+                        "`accelerate launch` each process takes its own GPU) (default: cpu)")
     t.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size, 0 = all (default: 8192)")
     t.add_argument("--steps", type=int, default=3000, help="head optimiser steps (default: 3000)")
     t.add_argument("--predictor-steps", type=int, default=1500, help="CLP / gate steps (default: 1500)")

@@ -181,6 +181,63 @@ def _chat_sequence(tokenizer, turns: list[dict], max_len: int) -> tuple[list[int
     return ids, mask[1:] + [False]
 
 
+def answer_sequences(corpus_records: list[dict], max_len: int = 384, predictor_share: float = 0.08,
+                     seed: int = 0) -> tuple[list, list]:
+    """The self-distilled answers of the training split as (ids, mask) sequences (prompt +
+    the backbone's greedy answer; answer tokens train), shuffled, split into (drafter's,
+    predictors'): a `predictor_share` of them, never seen by the drafter, is CLP's and the
+    gates' data (their labels need the backbone's own continuations)."""
+    import random
+
+    answers = []
+    for r in corpus_records:
+        if r.get("split") != "train" or len(r.get("answer", ())) < 2:
+            continue
+        ids = (list(r["prompt"]) + list(r["answer"]))[:max_len]
+        n_prompt = len(r["prompt"])
+        mask = [n_prompt - 1 <= p < len(ids) - 1 for p in range(len(ids))]
+        if any(mask):  # a prompt longer than max_len leaves nothing to train on
+            answers.append((ids, mask))
+    random.Random(seed).shuffle(answers)
+    n_pred = max(1, int(len(answers) * predictor_share)) if len(answers) >= 2 and predictor_share > 0 else 0
+    return answers[n_pred:], answers[:n_pred]
+
+
+def save_sequences(path, sequences: list[tuple[list[int], list[bool]]]) -> None:
+    """(ids, mask) sequences -> one compressed .npz (flat uint32 ids, uint8 mask, offsets),
+    written atomically: the teacher-forced data carried to a machine without ShareGPT's
+    package (`clp train --sequences`)."""
+    from ..atomic import atomic_file
+
+    off = np.cumsum([0] + [len(ids) for ids, _ in sequences]).astype(np.int64)
+    ids = np.concatenate([np.asarray(i, np.uint32) for i, _ in sequences]) if sequences else np.zeros(0, np.uint32)
+    mask = np.concatenate([np.asarray(m, np.uint8) for _, m in sequences]) if sequences else np.zeros(0, np.uint8)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, ids=ids, mask=mask, off=off)
+
+    atomic_file(Path(path), write)
+
+
+def load_sequences(path, vocab_size: int | None = None) -> list[tuple[list[int], list[bool]]]:
+    """What save_sequences wrote; a clear error for a missing or foreign file, or token ids
+    outside the backbone's vocabulary."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClpError(f"sequences file {path} does not exist")
+    try:
+        with np.load(path) as z:
+            ids, mask, off = z["ids"], z["mask"], z["off"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ClpError(f"{path} is not a sequences file written by save_sequences ({e})") from None
+    if len(ids) != len(mask) or len(off) == 0 or off[-1] != len(ids):
+        raise ClpError(f"{path}: ids, mask and offsets disagree")
+    if vocab_size is not None and len(ids) and int(ids.max()) >= vocab_size:
+        raise ClpError(f"{path} holds token id {int(ids.max())}, outside this backbone's vocabulary of {vocab_size}")
+    return [(ids[a:b].tolist(), mask[a:b].astype(bool).tolist()) for a, b in zip(off[:-1], off[1:])]
+
+
 def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, conversations: int | None = None,
                       predictor_share: float = 0.08, seed: int = 0, progress: bool = True):
     """The drafter's data: (train, predictor) lists of (ids, mask), mask[p] True when token
@@ -205,20 +262,9 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
     from ..backbone.loading import cache_dir
     from ..datasets import sharegpt_conversations, sharegpt_split
 
-    answers = []
-    for r in corpus_records:
-        if r.get("split") != "train" or len(r.get("answer", ())) < 2:
-            continue
-        ids = (list(r["prompt"]) + list(r["answer"]))[:max_len]
-        n_prompt = len(r["prompt"])
-        mask = [n_prompt - 1 <= p < len(ids) - 1 for p in range(len(ids))]
-        if any(mask):  # a prompt longer than max_len leaves nothing to train on
-            answers.append((ids, mask))
-    rng = random.Random(seed)
-    rng.shuffle(answers)
-    n_pred = max(1, int(len(answers) * predictor_share)) if len(answers) >= 2 and predictor_share > 0 else 0
-    pred, train = answers[:n_pred], answers[n_pred:]
-
+    train, pred = answer_sequences(corpus_records, max_len, predictor_share, seed)
+    if conversations == 0:  # the self-distilled answers only
+        return train, pred
     split = sharegpt_split("prompts", progress=progress)
     tok = backbone.tokenizer
     chat = bool(getattr(tok, "chat_template", None))
@@ -244,8 +290,6 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
                 break
         return out
 
-    if conversations == 0:  # the self-distilled answers only
-        return train, pred
     records = list(enumerate(sharegpt_conversations()))
     random.Random(seed + 1).shuffle(records)
     if conversations is not None:  # a sample: tokenised as needed

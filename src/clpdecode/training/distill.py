@@ -43,6 +43,7 @@ class DistillConfig:
     # "sharegpt": first human turns through the chat template (instruct models);
     # "passages": plain-text openings of ShareGPT answers to continue (base models).
     prompt_set: str = "sharegpt"
+    device: str = "cpu"  # "cuda": answer with an fp32 copy of the backbone on the GPU (raise batch_size)
 
 
 DISTILL_PROMPT_SETS = ("sharegpt", "passages")
@@ -130,7 +131,7 @@ def generate_corpus(backbone, corpus_dir: Path, cfg: DistillConfig, progress: bo
     todo = [c for c in _select_prompts(backbone, cfg) if c[0] not in done]
     next_shard = len(list(corpus_dir.glob("shard-*.jsonl")))
     for batch in greedy_answers(backbone, [ids for *_, ids in todo], cfg.max_new_tokens, cfg.batch_size,
-                                progress=progress, desc="distill: answering prompts"):
+                                progress=progress, desc="distill: answering prompts", device=cfg.device):
         lines = []
         for n, ans in batch:
             i, record, split, ids = todo[n]

@@ -86,17 +86,19 @@ def _accelerator():
 
 
 def _optimise(module, loss_fn, steps, lr, warmup, ckpt: Path, desc: str, seed: int,
-              checkpoint_every: int, weight_decay: float = 0.0, stop=None, clip: float = 0.0) -> int:
+              checkpoint_every: int, weight_decay: float = 0.0, stop=None, clip: float = 0.0,
+              device: torch.device | None = None) -> int:
     """AdamW with warm-up and cosine decay; checkpoints and resumes from `ckpt`. Returns the
     steps done. `stop()`, checked before every step: when true, checkpoint and return early
     (a time budget; a rerun continues). `clip` > 0 clips the gradients' global norm to it.
+    `device`: where the module trains (default: accelerate's device for this process).
 
     Under `accelerate launch` each process draws its own batches (seed + rank) and the
     gradients are averaged across processes before every step, so N processes train with
     an N-times larger batch; only the main process writes checkpoints.
     """
     acc = _accelerator()
-    module.to(acc.device)
+    module.to(device if device is not None else acc.device)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
