@@ -5,8 +5,9 @@ Data: token-id sequences with a mask of the positions that train (training.seque
 self-distilled answers (`clp distill`'s corpus) and ShareGPT conversations of the training
 split, every human turn with its earlier turns as context (teacher-forced: the targets are
 the backbone's own distributions on that text, as EAGLE trains). Nothing big is cached on
-disk: each sequence goes through the frozen backbone once when its batch comes up (batch 1,
-the backbone's own numerics: q4 computes what fp32 computes for a GGUF backbone, faster),
+disk: each sequence goes through the frozen backbone once when its batch comes up
+(BackboneTargets: on the CPU batch 1 under the backbone's own numerics, where q4 computes
+what fp32 computes for a GGUF backbone; on a GPU an fp32 copy runs the whole batch at once),
 giving the drafter's features (the inputs of its three aux layers) and the targets (the
 backbone's next-token distribution over the draft vocabulary, through its LM head). The
 chain (design "chain", heads/chained.py) reads the backbone's last state instead of three
@@ -70,7 +71,7 @@ class DrafterTrainConfig:
     clp_warmup: float = 0.3
     checkpoint_every: int = 25
     seed: int = 0
-    device: str = "cpu"  # where the drafter trains ("cuda" on a GPU); the backbone runs where it is
+    device: str = "cpu"  # where the drafter trains and the backbone computes its targets ("cuda": a GPU)
 
     def as_dict(self) -> dict:
         return asdict(self)
