@@ -116,24 +116,33 @@ def test_train_all_save_load_and_resume(features, tiny_backbone, tmp_path):
     assert json.loads((tmp_path / "work" / "report.json").read_text())["train_config"]["steps"] == 9
 
 
-def test_two_process_training_with_accelerate_launch(features, tiny_llama_dir, tmp_path):
-    """The same `clp train` runs data-parallel on 2 CPU processes (gloo) under accelerate."""
+@pytest.mark.parametrize("design", ["fused", "chain"])
+def test_two_process_training_with_accelerate_launch(design, features, tiny_llama_dir, tmp_path):
+    """The same `clp train` runs data-parallel on 2 CPU processes (gloo) under accelerate:
+    the independent heads on cached states, and the chain with the backbone's targets."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    launcher = Path(sys.executable).with_name("accelerate")
+    # `accelerate launch --cpu --num_processes 2` starts one process (several CPU processes
+    # need an MPI hostfile there); torchrun with ACCELERATE_USE_CPU=1 gives two joined by gloo.
+    launcher = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "heads"
-    cmd = [str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "clpdecode.cli", "train", "--design", "fused",
-           "--model", str(tiny_llama_dir), "--features", str(features / "feats"), "--out", str(out),
-           "--k", "2", "--steps", "4", "--predictor-steps", "2", "--batch-size", "8", "--draft-vocab", "40"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    cmd = [str(launcher), "--nproc_per_node", "2", "-m", "clpdecode.cli", "train", "--design", design,
+           "--model", str(tiny_llama_dir), "--out", str(out), "--k", "2", "--steps", "4", "--draft-vocab", "40"]
+    if design == "fused":
+        cmd += ["--features", str(features / "feats"), "--predictor-steps", "2", "--batch-size", "8"]
+    else:
+        cmd += ["--corpus", str(features / "corpus"), "--conversations", "4", "--max-len", "320",
+                "--batch-sequences", "2", "--numerics", "fp32", "--work", str(tmp_path / "work")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "ACCELERATE_USE_CPU": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     back = load_drafter(out)
     assert back.k == 2 and back.clp is not None
+    if design == "chain":  # two processes, each 2 sequences a step
+        assert json.loads(res.stdout)["drafter_steps"] == 4 and back.meta["training"]["sequences_seen"] == 16
 
 
 def test_clp_resume_continues_the_class_weight_ramp(features, tiny_backbone, tmp_path):

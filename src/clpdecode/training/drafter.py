@@ -242,12 +242,13 @@ def _train_predictors(hidden, lengths, correct, k: int, cfg: DrafterTrainConfig,
         idx = torch.randint(len(lengths), (256,), generator=gen)
         return F.binary_cross_entropy_with_logits(gates(hidden[idx]), correct[idx].float())
 
-    # One linear layer each, on rows gathered on the CPU: they train there whatever --device.
+    # One linear layer each, on rows gathered on the CPU: they train there whatever --device,
+    # in the main process alone (under `accelerate launch` the others have finished).
     cpu = torch.device("cpu")
     _optimise(clp, clp_loss, cfg.predictor_steps, cfg.predictor_lr, 50, work / "clp.pt", "train: CLP", cfg.seed,
-              cfg.checkpoint_every * 10, device=cpu)
+              cfg.checkpoint_every * 10, device=cpu, local=True)
     _optimise(gates, gate_loss, cfg.predictor_steps, cfg.predictor_lr, 50, work / "gates.pt", "train: gates",
-              cfg.seed, cfg.checkpoint_every * 10, device=cpu)
+              cfg.seed, cfg.checkpoint_every * 10, device=cpu, local=True)
     return clp.eval(), gates.eval(), {"label_counts": torch.bincount(lengths, minlength=k + 1).tolist()}
 
 

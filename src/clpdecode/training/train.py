@@ -87,11 +87,13 @@ def _accelerator():
 
 def _optimise(module, loss_fn, steps, lr, warmup, ckpt: Path, desc: str, seed: int,
               checkpoint_every: int, weight_decay: float = 0.0, stop=None, clip: float = 0.0,
-              device: torch.device | None = None) -> int:
+              device: torch.device | None = None, local: bool = False) -> int:
     """AdamW with warm-up and cosine decay; checkpoints and resumes from `ckpt`. Returns the
     steps done. `stop()`, checked before every step: when true, checkpoint and return early
     (a time budget; a rerun continues). `clip` > 0 clips the gradients' global norm to it.
     `device`: where the module trains (default: accelerate's device for this process).
+    `local`: this process trains alone (no gradient averaging, no barrier), e.g. a module
+    only the main process trains.
 
     Under `accelerate launch` each process draws its own batches (seed + rank) and the
     gradients are averaged across processes before every step, so N processes train with
@@ -123,7 +125,7 @@ def _optimise(module, loss_fn, steps, lr, warmup, ckpt: Path, desc: str, seed: i
         loss = loss_fn(gen, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if acc.num_processes > 1:
+        if acc.num_processes > 1 and not local:
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -143,7 +145,8 @@ def _optimise(module, loss_fn, steps, lr, warmup, ckpt: Path, desc: str, seed: i
         step = steps
     if bar is not None:
         bar.close()
-    acc.wait_for_everyone()
+    if not local:
+        acc.wait_for_everyone()
     module.to("cpu")
     return step
 
