@@ -454,3 +454,24 @@ def test_train_reads_packed_sequences_and_devices_are_checked(features, tiny_lla
         assert match in capsys.readouterr().err
     assert main(["distill", "--model", str(tiny_llama_dir), "--device", "npu"]) == 2
     assert "--device takes cpu or cuda" in capsys.readouterr().err
+
+
+def test_conversations_follow_the_held_out_rule_of_the_backbones_prompts(monkeypatch, tiny_llama_dir):
+    """A chat model is scored on first turns (the "prompts" grid), a base model on passages of
+    ShareGPT's answers (the "records" grid): the teacher-forced conversations must leave out
+    the held-out records of that grid (under the other one, 20 of Gemma's 24 held-out
+    passages came from records that trained)."""
+    from clpdecode import datasets
+    from clpdecode.backbone import load_backbone
+    from clpdecode.training.data import drafter_sequences
+
+    grids = []
+    real = datasets.sharegpt_split
+    monkeypatch.setattr(datasets, "sharegpt_split", lambda grid="prompts", progress=True: grids.append(grid)
+                        or real(grid, progress))
+    bb = load_backbone(str(tiny_llama_dir), numerics="fp32")
+    chat, _ = drafter_sequences(bb, [], max_len=64, conversations=3, progress=False)
+    bb.tokenizer.chat_template = None  # a base model: answers as plain text
+    plain, _ = drafter_sequences(bb, [], max_len=64, conversations=3, progress=False)
+    assert grids == ["prompts", "records"] and len(chat) == len(plain) == 3
+    assert all(all(m[:-1]) for _, m in plain)  # plain text: every token trains

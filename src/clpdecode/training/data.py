@@ -265,9 +265,14 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
     train, pred = answer_sequences(corpus_records, max_len, predictor_share, seed)
     if conversations == 0:  # the self-distilled answers only
         return train, pred
-    split = sharegpt_split("prompts", progress=progress)
     tok = backbone.tokenizer
     chat = bool(getattr(tok, "chat_template", None))
+    # The held-out rule of the prompts this backbone is scored on: first turns through the
+    # chat template ("prompts" grid), or for a base model passages of ShareGPT's answers
+    # ("records" grid, its corpus's): under the other grid 20 of Gemma's 24 held-out
+    # passages belonged to training records, and their answers were trained on.
+    grid = "prompts" if chat else "records"
+    split = sharegpt_split(grid, progress=progress)
 
     def tokenise(records) -> list:
         out = []
@@ -295,8 +300,8 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
     if conversations is not None:  # a sample: tokenised as needed
         convs = tokenise(records)[:conversations]
     else:
-        key = hashlib.sha256(json.dumps([split.key, backbone.name, backbone.info.vocab_size, chat, max_len, seed]
-                                        ).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([split.key, grid, backbone.name, backbone.info.vocab_size, chat, max_len,
+                                         seed]).encode()).hexdigest()[:16]
         path = cache_dir() / "datasets" / f"drafter-sequences-{key}.pt"
         if path.is_file():
             convs = torch.load(path)
