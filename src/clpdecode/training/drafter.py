@@ -84,7 +84,7 @@ class BackboneTargets:
 
     On the CPU the backbone runs as loaded, one sequence at a time (its numerics: q4
     computes what fp32 computes for a GGUF backbone, and batching the fp32 model instead
-    gained nothing here: 4.7 s against 4.8 s for four sequences, 1,414 tokens). On a GPU an
+    gained nothing here: docs/design.md, "Training on a GPU"). On a GPU an
     fp32 transformers copy runs there on the whole batch at once, right-padded: attention
     is causal, so no position sees the padding after it. `batched` forces either way
     (tests compare the two).
