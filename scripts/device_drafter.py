@@ -9,8 +9,8 @@ and packs around the package's own functions, the ones `clp distill` and `clp tr
 2. self-distil: `corpus.greedy_answers` on the GPU (Backbone.fp32_model) for the packed
    training-split ShareGPT prompts, under a time budget, each batch kept in --out
    (answers.npz: the compact token ids to commit as the corpus);
-3. train: `training.data.answer_sequences` + the packed teacher-forced conversations
-   (`load_sequences`, every human turn in context) through `training.drafter.train_drafter`
+3. train: `training.data.drafter_sequences` on those answers and the packed teacher-forced
+   conversations (every human turn in context) through `training.drafter.train_drafter`
    (the backbone's targets batched on the GPU), then CLP and the gates;
 4. write the bundle into --out, its weights split into parts under the 16 MiB a returned file
    may have; `--assemble RUN --out DIR` rejoins them here into a drafter folder.
@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -50,19 +49,13 @@ def log(*a) -> None:
 def rebuild_backbone(weights: list[str], data: Path, folder: Path) -> Path:
     """A transformers folder (config, tokenizer, fp32 safetensors) from the packed GGUF blocks,
     dequantised as gguf-py does (device_pack.load_packed)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from device_pack import load_packed
+    from device_pack import packed_model
 
     src = data / "backbone"
     folder.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         shutil.copy(f, folder / f.name)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.pop("transformers_version", None)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(load_packed([Path(w) for w in weights]), strict=False)
-    model.tie_weights()
+    model, missing, unexpected = packed_model(weights, src / "config.json")
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise SystemExit(f"packed weights do not fit the config: missing {missing}, unexpected {unexpected}")
     model.save_pretrained(folder)
@@ -73,6 +66,7 @@ def distil(backbone, data: Path, out: Path, budget_s: float, batch: int, max_new
     """Greedy answers to the packed prompts until the budget is spent; answers.npz in `out`
     is rewritten after every batch, so a rerun (or a run cut short) keeps what was done."""
     from clpdecode.corpus import greedy_answers
+    from clpdecode.training.data import flat_ids
 
     with np.load(data / "prompts.npz") as z:
         ids, off, meta = z["ids"].astype(np.int64), z["off"], z["meta"]  # meta: (i, record) per prompt
@@ -90,9 +84,8 @@ def distil(backbone, data: Path, out: Path, budget_s: float, batch: int, max_new
         for j, ans in answers:
             done[todo[j]] = ans
         keys = sorted(done)
-        np.savez(path, prompt=np.asarray(keys, np.int64), meta=meta[keys],
-                 ids=np.concatenate([np.asarray(done[n], np.uint32) for n in keys]),
-                 off=np.cumsum([0] + [len(done[n]) for n in keys]))
+        flat, flat_off = flat_ids([done[n] for n in keys])
+        np.savez(path, prompt=np.asarray(keys, np.int64), meta=meta[keys], ids=flat, off=flat_off)
         if time.time() - t0 > budget_s:
             break
     log(f"distilled {len(done)} of {len(prompts)} prompts ({sum(map(len, done.values()))} answer tokens)")
@@ -164,7 +157,7 @@ def main() -> int:
 
     from clpdecode.backbone import load_backbone
     from clpdecode.heads.artifacts import save_drafter
-    from clpdecode.training.data import answer_sequences, load_sequences
+    from clpdecode.training.data import drafter_sequences
     from clpdecode.training.drafter import DrafterTrainConfig, train_drafter
 
     t0 = time.time()
@@ -181,8 +174,8 @@ def main() -> int:
     cfg = DrafterTrainConfig(design=args.design, k=args.k, draft_vocab=args.draft_vocab, steps=args.steps,
                              minutes=args.minutes, batch_sequences=args.batch_sequences, max_len=args.max_len,
                              lr=args.lr, device=args.device)
-    train, pred = answer_sequences(records, args.max_len, cfg.predictor_share, cfg.seed)
-    train += load_sequences(args.data / "sequences.npz", backbone.info.vocab_size)
+    train, pred = drafter_sequences(backbone, records, args.max_len, predictor_share=cfg.predictor_share,
+                                    seed=cfg.seed, sequences=args.data / "sequences.npz")
     log(f"{len(train)} training sequences ({sum(len(i) for i, _ in train)} tokens), {len(pred)} for CLP and gates")
     drafter, report = train_drafter(backbone, train, pred, cfg, args.work)
     report["wall_seconds"] = round(time.time() - t0, 1)

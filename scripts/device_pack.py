@@ -122,6 +122,20 @@ def load_packed(folders: list[Path]) -> dict:
     return state
 
 
+def packed_model(weight_dirs, config_path):
+    """The fp32 transformers model of `config_path` with the packed blocks' weights (tied
+    embeddings), and load_state_dict's (missing, unexpected) names for the caller to judge."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in json.loads(Path(config_path).read_text()).items()
+                                  if k not in ("transformers_version",)})
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(load_packed([Path(w) for w in weight_dirs]), strict=False)
+    model.tie_weights()
+    return model, missing, unexpected
+
+
 def pack_tokens(backbone, out: Path, n_sd: int, n_tf: int, max_prompt: int = 320, max_len: int = 640,
                 seed: int = 0) -> dict:
     from clpdecode.errors import ClpError
@@ -192,8 +206,10 @@ def pack_tokens(backbone, out: Path, n_sd: int, n_tf: int, max_prompt: int = 320
 
 
 def flat(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated token ids (uint32: Gemma's vocabulary passes uint16) and their offsets."""
-    return np.concatenate([np.asarray(s, np.uint32) for s in seqs]), np.cumsum([0] + [len(s) for s in seqs])
+    """Concatenated token ids (uint32) and their offsets: the package's layout."""
+    from clpdecode.training.data import flat_ids
+
+    return flat_ids(seqs)
 
 
 def pack_corpus_tokens(backbone, out: Path, n_tf: int, max_len: int = 192, seed: int = 0) -> dict:

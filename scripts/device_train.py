@@ -77,16 +77,9 @@ def unflat(z, name):
 
 
 def build_backbone(weight_dirs, config_path, dev):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from device_pack import packed_model
 
-    from device_pack import load_packed
-
-    cfg = AutoConfig.for_model(**{k: v for k, v in json.loads(Path(config_path).read_text()).items()
-                                  if k not in ("transformers_version",)})
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    state = load_packed(weight_dirs)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
+    model, missing, unexpected = packed_model(weight_dirs, config_path)
     log("backbone: missing", missing, "unexpected", unexpected)
     return model.to(dev).eval()
 

@@ -82,7 +82,7 @@ def cmd_train_drafter(args) -> int:
     from ..corpus import read_corpus
     from ..errors import check_positive_int
     from ..heads.artifacts import save_drafter
-    from .data import answer_sequences, drafter_sequences, load_sequences
+    from .data import drafter_sequences
     from .drafter import DrafterTrainConfig, load_init, train_drafter
     from .train import _accelerator
 
@@ -114,12 +114,8 @@ def cmd_train_drafter(args) -> int:
                              max_len=args.max_len, seed=args.seed, device=args.device,
                              **({"lr": args.lr} if args.lr is not None else {}))
     init = load_init(args.init, cfg, backbone) if args.init else None  # before the data are read
-    if args.sequences:  # teacher-forced sequences tokenised elsewhere (no ShareGPT package needed here)
-        train, pred = answer_sequences(records, args.max_len, cfg.predictor_share, args.seed)
-        train += load_sequences(args.sequences, backbone.info.vocab_size)
-    else:
-        train, pred = drafter_sequences(backbone, records, max_len=args.max_len, conversations=args.conversations,
-                                        predictor_share=cfg.predictor_share, seed=args.seed)
+    train, pred = drafter_sequences(backbone, records, max_len=args.max_len, conversations=args.conversations,
+                                    predictor_share=cfg.predictor_share, seed=args.seed, sequences=args.sequences)
     if not train:
         raise ClpError(f"no training sequences (corpus {corpus}: run `clp distill` first)")
     drafter, report = train_drafter(backbone, train, pred, cfg, work, init)

@@ -203,15 +203,23 @@ def answer_sequences(corpus_records: list[dict], max_len: int = 384, predictor_s
     return answers[n_pred:], answers[:n_pred]
 
 
+def flat_ids(seqs: list[list[int]], dtype=np.uint32) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of token ids (or mask bits) -> their concatenation (uint32: Gemma's vocabulary
+    passes uint16) and the (len + 1,) int64 offsets of each list: the compact layout of
+    every packed token file."""
+    off = np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64)
+    cat = np.concatenate([np.asarray(s, dtype) for s in seqs]) if seqs else np.zeros(0, dtype)
+    return cat, off
+
+
 def save_sequences(path, sequences: list[tuple[list[int], list[bool]]]) -> None:
     """(ids, mask) sequences -> one compressed .npz (flat uint32 ids, uint8 mask, offsets),
     written atomically: the teacher-forced data carried to a machine without ShareGPT's
     package (`clp train --sequences`)."""
     from ..atomic import atomic_file
 
-    off = np.cumsum([0] + [len(ids) for ids, _ in sequences]).astype(np.int64)
-    ids = np.concatenate([np.asarray(i, np.uint32) for i, _ in sequences]) if sequences else np.zeros(0, np.uint32)
-    mask = np.concatenate([np.asarray(m, np.uint8) for _, m in sequences]) if sequences else np.zeros(0, np.uint8)
+    ids, off = flat_ids([i for i, _ in sequences])
+    mask, _ = flat_ids([m for _, m in sequences], np.uint8)
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -239,7 +247,7 @@ def load_sequences(path, vocab_size: int | None = None) -> list[tuple[list[int],
 
 
 def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, conversations: int | None = None,
-                      predictor_share: float = 0.08, seed: int = 0, progress: bool = True):
+                      predictor_share: float = 0.08, seed: int = 0, progress: bool = True, sequences=None):
     """The drafter's data: (train, predictor) lists of (ids, mask), mask[p] True when token
     p+1 trains.
 
@@ -251,7 +259,8 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
       chat template, assistant tokens training (`conversations`: how many, None = all, 0 = none); a
       backbone without a chat template (a base model) reads each answer as plain text.
     Tokenised conversations are cached in <cache>/datasets (keyed by the split rule, the
-    tokenizer and max_len).
+    tokenizer and max_len). `sequences`: a save_sequences file of conversations tokenised
+    elsewhere, read in their place (no ShareGPT package needed).
     """
     import hashlib
     import json
@@ -263,6 +272,8 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
     from ..datasets import sharegpt_conversations, sharegpt_split
 
     train, pred = answer_sequences(corpus_records, max_len, predictor_share, seed)
+    if sequences is not None:
+        return train + load_sequences(sequences, backbone.info.vocab_size), pred
     if conversations == 0:  # the self-distilled answers only
         return train, pred
     tok = backbone.tokenizer
