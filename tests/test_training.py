@@ -473,5 +473,45 @@ def test_conversations_follow_the_held_out_rule_of_the_backbones_prompts(monkeyp
     chat, _ = drafter_sequences(bb, [], max_len=64, conversations=3, progress=False)
     bb.tokenizer.chat_template = None  # a base model: answers as plain text
     plain, _ = drafter_sequences(bb, [], max_len=64, conversations=3, progress=False)
-    assert grids == ["prompts", "records"] and len(chat) == len(plain) == 3
+    assert grids == ["prompts", "records"] and len(chat) >= 3 and len(plain) >= 3  # one per answer
     assert all(all(m[:-1]) for _, m in plain)  # plain text: every token trains
+    first, _ = drafter_sequences(bb, [], max_len=64, conversations=3, progress=False, turns="first")
+    assert len(first) <= 3
+
+
+def test_every_answer_trains_in_its_earlier_turns_as_they_fit():
+    """One sequence per answer: its tokens (text and end-of-turn) train, its earlier turns
+    come first as context while they fit in half of max_len (at least its own user turn,
+    cut from the left when that alone is too long), and --turns first keeps the first."""
+    from conftest import make_tokenizer
+
+    from clpdecode.errors import ClpError
+    from clpdecode.training.data import _chat_turns, drafter_sequences
+
+    tok = make_tokenizer()
+    conv = [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "hi, how can I help?"},
+            {"from": "human", "value": "name a colour"}, {"from": "gpt", "value": "blue"},
+            {"from": "human", "value": "another"}, {"from": "gpt", "value": "green"}]
+    answers = ["hi, how can I help?", "blue", "green"]
+
+    def trained(ids, mask):  # the text of the tokens that train
+        return tok.decode([ids[p + 1] for p in range(len(ids)) if mask[p]])
+
+    seqs = _chat_turns(tok, conv, max_len=400)
+    assert [trained(*s) for s in seqs] == [a + "<|im_end|>\n" for a in answers]
+    assert "hello there" in tok.decode(seqs[2][0])  # the whole conversation fits as context
+    assert all(len(ids) == len(mask) and not mask[-1] for ids, mask in seqs)
+    # 120 tokens: 60 of context, so the last answer keeps only its own exchange.
+    short = _chat_turns(tok, conv, max_len=120)
+    assert [trained(*s) for s in short] == [a + "<|im_end|>\n" for a in answers]
+    assert "another" in tok.decode(short[2][0]) and "hello" not in tok.decode(short[2][0])
+    # A user turn longer than the context budget is cut from the left; its answer still trains.
+    long = [{"from": "human", "value": "x" * 300 + " question?"}, {"from": "gpt", "value": "answer"}]
+    (ids, mask), = _chat_turns(tok, long, max_len=100)
+    assert trained(ids, mask) == "answer<|im_end|>\n" and len(ids) <= 100 and "question?" in tok.decode(ids)
+    assert _chat_turns(tok, conv, max_len=400, first_only=True) == seqs[:1]
+    # Malformed conversations: nothing, or what came before the break.
+    assert _chat_turns(tok, [{"from": "gpt", "value": "first"}], 100) == []
+    assert len(_chat_turns(tok, conv[:2] + [{"from": "gpt", "value": "twice"}], 400)) == 1
+    with pytest.raises(ClpError, match="turns must be one of"):
+        drafter_sequences(None, [], turns="some")

@@ -90,6 +90,8 @@ def cmd_train_drafter(args) -> int:
         check_positive_int("--" + opt.replace("_", "-"), getattr(args, opt))
     if args.sequences and args.conversations is not None:
         raise ClpError("--sequences replaces ShareGPT's conversations: give it or --conversations, not both")
+    if args.sequences and args.turns != "all":
+        raise ClpError("--turns picks ShareGPT's answers; a --sequences file was tokenised already")
     if args.conversations is not None and args.conversations < 0:
         raise ClpError(f"--conversations must be >= 0, got {args.conversations}")
     if args.minutes < 0:
@@ -115,7 +117,8 @@ def cmd_train_drafter(args) -> int:
                              **({"lr": args.lr} if args.lr is not None else {}))
     init = load_init(args.init, cfg, backbone) if args.init else None  # before the data are read
     train, pred = drafter_sequences(backbone, records, max_len=args.max_len, conversations=args.conversations,
-                                    predictor_share=cfg.predictor_share, seed=args.seed, sequences=args.sequences)
+                                    predictor_share=cfg.predictor_share, seed=args.seed, sequences=args.sequences,
+                                    turns=args.turns)
     if not train:
         raise ClpError(f"no training sequences (corpus {corpus}: run `clp distill` first)")
     drafter, report = train_drafter(backbone, train, pred, cfg, work, init)
@@ -197,7 +200,7 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
         "train", help="train a drafter (EAGLE-3 by default), CLP and the gates for one k",
         description="The default design (--design eagle3): the EAGLE-3 drafter trained on token sequences "
                     "(the self-distilled corpus of `clp distill` and the training split of ShareGPT's "
-                    "conversations, every human turn in context) whose targets the frozen backbone computes "
+                    "conversations, every answer with its earlier turns as context) whose targets the frozen backbone computes "
                     "on the fly, unrolled k steps (training-time test), then CLP and the gates on its own "
                     "drafts over held-back self-distilled answers. --design chain trains the chain (the "
                     "shipped drafters' design) the same way; --init DIR starts from a drafter folder, e.g. "
@@ -225,6 +228,10 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     t.add_argument("--conversations", type=int, default=None,
                    help="eagle3/chain: ShareGPT conversations to train on, teacher-forced; 0: only the self-distilled "
                         "corpus (default: all of the training split)")
+    t.add_argument("--turns", choices=("all", "first"), default="all",
+                   help="eagle3/chain: which answers of each ShareGPT conversation train: all (one sequence per "
+                        "answer, its earlier turns as context as they fit) or each conversation's first "
+                        "(an ablation) (default: all)")
     t.add_argument("--sequences", default=None, metavar="FILE",
                    help="eagle3/chain: teacher-forced sequences already tokenised (an .npz of token ids and the "
                         "mask of trained positions, training.data.save_sequences) in place of ShareGPT's "

@@ -142,9 +142,12 @@ def to_draft_index(targets: torch.Tensor, draft_ids: torch.Tensor, vocab_size: i
 
 
 # ---- token sequences for the drafter (training/drafter.py) -----------------------------------
-def _chat_sequence(tokenizer, turns: list[dict], max_len: int) -> tuple[list[int], list[bool]] | None:
-    """A ShareGPT conversation through the chat template: (ids, mask) where mask[p] is True
-    when token p+1 belongs to an assistant turn (its text and end-of-turn)."""
+TURNS = ("all", "first")  # clp train --turns: every answer of a conversation, or its first only
+
+
+def _chat_messages(turns: list[dict]) -> list[dict]:
+    """A ShareGPT conversation as chat messages, user first, roles alternating; it stops at
+    the first malformed turn (unknown role, empty text, two turns of one role in a row)."""
     role = {"human": "user", "gpt": "assistant"}
     messages = []
     for t in turns:
@@ -154,31 +157,44 @@ def _chat_sequence(tokenizer, turns: list[dict], max_len: int) -> tuple[list[int
         if messages and messages[-1]["role"] == r:
             break
         messages.append({"role": r, "content": v})
-    if len(messages) < 2 or messages[0]["role"] != "user":
-        return None
+    return messages if messages and messages[0]["role"] == "user" else []
+
+
+def _chat_turns(tokenizer, turns: list[dict], max_len: int, first_only: bool = False) -> list[tuple[list[int], list[bool]]]:
+    """A ShareGPT conversation through the chat template as one (ids, mask) sequence per
+    answer: the answer with as many of its earlier turns as context as fit in half of
+    max_len (at least its own user turn, cut from the left when that alone is longer), so
+    a later turn trains in its context instead of being cut off by max_len, as it was when a
+    conversation was one sequence (84% of them hit the 384-token cap there and 82% of the
+    trained tokens were first answers). mask[p] is True when token p+1 belongs to the
+    answer (its text and end-of-turn). `first_only`: the first answer only."""
+    messages = _chat_messages(turns)
 
     def render(msgs, gen):
         out = tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
-    ids, mask = [], []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = render(messages[:i], True)
-        after = render(messages[: i + 1], False)
-        if after[: len(before)] != before or len(after) <= len(before):
-            return None  # a template that does not extend its prefix: skip the conversation
-        ids = after
-        mask = (mask + [False] * (len(before) - len(mask)))[: len(before)]
-        mask += [True] * (len(after) - len(before))
-        if len(ids) >= max_len:
+    budget = max_len // 2  # context tokens; the answer gets the rest
+    out = []
+    for i in range(1, len(messages), 2):  # the assistant messages
+        j = i - 1  # its own user turn, then earlier exchanges while they fit
+        prompt = render(messages[j:i], True)
+        while j >= 2:
+            longer = render(messages[j - 2 : i], True)
+            if len(longer) > budget:
+                break
+            j, prompt = j - 2, longer
+        full = render(messages[j : i + 1], False)
+        if full[: len(prompt)] != prompt or len(full) <= len(prompt):
+            break  # a template that does not extend its prefix: skip the rest of the conversation
+        answer = full[len(prompt) :]
+        context = prompt[-budget:] if len(prompt) > budget else prompt
+        ids = (context + answer)[:max_len]
+        # mask[p]: token p + 1 is an answer token.
+        out.append((ids, [len(context) - 1 <= p < len(ids) - 1 for p in range(len(ids))]))
+        if first_only:
             break
-    if not ids:
-        return None
-    ids, mask = ids[:max_len], mask[:max_len]
-    # mask[p]: token p + 1 trains.
-    return ids, mask[1:] + [False]
+    return out
 
 
 def answer_sequences(corpus_records: list[dict], max_len: int = 384, predictor_share: float = 0.08,
@@ -247,7 +263,8 @@ def load_sequences(path, vocab_size: int | None = None) -> list[tuple[list[int],
 
 
 def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, conversations: int | None = None,
-                      predictor_share: float = 0.08, seed: int = 0, progress: bool = True, sequences=None):
+                      predictor_share: float = 0.08, seed: int = 0, progress: bool = True, sequences=None,
+                      turns: str = "all"):
     """The drafter's data: (train, predictor) lists of (ids, mask), mask[p] True when token
     p+1 trains.
 
@@ -255,9 +272,11 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
       answer; answer tokens train); a `predictor_share` of them, never seen by the drafter,
       goes to CLP and the gates (their labels need the backbone's own continuations);
     - ShareGPT conversations of the training split (datasets.sharegpt_split: deduplicated,
-      no benchmark prompt), every human turn with its earlier turns as context, through the
-      chat template, assistant tokens training (`conversations`: how many, None = all, 0 = none); a
-      backbone without a chat template (a base model) reads each answer as plain text.
+      no benchmark prompt), one sequence per answer with its earlier turns as context
+      (_chat_turns), through the chat template, the answer's tokens training
+      (`conversations`: how many conversations, None = all, 0 = none; `turns`: "all" answers
+      or each conversation's "first"); a backbone without a chat template (a base model)
+      reads each answer as plain text.
     Tokenised conversations are cached in <cache>/datasets (keyed by the split rule, the
     tokenizer and max_len). `sequences`: a save_sequences file of conversations tokenised
     elsewhere, read in their place (no ShareGPT package needed).
@@ -271,6 +290,8 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
     from ..backbone.loading import cache_dir
     from ..datasets import sharegpt_conversations, sharegpt_split
 
+    if turns not in TURNS:
+        raise ClpError(f"turns must be one of {', '.join(TURNS)}, got {turns!r}")
     train, pred = answer_sequences(corpus_records, max_len, predictor_share, seed)
     if sequences is not None:
         return train + load_sequences(sequences, backbone.info.vocab_size), pred
@@ -286,33 +307,34 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
     split = sharegpt_split(grid, progress=progress)
 
     def tokenise(records) -> list:
-        out = []
+        out, n_conv = [], 0
         for r, rec in tqdm(records, desc="train: tokenising ShareGPT conversations", unit="conv",
                            disable=not progress):
             if split.of_record(r) != "train":
                 continue
-            turns = rec.get("conversations") or []
+            conv = rec.get("conversations") or []
             if chat:
-                seq = _chat_sequence(tok, turns, max_len)
-                if seq is not None:
-                    out.append(seq)
+                out.extend(_chat_turns(tok, conv, max_len, first_only=turns == "first"))
             else:  # a base model: each answer as plain text, every token trains
-                for t in turns:
+                for t in conv:
                     if t.get("from") == "gpt" and isinstance(t.get("value"), str) and t["value"].strip():
                         ids = tok(t["value"])["input_ids"][:max_len]
                         if len(ids) >= 8:
                             out.append((ids, [True] * (len(ids) - 1) + [False]))
-            if conversations is not None and len(out) >= conversations:
+                            if turns == "first":
+                                break
+            n_conv += 1
+            if conversations is not None and n_conv >= conversations:
                 break
         return out
 
     records = list(enumerate(sharegpt_conversations()))
     random.Random(seed + 1).shuffle(records)
     if conversations is not None:  # a sample: tokenised as needed
-        convs = tokenise(records)[:conversations]
+        convs = tokenise(records)
     else:
         key = hashlib.sha256(json.dumps([split.key, grid, backbone.name, backbone.info.vocab_size, chat, max_len,
-                                         seed]).encode()).hexdigest()[:16]
+                                         seed, "per-answer", turns]).encode()).hexdigest()[:16]
         path = cache_dir() / "datasets" / f"drafter-sequences-{key}.pt"
         if path.is_file():
             convs = torch.load(path)

@@ -3,7 +3,7 @@ drafts: the one training path, on CPU or CUDA, in one process or several (``acce
 
 Data: token-id sequences with a mask of the positions that train (training.sequences):
 self-distilled answers (`clp distill`'s corpus) and ShareGPT conversations of the training
-split, every human turn with its earlier turns as context (teacher-forced: the targets are
+split, one sequence per answer with its earlier turns as context (teacher-forced: the targets are
 the backbone's own distributions on that text, as EAGLE trains). Nothing big is cached on
 disk: each sequence goes through the frozen backbone once when its batch comes up
 (BackboneTargets: on the CPU batch 1 under the backbone's own numerics, where q4 computes
