@@ -262,11 +262,12 @@ def pack_corpus_tokens(backbone, out: Path, n_tf: int, max_len: int = 192, seed:
 def pack_drafter_data(backbone, out: Path, n_prompts: int, max_len: int = 384) -> dict:
     """What scripts/device_drafter.py reads beside the weights: the backbone's config and
     tokenizer (backbone/), the training-split ShareGPT prompts to self-distil (prompts.npz,
-    chosen as `clp distill` chooses them) and every training-split conversation with every
-    human turn in context (sequences.npz, as `clp train` reads them)."""
+    chosen as `clp distill` chooses them) and every answer of the training-split
+    conversations with its earlier turns as context (sequences.npz, as `clp sequences` writes
+    them)."""
     import shutil
 
-    from clpdecode.training.data import drafter_sequences, save_sequences
+    from clpdecode.training.data import write_sequences
     from clpdecode.training.distill import DistillConfig, _select_prompts
 
     folder = Path(backbone.source)  # the transformers folder it was loaded from (converted from the GGUF)
@@ -280,10 +281,9 @@ def pack_drafter_data(backbone, out: Path, n_prompts: int, max_len: int = 384) -
     ids, off = flat([c[3] for c in chosen])
     np.savez_compressed(out / "prompts.npz", ids=ids, off=off,
                         meta=np.asarray([(c[0], c[1]) for c in chosen], np.int64).reshape(-1, 2))
-    convs, _ = drafter_sequences(backbone, [], max_len=max_len, predictor_share=0)
-    save_sequences(out / "sequences.npz", convs)
-    return {"prompts": len(chosen), "conversations": len(convs), "conversation_tokens": sum(len(i) for i, _ in convs),
-            "trained_tokens": sum(sum(m) for _, m in convs),
+    seqs = write_sequences(backbone, out / "sequences.npz", max_len=max_len)  # as `clp sequences` writes them
+    return {"prompts": len(chosen), "answers": seqs["sequences"], "answer_tokens": seqs["tokens"],
+            "trained_tokens": seqs["trained_tokens"],
             "sizes": {f.name: f.stat().st_size for f in (out / "prompts.npz", out / "sequences.npz")}}
 
 

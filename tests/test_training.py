@@ -456,6 +456,29 @@ def test_train_reads_packed_sequences_and_devices_are_checked(features, tiny_lla
     assert "--device takes cpu or cuda" in capsys.readouterr().err
 
 
+def test_sequences_command_writes_what_train_reads(tiny_llama_dir, tmp_path, capsys):
+    """`clp sequences` writes ShareGPT's training answers exactly as `clp train` tokenises
+    them (the same call), for `clp train --sequences` on a machine without the package;
+    bad output paths are refused before anything is read."""
+    from clpdecode.backbone import load_backbone
+    from clpdecode.cli import main
+    from clpdecode.training.data import drafter_sequences, load_sequences
+
+    out = tmp_path / "s.npz"
+    argv = ["sequences", "--model", str(tiny_llama_dir), "--conversations", "3", "--max-len", "64"]
+    assert main(argv + ["--turns", "first", "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    bb = load_backbone(str(tiny_llama_dir), numerics="fp32")
+    want, _ = drafter_sequences(bb, [], max_len=64, conversations=3, progress=False, turns="first")
+    assert load_sequences(out, bb.info.vocab_size) == want and res["sequences"] == len(want) >= 1
+    assert res["trained_tokens"] == sum(sum(m) for _, m in want) and res["bytes"] == out.stat().st_size
+    for bad, match in ((["--out", str(tmp_path / "s.txt")], "ends in .npz"),
+                       (["--out", str(tmp_path / "no" / "s.npz")], "does not exist"),
+                       (["--out", str(out), "--conversations", "0"], "--conversations must be at least 1")):
+        assert main(argv[:-4] + bad) == 2
+        assert match in capsys.readouterr().err
+
+
 def test_conversations_follow_the_held_out_rule_of_the_backbones_prompts(monkeypatch, tiny_llama_dir):
     """A chat model is scored on first turns (the "prompts" grid), a base model on passages of
     ShareGPT's answers (the "records" grid): the teacher-forced conversations must leave out

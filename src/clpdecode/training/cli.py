@@ -166,6 +166,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sequences(args) -> int:
+    """`clp sequences`: ShareGPT's training-split answers tokenised for `clp train --sequences`."""
+    from ..backbone import load_backbone
+    from ..errors import check_positive_int
+    from .data import write_sequences
+
+    check_positive_int("--max-len", args.max_len)
+    if args.conversations is not None:
+        check_positive_int("--conversations", args.conversations)
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ClpError(f"--out {out}: a sequences file ends in .npz")
+    if not out.parent.is_dir():
+        raise ClpError(f"--out {out}: folder {out.parent} does not exist")
+    backbone = load_backbone(args.model, numerics="fp32")  # only its tokenizer and chat template are read
+    print(json.dumps(write_sequences(backbone, out, max_len=args.max_len, conversations=args.conversations,
+                                     turns=args.turns), indent=1))
+    return 0
+
+
 def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     from .distill import DISTILL_PROMPT_SETS
 
@@ -234,7 +254,7 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
                         "(an ablation) (default: all)")
     t.add_argument("--sequences", default=None, metavar="FILE",
                    help="eagle3/chain: teacher-forced sequences already tokenised (an .npz of token ids and the "
-                        "mask of trained positions, training.data.save_sequences) in place of ShareGPT's "
+                        "mask of trained positions, written by `clp sequences`) in place of ShareGPT's "
                         "conversations, e.g. on a machine without the ShareGPT package (default: none)")
     t.add_argument("--max-len", type=int, default=384, help="eagle3/chain: tokens per sequence (default: 384)")
     t.add_argument("--batch-sequences", type=int, default=4, help="eagle3/chain: sequences per step (default: 4)")
@@ -259,3 +279,21 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     t.add_argument("--work", default=None, help="checkpoint folder (default: beside --out)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
+
+    q = sub.add_parser(
+        "sequences", help="tokenise ShareGPT's training answers into a file for `clp train --sequences`",
+        description="Write the teacher-forced data `clp train --design eagle3|chain` reads from ShareGPT's package "
+                    "(the deduplicated training split, one sequence per answer with its earlier turns as context, "
+                    "through the backbone's chat template; a base model reads each answer as plain text) to one compressed .npz of token ids and trained-position "
+                    "masks, written atomically, so that a machine without the ShareGPT package (a GPU box) trains "
+                    "on the same data: `clp train --sequences FILE`. The self-distilled corpus is not included "
+                    "(`clp train` reads it from --corpus). Prints what it wrote as JSON.")
+    add_model_args(q, numerics=False)
+    q.add_argument("--out", required=True, metavar="FILE.npz", help="the sequences file to write")
+    q.add_argument("--conversations", type=int, default=None,
+                   help="ShareGPT conversations to read (default: all of the training split)")
+    q.add_argument("--turns", choices=("all", "first"), default="all",
+                   help="every answer of a conversation or only its first (default: all)")
+    q.add_argument("--max-len", type=int, default=384,
+                   help="tokens per sequence, as `clp train --max-len` (default: 384)")
+    q.set_defaults(func=cmd_sequences)

@@ -244,6 +244,21 @@ def save_sequences(path, sequences: list[tuple[list[int], list[bool]]]) -> None:
     atomic_file(Path(path), write)
 
 
+def write_sequences(backbone, path, max_len: int = 384, conversations: int | None = None, turns: str = "all",
+                    progress: bool = True) -> dict:
+    """ShareGPT's training-split answers as `clp train` reads them (drafter_sequences, no
+    self-distilled answers), tokenised here and written to `path` (save_sequences): the
+    teacher-forced data for `clp train --sequences` on a machine without ShareGPT's package.
+    Returns what was written."""
+    convs, _ = drafter_sequences(backbone, [], max_len=max_len, conversations=conversations, predictor_share=0,
+                                 progress=progress, turns=turns)
+    if not convs:
+        raise ClpError("no ShareGPT answer fits: nothing to write (raise --max-len or --conversations)")
+    save_sequences(path, convs)
+    return {"out": str(path), "sequences": len(convs), "tokens": sum(len(i) for i, _ in convs),
+            "trained_tokens": sum(sum(m) for _, m in convs), "bytes": Path(path).stat().st_size}
+
+
 def load_sequences(path, vocab_size: int | None = None) -> list[tuple[list[int], list[bool]]]:
     """What save_sequences wrote; a clear error for a missing or foreign file, or token ids
     outside the backbone's vocabulary."""
