@@ -152,6 +152,54 @@ def test_eval_heads_on_a_prompt_file_generates_answers_once(capsys, tmp_path, mo
     assert len(list((tmp_path / "cache" / "eval-answers").glob("*.jsonl"))) == 2
 
 
+def test_eval_heads_scores_second_turns_after_the_backbones_own_first_answer(capsys, tmp_path, monkeypatch,
+                                                                          tiny_backbone, tiny_llama_dir):
+    """--prompts mtbench-2: each conversation's first turn is answered greedily, that answer
+    goes back as the assistant's turn (as text, as a chat front end sends it), and the
+    drafter is scored on the greedy answer to the second turn; both turns' answers are
+    cached. The bench refuses the set (it takes single prompts)."""
+    import json
+
+    from clpdecode.cli import main
+    from clpdecode.decoding import GenerationConfig, generate, make_policy
+    from clpdecode.evaluation import prompts as prompt_sets
+    from clpdecode.heads import save_drafter
+
+    from conftest import random_drafter
+
+    monkeypatch.setenv("CLP_CACHE", str(tmp_path / "cache"))
+    pairs = [("abc", "and again"), ("hello there", "shorter now"), ("xyz 123 q", "why")]
+    monkeypatch.setitem(prompt_sets.SECOND_TURN_SETS, "mtbench-2", lambda: pairs)
+    save_drafter(random_drafter(tiny_backbone, k=2, design="chained"), tmp_path / "h", tiny_backbone)
+    argv = ["eval-heads", "--model", str(tiny_llama_dir), "--heads", str(tmp_path / "h"), "--prompts", "mtbench-2",
+            "--limit", "2", "--max-new-tokens", "8", "--batch-size", "2", "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["sequences"] == 2 and res["tokens"] > 0 and res["answers_cached"] is False
+    cfg = GenerationConfig(max_new_tokens=8)
+    files = sorted((tmp_path / "cache" / "eval-answers").glob("*.jsonl"), key=lambda f: f.stat().st_mtime_ns)
+    assert len(files) == 2  # the first turns' answers, then the second turns'
+    firsts, seconds = ([json.loads(line) for line in f.read_text().splitlines()] for f in files)
+    for (turn1, turn2), a, b in zip(pairs, firsts, seconds):
+        assert a["answer"] == generate(tiny_backbone, a["prompt"], make_policy("ar"), cfg).token_ids
+        want = tiny_backbone.encode_chat([{"role": "user", "content": turn1},
+                                          {"role": "assistant", "content": tiny_backbone.decode(a["answer"]).strip()},
+                                          {"role": "user", "content": turn2}])
+        assert b["prompt"] == want and len(want) > len(a["prompt"]) + 2
+        assert b["answer"] == generate(tiny_backbone, want, make_policy("ar"), cfg).token_ids
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again.pop("answers_cached") is True and res.pop("answers_cached") is False and again == res
+    assert main(["bench", "--model", str(tiny_llama_dir), "--prompts", "mtbench-2"]) == 2
+    assert "two-turn conversations" in capsys.readouterr().err
+    from clpdecode.errors import ClpError
+    from clpdecode.evaluation.answers import second_turn_answers
+
+    monkeypatch.setattr(tiny_backbone.tokenizer, "chat_template", None)
+    with pytest.raises(ClpError, match="no chat template"):
+        second_turn_answers(tiny_backbone, pairs, 8)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--prompts", "nope"], "unknown prompt set 'nope'"),
     (["--prompts", "mtbench", "--limit", "0"], "--limit must be at least 1"),

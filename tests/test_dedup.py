@@ -136,3 +136,18 @@ def test_records_grid_numbers_every_record(synthetic):
     split, _ = _grid_split(data, "records")
     assert split[80] == split[199] == "train"  # part 1 (record 199) is off the grid
     assert split[100] == "heldout" and split[140] == "heldout"
+
+
+def test_mtbench_second_turns_have_no_duplicate_among_sharegpts_human_turns():
+    """`clp eval-heads --prompts mtbench-2` scores unseen turns: by the split's own duplicate
+    test (exact and near), no MT-Bench second turn occurs among ShareGPT's human turns, so
+    no training record holds one (the first turns are in the split's benchmark rule)."""
+    from clpdecode import datasets
+
+    turns = [t for _, _, t in datasets._human_turns(list(datasets.sharegpt_conversations()))]
+    second = [b for _, b in datasets.mtbench_turn_pairs()]
+    assert len(second) == 80
+    dup = dedup.find_duplicates(turns + second)
+    n = len(turns)
+    assert all(int(dup.exact_of[n + j]) == n + j for j in range(len(second)) if dup.key[n + j])
+    assert not [(a, b) for a, b in dup.near_pairs if (a < n) != (b < n)]

