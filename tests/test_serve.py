@@ -245,6 +245,20 @@ def test_bad_requests_get_openai_errors(served, path, body, status, param):
     assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["param"] == param
 
 
+def test_a_chat_templates_refusal_is_a_bad_request(served, monkeypatch):
+    """A template that raises (jinja's raise_exception, e.g. roles out of order) is the
+    request's fault: 400 on messages, with the template's words (Backbone.encode_chat)."""
+    url, server = served
+
+    def refuse(*a, **kw):
+        raise ValueError("Conversation roles must alternate user/assistant")
+
+    monkeypatch.setattr(server.backbone.tokenizer, "apply_chat_template", refuse)
+    got, _, resp = raw(url, "POST", CHAT, {"messages": MSG})
+    assert got == 400 and resp["error"]["param"] == "messages"
+    assert "chat template refused" in resp["error"]["message"] and "must alternate" in resp["error"]["message"]
+
+
 def test_bad_bodies_and_routes(served):
     url, server = served
     for body, status in [(b"{not json", 400), (b"[1, 2]", 400), (b"\xff\xfe\x00", 400), (b"", 400),

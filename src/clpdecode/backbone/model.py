@@ -314,7 +314,10 @@ class Backbone:
         ready for the assistant's next turn (add_generation_prompt=True)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ClpError(f"{self.name} has no chat template: a conversation needs one")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # noqa: BLE001 - a template's own refusal (jinja raise_exception)
+            raise ClpError(f"the chat template refused these messages: {e}") from None
         if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
             ids = ids["input_ids"]
         return self._check_prompt_length(list(ids))

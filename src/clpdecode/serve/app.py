@@ -356,16 +356,12 @@ class Server:
             msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
         if not any(m["content"].strip() for m in msgs):
             raise ApiError(400, "the messages are empty: no message has any content", param="messages")
-        tok = self.backbone.tokenizer
-        if not getattr(tok, "chat_template", None):
+        if not getattr(self.backbone.tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template: use /v1/completions", param="messages")
         try:
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        except Exception as e:  # noqa: BLE001 - a template's own refusal (jinja raise_exception)
-            raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
-        if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+            return self.backbone.encode_chat(msgs)
+        except ClpError as e:  # the template's refusal, or a prompt past the context window
+            raise _clp_error(e, "messages") from None
 
     def completion_prompt(self, prompt: str | list[str]) -> list[int]:
         if isinstance(prompt, list):
