@@ -162,7 +162,9 @@ def test_eval_heads_scores_second_turns_after_the_backbones_own_first_answer(cap
 
     from clpdecode.cli import main
     from clpdecode.decoding import GenerationConfig, generate, make_policy
+    from clpdecode.errors import ClpError
     from clpdecode.evaluation import prompts as prompt_sets
+    from clpdecode.evaluation.answers import second_turn_answers
     from clpdecode.heads import save_drafter
 
     from conftest import random_drafter
@@ -192,9 +194,6 @@ def test_eval_heads_scores_second_turns_after_the_backbones_own_first_answer(cap
     assert again.pop("answers_cached") is True and res.pop("answers_cached") is False and again == res
     assert main(["bench", "--model", str(tiny_llama_dir), "--prompts", "mtbench-2"]) == 2
     assert "two-turn conversations" in capsys.readouterr().err
-    from clpdecode.errors import ClpError
-    from clpdecode.evaluation.answers import second_turn_answers
-
     monkeypatch.setattr(tiny_backbone.tokenizer, "chat_template", None)
     with pytest.raises(ClpError, match="no chat template"):
         second_turn_answers(tiny_backbone, pairs, 8)

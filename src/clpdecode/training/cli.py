@@ -186,6 +186,18 @@ def cmd_sequences(args) -> int:
     return 0
 
 
+def _add_sequence_args(p, scope: str = "") -> None:
+    """--turns and --max-len: how ShareGPT's conversations become sequences, the same for
+    `clp train` and `clp sequences` (which writes what train would read)."""
+    from .data import TURNS
+
+    p.add_argument("--turns", choices=TURNS, default=TURNS[0],
+                   help=f"{scope}which answers of each ShareGPT conversation train: all (one sequence per "
+                        "answer, its earlier turns as context as they fit) or each conversation's first "
+                        f"(an ablation) (default: {TURNS[0]})")
+    p.add_argument("--max-len", type=int, default=384, help=f"{scope}tokens per sequence (default: 384)")
+
+
 def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     from .distill import DISTILL_PROMPT_SETS
 
@@ -248,15 +260,11 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     t.add_argument("--conversations", type=int, default=None,
                    help="eagle3/chain: ShareGPT conversations to train on, teacher-forced; 0: only the self-distilled "
                         "corpus (default: all of the training split)")
-    t.add_argument("--turns", choices=("all", "first"), default="all",
-                   help="eagle3/chain: which answers of each ShareGPT conversation train: all (one sequence per "
-                        "answer, its earlier turns as context as they fit) or each conversation's first "
-                        "(an ablation) (default: all)")
     t.add_argument("--sequences", default=None, metavar="FILE",
                    help="eagle3/chain: teacher-forced sequences already tokenised (an .npz of token ids and the "
                         "mask of trained positions, written by `clp sequences`) in place of ShareGPT's "
                         "conversations, e.g. on a machine without the ShareGPT package (default: none)")
-    t.add_argument("--max-len", type=int, default=384, help="eagle3/chain: tokens per sequence (default: 384)")
+    _add_sequence_args(t, "eagle3/chain: ")
     t.add_argument("--batch-sequences", type=int, default=4, help="eagle3/chain: sequences per step (default: 4)")
     t.add_argument("--corpus", default=None,
                    help="eagle3/chain: self-distilled corpus (default: the package's assets/corpus/<backbone>)")
@@ -292,8 +300,5 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     q.add_argument("--out", required=True, metavar="FILE.npz", help="the sequences file to write")
     q.add_argument("--conversations", type=int, default=None,
                    help="ShareGPT conversations to read (default: all of the training split)")
-    q.add_argument("--turns", choices=("all", "first"), default="all",
-                   help="every answer of a conversation or only its first (default: all)")
-    q.add_argument("--max-len", type=int, default=384,
-                   help="tokens per sequence, as `clp train --max-len` (default: 384)")
+    _add_sequence_args(q)
     q.set_defaults(func=cmd_sequences)
