@@ -157,7 +157,7 @@ def test_eval_heads_scores_second_turns_after_the_backbones_own_first_answer(cap
     """--prompts mtbench-2: each conversation's first turn is answered greedily, that answer
     goes back as the assistant's turn (as text, as a chat front end sends it), and the
     drafter is scored on the greedy answer to the second turn; both turns' answers are
-    cached. The bench refuses the set (it takes single prompts)."""
+    cached; `clp bench` times the same second answers."""
     import json
 
     from clpdecode.cli import main
@@ -165,6 +165,7 @@ def test_eval_heads_scores_second_turns_after_the_backbones_own_first_answer(cap
     from clpdecode.errors import ClpError
     from clpdecode.evaluation import prompts as prompt_sets
     from clpdecode.evaluation.answers import second_turn_answers
+    from clpdecode.evaluation.bench import _prompt_key
     from clpdecode.heads import save_drafter
 
     from conftest import random_drafter
@@ -192,8 +193,19 @@ def test_eval_heads_scores_second_turns_after_the_backbones_own_first_answer(cap
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again.pop("answers_cached") is True and res.pop("answers_cached") is False and again == res
-    assert main(["bench", "--model", str(tiny_llama_dir), "--prompts", "mtbench-2"]) == 2
-    assert "two-turn conversations" in capsys.readouterr().err
+    # The bench times the second answers, after the same first answers (the bench's batches
+    # differ from these, so it makes its own): verified is identical to AR there too.
+    out = tmp_path / "b"
+    assert main(["bench", "--model", str(tiny_llama_dir), "--heads", str(tmp_path / "h"), "--prompts", "mtbench-2",
+                 "--limit", "2", "--max-new-tokens", "8", "--methods", "ar,verified", "--out", str(out)]) == 0
+    bench = json.loads((out / "results.json").read_text())
+    assert bench["settings"]["prompts"] == "mtbench-2" and bench["n_prompts_done"] == 2
+    for rec, b in zip(bench["runs"], seconds):
+        assert rec["prompt_key"] == _prompt_key(b["prompt"])
+        assert rec["methods"]["verified"]["token_ids"] == rec["methods"]["ar"]["token_ids"] == b["answer"]
+    capsys.readouterr()
+    assert main(["bench", "--model", str(tiny_llama_dir), "--prompts", "mtbench-2", "--raw"]) == 2
+    assert "go through the chat template" in capsys.readouterr().err
     monkeypatch.setattr(tiny_backbone.tokenizer, "chat_template", None)
     with pytest.raises(ClpError, match="no chat template"):
         second_turn_answers(tiny_backbone, pairs, 8)

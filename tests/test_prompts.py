@@ -15,6 +15,21 @@ def test_packaged_sets():
     assert len(load_prompts("mtbench", limit=5)) == 5
 
 
+def test_two_turn_sets_load_as_pairs_with_the_same_checks():
+    from clpdecode.evaluation.prompts import load_turn_pairs
+
+    pairs = load_turn_pairs("mtbench-2")
+    assert len(pairs) == 80 and [a for a, _ in pairs] == load_prompts("mtbench")
+    assert all(isinstance(b, str) and b.strip() for _, b in pairs)
+    assert load_turn_pairs("mtbench-2", limit=3) == pairs[:3]
+    with pytest.raises(ClpError, match="--limit must be at least 1"):
+        load_turn_pairs("mtbench-2", limit=0)
+    with pytest.raises(ClpError, match="not a two-turn set"):
+        load_turn_pairs("mtbench")
+    with pytest.raises(ClpError, match="load_turn_pairs"):
+        load_prompts("mtbench-2")
+
+
 def test_sharegpt_truncated_file_is_read_record_by_record():
     prompts = sharegpt()
     assert len(prompts) > 10_000 and all(p.strip() for p in prompts[:100])

@@ -294,6 +294,11 @@ class Backbone:
         return self.model.get_input_embeddings()(ids)
 
     # ---- text -----------------------------------------------------------------------
+    @property
+    def has_chat(self) -> bool:
+        """Whether the tokenizer has a chat template (instruct models; a base model has no turns)."""
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
     def encode_prompt(self, prompt: str, system: str | None = None, chat: bool | None = None) -> list[int]:
         """Token ids of a prompt: through the chat template for instruct models.
 
@@ -302,7 +307,7 @@ class Backbone:
         """
         if not prompt or not prompt.strip():
             raise ClpError("the prompt is empty")
-        use_chat = chat if chat is not None else bool(getattr(self.tokenizer, "chat_template", None))
+        use_chat = chat if chat is not None else self.has_chat
         if use_chat:
             return self.encode_chat(([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}
@@ -312,7 +317,7 @@ class Backbone:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation ({"role", "content"} messages) through the chat template,
         ready for the assistant's next turn (add_generation_prompt=True)."""
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not self.has_chat:
             raise ClpError(f"{self.name} has no chat template: a conversation needs one")
         try:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

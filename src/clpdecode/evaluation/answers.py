@@ -58,24 +58,36 @@ def _encode_each(backbone, items: list, encode, what: str, max_new_tokens: int) 
     return encoded
 
 
-def second_turn_answers(backbone, pairs: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 16,
-                        progress: bool = True) -> tuple[list[dict], bool]:
-    """Greedy answers of the backbone to the second turn of two-turn conversations: the first
-    turn, the backbone's own greedy answer to it (as text, as a chat front end sends it back;
-    cut at `max_new_tokens` like every answer here), then the second turn. The drafter is
-    scored on the second answer, whose context holds a whole earlier exchange.
+def second_turn_prompts(backbone, pairs: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 16,
+                        progress: bool = True) -> tuple[list[list[int]], bool]:
+    """Token ids of two-turn conversations up to the backbone's second answer: the first turn,
+    the backbone's own greedy answer to it (as text, as a chat front end sends it back; cut at
+    `max_new_tokens` like every answer here), then the second turn.
 
     Returns:
-        ([{"prompt": ids, "answer": ids}] of the second turns, whether both turns' answers
-        came from the cache).
+        (the conversations' token ids, ready for the assistant's second turn; whether the
+        first answers came from the cache).
     """
-    if not getattr(backbone.tokenizer, "chat_template", None):  # before minutes of first answers
+    if not backbone.has_chat:  # before minutes of first answers
         raise ClpError(f"{backbone.name} has no chat template: second turns need one (a base model has no turns)")
     first, cached = prompt_answers(backbone, [a for a, _ in pairs], max_new_tokens, batch_size, progress)
     conversations = [[{"role": "user", "content": turn1},
                       {"role": "assistant", "content": backbone.decode(rec["answer"]).strip()},
                       {"role": "user", "content": turn2}] for (turn1, turn2), rec in zip(pairs, first)]
-    encoded = _encode_each(backbone, conversations, backbone.encode_chat, "conversation", max_new_tokens)
+    return _encode_each(backbone, conversations, backbone.encode_chat, "conversation", max_new_tokens), cached
+
+
+def second_turn_answers(backbone, pairs: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 16,
+                        progress: bool = True) -> tuple[list[dict], bool]:
+    """Greedy answers of the backbone to the second turn of two-turn conversations
+    (second_turn_prompts). The drafter is scored on the second answer, whose context holds a
+    whole earlier exchange.
+
+    Returns:
+        ([{"prompt": ids, "answer": ids}] of the second turns, whether both turns' answers
+        came from the cache).
+    """
+    encoded, cached = second_turn_prompts(backbone, pairs, max_new_tokens, batch_size, progress)
     recs, cached2 = encoded_answers(backbone, encoded, max_new_tokens, batch_size, progress)
     return recs, cached and cached2
 

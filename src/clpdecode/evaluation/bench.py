@@ -107,14 +107,33 @@ def _record(r: GenerationResult) -> dict:
             "decode_tokens": r.decode_tokens, "accepted_per_step": r.accepted_per_step}
 
 
-def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, reference=None,
+def bench_prompt_ids(backbone, prompts: list, settings: BenchSettings, progress: bool = True) -> list[list[int]]:
+    """Token ids of the bench's prompts: user messages through the chat template (plain text
+    with settings.raw), or for a two-turn set (prompts.SECOND_TURN_SETS) each conversation up
+    to the backbone's second answer, after its own greedy first answer (generated here once,
+    then cached: answers.second_turn_prompts)."""
+    from .answers import second_turn_prompts
+    from .prompts import SECOND_TURN_SETS
+
+    if settings.prompts in SECOND_TURN_SETS:
+        return second_turn_prompts(backbone, prompts, settings.max_new_tokens, progress=progress)[0]
+    encoded = []
+    for i, p in enumerate(prompts):
+        try:
+            encoded.append(backbone.encode_prompt(p, chat=False if settings.raw else None))
+        except ClpError as e:
+            raise ClpError(f"prompt {i + 1}: {e}") from None
+    return encoded
+
+
+def run_bench(backbone, drafter, encoded: list[list[int]], settings: BenchSettings, reference=None,
               progress: bool = True, out_dir: Path | None = None, resume: bool = False) -> dict:
     """Run every method on every prompt, methods interleaved per prompt.
 
     Args:
         backbone: the backbone with the numerics under test.
         drafter: heads + CLP + gates (None if only `ar` is benchmarked).
-        prompts: user messages.
+        encoded: the prompts' token ids (bench_prompt_ids).
         settings: what to run.
         reference: an fp32 backbone for NLL and fp32-AR agreement (None: `backbone` itself).
         out_dir: when given, results.json there is rewritten (atomically) after every
@@ -127,7 +146,6 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
     methods = list(dict.fromkeys(["ar", *settings.methods]))  # AR is always the reference
     policies = {m: make_policy(m, backbone, drafter, clp_threshold=settings.clp_threshold, lookup=settings.lookup, tree=settings.tree,
                                gate_threshold=settings.gate_threshold, draft=settings.draft) for m in methods}
-    encoded = [backbone.encode_prompt(p, chat=False if settings.raw else None) for p in prompts]
     for i, ids in enumerate(encoded):  # before anything is measured
         try:
             check_context(len(ids), settings.max_new_tokens, backbone.max_positions)
@@ -150,10 +168,10 @@ def run_bench(backbone, drafter, prompts: list[str], settings: BenchSettings, re
             for peer in peers:
                 peer.warm_up(warm_ids, settings.warmup_tokens)
         _measure(backbone, drafter, settings, encoded, records, methods, policies, peers, reference, fp32_policy,
-                 cfg, len(prompts), progress, out_dir)
+                 cfg, len(encoded), progress, out_dir)
     finally:
         close_peers(peers)
-    return summarize(records, backbone, drafter, settings, len(prompts))
+    return summarize(records, backbone, drafter, settings, len(encoded))
 
 
 # What the peers warm up on (not a bench prompt: see run_bench).

@@ -36,19 +36,15 @@ def cmd_eval_heads(args) -> int:
         _baseline_folder(name, args.k if args.k is not None else default_k(name))
     source: dict = {}
     if args.prompts is not None:
-        from .prompts import SECOND_TURN_SETS, load_prompts
+        from .prompts import SECOND_TURN_SETS, load_prompts, load_turn_pairs
 
         if args.corpus is not None:
             raise ClpError("--corpus and --prompts are two sources of answers: give one")
         max_new_tokens = 128 if args.max_new_tokens is None else args.max_new_tokens
         check_positive_int("--max-new-tokens", max_new_tokens)
         check_positive_int("--batch-size", args.batch_size)
-        if args.prompts in SECOND_TURN_SETS:
-            if args.limit is not None:
-                check_positive_int("--limit", args.limit)
-            prompts = SECOND_TURN_SETS[args.prompts]()[:args.limit]
-        else:
-            prompts = load_prompts(args.prompts, args.limit)
+        two_turn = args.prompts in SECOND_TURN_SETS
+        prompts = (load_turn_pairs if two_turn else load_prompts)(args.prompts, args.limit)
     else:
         if args.limit is not None or args.max_new_tokens is not None:
             raise ClpError("--limit and --max-new-tokens go with --prompts (the corpus's answers are fixed)")
@@ -69,7 +65,7 @@ def cmd_eval_heads(args) -> int:
     if args.prompts is not None:
         from .answers import prompt_answers, second_turn_answers
 
-        answer = second_turn_answers if args.prompts in SECOND_TURN_SETS else prompt_answers
+        answer = second_turn_answers if two_turn else prompt_answers
         records, cached = answer(backbone, prompts, max_new_tokens, batch_size=args.batch_size)
         source = {"source": "prompts", "prompts": args.prompts, "sequences": len(records),
                   "max_new_tokens": max_new_tokens, "numerics": args.numerics, "answers_cached": cached}
@@ -109,8 +105,8 @@ def cmd_bench(args) -> int:
     from ..heads import default_drafter
     from ..cli import _check_drafter
     from ..decoding import GenerationConfig
-    from .bench import BenchSettings, prepare_out_dir, run_bench, table, write_report
-    from .prompts import load_prompts
+    from .bench import BenchSettings, bench_prompt_ids, prepare_out_dir, run_bench, table, write_report
+    from .prompts import SECOND_TURN_SETS, load_prompts, load_turn_pairs
 
     # Every check a user can fail comes before the slow backbone load and the first prompt.
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -118,7 +114,10 @@ def cmd_bench(args) -> int:
     if bad or not methods:
         raise ClpError(f"unknown method(s) {', '.join(bad) or repr(args.methods)}; choose from {', '.join(METHODS)}")
     GenerationConfig(max_new_tokens=args.max_new_tokens)
-    prompts = load_prompts(args.prompts, args.limit)
+    two_turn = args.prompts in SECOND_TURN_SETS
+    if two_turn and args.raw:
+        raise ClpError(f"--raw: {args.prompts} is a set of conversations, which go through the chat template")
+    prompts = (load_turn_pairs if two_turn else load_prompts)(args.prompts, args.limit)
     _check_drafter(args, required=any(m != "ar" for m in methods))
     if args.hf_generate:
         from .peers import find_llama_server
@@ -137,8 +136,9 @@ def cmd_bench(args) -> int:
                              draft=args.draft, k=drafter.k if drafter else (args.k or 0), threads=torch.get_num_threads(),
                              hf_generate=args.hf_generate, raw=args.raw, lookup=args.lookup,
                              tree=str(args.tree))
+    encoded = bench_prompt_ids(backbone, prompts, settings)
     try:
-        results = run_bench(backbone, drafter, prompts, settings, reference=reference, out_dir=out_dir,
+        results = run_bench(backbone, drafter, encoded, settings, reference=reference, out_dir=out_dir,
                             resume=args.resume)
     except KeyboardInterrupt:
         if (out_dir / "results.json").is_file():
@@ -252,10 +252,10 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
     add_model_args(b)
     add_drafter_args(b)
     add_policy_args(b)
-    from .prompts import PROMPT_SET_HELP
-
     b.add_argument("--prompts", default="mtbench",
                    help="; ".join(f"{k}: {v}" for k, v in PROMPT_SET_HELP.items())
+                   + "".join(f"; {k}: {v}; the first answers are generated once (batched) and cached"
+                             for k, v in SECOND_TURN_HELP.items())
                    + '; or a JSONL file of {"prompt": ...} (default: mtbench)')
     b.add_argument("--limit", type=int, default=10, help="first N prompts (default: 10)")
     from ..decoding import METHODS

@@ -26,8 +26,9 @@ PROMPT_SET_HELP = {
     "passages": "plain-text openings of held-out ShareGPT answers, for base models with --raw (211)",
 }
 
-# Two-turn sets, for `clp eval-heads` only: the drafter is scored on the answer to the second
-# turn, after the backbone's own answer to the first (answers.second_turn_answers).
+# Two-turn sets: the second turn is asked after the backbone's own greedy answer to the first
+# (answers.second_turn_prompts). `clp eval-heads` scores the drafter on the answer to the
+# second turn; `clp bench` times decoding it, so the prompt holds a whole earlier exchange.
 SECOND_TURN_SETS = {"mtbench-2": mtbench_turn_pairs}
 SECOND_TURN_HELP = {"mtbench-2": "MT-Bench second turns (80), after the backbone's own greedy answer to the first "
                                  "(needs a chat template)"}
@@ -68,8 +69,18 @@ def load_prompts(name: str, limit: int | None = None) -> list[str]:
     elif name.endswith((".jsonl", ".json")) or Path(name).exists():
         prompts = user_file(name)
     elif name in SECOND_TURN_SETS:
-        raise ClpError(f"{name} is a set of two-turn conversations: `clp eval-heads --prompts {name}` scores a "
-                       "drafter on it; the bench takes single prompts")
+        raise ClpError(f"{name} is a set of two-turn conversations: load it with load_turn_pairs")
     else:
         raise ClpError(f"unknown prompt set {name!r}: use {', '.join(PROMPT_SETS)} or a .jsonl file")
     return prompts[:limit] if limit is not None else prompts
+
+
+def load_turn_pairs(name: str, limit: int | None = None) -> list[tuple[str, str]]:
+    """A two-turn set (SECOND_TURN_SETS): (first turn, second turn) pairs; `limit`: the first
+    `limit` pairs (None: all)."""
+    if limit is not None:
+        check_positive_int("--limit", limit)
+    if name not in SECOND_TURN_SETS:
+        raise ClpError(f"{name!r} is not a two-turn set: use {', '.join(SECOND_TURN_SETS)}")
+    pairs = SECOND_TURN_SETS[name]()
+    return pairs[:limit] if limit is not None else pairs

@@ -356,7 +356,7 @@ class Server:
             msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
         if not any(m["content"].strip() for m in msgs):
             raise ApiError(400, "the messages are empty: no message has any content", param="messages")
-        if not getattr(self.backbone.tokenizer, "chat_template", None):
+        if not self.backbone.has_chat:
             raise ApiError(400, "this model has no chat template: use /v1/completions", param="messages")
         try:
             return self.backbone.encode_chat(msgs)

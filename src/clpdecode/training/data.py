@@ -313,7 +313,7 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
     if conversations == 0:  # the self-distilled answers only
         return train, pred
     tok = backbone.tokenizer
-    chat = bool(getattr(tok, "chat_template", None))
+    chat = backbone.has_chat
     # The held-out rule of the prompts this backbone is scored on: first turns through the
     # chat template ("prompts" grid), or for a base model passages of ShareGPT's answers
     # ("records" grid, its corpus's): under the other grid 20 of Gemma's 24 held-out
