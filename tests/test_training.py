@@ -205,7 +205,7 @@ def test_eagle3_training_command_end_to_end(features, tiny_llama_dir, tmp_path, 
     out, work = tmp_path / "e3", tmp_path / "work"
     argv = ["train", "--model", str(tiny_llama_dir), "--corpus", str(features / "corpus"), "--out", str(out),
             "--work", str(work), "--k", "2", "--steps", "3", "--conversations", "6", "--max-len", "320",
-            "--batch-sequences", "2", "--draft-vocab", "40", "--numerics", "fp32"]
+            "--batch-sequences", "2", "--draft-vocab", "40", "--numerics", "fp32", "--competing-steps", "4"]
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["drafter_steps"] == 3 and res["finished"] and res["predictors"]["positions"] > 0
@@ -213,6 +213,11 @@ def test_eagle3_training_command_end_to_end(features, tiny_llama_dir, tmp_path, 
     drafter = load_drafter(out, bb)
     assert isinstance(drafter.heads, Eagle3Drafter) and drafter.clp is not None and drafter.gates is not None
     assert drafter.heads.draft_ids.numel() == 40
+    # The head-competition ablation comes with it (k + 1 heads over the same draft vocabulary),
+    # so `clp bench`'s default methods run on a drafter a user trained.
+    assert drafter.competing.cfg.k == 3 and torch.equal(drafter.competing.draft_ids, drafter.heads.draft_ids)
+    assert drafter.meta["training"]["competing"]["steps"] == 4
+    assert generate(bb, [5, 9, 14], make_policy("competing", bb, drafter), GenerationConfig(max_new_tokens=8)).new_tokens
     assert torch.load(work / "drafter.pt", weights_only=False)["step"] == 3
     argv[argv.index("--steps") + 1] = "5"  # resumes from step 3
     assert main(argv) == 0
@@ -261,10 +266,11 @@ def test_chain_training_command_and_fine_tuning_from_a_bundle(features, tiny_lla
     assert generate(bb, ids, make_policy("verified", bb, tuned), cfg).token_ids == ar.token_ids
     # From scratch: a chain with its own draft vocabulary.
     argv = ["train", "--design", "chain", "--steps", "1", "--draft-vocab", "40", "--out", str(tmp_path / "new"),
-            "--work", str(tmp_path / "w2")] + common
+            "--work", str(tmp_path / "w2"), "--no-competing"] + common
     assert main(argv) == 0
     capsys.readouterr()
-    assert load_drafter(tmp_path / "new", bb).heads.draft_ids.numel() == 40
+    new = load_drafter(tmp_path / "new", bb)
+    assert new.heads.draft_ids.numel() == 40 and new.competing is None
     # A bundle of another design or k is refused before any training.
     for design, k, match in (("eagle3", "2", "holds a chained drafter"), ("chain", "3", "not --k 3")):
         bad = ["train", "--design", design, "--init", str(base), "--steps", "1", "--out", str(tmp_path / "bad"),
@@ -276,6 +282,16 @@ def test_chain_training_command_and_fine_tuning_from_a_bundle(features, tiny_lla
     assert main(["train", "--design", "chain", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]
                 + common) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_competing_heads_targets_are_the_next_tokens_of_the_answer():
+    from clpdecode.training.data import IGNORE
+    from clpdecode.training.drafter import next_tokens
+
+    ids = [10, 11, 12, 13, 14, 15]
+    mask = [False, False, True, True, True, False]  # tokens 3, 4, 5 train (the answer)
+    got = next_tokens(ids, mask, 3)
+    assert got.tolist() == [[13, 14, 15], [14, 15, IGNORE], [15, IGNORE, IGNORE]]
 
 
 def test_zero_conversations_trains_on_the_self_distilled_answers_only(features, tiny_backbone):

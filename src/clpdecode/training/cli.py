@@ -86,8 +86,9 @@ def cmd_train_drafter(args) -> int:
     from .drafter import DrafterTrainConfig, load_init, train_drafter
     from .train import _accelerator
 
-    for opt in ("k", "steps", "batch_sequences", "max_len"):
-        check_positive_int("--" + opt.replace("_", "-"), getattr(args, opt))
+    for opt in ("k", "steps", "batch_sequences", "max_len", "predictor_steps", "competing_steps"):
+        if getattr(args, opt) is not None:
+            check_positive_int("--" + opt.replace("_", "-"), getattr(args, opt))
     if args.sequences and args.conversations is not None:
         raise ClpError("--sequences replaces ShareGPT's conversations: give it or --conversations, not both")
     if args.sequences and args.turns != "all":
@@ -114,7 +115,10 @@ def cmd_train_drafter(args) -> int:
     cfg = DrafterTrainConfig(design=args.design, aux_layers=aux_layers, init=args.init or "", k=args.k, draft_vocab=args.draft_vocab,
                              steps=args.steps, minutes=args.minutes, batch_sequences=args.batch_sequences,
                              max_len=args.max_len, seed=args.seed, device=args.device,
-                             **({"lr": args.lr} if args.lr is not None else {}))
+                             **({"lr": args.lr} if args.lr is not None else {}),
+                             **({"predictor_steps": args.predictor_steps} if args.predictor_steps is not None else {}),
+                             **({"competing_steps": 0} if args.no_competing else
+                                {"competing_steps": args.competing_steps} if args.competing_steps is not None else {}))
     init = load_init(args.init, cfg, backbone) if args.init else None  # before the data are read
     train, pred = drafter_sequences(backbone, records, max_len=args.max_len, conversations=args.conversations,
                                     predictor_share=cfg.predictor_share, seed=args.seed, sequences=args.sequences,
@@ -153,9 +157,9 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     feats = load_features(features, sources=args.sources)
     tcfg = TrainConfig(k=args.k, design=args.design, draft_vocab=args.draft_vocab, steps=args.steps,
-                       batch_size=args.batch_size, predictor_steps=args.predictor_steps,
-                       competing=not args.no_competing, competing_steps=args.competing_steps, seed=args.seed,
-                       sources=args.sources)
+                       batch_size=args.batch_size, competing=not args.no_competing,
+                       competing_steps=args.competing_steps or 0, seed=args.seed, sources=args.sources,
+                       **({"predictor_steps": args.predictor_steps} if args.predictor_steps is not None else {}))
     drafter, report = train_all(feats, backbone, tcfg, work)
     from .train import _accelerator
 
@@ -275,11 +279,15 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
                         "`accelerate launch` each process takes its own GPU) (default: cpu)")
     t.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size, 0 = all (default: 8192)")
     t.add_argument("--steps", type=int, default=3000, help="head optimiser steps (default: 3000)")
-    t.add_argument("--predictor-steps", type=int, default=1500, help="CLP / gate steps (default: 1500)")
+    t.add_argument("--predictor-steps", type=int, default=None,
+                   help="CLP / gate steps (default: 800 for eagle3/chain, 1500 for fused|residual)")
     t.add_argument("--batch-size", type=int, default=256, help="positions per step (default: 256)")
-    t.add_argument("--no-competing", action="store_true", help="skip the competing-ablation heads")
-    t.add_argument("--competing-steps", type=int, default=0,
-                   help="optimiser steps of the competing heads (default: half of --steps)")
+    t.add_argument("--no-competing", action="store_true",
+                   help="skip the competing-ablation heads (`clp bench`'s competing row; a bundle from --init keeps "
+                        "its own)")
+    t.add_argument("--competing-steps", type=int, default=None,
+                   help="optimiser steps of the competing heads (default: 800 for eagle3/chain, on the predictor "
+                        "share's states; half of --steps for fused|residual)")
     t.add_argument("--features", default=None, help="hidden-state cache (default: <cache>/features/<backbone>)")
     t.add_argument("--sources", default="all", choices=["all", "distilled", "teacher"],
                    help="head training data: self-distilled answers, teacher-forced ShareGPT, or both (default: all)")

@@ -24,7 +24,9 @@ resumed run continues with the sequences it had not seen.
 
 CLP and the gates then train on a predictor share of the sequences that the drafter never
 saw: labels are the drafter's accepted lengths against the backbone's greedy continuation
-(drafts fed back as at inference), features the backbone's last hidden state.
+(drafts fed back as at inference), features the backbone's last hidden state. The
+head-competition ablation's heads train on the same states (`competing_steps`; a bundle from
+`init` keeps its own).
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ import torch.nn.functional as F
 from ..heads.accuracy import shifted
 from ..heads.chained import ChainConfig, ChainedHeads
 from ..heads.eagle3 import Eagle3Config, Eagle3Drafter
+from ..heads.modules import HeadsConfig, MTPHeads
 from ..predictors.modules import CLP, Gates, PredictorConfig
 from .chain import ChainLossConfig, chain_loss
+from .data import IGNORE, to_draft_index
 from .train import _accelerator, _optimise, clp_class_weights
 
 DESIGNS = ("eagle3", "chain")
@@ -69,6 +73,10 @@ class DrafterTrainConfig:
     predictor_lr: float = 3e-3
     clp_alpha: float = 0.5
     clp_warmup: float = 0.3
+    # The head-competition ablation (`clp bench`'s `competing` row): k+1 independent residual
+    # heads on the last state, head i predicting t+i, trained on the predictor share's
+    # self-distilled text (the backbone's greedy continuation). 0: none.
+    competing_steps: int = 800
     checkpoint_every: int = 25
     seed: int = 0
     device: str = "cpu"  # where the drafter trains and the backbone computes its targets ("cuda": a GPU)
@@ -226,6 +234,48 @@ def drafter_lengths(drafter: Eagle3Drafter | ChainedHeads, targets: BackboneTarg
     return hidden[keep].cpu(), correct[keep].long().cumprod(-1).sum(-1).cpu(), correct[keep].cpu()
 
 
+def next_tokens(ids: list[int], mask: list[bool], n: int) -> torch.Tensor:
+    """(N, n): at each position p whose next token trains (mask[p], as drafter_lengths keeps
+    them), tokens p+1 .. p+n of the text, IGNORE past its end or its answer span (token p+i
+    counts while mask[p+i-1] holds)."""
+    t, m = torch.tensor(ids), torch.tensor(mask[: len(ids)])
+    pos = m.nonzero().flatten()  # (N,)
+    out = torch.full((len(pos), n), IGNORE, dtype=torch.long)
+    for i in range(1, n + 1):
+        q = pos + i
+        ok = (q < len(t)) & m[(q - 1).clamp(max=len(t) - 1)]
+        out[ok, i - 1] = t[q[ok]]
+    return out
+
+
+def _train_competing(hidden: torch.Tensor, tokens: torch.Tensor, lm_head: torch.Tensor, draft_ids: torch.Tensor,
+                     cfg: DrafterTrainConfig, work: Path, device) -> tuple[MTPHeads, dict]:
+    """The head-competition ablation: k+1 residual heads reading the backbone's last state
+    f_t (offset 1: head i predicts t+i, the first competing with the backbone's own LM
+    head), hard cross-entropy against the text, over the drafter's draft vocabulary."""
+    n = tokens.shape[1]
+    heads = MTPHeads(HeadsConfig(k=n, hidden_size=hidden.shape[1], design="residual", offset=1,
+                                 draft_vocab=len(draft_ids)))
+    heads.set_draft_vocab(draft_ids.cpu())
+    heads.attach(lm_head.to(device))
+    targets = to_draft_index(tokens, draft_ids.cpu(), lm_head.shape[0]).to(device)  # (N, n)
+    hidden = hidden.to(device)
+    ema = {"loss": None}
+
+    def loss_fn(gen, step):
+        idx = torch.randint(len(hidden), (256,), generator=gen).to(device)
+        logits = heads(hidden[idx].float(), None)  # (B, n, Vd)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[idx].reshape(-1), ignore_index=IGNORE)
+        ema["loss"] = round(loss.item(), 3)
+        return loss
+
+    _optimise(heads, loss_fn, cfg.competing_steps, 2e-3, 50, work / "competing.pt", "train: competing heads",
+              cfg.seed, cfg.checkpoint_every * 10, device=device, local=True)
+    heads.attach(lm_head.cpu())
+    return heads.eval(), {"heads": n, "steps": cfg.competing_steps, "positions": len(hidden),
+                          "last_batch_loss": ema["loss"]}
+
+
 def _train_predictors(hidden, lengths, correct, k: int, cfg: DrafterTrainConfig, work: Path) -> tuple[CLP, Gates, dict]:
     d = hidden.shape[1]
     pcfg = PredictorConfig(k=k, hidden_size=d)
@@ -348,12 +398,16 @@ def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
     report = {"train_config": cfg.as_dict(), "drafter_steps": done_steps, "finished": done_steps >= cfg.steps,
               "sequences": {"train": len(train_seqs), "predictor": len(pred_seqs)},
               "sequences_seen": tokens_seen, "last_batch_top1": stats["top1"]}
-    clp = gates = None
+    clp = gates = competing = None
+    # The head-competition ablation does not depend on the drafter: a fine-tuned bundle
+    # keeps the one it started from, so that `clp bench` still has that row.
+    carried = init is not None and init.competing is not None
     if pred_seqs and acc.is_main_process:
         from tqdm import tqdm
 
-        rows = [drafter_lengths(drafter, targets, ids[: cfg.max_len], m[: cfg.max_len], embed, cfg.k)
-                for ids, m in tqdm(pred_seqs, desc="train: CLP and gate labels", unit="seq")]
+        cut = [(ids[: cfg.max_len], m[: cfg.max_len]) for ids, m in pred_seqs]
+        rows = [drafter_lengths(drafter, targets, ids, m, embed, cfg.k)
+                for ids, m in tqdm(cut, desc="train: CLP and gate labels", unit="seq")]
         hidden = torch.cat([r[0] for r in rows])
         lengths = torch.cat([r[1] for r in rows])
         correct = torch.cat([r[2] for r in rows])
@@ -361,15 +415,16 @@ def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
             clp, gates, preport = _train_predictors(hidden, lengths, correct, cfg.k, cfg, work)
             report["predictors"] = {**preport, "positions": len(lengths),
                                     "mean_accepted_predictor_split": round(float(lengths.float().mean()), 4)}
+            if cfg.competing_steps and not carried:
+                tokens = torch.cat([next_tokens(ids, m, cfg.k + 1) for ids, m in cut])
+                competing, report["competing"] = _train_competing(hidden, tokens, backbone.lm_head_weight,
+                                                                  drafter.draft_ids, cfg, work, device)
     del targets  # the GPU copy of the backbone, if any
     drafter.to("cpu")
     drafter.attach(backbone.lm_head_weight, embed.cpu())  # the bundle's drafter lives on the CPU
-    competing = None
     if init is not None:
-        # The head-competition ablation does not depend on the drafter: a fine-tuned bundle
-        # keeps the one it started from, so that `clp bench` still has that row.
-        competing = init.competing
-        report["init"] = {"from": str(cfg.init), "competing": "carried over unchanged" if competing else None,
+        competing = init.competing if carried else competing
+        report["init"] = {"from": str(cfg.init), "competing": "carried over unchanged" if carried else None,
                           "training": init.meta.get("training", {}).get("command")}
     drafter_bundle = Drafter(heads=drafter, clp=clp, gates=gates, competing=competing,
                              meta={"backbone": backbone_meta(backbone), "training": report})
