@@ -8,7 +8,7 @@ DEMO_OUT ?= bench-out/demo
 
 ASSETS := src/clpdecode/assets/drafters/SmolLM2-135M-Instruct
 
-.PHONY: setup demo test gemma peers heads heads-independent corpus clean
+.PHONY: setup demo test gemma peers heads heads-gemma heads-independent corpus clean
 
 setup: $(STAMP)
 
@@ -62,35 +62,35 @@ $(LLAMA_SERVER): | $(STAMP)
 	cd $(LLAMA_CPP_SRC) && cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
 		-DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release && cmake --build build --target llama-server -j$(JOBS)
 
-# Reproduce the shipped drafter, smaller, on CPU (about 2.5 h on 2 cores; rerun to resume:
-# answers and training checkpoints are kept in build/heads). The shipped weights come from
-# the same scripts on one H200 GPU (README, "Training the drafter"): 1.0M self-distilled +
-# 0.8M teacher-forced positions, 150 s of training.
+# The shipped drafter's design (the chain, k = 4) trained on this CPU through the package's one
+# training path, `clp train` (rerun to resume: checkpoints every 25 steps in $(HEADS_WORK)).
+# It writes $(HEADS_WORK)/chain-k4 (use it with --heads), not the shipped folders: the shipped
+# chain came from one H200 run (README, "Training the drafter"), and $(HEADS_STEPS) steps here
+# (~9 s each on 2 cores: 2.5 h) see ~1M positions against its 22M (docs/design.md, "Ablations
+# on CPU"). The learning rate's cosine spans the steps; `--minutes` would stop it early.
+# HEADS_ARGS: more `clp train` flags, e.g. "--device cuda --batch-sequences 32" on a GPU.
 HEADS_WORK ?= build/heads
+HEADS_STEPS ?= 1000
+HEADS_ARGS ?=
 heads: setup
-	$(PY) scripts/device_pack.py --out $(HEADS_WORK) --sd-prompts 2000 --tf 1500
-	$(PY) scripts/device_train.py --device cpu --weights $(HEADS_WORK)/w0 $(HEADS_WORK)/w1 \
-		--data $(HEADS_WORK) --tf $(HEADS_WORK)/tf.npz --out $(HEADS_WORK)/run --variants attn_soft_feat \
-		--distil-seconds 3600 --distil-batch 16 --max-new 192 --main-seconds 3600 --batch 8
-	$(PY) scripts/assemble_drafter.py --run $(HEADS_WORK)/run
+	$(VENV)/bin/clp train --design chain --k 4 --steps $(HEADS_STEPS) --threads $(JOBS) \
+		--out $(HEADS_WORK)/chain-k4 --work $(HEADS_WORK)/chain-k4-work $(HEADS_ARGS)
 
-# The k = 2 drafter of Gemma 3 270M (a base model), all on CPU with one thread (about 1-1.5 h
-# on this machine; rerun to resume). 1. its greedy 64-token continuations of 1,024
-# ShareGPT-answer passages, the committed corpus (assets/corpus/gemma-3-270m; every 20th
-# ShareGPT record held out); 2. those + 400 teacher-forced plain-text answers packed as
-# token ids; 3. the chain (MLP width 1024, a smaller file), CLP, gates and competing heads;
-# 4. the bundle in assets/drafters/gemma-3-270m/k2.
+# The same for Gemma 3 270M (a base model), with one thread (rerun to resume): 1. its greedy
+# 64-token continuations of 1,024 ShareGPT-answer passages (the committed corpus,
+# assets/corpus/gemma-3-270m, training records only); 2. a k = 2 chain on those and the
+# training split's answers read as plain text, then CLP, gates and the competing heads, into
+# $(GEMMA_WORK)/chain-k2. The shipped k2 came from scripts/device_train.py (README, "Gemma 3
+# 270M's drafter").
 GEMMA_WORK ?= build/heads-gemma
+GEMMA_STEPS ?= 150
+GEMMA_ARGS ?=
 GEMMA_ENV := OMP_NUM_THREADS=1
 heads-gemma: gemma
 	$(GEMMA_ENV) $(VENV)/bin/clp distill --model gemma3-270m --threads 1 --prompt-set passages --prompts 1024 \
 		--batch-size 64 --max-new-tokens 64 --corpus-only
-	$(GEMMA_ENV) $(PY) scripts/device_pack.py --model gemma3-270m --out $(GEMMA_WORK) --tf 400 --max-len 192
-	$(GEMMA_ENV) $(PY) scripts/device_train.py --device cpu --model gemma3-270m --data $(GEMMA_WORK) \
-		--tf $(GEMMA_WORK)/tf.npz --out $(GEMMA_WORK)/run --variants attn_soft_feat --ks 2 \
-		--chain-intermediate 1024 --competing-steps 300 --main-seconds 1500 --budget-clock process \
-		--batch 8 --max-len 272
-	$(GEMMA_ENV) $(PY) scripts/assemble_drafter.py --run $(GEMMA_WORK)/run --model gemma3-270m
+	$(GEMMA_ENV) $(VENV)/bin/clp train --model gemma3-270m --design chain --k 2 --steps $(GEMMA_STEPS) \
+		--threads 1 --max-len 272 --out $(GEMMA_WORK)/chain-k2 --work $(GEMMA_WORK)/chain-k2-work $(GEMMA_ARGS)
 
 # The independent heads (the baseline shipped as independent-k2/-k4), about 45 min.
 heads-independent: setup

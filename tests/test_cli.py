@@ -210,6 +210,23 @@ def test_bench_on_user_file(capsys, tmp_path, tiny_backbone, tiny_llama_dir):
     assert (tmp_path / "b" / "speedup_vs_repetition.png").exists()
 
 
+def test_bench_skips_the_competing_row_of_a_drafter_without_its_heads(capsys, tmp_path, tiny_backbone,
+                                                                      tiny_llama_dir):
+    """The default methods run on a drafter trained with --no-competing (one line on stderr);
+    asked for by name, `competing` fails with its reason."""
+    drafter = random_drafter(tiny_backbone, k=2)
+    drafter.competing = None
+    save_drafter(drafter, tmp_path / "h", tiny_backbone)
+    argv = ["bench", "--model", str(tiny_llama_dir), "--heads", str(tmp_path / "h"), "--limit", "1",
+            "--max-new-tokens", "4", "--out", str(tmp_path / "b")]
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "no competing row" in err
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert set(res["methods"]) == {"ar", "naive", "gate", "clp", "verified"}
+    code, _, err = run(capsys, *argv[:-1], str(tmp_path / "c"), "--methods", "ar,competing")
+    assert code == 2 and "no competing-ablation heads" in err
+
+
 def test_bench_times_the_transformers_peers(capsys, tmp_path, tiny_llama_dir):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello there"}\n')

@@ -103,13 +103,13 @@ def encoded_answers(backbone, encoded: list[list[int]], max_new_tokens: int, bat
         recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if [r["prompt"] for r in recs] == encoded:
             if progress:
-                print(f"clp: eval-heads: {len(recs)} cached answers ({path})", file=sys.stderr)
+                print(f"clp: {len(recs)} cached answers of the backbone ({path})", file=sys.stderr)
             return recs, True
     except (OSError, ValueError, KeyError, TypeError):
         pass
     answers: list[list[int] | None] = [None] * len(encoded)
     for batch in greedy_answers(backbone, encoded, max_new_tokens, batch_size, progress=progress,
-                                desc="eval-heads: the backbone's greedy answers"):
+                                desc="the backbone's greedy answers"):
         for n, ans in batch:
             answers[n] = ans
     recs = [{"prompt": p, "answer": a} for p, a in zip(encoded, answers)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..errors import ClpError
@@ -125,6 +126,8 @@ def cmd_train_drafter(args) -> int:
                                     turns=args.turns)
     if not train:
         raise ClpError(f"no training sequences (corpus {corpus}: run `clp distill` first)")
+    print(f"train: {len(train):,} sequences ({sum(sum(m) for _, m in train):,} trained tokens); {len(pred):,} "
+          "self-distilled answers held back for CLP, the gates and the competing heads", file=sys.stderr)
     drafter, report = train_drafter(backbone, train, pred, cfg, work, init)
     if not _accelerator().is_main_process:
         return 0

@@ -14,6 +14,7 @@ labels are honest).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -350,13 +351,14 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
     else:
         key = hashlib.sha256(json.dumps([split.key, grid, backbone.name, backbone.info.vocab_size, chat, max_len,
                                          seed, "per-answer", turns]).encode()).hexdigest()[:16]
-        path = cache_dir() / "datasets" / f"drafter-sequences-{key}.pt"
+        # Flat arrays (save_sequences), not a pickled list: 36k sequences load in 2 s, not 35.
+        path = cache_dir() / "datasets" / f"drafter-sequences-{key}.npz"
         if path.is_file():
-            convs = torch.load(path)
+            if progress:
+                print(f"train: ShareGPT's answers, tokenised ({path})", file=sys.stderr)
+            convs = load_sequences(path)
         else:
-            from ..atomic import atomic_file
-
             convs = tokenise(records)
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_file(path, lambda tmp: torch.save(convs, tmp))
+            save_sequences(path, convs)
     return train + convs, pred
