@@ -38,9 +38,11 @@ def test_corpus_generation_resumes(features, tiny_backbone):
     assert all(r["split"] == r["split_at_generation"] == rule.of_record(r["record"]) for r in recs)
     assert all(rule.record_of_prompt(r["i"]) == r["record"] for r in recs)
     shards = sorted((features / "corpus").glob("shard-*.jsonl"))
-    cfg = DistillConfig(n_prompts=12, max_new_tokens=24, batch_size=4, heldout_every=3, max_prompt_tokens=200)
+    meta = (features / "corpus" / "meta.json").read_bytes()
+    cfg = DistillConfig(n_prompts=12, max_new_tokens=24, batch_size=2, heldout_every=3, max_prompt_tokens=200)
     generate_corpus(tiny_backbone, features / "corpus", cfg, progress=False)  # nothing left to do
     assert sorted((features / "corpus").glob("shard-*.jsonl")) == shards
+    assert (features / "corpus" / "meta.json").read_bytes() == meta  # how the answers were made, kept
     # Greedy answers: the corpus is the backbone's own AR continuation.
     from clpdecode.decoding import GenerationConfig, generate, make_policy
 

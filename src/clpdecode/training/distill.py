@@ -123,12 +123,12 @@ def generate_corpus(backbone, corpus_dir: Path, cfg: DistillConfig, progress: bo
         if corpus_grid(corpus_dir) not in (None, grid):
             raise ClpError(f"{corpus_dir} holds answers to another prompt set than {cfg.prompt_set}")
     rule = sharegpt_split(grid)
-    meta = {"backbone": backbone.name, "fingerprint": backbone.fingerprint, "config": cfg.__dict__,
-            "grid": grid, "split_rule": rule.key}
-    atomic_write_text(meta_path, json.dumps(meta, indent=1))
-
     done = {r["i"] for r in read_corpus(corpus_dir, resplit=False)}
     todo = [c for c in _select_prompts(backbone, cfg) if c[0] not in done]
+    if todo or not meta_path.exists():  # a run with nothing to answer keeps the record of the last one that did
+        meta = {"backbone": backbone.name, "fingerprint": backbone.fingerprint, "config": cfg.__dict__,
+                "grid": grid, "split_rule": rule.key}
+        atomic_write_text(meta_path, json.dumps(meta, indent=1))
     next_shard = len(list(corpus_dir.glob("shard-*.jsonl")))
     for batch in greedy_answers(backbone, [ids for *_, ids in todo], cfg.max_new_tokens, cfg.batch_size,
                                 progress=progress, desc="distill: answering prompts", device=cfg.device):
