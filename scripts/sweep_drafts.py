@@ -7,6 +7,7 @@ every output is checked against AR's.
 
     python scripts/sweep_drafts.py --prompts mtbench --limit 10 --trees chain,4,6,8 --min-prob 0.3
     python scripts/sweep_drafts.py --numerics q4 --ks 2,4 --thresholds 0.3,0.5,0.7 --trees chain
+    python scripts/sweep_drafts.py --numerics q4 --prompts mtbench-2 --trees chain --lookup-tokens 0,8,12
 
 Prints one JSON line per configuration: tokens/s, speedup over AR (end to end) and tokens
 per forward. Run it on a quiet machine (2 threads by default).
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--trees", default="chain,4,6,8", help="draft shapes: 'chain' and/or tree sizes")
     ap.add_argument("--min-prob", type=float, default=None, help="sibling threshold (default: TreeConfig's)")
     ap.add_argument("--width", type=int, default=None, help="candidates per depth (default: TreeConfig's)")
+    ap.add_argument("--lookup-tokens", default="0", help="most tokens a lookup draft copies, comma-separated "
+                                                         "(0: k, the default)")
     args = ap.parse_args()
 
     import torch
@@ -42,11 +45,14 @@ def main() -> None:
     from clpdecode import default_drafter, load_backbone
     from clpdecode.decoding import GenerationConfig, generate, make_policy
     from clpdecode.decoding.tree import TREE_CHAIN, TreeConfig
-    from clpdecode.evaluation.prompts import load_prompts
+    from clpdecode.evaluation.bench import BenchSettings, bench_prompt_ids
+    from clpdecode.evaluation.prompts import SECOND_TURN_SETS, load_prompts, load_turn_pairs
 
     torch.set_num_threads(args.threads)
     bb = load_backbone(args.model, numerics=args.numerics, progress=False)
-    ids = [bb.encode_prompt(p) for p in load_prompts(args.prompts, args.limit)]
+    load = load_turn_pairs if args.prompts in SECOND_TURN_SETS else load_prompts
+    ids = bench_prompt_ids(bb, load(args.prompts, args.limit),
+                           BenchSettings(prompts=args.prompts, max_new_tokens=args.max_new_tokens), progress=False)
     extra = {k: v for k, v in (("min_prob", args.min_prob), ("width", args.width)) if v is not None}
     policies = {"ar": make_policy("ar")}
     for k in (int(x) for x in args.ks.split(",")):
@@ -54,12 +60,14 @@ def main() -> None:
         for thr in (float(x) for x in args.thresholds.split(",")):
             for t in args.trees.split(","):
                 tree = TREE_CHAIN if t == TREE_CHAIN else TreeConfig(size=int(t), **extra)
-                policies[f"verified_k{k}_t{thr}_{t}"] = make_policy("verified", bb, drafter, clp_threshold=thr,
-                                                                   tree=tree)
+                for n in (int(x) for x in args.lookup_tokens.split(",")):
+                    name = f"verified_k{k}_t{thr}_{t}" + (f"_lookup{n}" if n else "")
+                    policies[name] = make_policy("verified", bb, drafter, clp_threshold=thr, tree=tree,
+                                                 lookup_tokens=n)
     for p in policies.values():  # warm-up
         generate(bb, ids[0], p, GenerationConfig(max_new_tokens=16))
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    totals = {k: [0, 0.0, 0] for k in policies}  # tokens, seconds, forwards
+    totals = {k: [0, 0.0, 0, 0, 0.0] for k in policies}  # tokens, seconds, forwards, decode tokens, decode s
     for x in ids:
         ar = None
         for name, policy in policies.items():
@@ -69,11 +77,13 @@ def main() -> None:
                 raise SystemExit(f"{name} differs from AR: verified decoding must be lossless")
             t = totals[name]
             t[0], t[1], t[2] = t[0] + r.new_tokens, t[1] + r.seconds, t[2] + r.forward_passes
-    ar_rate = totals["ar"][0] / totals["ar"][1]
-    for name, (n, s, f) in totals.items():
+            t[3], t[4] = t[3] + r.decode_tokens, t[4] + r.seconds - r.prefill_seconds
+    ar_rate, ar_decode = totals["ar"][0] / totals["ar"][1], totals["ar"][3] / totals["ar"][4]
+    for name, (n, s, f, dn, ds) in totals.items():
         print(json.dumps({"config": name, "min_prob": extra.get("min_prob", TreeConfig.min_prob),
                           "tokens_per_s": round(n / s, 2), "speedup_e2e": round(n / s / ar_rate, 3),
-                          "tokens_per_forward": round(n / f, 3)}), flush=True)
+                          "speedup": round(dn / ds / ar_decode, 3), "tokens_per_forward": round(n / f, 3)}),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -39,13 +39,15 @@ def test_ar_equals_transformers_generate(tiny_backbone, ids, n):
 @given(ids=prompts, n=st.integers(1, 40), k=st.integers(1, 4), seed=st.integers(0, 10_000),
        design=st.sampled_from(["fused", "residual", "chained", "chained-mlp", "eagle3"]),
        draft=st.sampled_from(["clp", "all"]),
-       thr=st.floats(0.0, 1.0), lookup=st.booleans(), tree=st.sampled_from(TREES))
-def test_verified_equals_ar(tiny_backbone, ids, n, k, seed, design, draft, thr, lookup, tree):
+       thr=st.floats(0.0, 1.0), lookup=st.booleans(), tree=st.sampled_from(TREES),
+       lookup_tokens=st.sampled_from([0, 1, 9]))
+def test_verified_equals_ar(tiny_backbone, ids, n, k, seed, design, draft, thr, lookup, tree, lookup_tokens):
     drafter = random_drafter(tiny_backbone, k=k, design=design, seed=seed)
     cfg = GenerationConfig(max_new_tokens=n)
     ar = generate(tiny_backbone, ids, make_policy("ar"), cfg)
     ver = generate(tiny_backbone, ids, make_policy("verified", tiny_backbone, drafter, draft=draft,
-                                                   clp_threshold=thr, lookup=lookup, tree=tree), cfg)
+                                                   clp_threshold=thr, lookup=lookup, tree=tree,
+                                                   lookup_tokens=lookup_tokens), cfg)
     assert ver.token_ids == ar.token_ids
     assert ver.forward_passes <= ar.forward_passes
     # Each forward yields one backbone token plus the drafts it verified; the last
@@ -276,6 +278,17 @@ def test_verified_with_lookup_uses_it_on_repetitive_text(tiny_backbone):
     pol = make_policy("verified", tiny_backbone, drafter, draft="all", lookup=True)
     ver = generate(tiny_backbone, ids, pol, cfg)
     assert ver.token_ids == ar.token_ids and pol.session.used > 0
+    assert max(ver.accepted_per_step) <= 3  # a lookup draft copies k tokens by default
+    # --lookup-tokens: longer lookup drafts than k, kept where the text goes on repeating.
+    pol = make_policy("verified", tiny_backbone, drafter, draft="all", lookup=True, lookup_tokens=9)
+    longer = generate(tiny_backbone, ids, pol, cfg)
+    assert longer.token_ids == ar.token_ids
+    pol.start()  # a fresh session: its lookup copies 9 tokens after the tail's earlier occurrence
+    pol.session.ngrams.extend(list(range(10, 30)) + [10, 11, 12])
+    assert pol.session.ngrams.lookup() == list(range(13, 22))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ClpError, match="--lookup-tokens"):
+            make_policy("verified", tiny_backbone, drafter, lookup_tokens=bad)
 
 
 # ---- draft trees ---------------------------------------------------------------------------

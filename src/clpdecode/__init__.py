@@ -39,6 +39,7 @@ def generate_text(
     gate_threshold: float = 0.5,
     draft: str = "clp",
     lookup: bool = True,
+    lookup_tokens: int = 0,
     tree: str | int = DEFAULT_TREE,
     raw: bool = False,
     on_tokens: Callable[[list[int], bool], None] | None = None,
@@ -47,7 +48,7 @@ def generate_text(
     models need) and decode it with `method`."""
     prompt_ids = backbone.encode_prompt(prompt, system=system, chat=False if raw else None)
     policy = make_policy(method, backbone, drafter, clp_threshold=clp_threshold, lookup=lookup,
-                         gate_threshold=gate_threshold, draft=draft, tree=tree)
+                         lookup_tokens=lookup_tokens, gate_threshold=gate_threshold, draft=draft, tree=tree)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop),
                            sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))
     return generate(backbone, prompt_ids, policy, cfg, on_tokens=on_tokens)

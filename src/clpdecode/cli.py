@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .decoding.stream import StreamDecoder
-from .decoding.policies import DEFAULT_CLP_THRESHOLD
+from .decoding.policies import DEFAULT_CLP_THRESHOLD, check_lookup_tokens
 from .decoding.tree import DEFAULT_TREE, parse_tree
 from .errors import ClpError, check_context, check_positive_int, check_prompt, check_text, check_unit_interval
 
@@ -62,6 +62,10 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="verified mode: draft only with the drafter (by default the continuation of the "
                         "text's last 2-4 tokens where they occurred before, prompt included, is drafted "
                         "first, and the drafter's tokens otherwise)")
+    p.add_argument("--lookup-tokens", type=int, default=0, metavar="N",
+                   help="verified mode: most tokens a lookup draft copies (0: k, the default; longer drafts "
+                        "raise tokens per forward where text repeats, but on a CPU each row costs more than "
+                        "it gains: docs/design.md, \"Lookup drafts\")")
     p.add_argument("--tree", default=DEFAULT_TREE, metavar="chain|N",
                    help="verified mode: 'chain' drafts one chain (lookup's where the text repeats, the "
                         "drafter's otherwise); N drafts a tree of up to N tokens verified in one forward: "
@@ -76,6 +80,8 @@ def _setup(args) -> None:
             check_unit_interval("--" + opt.replace("_", "-"), getattr(args, opt))
     if hasattr(args, "tree"):
         parse_tree(args.tree)  # 'chain' or a size >= 1, whatever the method
+    if hasattr(args, "lookup_tokens"):
+        check_lookup_tokens(args.lookup_tokens)
     if getattr(args, "threads", None) is not None:
         import torch
 
@@ -159,7 +165,7 @@ def cmd_generate(args) -> int:
         backbone, args.prompt, method=args.method, drafter=drafter, max_new_tokens=args.max_new_tokens,
         system=args.system, stop=tuple(args.stop or ()), temperature=args.temperature, top_p=args.top_p,
         seed=args.seed, clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
-        draft=args.draft, lookup=args.lookup, tree=args.tree, raw=args.raw, on_tokens=on_tokens if stream else None,
+        draft=args.draft, lookup=args.lookup, lookup_tokens=args.lookup_tokens, tree=args.tree, raw=args.raw, on_tokens=on_tokens if stream else None,
     )
     if args.json:
         _Stdout.write(json.dumps(res.as_dict()) + "\n")

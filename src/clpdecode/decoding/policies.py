@@ -117,6 +117,13 @@ class CLPPolicy(Policy):
         return self.drafter.clp.decide(hidden, self.threshold)
 
 
+def check_lookup_tokens(n) -> int:
+    """--lookup-tokens: the most tokens a lookup draft copies, 0 meaning the drafter's k."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ClpError(f"--lookup-tokens must be a whole number >= 0 (0: k), got {n!r}")
+    return n
+
+
 class Verified(Policy):
     """Lossless: drafts are emitted only once the next forward's logits agree.
 
@@ -131,21 +138,24 @@ class Verified(Policy):
     verifies = True
 
     def __init__(self, backbone, drafter, draft: str = "clp", threshold: float = 0.5, lookup: bool = True,
-                 tree: TreeConfig | None = None):
+                 tree: TreeConfig | None = None, lookup_tokens: int = 0):
         super().__init__(backbone, drafter)
         if draft not in ("clp", "all"):
             raise ClpError(f"--draft must be clp or all, got {draft!r}")
         if draft == "clp" and drafter.clp is None:
             raise ClpError("--draft clp needs a CLP layer in the heads folder; use --draft all")
+        check_lookup_tokens(lookup_tokens)
         self.draft, self.threshold, self.lookup = draft, threshold, lookup
+        # Lookup drafts cost only their rows (no drafter step), so they may run past k.
+        self.lookup_tokens = lookup_tokens or drafter.k
         self.tree = tree if getattr(backbone, "supports_trees", False) else None
         self.ngrams: NgramIndex | None = None
 
     def start(self) -> None:
         super().start()
         if self.lookup and self.tree is None:  # lookup's drafts first, the drafter's otherwise
-            self.session = LookupSession(self.session, self.drafter.k)
-        self.ngrams = NgramIndex(self.drafter.k) if self.lookup and self.tree is not None else None
+            self.session = LookupSession(self.session, self.lookup_tokens)
+        self.ngrams = NgramIndex(self.lookup_tokens) if self.lookup and self.tree is not None else None
 
     def observe(self, rows: torch.Tensor, tokens: list[int]) -> None:
         super().observe(rows, tokens)
@@ -203,7 +213,7 @@ DEFAULT_CLP_THRESHOLD = 0.3
 
 def make_policy(method: str, backbone=None, drafter=None, *, clp_threshold: float = DEFAULT_CLP_THRESHOLD,
                 gate_threshold: float = 0.5, draft: str = "clp", lookup: bool = True,
-                tree: TreeConfig | str | int | None = None) -> Policy:
+                tree: TreeConfig | str | int | None = None, lookup_tokens: int = 0) -> Policy:
     """Build the policy for a method name (see METHODS). tree: verified only; 'chain'/None or
     a TreeConfig / size (see tree.py)."""
     if method not in METHODS:
@@ -221,5 +231,5 @@ def make_policy(method: str, backbone=None, drafter=None, *, clp_threshold: floa
     if method == "clp":
         return CLPPolicy(backbone, drafter, clp_threshold)
     if method == "verified":
-        return Verified(backbone, drafter, draft, clp_threshold, lookup, parse_tree(tree))
+        return Verified(backbone, drafter, draft, clp_threshold, lookup, parse_tree(tree), lookup_tokens)
     return Competing(backbone, drafter)

@@ -38,6 +38,7 @@ class BenchSettings:
     hf_generate: bool = False  # also time transformers' generate() (greedy, same numerics) as AR's peer
     raw: bool = False  # plain-text prompts, no chat template (base models)
     lookup: bool = True  # verified: n-gram lookup drafts before the drafter's (--no-lookup: off)
+    lookup_tokens: int = 0  # verified: most tokens a lookup draft copies (0: k)
     tree: str = DEFAULT_TREE  # verified: 'chain' or the size of a draft tree (--tree)
 
 
@@ -48,7 +49,7 @@ _RESUMABLE = {"limit", "threads"}
 # lacking one was measured with: before --raw every prompt went through encode_prompt's
 # default (raw=False), and before --no-lookup existed verified had no n-gram lookup at all
 # (lookup=False, not today's default: resuming it with lookup on would mix two methods).
-_BEFORE_ADDED = {"raw": False, "lookup": False, "tree": "chain"}
+_BEFORE_ADDED = {"raw": False, "lookup": False, "tree": "chain", "lookup_tokens": 0}
 
 
 def prepare_out_dir(out: Path) -> Path:
@@ -144,7 +145,8 @@ def run_bench(backbone, drafter, encoded: list[list[int]], settings: BenchSettin
         The results dict written to results.json.
     """
     methods = list(dict.fromkeys(["ar", *settings.methods]))  # AR is always the reference
-    policies = {m: make_policy(m, backbone, drafter, clp_threshold=settings.clp_threshold, lookup=settings.lookup, tree=settings.tree,
+    policies = {m: make_policy(m, backbone, drafter, clp_threshold=settings.clp_threshold, lookup=settings.lookup,
+                               lookup_tokens=settings.lookup_tokens, tree=settings.tree,
                                gate_threshold=settings.gate_threshold, draft=settings.draft) for m in methods}
     for i, ids in enumerate(encoded):  # before anything is measured
         try:

@@ -142,6 +142,7 @@ def cmd_bench(args) -> int:
                              clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
                              draft=args.draft, k=drafter.k if drafter else (args.k or 0), threads=torch.get_num_threads(),
                              hf_generate=args.hf_generate, raw=args.raw, lookup=args.lookup,
+                             lookup_tokens=args.lookup_tokens,
                              tree=str(args.tree))
     encoded = bench_prompt_ids(backbone, prompts, settings)
     try:

@@ -189,7 +189,7 @@ class Server:
 
     def __init__(self, backbone, drafter=None, *, model_id: str | None = None, aliases: tuple[str, ...] = (),
                  method: str = "verified", clp_threshold: float = DEFAULT_CLP_THRESHOLD, gate_threshold: float = 0.5,
-                 draft: str = "clp", lookup: bool = True, tree: str | int = DEFAULT_TREE,
+                 draft: str = "clp", lookup: bool = True, lookup_tokens: int = 0, tree: str | int = DEFAULT_TREE,
                  api_key: str | None = None, max_queue: int = 64,
                  max_body_bytes: int = MAX_BODY_BYTES):
         self.backbone, self.drafter = backbone, drafter
@@ -198,9 +198,9 @@ class Server:
         # The server's own defaults are checked as a request's are, before any request.
         make_policy(method, backbone, drafter, clp_threshold=check_unit_interval("--clp-threshold", clp_threshold),
                     gate_threshold=check_unit_interval("--gate-threshold", gate_threshold), draft=draft,
-                    lookup=lookup, tree=tree)
+                    lookup=lookup, lookup_tokens=lookup_tokens, tree=tree)
         self.method, self.clp_threshold, self.gate_threshold, self.draft = method, clp_threshold, gate_threshold, draft
-        self.lookup, self.tree = lookup, tree
+        self.lookup, self.lookup_tokens, self.tree = lookup, lookup_tokens, tree
         self.api_key = api_key
         self.max_queue = check_positive_int("--max-queue", max_queue)
         self.max_body_bytes = max_body_bytes
@@ -417,7 +417,7 @@ class Server:
             raise _clp_error(e, prompt_param if too_long else "max_tokens") from None
         try:
             policy = make_policy(method, self.backbone, self.drafter, draft=self.draft, lookup=self.lookup,
-                                 tree=self.tree, **thresholds)
+                                 lookup_tokens=self.lookup_tokens, tree=self.tree, **thresholds)
             cfg = GenerationConfig(max_new_tokens=max_tokens, stop=stops, sampling=sampling)
         except ClpError as e:
             raise _clp_error(e, "method") from None

@@ -84,7 +84,7 @@ def cmd_serve(args) -> int:
     drafter = _drafter(args, backbone, required=args.method != "ar")
     app = create_app(backbone, drafter, aliases=(args.model,), method=args.method,
                      clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold, draft=args.draft,
-                     lookup=args.lookup, tree=args.tree, api_key=args.api_key, max_queue=args.max_queue)
+                     lookup=args.lookup, lookup_tokens=args.lookup_tokens, tree=args.tree, api_key=args.api_key, max_queue=args.max_queue)
     served = app.state.server
 
     class Server(uvicorn.Server):
