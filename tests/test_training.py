@@ -520,6 +520,28 @@ def test_conversations_follow_the_held_out_rule_of_the_backbones_prompts(monkeyp
     assert len(first) <= 3
 
 
+def test_tokenised_conversations_are_cached_as_flat_arrays(monkeypatch, tmp_path, tiny_llama_dir):
+    """All conversations are tokenised once into <cache>/datasets/*.npz; a pickled cache of the
+    same key from before is converted (not tokenised again) and removed."""
+    from clpdecode import datasets
+    from clpdecode.backbone import load_backbone
+    from clpdecode.training.data import drafter_sequences
+
+    monkeypatch.setenv("CLP_CACHE", str(tmp_path / "cache"))
+    convs = [{"conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": f"answer {i}"}]}
+             for i in range(30)]
+    monkeypatch.setattr(datasets, "sharegpt_conversations", lambda: convs)
+    bb = load_backbone(str(tiny_llama_dir), numerics="fp32")
+    first, _ = drafter_sequences(bb, [], max_len=64, progress=False)
+    cached = list((tmp_path / "cache" / "datasets").glob("drafter-sequences-*.npz"))
+    assert len(first) > 20 and len(cached) == 1
+    assert drafter_sequences(bb, [], max_len=64, progress=False)[0] == first
+    cached[0].unlink()
+    torch.save(first[:5], cached[0].with_suffix(".pt"))  # what an earlier version left
+    assert drafter_sequences(bb, [], max_len=64, progress=False)[0] == first[:5]
+    assert cached[0].is_file() and not cached[0].with_suffix(".pt").exists()
+
+
 def test_every_answer_trains_in_its_earlier_turns_as_they_fit():
     """One sequence per answer: its tokens (text and end-of-turn) train, its earlier turns
     come first as context while they fit in half of max_len (at least its own user turn,

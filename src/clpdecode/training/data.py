@@ -353,12 +353,14 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
                                          seed, "per-answer", turns]).encode()).hexdigest()[:16]
         # Flat arrays (save_sequences), not a pickled list: 36k sequences load in 2 s, not 35.
         path = cache_dir() / "datasets" / f"drafter-sequences-{key}.npz"
+        legacy = path.with_suffix(".pt")  # the same data as a pickled list (before the .npz)
         if path.is_file():
             if progress:
                 print(f"train: ShareGPT's answers, tokenised ({path})", file=sys.stderr)
             convs = load_sequences(path)
         else:
-            convs = tokenise(records)
+            convs = torch.load(legacy) if legacy.is_file() else tokenise(records)
             path.parent.mkdir(parents=True, exist_ok=True)
             save_sequences(path, convs)
+        legacy.unlink(missing_ok=True)
     return train + convs, pred
