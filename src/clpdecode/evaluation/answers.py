@@ -41,11 +41,11 @@ def prompt_answers(backbone, prompts: list[str], max_new_tokens: int, batch_size
         ([{"prompt": ids, "answer": ids}] in the order of `prompts`, whether they came
         from the cache).
     """
-    encoded = _encode_each(backbone, prompts, backbone.encode_prompt, "prompt", max_new_tokens)
+    encoded = encode_each(backbone, prompts, backbone.encode_prompt, "prompt", max_new_tokens)
     return encoded_answers(backbone, encoded, max_new_tokens, batch_size, progress)
 
 
-def _encode_each(backbone, items: list, encode, what: str, max_new_tokens: int) -> list[list[int]]:
+def encode_each(backbone, items: list, encode, what: str, max_new_tokens: int) -> list[list[int]]:
     """encode(item) for each item, checked to leave room for the answer; an error names the item."""
     encoded = []
     for n, item in enumerate(items):
@@ -74,7 +74,7 @@ def second_turn_prompts(backbone, pairs: list[tuple[str, str]], max_new_tokens: 
     conversations = [[{"role": "user", "content": turn1},
                       {"role": "assistant", "content": backbone.decode(rec["answer"]).strip()},
                       {"role": "user", "content": turn2}] for (turn1, turn2), rec in zip(pairs, first)]
-    return _encode_each(backbone, conversations, backbone.encode_chat, "conversation", max_new_tokens), cached
+    return encode_each(backbone, conversations, backbone.encode_chat, "conversation", max_new_tokens), cached
 
 
 def second_turn_answers(backbone, pairs: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 16,

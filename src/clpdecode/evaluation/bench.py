@@ -113,18 +113,13 @@ def bench_prompt_ids(backbone, prompts: list, settings: BenchSettings, progress:
     with settings.raw), or for a two-turn set (prompts.SECOND_TURN_SETS) each conversation up
     to the backbone's second answer, after its own greedy first answer (generated here once,
     then cached: answers.second_turn_prompts)."""
-    from .answers import second_turn_prompts
+    from .answers import encode_each, second_turn_prompts
     from .prompts import SECOND_TURN_SETS
 
     if settings.prompts in SECOND_TURN_SETS:
         return second_turn_prompts(backbone, prompts, settings.max_new_tokens, progress=progress)[0]
-    encoded = []
-    for i, p in enumerate(prompts):
-        try:
-            encoded.append(backbone.encode_prompt(p, chat=False if settings.raw else None))
-        except ClpError as e:
-            raise ClpError(f"prompt {i + 1}: {e}") from None
-    return encoded
+    return encode_each(backbone, prompts, lambda p: backbone.encode_prompt(p, chat=False if settings.raw else None),
+                       "prompt", settings.max_new_tokens)
 
 
 def run_bench(backbone, drafter, encoded: list[list[int]], settings: BenchSettings, reference=None,

@@ -423,7 +423,8 @@ def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
     drafter.to("cpu")
     drafter.attach(backbone.lm_head_weight, embed.cpu())  # the bundle's drafter lives on the CPU
     if init is not None:
-        competing = init.competing if carried else competing
+        if carried:
+            competing = init.competing
         report["init"] = {"from": str(cfg.init), "competing": "carried over unchanged" if carried else None,
                           "training": init.meta.get("training", {}).get("command")}
     drafter_bundle = Drafter(heads=drafter, clp=clp, gates=gates, competing=competing,
