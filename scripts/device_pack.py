@@ -5,8 +5,9 @@ and a 64 MiB limit on what one call carries. So:
 
 - the embedded GGUF's tensors are written as their raw quantised blocks (Q8_0 / Q4_1 /
   F32, 96.6 MB in all), q/k rows already un-permuted into transformers' layout, split in
-  two parts sent by two calls; `scripts/device_train.py` dequantises them exactly as
-  gguf-py does (checked here against transformers' own GGUF loader: bit-identical);
+  two parts sent by two calls; `load_packed` dequantises them there with the package's own
+  GGUF reader (backbone/gguf.py), exactly as gguf-py does (`--check` compares them with
+  transformers' own GGUF loader: bit-identical);
 - the token data: ShareGPT prompts to self-distil on the GPU, teacher-forced ShareGPT
   conversations, and the committed corpus's held-out answers, as token-id arrays.
 
@@ -35,44 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def hf_name(gguf_name: str) -> str:
-    if gguf_name == "token_embd.weight":
-        return "model.embed_tokens.weight"
-    if gguf_name == "output_norm.weight":
-        return "model.norm.weight"
-    _, i, *rest = gguf_name.split(".")
-    part = ".".join(rest)
-    table = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-             "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-             "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-             "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-             "ffn_down.weight": "mlp.down_proj.weight"}
-    return f"model.layers.{i}.{table[part]}"
-
-
-def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp stores q/k rows permuted for its rotary layout; transformers undoes it."""
-    dim = rows.shape[0] // n_head // 2
-    return rows.reshape(n_head, dim, 2, *rows.shape[1:]).swapaxes(2, 1).reshape(rows.shape)
-
-
 def pack_weights(gguf_path: Path, cfg: dict, out: Path, parts: int = 2) -> list[Path]:
-    import gguf
+    """The GGUF's tensors as their raw blocks (backbone/gguf.py reads them: q/k rows already in
+    transformers' order), under their Hugging Face names, in `parts` weights.npz files."""
+    from clpdecode.backbone.gguf import GGUFFile, hf_name
 
-    r = gguf.GGUFReader(str(gguf_path))
+    f = GGUFFile(gguf_path, cfg["num_attention_heads"], cfg["num_key_value_heads"])
     items = []
-    for t in r.tensors:
-        name = hf_name(t.name)
-        kind = t.tensor_type.name
-        shape = [int(x) for x in reversed(t.shape.tolist())]  # (out, in) as torch sees it
-        raw = np.asarray(t.data)
-        if kind != "F32":
-            raw = raw.reshape(shape[0], -1)  # one row of blocks per output row
-        if name.endswith("q_proj.weight"):
-            raw = unpermute_rows(raw, cfg["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            raw = unpermute_rows(raw, cfg["num_key_value_heads"])
-        items.append((name, kind, shape, np.ascontiguousarray(raw)))
+    for name in f.tensors:
+        kind, shape, raw = f.read(name)
+        items.append((hf_name(name), kind, list(shape), np.ascontiguousarray(raw)))
     total = sum(a.nbytes for *_, a in items)
     files, cur, size, n = [], {}, 0, 0
     for name, kind, shape, arr in items:
@@ -91,34 +64,28 @@ def _save(folder: Path, arrays: dict) -> Path:
     return folder
 
 
-def dequantize(kind: str, shape: list[int], raw: np.ndarray) -> np.ndarray:
-    """gguf-py's arithmetic: Q4_1 = d * q + m, Q8_0 = d * q, float32."""
+def dequantize(kind: str, shape: list[int], raw: np.ndarray):
+    """A packed tensor in fp32, as the package reads the same blocks (gguf.py's decoders, quant.py's
+    weights): bit for bit what gguf-py and transformers' GGUF loader compute."""
+    import torch
+
+    from clpdecode.backbone.gguf import DECODERS
+    from clpdecode.backbone.quant import from_blocks
+
     if kind == "F32":
-        return raw.view(np.float32).reshape(shape)
-    if kind == "Q8_0":
-        b = raw.reshape(-1, 34)
-        d = b[:, :2].copy().view(np.float16).astype(np.float32)
-        q = b[:, 2:].copy().view(np.int8).astype(np.float32)
-        return (d * q).reshape(shape)
-    if kind == "Q4_1":
-        b = raw.reshape(-1, 20)
-        d = b[:, :2].copy().view(np.float16).astype(np.float32)
-        m = b[:, 2:4].copy().view(np.float16).astype(np.float32)
-        qs = b[:, 4:]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
-        return ((d * q) + m).reshape(shape)
-    raise ValueError(kind)
+        return torch.from_numpy(raw.view(np.float32).reshape(shape).copy())
+    if kind not in DECODERS:
+        raise ValueError(f"packed tensor type {kind} is not read here")
+    return from_blocks(DECODERS[kind](raw.reshape(shape[0], -1), shape[1])).dequantize().reshape(shape)
 
 
 def load_packed(folders: list[Path]) -> dict:
-    import torch
-
     state = {}
     for f in folders:
         with np.load(Path(f) / "weights.npz") as z:
             for key in z.files:
                 kind, shape, name = key.split("|")
-                state[name] = torch.from_numpy(dequantize(kind, [int(x) for x in shape.split("x")], z[key]).copy())
+                state[name] = dequantize(kind, [int(x) for x in shape.split("x")], z[key])
     return state
 
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from clpdecode.backbone import kernels, load_backbone
 from clpdecode.backbone.attention import gqa_attention
-from clpdecode.backbone.quant import GROUP, Int4Linear, Int4Weight, from_q4_1, from_q4_k, pack_tiles
+from clpdecode.backbone.gguf import DECODERS
+from clpdecode.backbone.quant import GROUP, Int4Linear, Int4Weight, from_blocks, pack_tiles
 from clpdecode.decoding import GenerationConfig, generate, make_policy
 
 from conftest import random_drafter, save_tiny_model
@@ -21,6 +22,11 @@ native = pytest.mark.skipif(kernels.load(quiet=True) is None, reason="the C++ ke
 
 
 # ---- GGUF blocks -------------------------------------------------------------------------------
+def decoded(kind: str, raw: np.ndarray, k: int):
+    """Raw blocks as q4's weights: gguf.py's decoder, then quant.py's weight."""
+    return from_blocks(DECODERS[kind](raw, k))
+
+
 def test_q4_1_blocks_decode_exactly_as_ggml():
     import gguf
     from gguf import quants
@@ -28,7 +34,7 @@ def test_q4_1_blocks_decode_exactly_as_ggml():
     x = np.random.default_rng(0).standard_normal((6, 128)).astype(np.float32)
     raw = quants.quantize(x, gguf.GGMLQuantizationType.Q4_1)
     ref = quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1)
-    w = from_q4_1(raw, 128)
+    w = decoded("Q4_1", raw, 128)
     assert torch.equal(w.dequantize(), torch.from_numpy(ref.astype(np.float32)))
     # Our own quantiser is ggml's reference one.
     ours = Int4Weight.from_float(torch.from_numpy(x))
@@ -46,27 +52,25 @@ def test_q4_k_blocks_decode_exactly_as_ggml():
     blocks[..., 0:4] = dd.view(np.uint8).reshape(n, k // 256, 4)
     raw = blocks.reshape(n, -1)
     ref = quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K)
-    assert torch.allclose(from_q4_k(raw, k).dequantize(), torch.from_numpy(ref.astype(np.float32)), atol=1e-6)
+    assert torch.allclose(decoded("Q4_K", raw, k).dequantize(), torch.from_numpy(ref.astype(np.float32)), atol=1e-6)
 
 
 def test_q5_0_q8_0_and_q6_k_blocks_decode_exactly():
     import gguf
     from gguf import quants
 
-    from clpdecode.backbone.quant import from_q5_0, from_q6_k, from_q8_0
-
     x = np.random.default_rng(2).standard_normal((4, 256)).astype(np.float32)
-    for qtype, reader in (("Q5_0", from_q5_0), ("Q8_0", from_q8_0)):
+    for qtype in ("Q5_0", "Q8_0"):
         t = getattr(gguf.GGMLQuantizationType, qtype)
         raw = quants.quantize(x, t)
         ref = torch.from_numpy(quants.dequantize(raw, t).astype(np.float32))
-        assert torch.equal(reader(raw, 256).dequantize(), ref), qtype
+        assert torch.equal(decoded(qtype, raw, 256).dequantize(), ref), qtype
     rng = np.random.default_rng(3)
     blocks = rng.integers(0, 256, size=(4, 1, 210), dtype=np.uint8)
     blocks[..., 208:210] = np.array([0.01], dtype=np.float16).view(np.uint8)  # d, the last 2 bytes
     raw = blocks.reshape(4, -1)
     ref = torch.from_numpy(quants.dequantize(raw, gguf.GGMLQuantizationType.Q6_K).astype(np.float32))
-    assert torch.equal(from_q6_k(raw, 256).dequantize(), ref)
+    assert torch.equal(decoded("Q6_K", raw, 256).dequantize(), ref)
 
 
 def test_from_float_rounds_to_the_nearest_code():

@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 from ..atomic import atomic_file, atomic_folder, atomic_write_text
 from ..errors import ClpError
+from .gguf import gguf_context_length
 
 EMBEDDED = "embedded"
 GEMMA = "gemma3-270m"
@@ -357,65 +358,6 @@ def backbone_name(name: str) -> str:
         return GEMMA_NAME
     path = Path(name).expanduser()
     return path.name if path.is_dir() else name
-
-
-# GGUF metadata value types (the GGUF spec's numbering) and their little-endian layouts.
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def gguf_context_length(path: Path) -> int | None:
-    """`<arch>.context_length` from a GGUF's header (what transformers converts to
-    max_position_embeddings), read in a millisecond; None if the header does not hold it.
-
-    Only the key-value section at the start of the file is read, up to that key (the
-    gguf package's reader parses the whole vocabulary first: seconds).
-    """
-    try:
-        with open(path, "rb") as f:
-            def read(fmt: str):
-                size = struct.calcsize(fmt)
-                data = f.read(size)
-                if len(data) != size:
-                    raise EOFError
-                return struct.unpack(fmt, data)[0]
-
-            def string() -> str:
-                n = read("<Q")
-                data = f.read(n)
-                if len(data) != n:
-                    raise EOFError
-                return data.decode("utf-8")
-
-            def skip(vtype: int) -> None:
-                if vtype == _GGUF_STRING:
-                    f.seek(read("<Q"), os.SEEK_CUR)
-                elif vtype == _GGUF_ARRAY:
-                    itype, n = read("<I"), read("<Q")
-                    if itype in _GGUF_SCALARS:
-                        f.seek(n * struct.calcsize(_GGUF_SCALARS[itype]), os.SEEK_CUR)
-                    else:
-                        for _ in range(n):
-                            skip(itype)
-                else:
-                    read(_GGUF_SCALARS[vtype])
-
-            if f.read(4) != b"GGUF" or read("<I") not in (2, 3):
-                return None
-            read("<Q")  # tensor count
-            arch = None
-            for _ in range(read("<Q")):
-                key, vtype = string(), read("<I")
-                if key == "general.architecture" and vtype == _GGUF_STRING:
-                    arch = string()
-                elif arch is not None and key == f"{arch}.context_length" and vtype in (4, 5, 10, 11):
-                    return int(read(_GGUF_SCALARS[vtype]))
-                else:
-                    skip(vtype)
-    except (OSError, EOFError, KeyError, struct.error, UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    return None
 
 
 def context_window(name: str) -> int | None:

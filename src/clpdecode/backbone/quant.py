@@ -1,21 +1,24 @@
-"""4-bit weights read straight from a GGUF file's blocks, and the linear layer that computes on them.
+"""Our 4- and 8-bit weights, read exactly from a GGUF file's blocks or quantised here, and the
+linear layer that computes on them.
 
 SmolLM2's GGUF stores every trunk projection as ggml Q4_1 blocks: 32 weights along the
 input dimension share an fp16 scale d and an fp16 min m, and w = d * q + m with q in
 0..15. That is exactly a group-32 scale/min layout. Gemma 3's Q4_K blocks are
 the same thing one level down (a 256-weight super-block of eight 32-weight sub-blocks,
 each with a 6-bit scale and min times the super-block's fp16 d and dmin), so they map one
-to one as well (scale d * sc and min -dmin * mn, exact in fp32).
+to one as well (scale d * sc and min -dmin * mn, exact in fp32). Q5_0, Q8_0 and Q6_K map
+onto 8-bit codes with a scale per group. The file format itself (header, names, block
+layouts, q/k row order) is gguf.py's; this module turns its decoded blocks into weights.
 
-The product runs on the project's own C++ kernel (csrc/kernels.cpp, built once per
+The product runs on the project's own C++ kernels (csrc/kernels.cpp, built once per
 machine): the GGUF's codes, scales and mins as they are, and each row of activations
-quantised to int8 in groups of 32 (llama.cpp's q4_1 x q8 arithmetic), so the 4-bit
-weights are decoded once per group for all rows of a step. Rows are computed independently
-(a 5-row product equals five 1-row products bit for bit), which keeps verified decoding
-exact. The residual stream, norms, rotary and attention stay fp32. `clp bench` reports
-q4's agreement with fp32 AR. Without a C++ compiler, torch's own int4 kernel runs instead
-(`aten._weight_int4pack_mm_for_cpu`: the same layout with its convention
-w = (q - 8) * scale + zero, bf16 activations, scales and zeros).
+quantised to int16 in groups of 32 (llama.cpp's q4_1 x q8 arithmetic with 16-bit instead of
+8-bit activations: see kernels.cpp), so the 4-bit weights are decoded once per group for all
+rows of a step. Rows are computed independently (a 5-row product equals five 1-row products
+bit for bit), which keeps verified decoding exact. The residual stream, norms, rotary and
+attention stay fp32. `clp bench` reports q4's agreement with fp32 AR. Without a C++
+compiler, torch's own int4 kernel runs instead (`aten._weight_int4pack_mm_for_cpu`: the same
+layout with its convention w = (q - 8) * scale + zero, bf16 activations, scales and zeros).
 
 A model that did not come from a GGUF (a hub id, a local folder, a test's tiny model) is
 quantised here the way ggml's reference Q4_1 quantiser does it (per group of 32: the
@@ -27,19 +30,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-GROUP = 32  # weights per scale/min group: ggml's Q4_1 block, Q4_K's sub-block
-_Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
-_Q4_K_BLOCK_BYTES = 144  # fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
-_QK_K = 256
-
-# Hugging Face projection names -> GGUF tensor names (Llama, Qwen2 and Gemma 3 alike).
-GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down"}
+# GROUP: weights per scale/min group (ggml's Q4_1 block, Q4_K's sub-block), the kernels' too.
+from .gguf import DECODERS, GROUP, PROJECTIONS, Blocks, GGUFFile, layer_tensor
 
 
 def _check_groups(k: int, what: str) -> None:
@@ -72,9 +67,6 @@ class Int4Weight:
         n, k = self.shape
         q = self.codes.view(n, k // GROUP, GROUP).float()
         return (q * self.scales[..., None] + self.mins[..., None]).reshape(n, k)
-
-    def rows(self, index: torch.Tensor) -> "Int4Weight":
-        return Int4Weight(self.codes[index], self.scales[index], self.mins[index])
 
     @staticmethod
     def cat(parts: list["Int4Weight"]) -> "Int4Weight":
@@ -113,9 +105,6 @@ class Int8Weight:
         n, k = self.shape
         return (self.codes.view(n, k // self.group, self.group).float() * self.scales[..., None]).reshape(n, k)
 
-    def rows(self, index: torch.Tensor) -> "Int8Weight":
-        return Int8Weight(self.codes[index], self.scales[index], self.group)
-
     @staticmethod
     def cat(parts: list["Int8Weight"]) -> "Int8Weight":
         if len({p.group for p in parts}) != 1:
@@ -135,139 +124,38 @@ class Int8Weight:
 
 
 # ---- GGUF blocks ---------------------------------------------------------------------------
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """(..., 16) bytes -> (..., 32) codes: ggml puts element j in the low nibble of byte j and
-    element j + 16 in its high nibble."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
-def from_q4_1(raw: np.ndarray, k: int) -> Int4Weight:
-    """(N, K/32 * 20) bytes of Q4_1 blocks -> Int4Weight, exactly."""
-    n = raw.shape[0]
-    blocks = np.ascontiguousarray(raw).reshape(n, k // GROUP, _Q4_1_BLOCK_BYTES)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    codes = _nibbles(blocks[..., 4:20]).reshape(n, k)
-    return Int4Weight(torch.from_numpy(codes.copy()), torch.from_numpy(d), torch.from_numpy(m))
-
-
-def from_q8_0(raw: np.ndarray, k: int) -> Int8Weight:
-    """(N, K/32 * 34) bytes of Q8_0 blocks (fp16 d, 32 int8 codes) -> Int8Weight, exactly."""
-    n = raw.shape[0]
-    blocks = np.ascontiguousarray(raw).reshape(n, k // GROUP, 34)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    codes = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
-    return Int8Weight(torch.from_numpy(codes), torch.from_numpy(d))
-
-
-def from_q5_0(raw: np.ndarray, k: int) -> Int8Weight:
-    """(N, K/32 * 22) bytes of Q5_0 blocks (fp16 d, 32 fifth bits, 16 bytes of nibbles;
-    w = d * (q - 16)) -> Int8Weight with codes q - 16, exactly."""
-    n = raw.shape[0]
-    blocks = np.ascontiguousarray(raw).reshape(n, k // GROUP, 22)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    qh = blocks[..., 2:6].copy().view(np.uint32)[..., 0]  # bit j: the fifth bit of element j
-    high = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
-    codes = (_nibbles(blocks[..., 6:22]) | high).astype(np.int16) - 16
-    return Int8Weight(torch.from_numpy(codes.astype(np.int8).reshape(n, k)), torch.from_numpy(d))
-
-
-def from_q6_k(raw: np.ndarray, k: int) -> Int8Weight:
-    """(N, K/256 * 210) bytes of Q6_K blocks -> Int8Weight with a scale per 16 weights, exactly.
-
-    A block: 128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 int8 scales, fp16 d;
-    w = d * sc[p // 16] * (q - 32) for weight p of the block (ggml's dequantize_row_q6_K).
-    """
-    n = raw.shape[0]
-    b = np.ascontiguousarray(raw).reshape(n, k // 256, 210)
-    ql, qh = b[..., 0:128].reshape(n, -1, 2, 64), b[..., 128:192].reshape(n, -1, 2, 32)
-    sc = b[..., 192:208].copy().view(np.int8).astype(np.float32)  # (N, K/256, 16)
-    d = b[..., 208:210].copy().view(np.float16)[..., 0].astype(np.float32)
-    lo, hi = ql[..., :32], ql[..., 32:]
-    q = np.stack([(lo & 0xF) | ((qh & 3) << 4), (hi & 0xF) | (((qh >> 2) & 3) << 4),
-                  (lo >> 4) | (((qh >> 4) & 3) << 4), (hi >> 4) | (((qh >> 6) & 3) << 4)], axis=3)  # (N,K/256,2,4,32)
-    codes = q.reshape(n, k).astype(np.int16) - 32
-    scales = (d[..., None] * sc).reshape(n, k // 16)  # fp16 x int8: exact in fp32
-    return Int8Weight(torch.from_numpy(codes.astype(np.int8)), torch.from_numpy(scales), group=16)
-
-
-def _q4_k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(..., 12) packed bytes -> (..., 8) 6-bit scales and mins (ggml's get_scale_min_k4)."""
-    s = s.astype(np.uint8)
-    sc = np.empty(s.shape[:-1] + (8,), np.uint8)
-    mn = np.empty_like(sc)
-    sc[..., :4] = s[..., 0:4] & 63
-    mn[..., :4] = s[..., 4:8] & 63
-    sc[..., 4:] = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
-    mn[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
-    return sc, mn
-
-
-def from_q4_k(raw: np.ndarray, k: int) -> Int4Weight:
-    """(N, K/256 * 144) bytes of Q4_K blocks -> Int4Weight: each 32-weight sub-block has
-    scale d * sc and min -dmin * mn (products of an fp16 and a 6-bit integer: exact in fp32)."""
-    n = raw.shape[0]
-    blocks = np.ascontiguousarray(raw).reshape(n, k // _QK_K, _Q4_K_BLOCK_BYTES)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    sc, mn = _q4_k_scale_min(blocks[..., 4:16])  # (N, K/256, 8)
-    qs = blocks[..., 16:].reshape(n, k // _QK_K, 4, 32)
-    # 64 weights per 32 bytes: the low nibbles are sub-block 2i, the high nibbles 2i + 1.
-    codes = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, k)
-    scales = (d[..., None] * sc).reshape(n, k // GROUP)
-    mins = (-dmin[..., None] * mn).reshape(n, k // GROUP)
-    return Int4Weight(torch.from_numpy(codes.copy()), torch.from_numpy(scales.astype(np.float32)),
-                      torch.from_numpy(mins.astype(np.float32)))
-
-
-def _llama_unpermute_rows(n: int, n_head: int) -> torch.Tensor:
-    """Row order that undoes llama.cpp's q/k permutation (its converter interleaves the two
-    rotary halves of every head; transformers' GGUF loader reverses it the same way)."""
-    dim = n // n_head // 2
-    return torch.arange(n).reshape(n_head, dim, 2).transpose(1, 2).reshape(n)
+def from_blocks(blocks: Blocks) -> Int4Weight | Int8Weight:
+    """A GGUF tensor's decoded blocks (gguf.py) as our 4-bit (with mins) or 8-bit weight, exactly."""
+    codes, scales = torch.from_numpy(blocks.codes), torch.from_numpy(blocks.scales)
+    if blocks.mins is None:
+        return Int8Weight(codes, scales, blocks.group)
+    return Int4Weight(codes, scales, torch.from_numpy(blocks.mins))
 
 
 class GGUFWeights:
-    """The projections of a GGUF file as 4- or 8-bit groups of 32, by Hugging Face module name."""
-
-    # type -> (reader, exact): Q4_1/Q4_K map onto 4-bit groups of 32, Q5_0/Q8_0 onto 8-bit
-    # groups of 32 and Q6_K onto 8-bit groups of 16, all exactly.
-    READERS = {"Q4_1": (from_q4_1, True), "Q4_K": (from_q4_k, True), "Q5_0": (from_q5_0, True),
-               "Q8_0": (from_q8_0, True), "Q6_K": (from_q6_k, True)}
+    """The projections of a GGUF file as 4- or 8-bit groups, by Hugging Face module name:
+    Q4_1/Q4_K as 4-bit groups of 32, Q5_0/Q8_0 as 8-bit groups of 32 and Q6_K as 8-bit groups
+    of 16, all exactly."""
 
     def __init__(self, path: Path, config):
-        import gguf
+        self.file = GGUFFile(path, config.num_attention_heads, getattr(config, "num_key_value_heads", None))
 
-        self.path = Path(path)
-        self.reader = gguf.GGUFReader(str(path))
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        self.arch = str(bytes(self.reader.fields["general.architecture"].parts[-1]), "utf-8")
-        self.n_head = config.num_attention_heads
-        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_head
-
-    def get(self, layer: int, hf_name: str) -> tuple[Int4Weight | Int8Weight, bool] | None:
-        """(weight, exact) for the projection `hf_name` (e.g. "self_attn.q_proj") of a layer,
-        or None when the file stores it in a type we do not read (then it is quantised from
-        the fp32 model)."""
-        t = self.tensors.get(f"blk.{layer}.{GGUF_NAMES[hf_name]}.weight")
-        if t is None or t.tensor_type.name not in self.READERS:
+    def _weight(self, name: str) -> Int4Weight | Int8Weight | None:
+        if self.file.kind(name) not in DECODERS:
             return None
-        reader, exact = self.READERS[t.tensor_type.name]
-        k, n = (int(x) for x in t.shape[:2])  # GGUF lists dimensions innermost first
-        w = reader(np.asarray(t.data).reshape(n, -1), k)
-        if self.arch == "llama" and hf_name in ("self_attn.q_proj", "self_attn.k_proj"):
-            heads = self.n_head if hf_name.endswith("q_proj") else self.n_kv
-            w = w.rows(_llama_unpermute_rows(n, heads))
-        return w, exact
+        kind, shape, raw = self.file.read(name)
+        return from_blocks(DECODERS[kind](raw, shape[1]))
+
+    def get(self, layer: int, hf_name: str) -> Int4Weight | Int8Weight | None:
+        """The projection `hf_name` (e.g. "self_attn.q_proj") of a layer, or None when the file
+        stores it in a type we do not read (then it is quantised from the fp32 model)."""
+        return self._weight(layer_tensor(layer, hf_name))
 
     def lm_head(self) -> Int8Weight | None:
         """The output projection (the token embedding when they are tied) when the file stores
         it as Q8_0, else None."""
-        t = self.tensors.get("output.weight") or self.tensors.get("token_embd.weight")
-        if t is None or t.tensor_type.name != "Q8_0":
-            return None
-        k, n = (int(x) for x in t.shape[:2])
-        return from_q8_0(np.asarray(t.data).reshape(n, -1), k)
+        name = "output.weight" if self.file.kind("output.weight") else "token_embd.weight"
+        return self._weight(name) if self.file.kind(name) == "Q8_0" else None
 
 
 # ---- the kernels ---------------------------------------------------------------------------
@@ -423,24 +311,25 @@ class QuantLinear(torch.nn.Module):
 def quantize_q4(trunk: torch.nn.Module, gguf: GGUFWeights | None = None) -> dict:
     """Replace every decoder projection of `trunk` by a QuantLinear, in place.
 
-    Weights come from the GGUF's own blocks where the file has them (4-bit Q4_1/Q4_K and
-    8-bit Q5_0/Q8_0 exactly, Q6_K rounded to 8 bits), and are quantised to 4 bits here
-    (round-to-nearest Q4_1) otherwise. Returns how many projections came from where.
+    Weights come from the GGUF's own blocks where the file has them in a type we read
+    (exactly: see GGUFWeights), and are quantised to 4 bits here (round-to-nearest Q4_1)
+    otherwise. Returns how many projections came from where ("gguf_rounded" stays 0: every
+    type read today is exact).
     """
     counts = {"gguf": 0, "gguf_rounded": 0, "quantised": 0}
     for i, layer in enumerate(trunk.layers):
-        for hf_name in GGUF_NAMES:
+        for hf_name in PROJECTIONS:
             parent_name, attr = hf_name.split(".")
             parent = getattr(layer, parent_name)
             lin = getattr(parent, attr)
             stored = gguf.get(i, hf_name) if gguf is not None else None
-            if stored is not None and stored[0].shape != tuple(lin.weight.shape):
-                raise ValueError(f"GGUF tensor for layer {i} {hf_name} has shape {stored[0].shape}, "
+            if stored is not None and stored.shape != tuple(lin.weight.shape):
+                raise ValueError(f"GGUF tensor for layer {i} {hf_name} has shape {stored.shape}, "
                                  f"the model {tuple(lin.weight.shape)}")
             if stored is None:
                 weight, source = Int4Weight.from_float(lin.weight), "quantised"
             else:
-                weight, source = stored[0], "gguf" if stored[1] else "gguf_rounded"
+                weight, source = stored, "gguf"
             counts[source] += 1
             setattr(parent, attr, QuantLinear(weight, lin.bias))
     return counts
