@@ -224,7 +224,9 @@ def _write_marker(folder: Path, source: str, legacy: str | None = None) -> None:
 @contextlib.contextmanager
 def _build_lock(target: Path) -> Iterator[None]:
     """Hold an exclusive lock while building `target`: concurrent loads wait for one build,
-    and whoever holds it knows every temporary sibling is a leftover of a killed build."""
+    and whoever holds it knows every temporary sibling is a leftover of a killed build. An
+    flock, not a lock file: the OS releases it when its holder dies, so a killed build never
+    blocks the next one."""
     import fcntl
 
     target.parent.mkdir(parents=True, exist_ok=True)
