@@ -229,13 +229,25 @@ def _build_lock(target: Path) -> Iterator[None]:
     blocks the next one."""
     import fcntl
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as f:
+    try:  # the first write of every build into the cache: the one check that the cache can hold it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(target.parent / f".{target.name}.lock", "w")
+    except OSError as e:
+        raise _unwritable(target.parent, e) from None
+    with lock as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _unwritable(folder: Path, error: OSError) -> ClpError:
+    """The user's error for a cache folder that cannot be written: read-only, or a file, or
+    under a file (the nearest existing path is then named)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    why = f"{existing} is a file" if existing is not None and not existing.is_dir() else error.strerror or str(error)
+    return ClpError(f"cannot write to the cache folder {folder} ({why}); set CLP_CACHE to a writable folder")
 
 
 def _remove_stale(paths) -> None:
