@@ -158,11 +158,11 @@ def test_k_with_a_heads_folder_and_without_shipped_heads(capsys, tmp_path, tiny_
 def test_interrupted_on_its_own_line(capsys, monkeypatch, tiny_llama_dir):
     import clpdecode
 
-    def partial_then_ctrl_c(backbone, prompt, on_tokens=None, **kw):
+    def partial_then_ctrl_c(backbone, prompt_ids, policy, cfg, on_tokens=None):
         on_tokens(backbone.tokenizer("abc")["input_ids"], False)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(clpdecode, "generate_text", partial_then_ctrl_c)
+    monkeypatch.setattr(clpdecode.decoding, "generate", partial_then_ctrl_c)
     code, out, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--prompt", "hi")
     assert code == 130 and out == "abc\n" and err == "clp: interrupted\n"
 

@@ -249,24 +249,40 @@ def test_sliding_window_model_verified_equals_ar_past_the_window():
 
 
 def test_lookup_drafts_copy_the_latest_earlier_continuation():
-    from clpdecode.decoding.lookup import LookupSession
+    from types import SimpleNamespace
 
-    class Inner:
+    from clpdecode.decoding import Sampler
+
+    class Inner:  # a drafting session that always drafts 99s
         def observe(self, rows, tokens):
             pass
 
         def propose(self, hidden, token, m):
             return [99] * m
 
-    s = LookupSession(Inner(), k=3)
-    h = torch.zeros(4)
-    s.observe(torch.zeros(9, 4), [1, 2, 3, 4, 1, 2, 3, 5])  # the text so far: x 1 2 3 4 1 2 3 5
-    assert s.propose(h, 1, 2) == [99, 99]  # tail "5 1": never seen, so the drafter's drafts
-    s.observe(torch.zeros(1, 4), [])
-    assert s.propose(h, 2, 2) == [3, 5, 1]  # tail "1 2": its latest earlier occurrence goes on 3 5 1 (k tokens)
-    s.observe(torch.zeros(1, 4), [])
-    assert s.propose(h, 3, 2) == [5, 1, 2]  # tail "1 2 3" (longest match first), k = 3 tokens
-    assert s.used == 2
+        def candidates(self, hidden, token, m, width=1):
+            return [[(99, float("nan"))]] * m
+
+    drafter = SimpleNamespace(k=3, clp=None, session=lambda backbone: Inner(), aux_layers=())
+    pol = make_policy("verified", SimpleNamespace(), drafter, draft="all")
+    greedy = Sampler(SamplingConfig())
+
+    def propose(token):  # the backbone chose `token`: the step's drafts
+        return pol.propose(torch.zeros(4), torch.nn.functional.one_hot(torch.tensor(token), 100).float(),
+                           greedy).drafts
+
+    pol.start()
+    h = torch.zeros(9, 4)
+    pol.observe(h, [1, 2, 3, 4, 1, 2, 3, 5])  # the text so far: x 1 2 3 4 1 2 3 5
+    assert propose(1) == [99, 99, 99]  # tail "5 1": never seen, so the drafter's drafts
+    pol.observe(torch.zeros(1, 4), [])
+    assert propose(2) == [3, 5, 1]  # tail "1 2": its latest earlier occurrence goes on 3 5 1 (k tokens)
+    pol.observe(torch.zeros(1, 4), [])
+    assert propose(3) == [5, 1, 2]  # tail "1 2 3" (longest match first), k = 3 tokens
+    assert pol.lookup_steps == 2
+    pol.start()  # a new generation forgets the text
+    pol.observe(torch.zeros(2, 4), [1])
+    assert propose(2) == [99, 99, 99] and pol.lookup_steps == 0
 
 
 def test_verified_with_lookup_uses_it_on_repetitive_text(tiny_backbone):
@@ -277,17 +293,17 @@ def test_verified_with_lookup_uses_it_on_repetitive_text(tiny_backbone):
     ar = generate(tiny_backbone, ids, make_policy("ar"), cfg)
     pol = make_policy("verified", tiny_backbone, drafter, draft="all", lookup=True)
     ver = generate(tiny_backbone, ids, pol, cfg)
-    assert ver.token_ids == ar.token_ids and pol.session.used > 0
+    assert ver.token_ids == ar.token_ids and pol.lookup_steps > 0
     assert max(ver.accepted_per_step) <= 3  # a lookup draft copies k tokens by default
     # --lookup-tokens: longer lookup drafts than k, kept where the text goes on repeating.
     pol = make_policy("verified", tiny_backbone, drafter, draft="all", lookup=True, lookup_tokens=9)
     longer = generate(tiny_backbone, ids, pol, cfg)
     assert longer.token_ids == ar.token_ids
     pol.start()  # a fresh session: its lookup copies 9 tokens after the tail's earlier occurrence
-    pol.session.ngrams.extend(list(range(10, 30)) + [10, 11, 12])
-    assert pol.session.ngrams.lookup() == list(range(13, 22))
+    pol.ngrams.extend(list(range(10, 30)) + [10, 11, 12])
+    assert pol.ngrams.lookup() == list(range(13, 22))
     for bad in (-1, 1.5, True):
-        with pytest.raises(ClpError, match="--lookup-tokens"):
+        with pytest.raises(ClpError, match="lookup_tokens"):
             make_policy("verified", tiny_backbone, drafter, lookup_tokens=bad)
 
 
@@ -405,3 +421,31 @@ def test_tree_keeps_a_sibling_when_the_chain_is_wrong(tiny_backbone):
     assert chain.token_ids == tree.token_ids == ar
     assert sum(chain.accepted_per_step) == 0
     assert sum(tree.accepted_per_step) > 0 and tree.forward_passes < chain.forward_passes
+
+
+def test_policy_config_is_the_one_check_of_the_policy_settings():
+    from dataclasses import FrozenInstanceError
+
+    from clpdecode.decoding import PolicyConfig
+
+    cfg = PolicyConfig(method="verified", tree="4")
+    assert cfg.tree_config.size == 4 and cfg.needs_drafter and not PolicyConfig().needs_drafter
+    with pytest.raises(FrozenInstanceError):
+        cfg.method = "ar"
+    for bad, param in [({"method": "fast"}, "method"), ({"clp_threshold": -0.1}, "clp_threshold"),
+                       ({"gate_threshold": float("nan")}, "gate_threshold"), ({"draft": "some"}, "draft"),
+                       ({"lookup": "yes"}, "lookup"), ({"lookup_tokens": -1}, "lookup_tokens"),
+                       ({"tree": "bush"}, "tree"), ({"tree": 0}, "tree")]:
+        with pytest.raises(ClpError) as e:
+            PolicyConfig(**bad)
+        assert e.value.param == param and param in str(e.value)
+    ns = type("Args", (), {"clp_threshold": 0.7, "method": "clp", "threads": 2})()
+    assert PolicyConfig.from_namespace(ns) == PolicyConfig(method="clp", clp_threshold=0.7)
+    assert PolicyConfig.from_namespace(ns, method="gate").method == "gate"
+
+
+def test_every_drafting_session_has_the_protocols_methods(tiny_backbone):
+    from clpdecode.decoding import DraftSession
+
+    for design in ("fused", "residual", "chained", "chained-mlp", "eagle3"):
+        assert isinstance(random_drafter(tiny_backbone, k=2, design=design).session(tiny_backbone), DraftSession)

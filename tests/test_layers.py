@@ -52,3 +52,16 @@ def test_evaluation_and_training_do_not_import_each_other(package, forbidden):
         if name == f"clpdecode.{forbidden}" or name.startswith(f"clpdecode.{forbidden}.")
     )
     assert not offenders, f"{package} imports {forbidden}: {offenders}"
+
+
+def test_nothing_imports_the_top_cli():
+    """cli.py builds configs and calls the package; the sub-CLIs (evaluation/cli.py,
+    serve/cli.py, training/cli.py) and everything else sit below it: nothing imports it back
+    (the drafter's resolution lives in heads.artifacts for all of them)."""
+    offenders = sorted(
+        f"{path.relative_to(PACKAGE)}: {name}"
+        for path in PACKAGE.rglob("*.py") if path != PACKAGE / "cli.py"
+        for name in imported_modules(path.read_text(encoding="utf-8"), package_of(path))
+        if name == "clpdecode.cli" or name.startswith("clpdecode.cli.")
+    )
+    assert not offenders, f"these import clpdecode.cli: {offenders}"

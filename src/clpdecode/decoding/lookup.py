@@ -2,14 +2,13 @@
 
 Prompt-lookup decoding (as transformers' `prompt_lookup_num_tokens`) needs no training and
 is free where the text repeats itself or its prompt. Here it is one more draft source for
-verified decoding, in front of the learned drafter: when the last `min_ngram`..`max_ngram`
-tokens occurred before, their continuation is drafted; otherwise the drafter's drafts are
-used. Verification keeps the output identical to AR either way.
+verified decoding (policies.Verified), in front of the learned drafter: when the last
+`min_ngram`..`max_ngram` tokens occurred before, their continuation is drafted (a chain) or
+added as a branch (a tree); otherwise the drafter's drafts are used. Verification keeps the
+output identical to AR either way.
 """
 
 from __future__ import annotations
-
-import torch
 
 
 class NgramIndex:
@@ -48,32 +47,3 @@ class NgramIndex:
             if end is not None:
                 return self.tokens[end + 1 : end + 1 + self.k]
         return []
-
-
-class LookupSession:
-    """Wraps a drafting session (same observe / propose interface) with n-gram lookup:
-    lookup drafts when the text's tail occurred before, the inner session's otherwise.
-
-    Args:
-        inner: the learned drafter's session (it still sees every state, so its cache
-            stays complete when lookup drafts are used instead of its own).
-        k, min_ngram, max_ngram: as NgramIndex.
-    """
-
-    def __init__(self, inner, k: int, min_ngram: int = 2, max_ngram: int = 4):
-        self.inner = inner
-        self.ngrams = NgramIndex(k, min_ngram, max_ngram)
-        self.used = 0  # steps whose drafts came from lookup (for reports and tests)
-
-    def observe(self, rows: torch.Tensor, tokens: list[int]) -> None:
-        self.inner.observe(rows, tokens)
-        self.ngrams.extend(tokens)
-
-    def propose(self, hidden: torch.Tensor, token: int, m: int) -> list[int]:
-        self.ngrams.extend([token])
-        found = self.ngrams.lookup()
-        if found:
-            self.used += 1
-            self.inner.propose(hidden, token, 0)  # keep the drafter's cache up to date
-            return found
-        return self.inner.propose(hidden, token, m)

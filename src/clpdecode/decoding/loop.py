@@ -24,22 +24,31 @@ from typing import Callable
 
 import torch
 
-from ..errors import ClpError, check_context, check_positive_int
+from ..errors import ClpError, check_context, check_positive_int, check_prompt_ids, check_text
 from .policies import Policy
 from .sampling import Sampler, SamplingConfig
 from .tree import DraftTree, verify_tree
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationConfig:
+    """One generation's budget, stop strings and sampling (the policy's settings are
+    PolicyConfig's); checked here once, for the CLI, the server and the API alike."""
+
     max_new_tokens: int = 128  # hard cap on emitted tokens
     stop: tuple[str, ...] = ()  # stop strings: output ends after the token completing one
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):
-        check_positive_int("--max-new-tokens", self.max_new_tokens)
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ClpError("stop strings must be non-empty")
+        check_positive_int("max_new_tokens", self.max_new_tokens)
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise ClpError(f"stop must be a list of strings, got {self.stop!r}", param="stop")
+        for s in self.stop:
+            if not s:
+                raise ClpError("stop must not be empty (an empty string would end the output at once)",
+                               param="stop")
+            check_text("stop", s)
+        object.__setattr__(self, "stop", tuple(self.stop))
 
 
 @dataclass
@@ -172,8 +181,7 @@ def generate(
         A GenerationResult with the tokens, text and acceptance statistics.
     """
     cfg = cfg or GenerationConfig()
-    if not prompt_ids:
-        raise ClpError("the prompt is empty")
+    check_prompt_ids(prompt_ids, backbone.info.vocab_size)
     check_context(len(prompt_ids), cfg.max_new_tokens, getattr(backbone, "max_positions", None))
     sampler = Sampler(cfg.sampling)
     out = _Output(backbone, cfg, on_tokens)

@@ -14,15 +14,15 @@ Every method is a policy plugged into the ONE loop in ``loop.py``:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..errors import ClpError, check_unit_interval
-from .lookup import LookupSession, NgramIndex
-from .tree import DraftTree, TreeConfig, build_tree, parse_tree
-
-METHODS = ("ar", "naive", "gate", "clp", "verified", "competing")
+from ..errors import ClpError
+from .config import METHODS, PolicyConfig
+from .lookup import NgramIndex
+from .session import DraftSession
+from .tree import DraftTree, build_tree
 
 
 @dataclass
@@ -36,17 +36,19 @@ class Proposal:
 class Policy:
     """Base policy: the backbone picks t+1; subclasses add drafts after it.
 
-    Drafts come from the drafter's per-generation session (independent heads or a chain),
-    which sees every backbone state through ``observe``; ``span`` says how many to take.
+    Drafts come from the drafter's per-generation session (a DraftSession: independent
+    heads or a chain), which sees every backbone state through ``observe``; ``span`` says
+    how many to take.
     """
 
     name = "ar"
     verifies = False  # drafts wait for the backbone's check in the next forward
 
-    def __init__(self, backbone=None, drafter=None):
+    def __init__(self, backbone=None, drafter=None, config: PolicyConfig | None = None):
         self.backbone = backbone
         self.drafter = drafter
-        self.session = None
+        self.config = config or PolicyConfig(method=self.name)
+        self.session: DraftSession | None = None
 
     def start(self) -> None:
         """Called by the loop before each generation: fresh drafting state."""
@@ -94,42 +96,33 @@ class Naive(Policy):
 class Gate(Policy):
     name = "gate"
 
-    def __init__(self, backbone, drafter, threshold: float = 0.5):
-        super().__init__(backbone, drafter)
+    def __init__(self, backbone, drafter, config: PolicyConfig):
+        super().__init__(backbone, drafter, config)
         if drafter.gates is None:
             raise ClpError("these heads have no gate networks: train them with `clp train`")
-        self.threshold = threshold
 
     def span(self, hidden):
-        return self.drafter.gates.decide(hidden, self.threshold)
+        return self.drafter.gates.decide(hidden, self.config.gate_threshold)
 
 
 class CLPPolicy(Policy):
     name = "clp"
 
-    def __init__(self, backbone, drafter, threshold: float = 0.5):
-        super().__init__(backbone, drafter)
+    def __init__(self, backbone, drafter, config: PolicyConfig):
+        super().__init__(backbone, drafter, config)
         if drafter.clp is None:
             raise ClpError("these heads have no CLP layer: train it with `clp train`")
-        self.threshold = threshold
 
     def span(self, hidden):
-        return self.drafter.clp.decide(hidden, self.threshold)
-
-
-def check_lookup_tokens(n) -> int:
-    """--lookup-tokens: the most tokens a lookup draft copies, 0 meaning the drafter's k."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ClpError(f"--lookup-tokens must be a whole number >= 0 (0: k), got {n!r}")
-    return n
+        return self.drafter.clp.decide(hidden, self.config.clp_threshold)
 
 
 class Verified(Policy):
     """Lossless: drafts are emitted only once the next forward's logits agree.
 
-    Drafts come as a chain (``tree=None``: the n-gram lookup's continuation where the
+    Drafts come as a chain (``tree`` "chain": the n-gram lookup's continuation where the
     text's tail occurred before, the drafter's CLP-sized span otherwise) or as a tree of
-    up to ``tree.size`` nodes (the span, the lookup branch and the drafter's likeliest
+    up to ``tree`` nodes (the span, the lookup branch and the drafter's likeliest
     runners-up, verified together; tree.py). Trees need the lean engine's attention masks:
     on other engines the policy drafts chains.
     """
@@ -137,51 +130,51 @@ class Verified(Policy):
     name = "verified"
     verifies = True
 
-    def __init__(self, backbone, drafter, draft: str = "clp", threshold: float = 0.5, lookup: bool = True,
-                 tree: TreeConfig | None = None, lookup_tokens: int = 0):
-        super().__init__(backbone, drafter)
-        if draft not in ("clp", "all"):
-            raise ClpError(f"--draft must be clp or all, got {draft!r}")
-        if draft == "clp" and drafter.clp is None:
-            raise ClpError("--draft clp needs a CLP layer in the heads folder; use --draft all")
-        check_lookup_tokens(lookup_tokens)
-        self.draft, self.threshold, self.lookup = draft, threshold, lookup
+    def __init__(self, backbone, drafter, config: PolicyConfig):
+        super().__init__(backbone, drafter, config)
+        if config.draft == "clp" and drafter.clp is None:
+            raise ClpError("draft clp needs a CLP layer in the heads folder; use draft all", param="draft")
         # Lookup drafts cost only their rows (no drafter step), so they may run past k.
-        self.lookup_tokens = lookup_tokens or drafter.k
-        self.tree = tree if getattr(backbone, "supports_trees", False) else None
-        self.ngrams: NgramIndex | None = None
+        self.lookup_tokens = config.lookup_tokens or drafter.k
+        self.tree = config.tree_config if getattr(backbone, "supports_trees", False) else None
+        self.ngrams: NgramIndex | None = None  # the text so far, where lookup is on
+        self.lookup_steps = 0  # steps of this generation whose chain came from lookup
 
     def start(self) -> None:
         super().start()
-        if self.lookup and self.tree is None:  # lookup's drafts first, the drafter's otherwise
-            self.session = LookupSession(self.session, self.lookup_tokens)
-        self.ngrams = NgramIndex(self.lookup_tokens) if self.lookup and self.tree is not None else None
+        self.ngrams = NgramIndex(self.lookup_tokens) if self.config.lookup else None
+        self.lookup_steps = 0
 
     def observe(self, rows: torch.Tensor, tokens: list[int]) -> None:
         super().observe(rows, tokens)
         if self.ngrams is not None:
             self.ngrams.extend(tokens)
 
+    def _lookup(self, token: int) -> list[int]:
+        """The lookup's draft after `token` ([] where lookup is off or the tail is new)."""
+        if self.ngrams is None:
+            return []
+        self.ngrams.extend([token])
+        return self.ngrams.lookup()
+
     def propose(self, hidden, p, sampler):
-        if self.tree is None:
-            return super().propose(hidden, p, sampler)
         token = sampler.select(p)
         span = self.span(hidden)
-        found = []
-        if self.ngrams is not None:
-            self.ngrams.extend([token])
-            found = self.ngrams.lookup()
-        if hasattr(self.session, "candidates"):
-            cands = self.session.candidates(hidden, token, max(span, 1), self.tree.width)
-        else:  # a session that only proposes (no probabilities): its chain, no siblings
-            cands = [[(t, float("nan"))] for t in self.session.propose(hidden, token, span)]
+        found = self._lookup(token)
+        if self.tree is None:
+            if not found:
+                return Proposal(token, self.session.propose(hidden, token, span))
+            self.lookup_steps += 1
+            self.session.propose(hidden, token, 0)  # the drafter still sees the step: its cache stays whole
+            return Proposal(token, found)
+        cands = self.session.candidates(hidden, token, max(span, 1), self.tree.width)
         tree = build_tree(token, cands, span, found, self.tree)
         return Proposal(token, [c[0][0] for c in cands[:span]], tree=tree)
 
     def span(self, hidden):
-        if self.draft == "all":
+        if self.config.draft == "all":
             return self.drafter.k
-        return self.drafter.clp.decide(hidden, self.threshold)
+        return self.drafter.clp.decide(hidden, self.config.clp_threshold)
 
 
 class Competing(Policy):
@@ -189,8 +182,8 @@ class Competing(Policy):
 
     name = "competing"
 
-    def __init__(self, backbone, drafter):
-        super().__init__(backbone, drafter)
+    def __init__(self, backbone, drafter, config: PolicyConfig):
+        super().__init__(backbone, drafter, config)
         if drafter.competing is None:
             raise ClpError("these heads have no competing-ablation heads: train them with `clp train`")
 
@@ -206,30 +199,18 @@ class Competing(Policy):
         return Proposal(tokens[0], tokens[1:], token_from_heads=True)
 
 
-# The CLP threshold of verified and clp decoding by default: the best of 0.3 / 0.5 for both
-# shipped drafters on MT-Bench (scripts/sweep_drafts.py; docs/design.md, "Verified settings").
-DEFAULT_CLP_THRESHOLD = 0.3
+_POLICIES = {"naive": Naive, "gate": Gate, "clp": CLPPolicy, "verified": Verified, "competing": Competing}
 
 
-def make_policy(method: str, backbone=None, drafter=None, *, clp_threshold: float = DEFAULT_CLP_THRESHOLD,
-                gate_threshold: float = 0.5, draft: str = "clp", lookup: bool = True,
-                tree: TreeConfig | str | int | None = None, lookup_tokens: int = 0) -> Policy:
-    """Build the policy for a method name (see METHODS). tree: verified only; 'chain'/None or
-    a TreeConfig / size (see tree.py)."""
-    if method not in METHODS:
-        raise ClpError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    check_unit_interval("--clp-threshold", clp_threshold)
-    check_unit_interval("--gate-threshold", gate_threshold)
-    if method == "ar":
-        return Policy(backbone)
+def make_policy(config: PolicyConfig | str = "ar", backbone=None, drafter=None, **settings) -> Policy:
+    """The policy of a PolicyConfig, or of a method name with PolicyConfig's fields as
+    keywords (``make_policy("verified", bb, drafter, draft="all")``)."""
+    if isinstance(config, str):
+        config = PolicyConfig(method=config, **settings)
+    elif settings:
+        config = replace(config, **settings)
+    if config.method == "ar":
+        return Policy(backbone, config=config)
     if drafter is None:
-        raise ClpError(f"method {method!r} needs MTP heads")
-    if method == "naive":
-        return Naive(backbone, drafter)
-    if method == "gate":
-        return Gate(backbone, drafter, gate_threshold)
-    if method == "clp":
-        return CLPPolicy(backbone, drafter, clp_threshold)
-    if method == "verified":
-        return Verified(backbone, drafter, draft, clp_threshold, lookup, parse_tree(tree), lookup_tokens)
-    return Competing(backbone, drafter)
+        raise ClpError(f"method {config.method!r} needs MTP heads", param="method")
+    return _POLICIES[config.method](backbone, drafter, config)

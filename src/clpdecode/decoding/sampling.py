@@ -20,28 +20,37 @@ import torch
 from ..errors import ClpError, check_finite
 
 
-@dataclass
+# Temperatures below float32's smallest normal number sample as greedy: dividing float32
+# logits by one underflows to 0 (or a subnormal) and the softmax turns to nan.
+GREEDY_BELOW = float(torch.finfo(torch.float32).tiny)
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy (so is anything below GREEDY_BELOW)
     top_p: float = 1.0  # nucleus mass kept when sampling
     seed: int = 0
 
     def __post_init__(self):
-        # The one check of sampling settings, for the CLI and the API alike.
+        # The one check of sampling settings, for the CLI, the server and the API alike.
         if check_finite("temperature", self.temperature) < 0:
-            raise ClpError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ClpError(f"top-p must be in (0, 1], got {self.top_p}")
+            raise ClpError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}", param="temperature")
+        if not (isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool) and 0 < self.top_p <= 1):
+            raise ClpError(f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ClpError(f"seed must be an integer, got {self.seed!r}")
+            raise ClpError(f"seed must be an integer, got {self.seed!r}", param="seed")
         if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
-            raise ClpError(f"seed must be in [-2**63, 2**64), got {self.seed}")
+            raise ClpError(f"seed must be in [-2**63, 2**64), got {self.seed}", param="seed")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 class Sampler:
     def __init__(self, cfg: SamplingConfig):
         self.cfg = cfg
-        self.greedy = cfg.temperature == 0
+        self.greedy = cfg.greedy
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:

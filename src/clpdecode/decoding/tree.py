@@ -41,7 +41,7 @@ class TreeConfig:
 
     def __post_init__(self):
         if not isinstance(self.size, int) or self.size < 1:
-            raise ClpError(f"--tree must be 'chain' or a number of draft nodes >= 1, got {self.size!r}")
+            raise ClpError(f"tree must be 'chain' or a number of draft nodes >= 1, got {self.size!r}", param="tree")
         if self.width < 1:
             raise ClpError(f"tree width must be >= 1, got {self.width}")
 
@@ -55,7 +55,7 @@ def parse_tree(value: str | int | None) -> TreeConfig | None:
     try:
         size = int(value)
     except (TypeError, ValueError):
-        raise ClpError(f"--tree must be 'chain' or a number of draft nodes >= 1, got {value!r}") from None
+        raise ClpError(f"tree must be 'chain' or a number of draft nodes >= 1, got {value!r}", param="tree") from None
     return TreeConfig(size=size)
 
 

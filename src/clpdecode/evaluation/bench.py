@@ -7,15 +7,14 @@ import json
 import os
 import platform
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from ..atomic import atomic_file, atomic_write_text
-from ..decoding import METHODS, GenerationConfig, generate, make_policy
+from ..decoding import METHODS, GenerationConfig, PolicyConfig, generate, make_policy
 from ..decoding.loop import GenerationResult
-from ..decoding.tree import DEFAULT_TREE
 from ..errors import ClpError, check_context
 from ..heads.artifacts import shipped_head_accuracy
 from .metrics import DEFINITIONS, backbone_nll, common_prefix, mean_repetition
@@ -29,17 +28,18 @@ class BenchSettings:
     methods: tuple[str, ...] = METHODS
     max_new_tokens: int = 128
     numerics: str = "fp32"
-    clp_threshold: float = 0.5  # what a results.json without the field was measured with
-    gate_threshold: float = 0.5
-    draft: str = "clp"
+    policy: PolicyConfig = field(default_factory=PolicyConfig)  # every method's settings (its method apart)
     k: int = 2
     warmup_tokens: int = 16
     threads: int = 0
     hf_generate: bool = False  # also time transformers' generate() (greedy, same numerics) as AR's peer
     raw: bool = False  # plain-text prompts, no chat template (base models)
-    lookup: bool = True  # verified: n-gram lookup drafts before the drafter's (--no-lookup: off)
-    lookup_tokens: int = 0  # verified: most tokens a lookup draft copies (0: k)
-    tree: str = DEFAULT_TREE  # verified: 'chain' or the size of a draft tree (--tree)
+
+    def record(self) -> dict:
+        """The settings as results.json holds them: the policy's fields flat beside the rest
+        (as files written before PolicyConfig have them)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "policy"}
+        return json.loads(json.dumps({**out, **self.policy.as_record()}))  # tuples become lists
 
 
 # Settings that may differ between a bench and its resumption (more prompts, other threads).
@@ -74,7 +74,7 @@ def _prompt_key(ids: list[int]) -> str:
 def _differing_settings(settings: BenchSettings, recorded: dict) -> list[str]:
     """The settings (other than _RESUMABLE ones) in which `settings` differ from those
     recorded in a results.json; a setting the file predates counts as _BEFORE_ADDED's value."""
-    now = json.loads(json.dumps(asdict(settings)))  # as recorded: tuples become lists
+    now = settings.record()
     return [k for k in now if k not in _RESUMABLE and now[k] != recorded.get(k, _BEFORE_ADDED.get(k))]
 
 
@@ -140,9 +140,7 @@ def run_bench(backbone, drafter, encoded: list[list[int]], settings: BenchSettin
         The results dict written to results.json.
     """
     methods = list(dict.fromkeys(["ar", *settings.methods]))  # AR is always the reference
-    policies = {m: make_policy(m, backbone, drafter, clp_threshold=settings.clp_threshold, lookup=settings.lookup,
-                               lookup_tokens=settings.lookup_tokens, tree=settings.tree,
-                               gate_threshold=settings.gate_threshold, draft=settings.draft) for m in methods}
+    policies = {m: make_policy(settings.policy.with_method(m), backbone, drafter) for m in methods}
     for i, ids in enumerate(encoded):  # before anything is measured
         try:
             check_context(len(ids), settings.max_new_tokens, backbone.max_positions)
@@ -243,7 +241,7 @@ def summarize(records: list[dict], backbone, drafter, settings: BenchSettings, n
         results[m] = entry
     out = {
         "backbone": backbone.info.as_dict(),
-        "settings": {**asdict(settings), "n_prompts": n_prompts, "torch_threads": torch.get_num_threads(),
+        "settings": {**settings.record(), "n_prompts": n_prompts, "torch_threads": torch.get_num_threads(),
                      "machine": platform.processor() or platform.machine()},
         "complete": len(records) == n_prompts,
         "n_prompts_done": len(records),

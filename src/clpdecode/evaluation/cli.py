@@ -22,16 +22,15 @@ def _baseline_folder(backbone_name: str, k: int) -> Path:
 def cmd_eval_heads(args) -> int:
     from ..backbone import load_backbone
     from ..backbone.loading import backbone_name
-    from ..heads import default_drafter, load_drafter
-    from ..heads.accuracy import heldout_accuracy, heldout_states
-    from ..heads.artifacts import default_k
-    from ..cli import _check_drafter
     from ..corpus import corpus_dir, read_corpus
     from ..errors import check_positive_int
+    from ..heads import check_drafter, load_drafter, resolve_drafter
+    from ..heads.accuracy import heldout_accuracy, heldout_states
+    from ..heads.artifacts import default_k
 
     # Everything a user can get wrong is checked before the backbone loads.
     name = backbone_name(args.model)
-    _check_drafter(args, required=True)
+    check_drafter(args.model, args.k, args.heads)
     if args.baseline and args.heads is None:  # with --heads, the folder's k is known once it is read
         _baseline_folder(name, args.k if args.k is not None else default_k(name))
     source: dict = {}
@@ -60,7 +59,7 @@ def cmd_eval_heads(args) -> int:
         if "split_at_generation" in records[0]:
             source["heldout_at_generation"] = was
     backbone = load_backbone(args.model, numerics=args.numerics)
-    drafter = default_drafter(backbone, k=args.k, folder=args.heads)
+    drafter = resolve_drafter(backbone, args.k, args.heads)
     base = load_drafter(_baseline_folder(backbone.name, drafter.k), backbone) if args.baseline else None
     if args.prompts is not None:
         from .answers import prompt_answers, second_turn_answers
@@ -101,10 +100,8 @@ def cmd_bench(args) -> int:
     import torch
 
     from ..backbone import load_backbone
-    from ..decoding import METHODS
-    from ..heads import default_drafter
-    from ..cli import _check_drafter
-    from ..decoding import GenerationConfig
+    from ..decoding import METHODS, GenerationConfig
+    from ..heads import check_drafter, resolve_drafter
     from .bench import BenchSettings, bench_prompt_ids, prepare_out_dir, run_bench, table, write_report
     from .prompts import SECOND_TURN_SETS, load_prompts, load_turn_pairs
 
@@ -119,16 +116,16 @@ def cmd_bench(args) -> int:
     if two_turn and args.raw:
         raise ClpError(f"--raw: {args.prompts} is a set of conversations, which go through the chat template")
     prompts = (load_turn_pairs if two_turn else load_prompts)(args.prompts, args.limit)
-    _check_drafter(args, required=any(m != "ar" for m in methods))
+    needs = any(m != "ar" for m in methods)
+    check_drafter(args.model, args.k, args.heads, required=needs)
     if args.hf_generate:
         from .peers import find_llama_server
 
         find_llama_server()  # a $CLP_LLAMA_SERVER that names no executable fails here, not after the load
     out_dir = prepare_out_dir(Path(args.out))
     backbone = load_backbone(args.model, numerics=args.numerics)
-    drafter = None
-    if any(m != "ar" for m in methods):
-        drafter = default_drafter(backbone, k=args.k, folder=args.heads)
+    drafter = resolve_drafter(backbone, args.k, args.heads) if needs else None
+    if drafter is not None:
         if drafter.competing is None and "competing" in methods and not chosen:
             # The default methods on a drafter trained without the ablation's heads: the
             # other rows still run (asked for by name, `competing` fails with its reason).
@@ -138,12 +135,9 @@ def cmd_bench(args) -> int:
     numerics = backbone.info.numerics  # "auto" resolved
     reference = load_backbone(args.model, numerics="fp32", progress=False) if numerics != "fp32" else None
     settings = BenchSettings(prompts=args.prompts, limit=args.limit, methods=methods,
-                             max_new_tokens=args.max_new_tokens, numerics=numerics,
-                             clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold,
-                             draft=args.draft, k=drafter.k if drafter else (args.k or 0), threads=torch.get_num_threads(),
-                             hf_generate=args.hf_generate, raw=args.raw, lookup=args.lookup,
-                             lookup_tokens=args.lookup_tokens,
-                             tree=str(args.tree))
+                             max_new_tokens=args.max_new_tokens, numerics=numerics, policy=args.policy,
+                             k=drafter.k if drafter else (args.k or 0), threads=torch.get_num_threads(),
+                             hf_generate=args.hf_generate, raw=args.raw)
     encoded = bench_prompt_ids(backbone, prompts, settings)
     try:
         results = run_bench(backbone, drafter, encoded, settings, reference=reference, out_dir=out_dir,
@@ -174,8 +168,8 @@ def _int_list(flag: str, text: str, empty: bool = False) -> tuple[int, ...]:
 def cmd_profile(args) -> int:
     from ..backbone import load_backbone
     from ..backbone.loading import context_window
-    from ..cli import _check_drafter, _drafter
     from ..errors import check_profile_context
+    from ..heads import check_drafter, resolve_drafter
     from .profile import largest_step, profile_step
 
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
@@ -188,12 +182,12 @@ def cmd_profile(args) -> int:
     # The window from the model's config or GGUF header, before the load; from the loaded
     # backbone (before the prefill) where that is not known without loading.
     check_profile_context(args.context, step, context_window(args.model))
-    _check_drafter(args, required=False)
+    check_drafter(args.model, args.k, args.heads, required=False)
     rows = []
     for numerics in args.numerics_list.split(","):
         backbone = load_backbone(args.model, numerics=numerics.strip())
         check_profile_context(args.context, step, backbone.max_positions)
-        drafter = _drafter(args, backbone, required=args.heads is not None)  # as `clp info` has it
+        drafter = resolve_drafter(backbone, args.k, args.heads, required=False)  # as `clp info` has it
         rows.append(profile_step(backbone, drafter, context=args.context, repeats=args.repeats, engines=engines,
                                  tokens=tokens, tree_sizes=tree_sizes))
         del backbone
@@ -302,7 +296,7 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
                    help="numerics to profile, comma-separated, of fp32,fp16,int8,q4 (default: q4,fp16,fp32)")
     p.add_argument("--context", type=int, default=256, help="cached tokens before the step (default: 256)")
     p.add_argument("--engines", default="lean,hf",
-                   help="forwards to time: lean (ours, Llama/Qwen2) and/or hf (transformers'); default: lean,hf")
+                   help="forwards to time: lean (ours: Llama, Qwen2, Gemma 3) and/or hf (transformers'); default: lean,hf")
     p.add_argument("--repeats", type=int, default=9, help="timed rounds per measurement (default: 9)")
     from .profile import STEP_TOKENS
 

@@ -55,11 +55,10 @@ class Drafter:
         for h in (self.heads, self.competing):
             if isinstance(h, (ChainedHeads, Eagle3Drafter)):
                 h.attach(backbone.lm_head_weight, backbone.model.get_input_embeddings().weight)
-                # Under reduced backbone numerics the chain drafts with 8-bit weights: drafts
-                # only propose (verification keeps the output exact). q4: groups of 32 on the
-                # C++ kernels; fp16/int8: fbgemm's dynamic int8, which on 8 MT-Bench prompts
-                # kept 0.735 drafts per step against fp16's 0.759 for about a third less
-                # drafting time (docs/design.md).
+                # Under reduced backbone numerics the chain drafts with 8-bit weights (q4: groups
+                # of 32 on the C++ kernels; fp16/int8: fbgemm's dynamic int8): drafts only
+                # propose, verification keeps the output exact, and 8-bit drafting costs a few
+                # kept drafts for much less time (measured in docs/design.md, "Drafting on CPU").
                 numerics = backbone.info.numerics
                 h.prepare_inference(dtype={"fp32": None, "q4": "q8"}.get(numerics, torch.qint8))
             elif h is not None:
@@ -286,3 +285,26 @@ def default_drafter(backbone, k: int | None = None, folder: str | Path | None = 
     """Heads from `folder` (its own k), else the ones shipped for this backbone and k (None:
     the largest shipped)."""
     return load_drafter(drafter_folder(backbone.name, k, folder), backbone)
+
+
+# ---- the one resolution of --heads / --k, for every command and the server ------------------
+def check_drafter(model: str, k: int | None = None, folder: str | Path | None = None,
+                  required: bool = True) -> Path | None:
+    """Before the backbone loads: where the drafter of `model` (as --model names it) will come
+    from, with every check that needs no load (drafter_folder)."""
+    from ..backbone.loading import backbone_name
+
+    return drafter_folder(backbone_name(model), k, folder, required)
+
+
+def resolve_drafter(backbone, k: int | None = None, folder: str | Path | None = None,
+                    required: bool = True) -> Drafter | None:
+    """After the load: the `folder` (--heads) drafter or the shipped one for this backbone and k.
+    Without `required` (and without a folder), None where no shipped drafter fits the backbone:
+    a command that can run without one (`clp info`, `clp serve --method ar`) then does."""
+    if folder is not None or required:
+        return default_drafter(backbone, k, folder)
+    try:
+        return default_drafter(backbone, k)
+    except ClpError:
+        return None

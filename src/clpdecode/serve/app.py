@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -38,11 +38,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..decoding import METHODS, GenerationConfig, SamplingConfig, generate, make_policy
+from ..decoding import GenerationConfig, PolicyConfig, SamplingConfig, generate, make_policy
 from ..decoding.stream import StreamDecoder
-from ..decoding.policies import DEFAULT_CLP_THRESHOLD
-from ..decoding.tree import DEFAULT_TREE
-from ..errors import ClpError, check_context, check_positive_int, check_prompt, check_text, check_unit_interval
+from ..errors import ClpError, check_context, check_positive_int, check_prompt, check_text
 
 log = logging.getLogger("clpdecode.serve")
 
@@ -69,10 +67,14 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+# Settings whose JSON field differs from the library's name (ClpError.param).
+API_NAMES = {"max_new_tokens": "max_tokens"}
+
+
 def _clp_error(e: ClpError, param: str | None = None) -> ApiError:
-    # The library's messages name CLI options; a request names JSON fields.
-    msg = str(e).replace("--max-new-tokens", "max_tokens").replace("top-p", "top_p")
-    return ApiError(400, msg, param=param)
+    """A library error as a 400: the setting it names (e.param) by its JSON field."""
+    field_name = API_NAMES.get(e.param, e.param) if e.param else None
+    return ApiError(400, e.named(field_name) if field_name else str(e), param=param or field_name)
 
 
 # ---- request schemas ------------------------------------------------------------------
@@ -188,19 +190,15 @@ class Server:
     """The backbone, the drafter, the queue and the one worker thread that decodes."""
 
     def __init__(self, backbone, drafter=None, *, model_id: str | None = None, aliases: tuple[str, ...] = (),
-                 method: str = "verified", clp_threshold: float = DEFAULT_CLP_THRESHOLD, gate_threshold: float = 0.5,
-                 draft: str = "clp", lookup: bool = True, lookup_tokens: int = 0, tree: str | int = DEFAULT_TREE,
-                 api_key: str | None = None, max_queue: int = 64,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 policy: PolicyConfig = PolicyConfig(method="verified"), api_key: str | None = None,
+                 max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES):
         self.backbone, self.drafter = backbone, drafter
         self.model_id = model_id or Path(str(backbone.name)).name or str(backbone.name)
         self.aliases = {self.model_id, str(backbone.name), *aliases}
-        # The server's own defaults are checked as a request's are, before any request.
-        make_policy(method, backbone, drafter, clp_threshold=check_unit_interval("--clp-threshold", clp_threshold),
-                    gate_threshold=check_unit_interval("--gate-threshold", gate_threshold), draft=draft,
-                    lookup=lookup, lookup_tokens=lookup_tokens, tree=tree)
-        self.method, self.clp_threshold, self.gate_threshold, self.draft = method, clp_threshold, gate_threshold, draft
-        self.lookup, self.lookup_tokens, self.tree = lookup, lookup_tokens, tree
+        # The server's defaults (a request's fields override some of them); whether they can
+        # run on this drafter is checked as a request's are, before any request.
+        make_policy(policy, backbone, drafter)
+        self.policy = policy
         self.api_key = api_key
         self.max_queue = check_positive_int("--max-queue", max_queue)
         self.max_body_bytes = max_body_bytes
@@ -375,52 +373,31 @@ class Server:
         except ClpError as e:
             raise _clp_error(e, "prompt") from None
 
+    # A request's fields that override the server's PolicyConfig (extensions to the OpenAI API).
+    POLICY_FIELDS = ("method", "clp_threshold", "gate_threshold")
+
     def make_job(self, req: _Request, prompt_ids: list[int], max_tokens: int | None,
                  prompt_param: str) -> Job:
-        method = req.method if req.method is not None else self.method
-        if method not in METHODS:
-            raise ApiError(400, f"unknown method {method!r}; choose one of {', '.join(METHODS)}", param="method")
         if req.n not in (None, 1):
             raise ApiError(400, f"n must be 1 (one choice per request), got {req.n}", param="n")
-        thresholds = {}
-        for name in ("clp_threshold", "gate_threshold"):
-            value = getattr(req, name)
-            try:
-                thresholds[name] = getattr(self, name) if value is None else check_unit_interval(name, value)
-            except ClpError as e:
-                raise _clp_error(e, name) from None
+        overrides = {f: getattr(req, f) for f in self.POLICY_FIELDS if getattr(req, f) is not None}
         stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        for s in stops:
-            if not s:
-                raise ApiError(400, "stop strings must not be empty", param="stop")
-            try:
-                check_text("stop", s)
-            except ClpError as e:
-                raise _clp_error(e, "stop") from None
-        try:
-            sampling = SamplingConfig(temperature=0.0 if req.temperature is None else req.temperature,
-                                      top_p=1.0 if req.top_p is None else req.top_p,
-                                      seed=0 if req.seed is None else req.seed)
-        except ClpError as e:
-            param = {"temperature": "temperature", "top-p": "top_p", "seed": "seed"}.get(str(e).split()[0])
-            raise _clp_error(e, param) from None
         window = self.backbone.max_positions
+        if max_tokens is None:  # as much as fits, up to the default
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, window - len(prompt_ids)) if window else DEFAULT_MAX_TOKENS)
         try:
-            if max_tokens is None:
-                max_tokens = min(DEFAULT_MAX_TOKENS, window - len(prompt_ids)) if window else DEFAULT_MAX_TOKENS
-                max_tokens = max(1, max_tokens)
-            else:
-                check_positive_int("max_tokens", max_tokens)
+            config = replace(self.policy, **overrides)
+            cfg = GenerationConfig(max_new_tokens=max_tokens, stop=stops, sampling=SamplingConfig(
+                temperature=0.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, seed=0 if req.seed is None else req.seed))
+            policy = make_policy(config, self.backbone, self.drafter)
+        except ClpError as e:
+            raise _clp_error(e, None if e.param else "method") from None
+        try:
             check_context(len(prompt_ids), max_tokens, window)
         except ClpError as e:
             too_long = window and len(prompt_ids) >= window  # no max_tokens would fit
             raise _clp_error(e, prompt_param if too_long else "max_tokens") from None
-        try:
-            policy = make_policy(method, self.backbone, self.drafter, draft=self.draft, lookup=self.lookup,
-                                 lookup_tokens=self.lookup_tokens, tree=self.tree, **thresholds)
-            cfg = GenerationConfig(max_new_tokens=max_tokens, stop=stops, sampling=sampling)
-        except ClpError as e:
-            raise _clp_error(e, "method") from None
         return Job(prompt_ids, policy, cfg, stops, asyncio.get_running_loop())
 
     async def events(self, request: Request, job: Job) -> AsyncIterator[tuple[str, Any]]:
@@ -540,7 +517,7 @@ class Server:
 
     def health(self) -> dict:
         with self._lock:
-            return {"status": "ok", "model": self.model_id, "method": self.method,
+            return {"status": "ok", "model": self.model_id, "method": self.policy.method,
                     "queue_length": self.waiting, "running": self.running, "max_queue": self.max_queue,
                     **self.stats}
 

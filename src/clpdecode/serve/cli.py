@@ -67,11 +67,12 @@ def cmd_serve(args) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise ClpError("--api-key must not be empty")
     _check_port(args.host, args.port)  # before the slow load
-    from ..cli import _check_drafter, _drafter
+    from ..heads import check_drafter, resolve_drafter
 
     # With --method ar (and no --heads) the drafter is optional: requests may still pick
     # another method, and are refused if it needs the drafter that is missing.
-    _check_drafter(args, required=args.method != "ar")
+    needs = args.policy.needs_drafter
+    check_drafter(args.model, args.k, args.heads, required=needs)
     try:
         import uvicorn
 
@@ -81,10 +82,9 @@ def cmd_serve(args) -> int:
     from ..backbone import load_backbone
 
     backbone = load_backbone(args.model, numerics=args.numerics)
-    drafter = _drafter(args, backbone, required=args.method != "ar")
-    app = create_app(backbone, drafter, aliases=(args.model,), method=args.method,
-                     clp_threshold=args.clp_threshold, gate_threshold=args.gate_threshold, draft=args.draft,
-                     lookup=args.lookup, lookup_tokens=args.lookup_tokens, tree=args.tree, api_key=args.api_key, max_queue=args.max_queue)
+    drafter = resolve_drafter(backbone, args.k, args.heads, required=needs)
+    app = create_app(backbone, drafter, aliases=(args.model,), policy=args.policy, api_key=args.api_key,
+                     max_queue=args.max_queue)
     served = app.state.server
 
     class Server(uvicorn.Server):
