@@ -3,9 +3,10 @@ applied only where logits are needed, and a KV cache that grows by several token
 and rolls back.
 
 Two engines run the trunk: "lean" (fast.py: fused projections, our static KV cache and
-copy-free grouped-query attention; Llama/SmolLM2 and Qwen2) and "hf" (the transformers
-module stack with its DynamicCache: the reference, and the path for every other
-architecture). Both return the same hidden states to float tolerance (tests/test_engine.py).
+copy-free grouped-query attention; Llama/SmolLM2, Qwen2 and Gemma 3, sliding-window layers
+included) and "hf" (the transformers module stack with its DynamicCache: the reference, and
+the path for every other architecture). Both return the same hidden states to float
+tolerance (tests/test_engine.py).
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ from .cache import StaticKVCache
 from .fast import LeanForward, lean_unsupported_reason
 from .loading import resolve_model, source_gguf
 
-# fp32: the model as trained. fp16: fp16 weights, fp32 activations (fbgemm), ~2x faster
-# per token here with near-fp32 outputs; each row of a multi-token step is computed
-# independently, so verified decoding stays exactly AR. int8: dynamic int8 (fbgemm), the
-# flattest multi-token cost, but activations are quantised per tensor, so a row's result
-# depends on the other rows of the step and verified output can differ from AR's.
-# q4: the trunk's projections compute on 4-bit groups of 32 and the LM head on 8-bit ones
-# (the GGUF's own Q4_1/Q4_K and Q8_0 blocks where the model came from one; quant.py), on
-# the project's C++ kernels (kernels.py) with fp16 K/V: the fastest here, rows independent.
-# auto (the default): q4 for a backbone that came from a GGUF (it then computes on the file's
-# own blocks: nothing is rounded that the file did not round) when the C++ kernels build,
-# fp16 otherwise (a model in full precision is not silently cut to 4 bits).
+# Numerics (measured in docs/design.md, "Numerics and speed on CPU" and "q4"):
+# fp32: the model as trained. fp16: fp16 weights, fp32 activations (fbgemm); each row of a
+# multi-token step is computed independently, so verified decoding stays exactly AR. int8:
+# dynamic int8 (fbgemm), but activations are quantised per tensor, so a row's result depends
+# on the other rows of the step and verified output can differ from AR's. q4: the trunk's
+# projections on 4-bit groups of 32 and the LM head on 8-bit ones (the GGUF's own blocks
+# where the model came from one; quant.py), on the project's C++ kernels (kernels.py) with
+# fp16 K/V, rows independent. auto (the default): q4 for a backbone that came from a GGUF
+# (it then computes on the file's own blocks: nothing is rounded that the file did not
+# round) when the C++ kernels build, fp16 otherwise (a model in full precision is not
+# silently cut to 4 bits).
 NUMERICS = ("auto", "fp32", "fp16", "int8", "q4")
 DEFAULT_NUMERICS = "auto"
 

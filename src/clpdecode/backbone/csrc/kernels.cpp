@@ -1,14 +1,24 @@
-// CPU kernels of the q4 decode path (built on first use by backbone/kernels.py).
+// CPU kernels of the q4 decode path (built on first use by backbone/kernels.py). Six ops in
+// the `clp` namespace:
 //
-// clp::q4_linear      y = x W^T (+ b): W as ggml Q4_1-style groups of 32 (4-bit codes, an
-//                      fp32 scale and min per group), x quantised per row to int8 in groups
-//                      of 32 (llama.cpp's q4_1 x q8 dot, with the min term on exact fp32
-//                      group sums). Integer dot products keep a 5-row step close to a
-//                      1-row one: the 4-bit weights are decoded once per group for all rows.
+// clp::q4_linear      y = op(x) W^T (+ b) (+ residual): W as ggml Q4_1-style groups of 32
+//                      (4-bit codes, an fp32 scale and min per group), op(x) quantised per row
+//                      to int16 (int8 with CLP_ACT8) in groups of 32 (llama.cpp's q4_1 x q8
+//                      dot, with the min term on exact fp32 group sums). Integer dot products
+//                      keep a 5-row step close to a 1-row one: the 4-bit weights are decoded
+//                      once per group for all rows. op(x) is x, RMSNorm(x) * w, or
+//                      act(gate) * up (SiLU or tanh-GELU) for x = [gate | up]: fused in front.
+// clp::q8_linear      the same with 8-bit codes and a scale per group of 32 (Q8_0, Q5_0) or
+//                      16 (Q6_K): the LM head, Gemma's other types, the drafters' weights.
+// clp::rms_norm       RMSNorm of fp32 rows (+ residual), the linears' own arithmetic.
+// clp::rope_store     rotary on a step's queries and keys (with Gemma 3's q/k norms in front)
+//                      and the write of its keys and values into the (fp16) cache.
 // clp::decode_attention  grouped-query attention of a decode step's T queries over a static
 //                      KV cache, chunked over keys (both cores busy with 3 K/V heads).
+// clp::layers_forward  a whole batch-1 step's decoder layers in one call: the ops above,
+//                      called as C++ functions, bit-identical to calling them one by one.
 //
-// Both are row-invariant: a row's result is bit-identical whatever other rows share the
+// All are row-invariant: a row's result is bit-identical whatever other rows share the
 // call, because each row runs the same instruction sequence over the same data in the same
 // order (activations are quantised per row; attention chunks sit at fixed virtual positions,
 // and a row's keys are exactly those a one-token step at its position would see). Verified
