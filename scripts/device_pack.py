@@ -105,9 +105,9 @@ def packed_model(weight_dirs, config_path):
 
 def pack_tokens(backbone, out: Path, n_sd: int, n_tf: int, max_prompt: int = 320, max_len: int = 640,
                 seed: int = 0) -> dict:
-    from clpdecode.errors import ClpError
-    from clpdecode.datasets import opening_prompt, sharegpt_conversations, sharegpt_split
     from clpdecode.corpus import read_corpus
+    from clpdecode.datasets import opening_prompt, sharegpt_conversations, sharegpt_split
+    from clpdecode.errors import ClpError
 
     tok = backbone.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")

@@ -109,7 +109,8 @@ def test_q4_linear_matches_reference_and_rows_are_independent(n, k):
     ref = _q8_reference(x, w) + lin.bias
     assert torch.allclose(y, ref, atol=1e-5 * ref.abs().max())
     exact = x @ w.dequantize().t() + lin.bias  # what the rounding of activations costs
-    assert torch.allclose(y, exact, atol=(2e-4 if kernels.load().activation_levels() > 127 else 2e-2) * exact.abs().max())
+    tol = 2e-4 if kernels.load().activation_levels() > 127 else 2e-2
+    assert torch.allclose(y, exact, atol=tol * exact.abs().max())
     one = torch.cat([lin(x[i : i + 1]) for i in range(9)])
     for rows in range(1, 10):  # any number of rows: bit-identical to one-row products
         assert torch.equal(lin(x[:rows]), one[:rows])
