@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from clpdecode.heads.chained import ChainConfig, ChainedHeads
-from clpdecode.heads.accuracy import shifted
-from clpdecode.training.chain import ChainLossConfig, chain_acceptance, chain_lengths, chain_loss
+from clpdecode.heads.accuracy import accuracy_counts, shifted, summarise
+from clpdecode.training.chain import ChainLossConfig, chain_loss
+from clpdecode.training.drafter import accepted_drafts
 
 D, V = 32, 97
 
@@ -70,10 +71,10 @@ def test_acceptance_counts_oracle_chain():
     feats, tokens = torch.randn(B, L, D), torch.randint(0, V, (B, L))
     mask = torch.ones(B, L, dtype=torch.bool)
     mask[:, -1] = False
-    res = chain_acceptance(chain, feats, tokens, mask, table, 2)
+    res = summarise([accuracy_counts(chain, feats, tokens, mask, table, 2)], 2, chain.cfg.design)
     assert res["tokens"] == int(mask.sum())
     assert 0 <= res["chain_accept"][1] <= res["chain_accept"][0] <= 1
-    lengths, correct = chain_lengths(chain, feats, tokens, mask, table, table, 2)
+    lengths, correct = accepted_drafts(chain, feats, feats, tokens, mask, table, table, 2)
     assert lengths.shape == (B, L) and correct.shape == (B, L, 2)
     assert int(lengths.max()) <= 2
 

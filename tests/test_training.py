@@ -150,6 +150,7 @@ def test_two_process_training_with_accelerate_launch(design, features, tiny_llam
 def test_clp_resume_continues_the_class_weight_ramp(features, tiny_backbone, tmp_path):
     """An interrupted CLP run, resumed, ends with the weights of an uninterrupted one: the
     warm-up ramp of the class weights is driven by the checkpointed step."""
+    from clpdecode.training import fit
     from clpdecode.training import train as tr
 
     feats = load_features(features / "feats")
@@ -160,7 +161,7 @@ def test_clp_resume_continues_the_class_weight_ramp(features, tiny_backbone, tmp
                            draft_vocab=50), tcfg, tmp_path / "h.pt", "heads")
     full, _ = tr.train_clp(feats, heads, embed, tcfg, tmp_path / "full.pt", 0.5, "clp")
 
-    real_optimise, calls = tr._optimise, {"n": 0}
+    real_optimise, calls = fit.optimise, {"n": 0}
 
     def interrupted(module, loss_fn, *a, **kw):
         def boom(gen, step):
@@ -169,14 +170,14 @@ def test_clp_resume_continues_the_class_weight_ramp(features, tiny_backbone, tmp
             return loss_fn(gen, step)
         return real_optimise(module, boom, *a, **kw)
 
-    tr._optimise = interrupted
+    fit.optimise = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             tr.train_clp(feats, heads, embed, tcfg, tmp_path / "cut.pt", 0.5, "clp")
         calls["n"] = 1
         resumed, _ = tr.train_clp(feats, heads, embed, tcfg, tmp_path / "cut.pt", 0.5, "clp")
     finally:
-        tr._optimise = real_optimise
+        fit.optimise = real_optimise
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -266,14 +267,17 @@ def test_chain_training_command_and_fine_tuning_from_a_bundle(features, tiny_lla
     cfg = GenerationConfig(max_new_tokens=20)
     ar = generate(bb, ids, make_policy("ar"), cfg)
     assert generate(bb, ids, make_policy("verified", bb, tuned), cfg).token_ids == ar.token_ids
-    # From scratch: a chain with its own draft vocabulary.
+    # From scratch: a chain with its own draft vocabulary (and, as Gemma's shipped one, a narrower MLP).
     argv = ["train", "--design", "chain", "--steps", "1", "--draft-vocab", "40", "--out", str(tmp_path / "new"),
-            "--work", str(tmp_path / "w2"), "--no-competing"] + common
+            "--work", str(tmp_path / "w2"), "--no-competing", "--chain-mlp", "24"] + common
     assert main(argv) == 0
     capsys.readouterr()
     new = load_drafter(tmp_path / "new", bb)
-    assert new.heads.draft_ids.numel() == 40 and new.competing is None
+    assert new.heads.draft_ids.numel() == 40 and new.competing is None and new.heads.cfg.intermediate_size == 24
     # A bundle of another design or k is refused before any training.
+    assert main(["train", "--design", "chain", "--init", str(base), "--chain-mlp", "24", "--out", str(tmp_path / "x")]
+                + common) == 2
+    assert "--chain-mlp goes with --design chain, from scratch" in capsys.readouterr().err
     for design, k, match in (("eagle3", "2", "holds a chained drafter"), ("chain", "3", "not --k 3")):
         bad = ["train", "--design", design, "--init", str(base), "--steps", "1", "--out", str(tmp_path / "bad"),
                "--work", str(tmp_path / "w3")] + common
@@ -578,3 +582,61 @@ def test_every_answer_trains_in_its_earlier_turns_as_they_fit():
     assert len(_chat_turns(tok, conv[:2] + [{"from": "gpt", "value": "twice"}], 400)) == 1
     with pytest.raises(ClpError, match="turns must be one of"):
         drafter_sequences(None, [], turns="some")
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Loading a backbone fails the test: what is refused must be refused before that."""
+    from clpdecode import backbone
+
+    def refuse(*a, **kw):
+        raise AssertionError("the backbone was loaded before the refusal")
+
+    monkeypatch.setattr(backbone, "load_backbone", refuse)
+
+
+def test_bad_counts_and_output_paths_are_refused_before_anything_loads(no_load, tmp_path, capsys):
+    """Counts that cannot be (`clp distill --prompts -1` ran 90 s and rewrote the shipped
+    corpus's meta.json; --prompts 0 ran long; `clp train --draft-vocab -5` failed after the
+    load) and output paths that cannot be written (an existing file as `clp train --out`
+    trained every stage, then died with NotADirectoryError) are one `clp: error:` line,
+    exit 2, before the backbone loads."""
+    from clpdecode.cli import main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    train = ["train", "--model", "m", "--k", "2"]
+    cases = [
+        (["distill", "--model", "m", "--prompts", "-1"], "--prompts must be at least 1"),
+        (["distill", "--model", "m", "--prompts", "0"], "--prompts must be at least 1"),
+        (["distill", "--model", "m", "--teacher-forced", "-3"], "--teacher-forced must be >= 0"),
+        (["distill", "--model", "m", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["distill", "--model", "m", "--corpus", str(a_file)], f"--corpus {a_file} is a file, not a folder"),
+        (["distill", "--model", "m", "--features", str(a_file / "x")], f"{a_file} is a file, not a folder"),
+        (train + ["--draft-vocab", "-5", "--out", str(tmp_path / "o")], "--draft-vocab must be >= 0"),
+        (train + ["--steps", "0", "--out", str(tmp_path / "o")], "--steps must be at least 1"),
+        (["sequences", "--model", "m", "--out", str(a_file / "x.npz")], f"{a_file} is a file, not a folder"),
+    ]
+    for design in ("chain", "eagle3", "fused"):
+        cases += [(train + ["--design", design, "--out", str(a_file)], f"--out {a_file} is a file, not a folder"),
+                  (train + ["--design", design, "--out", str(tmp_path / "o"), "--work", str(a_file)],
+                   f"--work {a_file} is a file, not a folder")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("clp: error: ") and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_max_len_that_leaves_nothing_to_train_is_named(features, tiny_llama_dir, tmp_path, capsys):
+    """`clp train --max-len 1` said "no training sequences (... run `clp distill` first)";
+    the cause is --max-len, and the message says so. An empty corpus still points to
+    `clp distill`."""
+    from clpdecode.cli import main
+
+    common = ["train", "--design", "chain", "--model", str(tiny_llama_dir), "--k", "2", "--steps", "1",
+              "--numerics", "fp32", "--conversations", "0", "--out", str(tmp_path / "o")]
+    assert main(common + ["--corpus", str(features / "corpus"), "--max-len", "1"]) == 2
+    assert "within its first --max-len 1 tokens: raise --max-len" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(common + ["--corpus", str(tmp_path / "empty")]) == 2
+    assert "run `clp distill` first" in capsys.readouterr().err

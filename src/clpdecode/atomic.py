@@ -52,3 +52,35 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent  # the installed package: read-only input, never an output
+
+
+def check_writable(path, flag: str, folder: bool = True) -> Path:
+    """Refuse an output path that cannot be written, before anything slow runs (a long run
+    must not die at its last step): the package's own folder (its assets are read-only
+    input), a file where a folder is wanted or the reverse, a file in the way of a folder
+    to create, and a place this process may not write. A folder (`folder`) may be created
+    with its missing parents; a file's folder must exist. Nothing is created here."""
+    from .errors import ClpError
+
+    path = Path(path).expanduser()
+    where = path.resolve()
+    if where == PACKAGE_DIR or PACKAGE_DIR in where.parents:
+        raise ClpError(f"{flag} {path} is inside the installed package ({PACKAGE_DIR}), whose files are read-only "
+                       "input: name a folder outside it")
+    if folder and path.exists() and not path.is_dir():
+        raise ClpError(f"{flag} {path} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise ClpError(f"{flag} {path} is a folder, not a file")
+    existing = path if path.exists() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ClpError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not folder and existing != path and existing != path.parent:
+        raise ClpError(f"{flag} {path}: folder {path.parent} does not exist")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ClpError(f"{flag} {path}: no permission to write in {existing}")
+    return path

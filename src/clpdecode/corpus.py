@@ -14,8 +14,45 @@ from typing import Iterator
 
 
 def corpus_dir(backbone_name: str) -> Path:
-    """The self-distilled token-id corpus shipped for a backbone (held-out answers included)."""
+    """The self-distilled token-id corpus shipped for a backbone (held-out answers included):
+    read-only input, which nothing writes to."""
     return Path(str(resources.files("clpdecode") / "assets" / "corpus" / backbone_name))
+
+
+def user_corpus_dir(backbone_name: str) -> Path:
+    """Where `clp distill` writes a backbone's corpus unless told otherwise: the cache
+    (<cache>/corpus/<backbone>), never the installed package."""
+    from .backbone.loading import cache_dir
+
+    return cache_dir() / "corpus" / backbone_name
+
+
+def _has_answers(folder: Path) -> bool:
+    return any(Path(folder).glob("shard-*.jsonl"))
+
+
+def default_corpus(backbone_name: str) -> Path:
+    """The corpus `clp train` and `clp distill` read unless told otherwise: the one `clp
+    distill` wrote in the cache once there is one, else the shipped one."""
+    own = user_corpus_dir(backbone_name)
+    return own if _has_answers(own) else corpus_dir(backbone_name)
+
+
+def start_user_corpus(backbone_name: str) -> Path:
+    """user_corpus_dir, begun as a copy of the shipped corpus (when there is one and the
+    cache holds none yet), so that `clp distill --prompts N` extends the shipped answers
+    instead of answering those prompts again."""
+    import shutil
+
+    from .atomic import atomic_folder
+
+    own, shipped = user_corpus_dir(backbone_name), corpus_dir(backbone_name)
+    if not _has_answers(own) and _has_answers(shipped):
+        with atomic_folder(own) as tmp:
+            for f in shipped.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+    return own
 
 
 def corpus_grid(corpus_dir: Path) -> str | None:

@@ -1,4 +1,4 @@
-"""Training and measuring the chained drafter on whole sequences of backbone states.
+"""The chained drafter's training loss on whole sequences of backbone states.
 
 Only one-step targets are needed: at every position p of any text, the backbone's own
 next-token distribution softmax(E f_p) and its state f_p. Both come from one prefill (or
@@ -8,8 +8,6 @@ so teacher-forced text is as good a source as self-distilled answers.
 Step s (1-based) of the chain started at j reads x_{j+s} and predicts x_{j+s+1}; its
 targets are the backbone's distribution at p = j+s (soft cross-entropy over the draft
 vocabulary) and, optionally, the state f_{j+s} (SmoothL1 "feature regression").
-
-This module imports torch only, so that the same code trains on a GPU machine.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..heads.accuracy import accuracy_counts, draft_topk, shifted, summarise
+from ..heads.accuracy import shifted
 from ..heads.chained import ChainedHeads
 
 
@@ -78,35 +76,3 @@ def chain_loss(chain: ChainedHeads, features: torch.Tensor, tokens: torch.Tensor
         wsum += w
         top1.append(float((student.argmax(-1) == teacher.argmax(-1)).float().mean()))
     return total / max(wsum, 1e-9), {"top1": top1}
-
-
-def chain_acceptance(chain: ChainedHeads, features: torch.Tensor, tokens: torch.Tensor, answer_mask: torch.Tensor,
-                     embed: torch.Tensor, steps: int) -> dict:
-    """Held-out acceptance of the chain as inference runs it (see heads/accuracy.py)."""
-    return summarise([accuracy_counts(chain, features, tokens, answer_mask, embed, steps)], steps, chain.cfg.design)
-
-
-@torch.no_grad()
-def chain_lengths(chain: ChainedHeads, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-                  embed: torch.Tensor, lm_head: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accepted length of the chain's drafts at every position (the CLP label) and per-step
-    correctness (the gate labels), against the backbone's greedy continuation.
-
-    The greedy token after position p is argmax(E f_p). The chain's draft s from start j is
-    right when it equals the greedy token after p = j+s, and the text up to there followed
-    the backbone's greedy choices (so f_{j+s} is the state on the greedy path).
-    Returns: lengths (B, L) long in 0..steps, correct (B, L, steps) bool; invalid starts
-    (mask False) get length 0 and are to be ignored by the caller.
-    """
-    greedy = torch.cat([(features[:, i : i + 256].float() @ lm_head.T).argmax(-1)
-                        for i in range(0, features.shape[1], 256)], 1)  # (B, L)
-    on_path = shifted(tokens, 1) == greedy  # x_{p+1} is the greedy token after p
-    drafts = draft_topk(chain, features, tokens, embed, steps, topk=1)[..., 0]  # (B, L, steps)
-    correct = []
-    path = mask.clone()
-    for s in range(1, steps + 1):
-        d = drafts[:, :, s - 1]
-        path = path & shifted(on_path, s - 1, False)  # x_{j+1..j+s} greedy: draft s's context is right
-        correct.append(path & (d == shifted(greedy, s)) & shifted(mask, s, False))
-    correct = torch.stack(correct, -1)
-    return correct.long().cumprod(-1).sum(-1), correct

@@ -9,13 +9,6 @@ from pathlib import Path
 from ..errors import ClpError
 
 
-def default_corpus_dir(backbone_name: str) -> Path:
-    """The committed token-id corpus of a backbone, inside the package: found from anywhere."""
-    from ..corpus import corpus_dir
-
-    return corpus_dir(backbone_name)
-
-
 def features_dir(arg: str | None, backbone_name: str, must_exist: bool = True) -> Path:
     """--features, else <cache>/features/<backbone>; with must_exist, a clear error if absent."""
     from ..backbone.loading import cache_dir
@@ -24,6 +17,25 @@ def features_dir(arg: str | None, backbone_name: str, must_exist: bool = True) -
     if must_exist and not path.is_dir():
         raise ClpError(f"no cached hidden states at {path}: run `clp distill` first")
     return path
+
+
+def _outputs(args, *flags: str) -> None:
+    """Every output folder a command was given (--out, --work, ...), checked before anything
+    loads (atomic.check_writable); defaults are checked where they are known."""
+    from ..atomic import check_writable
+
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value:
+            check_writable(value, flag)
+
+
+def _work_dir(args) -> Path:
+    """--work, else a hidden folder beside --out; checked like --out."""
+    from ..atomic import check_writable
+
+    out = Path(args.out)
+    return check_writable(args.work or out.parent / f".{out.name}-work", "--work")
 
 
 def check_device(arg: str) -> None:
@@ -42,12 +54,26 @@ def check_device(arg: str) -> None:
 
 def cmd_distill(args) -> int:
     from ..backbone import load_backbone
+    from ..corpus import default_corpus, start_user_corpus
+    from ..errors import check_positive_int
     from .distill import DistillConfig, build_features, build_teacher_features, generate_corpus
 
+    if args.prompts is not None:
+        check_positive_int("--prompts", args.prompts)  # leave it out to answer nothing
+    for opt in ("max_new_tokens", "batch_size"):
+        check_positive_int("--" + opt.replace("_", "-"), getattr(args, opt))
+    if args.teacher_forced < 0:
+        raise ClpError(f"--teacher-forced must be >= 0, got {args.teacher_forced}")
+    _outputs(args, "--corpus", "--features")
     check_device(args.device)
     backbone = load_backbone(args.model)
-    corpus = Path(args.corpus) if args.corpus else default_corpus_dir(backbone.name)
+    # The shipped corpus is read-only input: new answers go to the cache, begun as its copy.
+    if args.corpus:
+        corpus = Path(args.corpus)
+    else:
+        corpus = start_user_corpus(backbone.name) if args.prompts else default_corpus(backbone.name)
     features = features_dir(args.features, backbone.name, must_exist=False)
+    print(f"distill: corpus {corpus}" + ("" if args.corpus_only else f", hidden states {features}"), file=sys.stderr)
     if args.prompts:
         generate_corpus(backbone, corpus, DistillConfig(n_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
                                                         batch_size=args.batch_size, prompt_set=args.prompt_set,
@@ -77,19 +103,18 @@ def _aux_layers(arg: str | None, design: str) -> tuple[int, ...]:
     return layers
 
 
-def cmd_train_drafter(args) -> int:
+def cmd_train_drafter(args, work: Path) -> int:
     """`clp train --design eagle3|chain`: token corpora in, a drafter bundle out."""
     from ..backbone import load_backbone
-    from ..corpus import read_corpus
+    from ..corpus import default_corpus, read_corpus
     from ..errors import check_positive_int
     from ..heads.artifacts import save_drafter
     from .data import drafter_sequences
     from .drafter import DrafterTrainConfig, load_init, train_drafter
-    from .train import _accelerator
+    from .fit import accelerator
 
-    for opt in ("k", "steps", "batch_sequences", "max_len", "predictor_steps", "competing_steps"):
-        if getattr(args, opt) is not None:
-            check_positive_int("--" + opt.replace("_", "-"), getattr(args, opt))
+    for opt in ("batch_sequences", "max_len"):
+        check_positive_int("--" + opt.replace("_", "-"), getattr(args, opt))
     if args.sequences and args.conversations is not None:
         raise ClpError("--sequences replaces ShareGPT's conversations: give it or --conversations, not both")
     if args.sequences and args.turns != "all":
@@ -101,21 +126,25 @@ def cmd_train_drafter(args) -> int:
     if args.lr is not None and not args.lr > 0:
         raise ClpError(f"--lr must be > 0, got {args.lr}")
     aux_layers = _aux_layers(args.aux_layers, args.design)
+    if args.chain_mlp is not None:
+        if args.design != "chain" or args.init:
+            raise ClpError("--chain-mlp goes with --design chain, from scratch (an --init bundle has its own width)")
+        check_positive_int("--chain-mlp", args.chain_mlp)
     if args.init:
         from ..heads.artifacts import check_heads_folder
 
         check_heads_folder(args.init)  # before the backbone loads
     check_device(args.device)
-    out = Path(args.out)
-    work = Path(args.work) if args.work else out.parent / f".{out.name}-work"
     backbone = load_backbone(args.model, numerics=args.numerics)
     if any(i >= backbone.info.num_layers for i in aux_layers):
         raise ClpError(f"--aux-layers {args.aux_layers}: {backbone.name} has layers 0..{backbone.info.num_layers - 1}")
-    corpus = Path(args.corpus) if args.corpus else default_corpus_dir(backbone.name)
+    corpus = Path(args.corpus) if args.corpus else default_corpus(backbone.name)
     records = read_corpus(corpus) if corpus.is_dir() else []
-    cfg = DrafterTrainConfig(design=args.design, aux_layers=aux_layers, init=args.init or "", k=args.k, draft_vocab=args.draft_vocab,
-                             steps=args.steps, minutes=args.minutes, batch_sequences=args.batch_sequences,
-                             max_len=args.max_len, seed=args.seed, device=args.device,
+    cfg = DrafterTrainConfig(design=args.design, aux_layers=aux_layers, chain_mlp=args.chain_mlp or 0,
+                             init=args.init or "", k=args.k,
+                             draft_vocab=args.draft_vocab, steps=args.steps, minutes=args.minutes,
+                             batch_sequences=args.batch_sequences, max_len=args.max_len, seed=args.seed,
+                             device=args.device,
                              **({"lr": args.lr} if args.lr is not None else {}),
                              **({"predictor_steps": args.predictor_steps} if args.predictor_steps is not None else {}),
                              **({"competing_steps": 0} if args.no_competing else
@@ -125,38 +154,40 @@ def cmd_train_drafter(args) -> int:
                                     predictor_share=cfg.predictor_share, seed=args.seed, sequences=args.sequences,
                                     turns=args.turns)
     if not train:
-        raise ClpError(f"no training sequences (corpus {corpus}: run `clp distill` first)")
+        answers = sum(r.get("split") == "train" for r in records)
+        if answers or args.conversations != 0:  # there was text, and --max-len cut every answer off
+            raise ClpError(f"no training sequence has an answer token within its first --max-len {args.max_len} "
+                           "tokens: raise --max-len")
+        raise ClpError(f"no training sequences: corpus {corpus} has no training answers (run `clp distill` first) "
+                       "and --conversations 0 reads none of ShareGPT's")
     print(f"train: {len(train):,} sequences ({sum(sum(m) for _, m in train):,} trained tokens); {len(pred):,} "
           "self-distilled answers held back for CLP, the gates and the competing heads", file=sys.stderr)
     drafter, report = train_drafter(backbone, train, pred, cfg, work, init)
-    if not _accelerator().is_main_process:
+    if not accelerator().is_main_process:
         return 0
-    save_drafter(drafter, out, backbone)
-    print(json.dumps({"out": str(out), "drafter_steps": report["drafter_steps"], "finished": report["finished"],
+    save_drafter(drafter, Path(args.out), backbone)
+    print(json.dumps({"out": args.out, "drafter_steps": report["drafter_steps"], "finished": report["finished"],
                       "sequences": report["sequences"], "predictors": report.get("predictors")}, indent=1))
     return 0
 
 
-def cmd_train(args) -> int:
+def cmd_train_heads(args, work: Path) -> int:
+    """`clp train --design fused|residual`: cached hidden states in, independent heads out."""
     import torch
 
-    from .drafter import DESIGNS
-
     from ..backbone import load_backbone
+    from ..errors import check_positive_int
     from ..heads.artifacts import save_drafter
     from .data import load_features
-    from ..errors import check_positive_int
+    from .fit import accelerator
     from .train import TrainConfig, train_all
 
-    if args.design in DESIGNS:
-        return cmd_train_drafter(args)
     if args.init:
         raise ClpError("--init goes with --design eagle3 or chain")
-    check_positive_int("--k", args.k)
+    check_positive_int("--batch-size", args.batch_size)
+    _outputs(args, "--features")
     backbone = load_backbone(args.model, numerics="fp32")
     features = features_dir(args.features, backbone.name)
-    out = Path(args.out)
-    work = Path(args.work) if args.work else out.parent / f".{out.name}-work"
     torch.manual_seed(args.seed)
     feats = load_features(features, sources=args.sources)
     tcfg = TrainConfig(k=args.k, design=args.design, draft_vocab=args.draft_vocab, steps=args.steps,
@@ -164,17 +195,31 @@ def cmd_train(args) -> int:
                        competing_steps=args.competing_steps or 0, seed=args.seed, sources=args.sources,
                        **({"predictor_steps": args.predictor_steps} if args.predictor_steps is not None else {}))
     drafter, report = train_all(feats, backbone, tcfg, work)
-    from .train import _accelerator
-
-    if not _accelerator().is_main_process:
+    if not accelerator().is_main_process:
         return 0
-    save_drafter(drafter, out, backbone)
-    print(json.dumps({"out": str(out), **{k: report[k] for k in ("heads", "clp", "positions")}}, indent=1))
+    save_drafter(drafter, Path(args.out), backbone)
+    print(json.dumps({"out": args.out, **{k: report[k] for k in ("heads", "clp", "positions")}}, indent=1))
     return 0
+
+
+def cmd_train(args) -> int:
+    """`clp train`: the checks every design shares, before anything loads, then its design's command."""
+    from ..errors import check_positive_int
+    from .drafter import DESIGNS
+
+    for opt in ("k", "steps", "predictor_steps", "competing_steps"):
+        if getattr(args, opt) is not None:
+            check_positive_int("--" + opt.replace("_", "-"), getattr(args, opt))
+    if args.draft_vocab < 0:
+        raise ClpError(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {args.draft_vocab}")
+    _outputs(args, "--out")
+    work = _work_dir(args)
+    return (cmd_train_drafter if args.design in DESIGNS else cmd_train_heads)(args, work)
 
 
 def cmd_sequences(args) -> int:
     """`clp sequences`: ShareGPT's training-split answers tokenised for `clp train --sequences`."""
+    from ..atomic import check_writable
     from ..backbone import load_backbone
     from ..errors import check_positive_int
     from .data import write_sequences
@@ -185,8 +230,7 @@ def cmd_sequences(args) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ClpError(f"--out {out}: a sequences file ends in .npz")
-    if not out.parent.is_dir():
-        raise ClpError(f"--out {out}: folder {out.parent} does not exist")
+    check_writable(out, "--out", folder=False)
     backbone = load_backbone(args.model, numerics="fp32")  # only its tokenizer and chat template are read
     print(json.dumps(write_sequences(backbone, out, max_len=args.max_len, conversations=args.conversations,
                                      turns=args.turns), indent=1))
@@ -215,10 +259,15 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
                     "position (fp16) so that training never reruns the backbone. --teacher-forced N adds the "
                     "hidden states of N ShareGPT answers read by the backbone (prefill only, ~10x cheaper).")
     add_model_args(d, numerics=False)
-    d.add_argument("--corpus", default=None, help="token-id corpus folder (default: the package's assets/corpus/<backbone>)")
+    d.add_argument("--corpus", default=None,
+                   help="token-id corpus folder to extend (or, without --prompts, to read) (default: "
+                        "<cache>/corpus/<backbone>, begun as a copy of the corpus shipped for the backbone, which "
+                        "is read-only input; without --prompts the shipped one until the cache holds one)")
     d.add_argument("--features", default=None, help="hidden-state cache folder (default: <cache>/features/<backbone>)")
-    d.add_argument("--prompts", type=int, default=0,
-                   help="answer this many ShareGPT prompts first (0: only cache the existing corpus) (default: 0)")
+    d.add_argument("--prompts", type=int, default=None,
+                   help="answer the first N prompts of a seeded order first, N >= 1; those the corpus holds "
+                        "already are skipped, so a rerun resumes (default: none, only cache the hidden states of "
+                        "the existing corpus)")
     d.add_argument("--prompt-set", default="sharegpt", choices=list(DISTILL_PROMPT_SETS),
                    help="sharegpt: first human turns through the chat template (instruct models); passages: "
                         "plain-text openings of ShareGPT answers to continue (base models such as gemma3-270m); "
@@ -256,6 +305,9 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     t.add_argument("--aux-layers", default=None, metavar="A,B,C",
                    help="eagle3: the three backbone layers whose inputs the drafter fuses, e.g. 27,27,27 for the "
                         "high layer alone (an ablation) (default: 2, L/2, L-3 as vLLM and llama.cpp)")
+    t.add_argument("--chain-mlp", type=int, default=None, metavar="N",
+                   help="chain: the width of its MLP, e.g. 1024 for Gemma 3 270M's shipped chain (a smaller file "
+                        "for a wide backbone) (default: the backbone's)")
     t.add_argument("--init", default=None, metavar="DIR",
                    help="eagle3/chain: start from this drafter folder (same design and k; its draft vocabulary "
                         "is kept), e.g. to fine-tune a shipped drafter on more data (default: from scratch)")
@@ -274,7 +326,8 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
     _add_sequence_args(t, "eagle3/chain: ")
     t.add_argument("--batch-sequences", type=int, default=4, help="eagle3/chain: sequences per step (default: 4)")
     t.add_argument("--corpus", default=None,
-                   help="eagle3/chain: self-distilled corpus (default: the package's assets/corpus/<backbone>)")
+                   help="eagle3/chain: self-distilled corpus (default: the one `clp distill` wrote in "
+                        "<cache>/corpus/<backbone>, else the one shipped for the backbone)")
     t.add_argument("--device", default="cpu",
                    help="eagle3/chain: where the drafter trains and the frozen backbone computes its targets: cpu "
                         "(the backbone as loaded, one sequence at a time) or cuda (an fp32 copy of the backbone on "

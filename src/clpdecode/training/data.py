@@ -198,6 +198,12 @@ def _chat_turns(tokenizer, turns: list[dict], max_len: int, first_only: bool = F
     return out
 
 
+def trainable(sequences: list, max_len: int | None = None) -> list:
+    """The (ids, mask) sequences with a token to train within their first max_len tokens (a
+    prompt or context longer than that leaves an answer nothing)."""
+    return [(ids, m) for ids, m in sequences if any(m[:max_len])]
+
+
 def answer_sequences(corpus_records: list[dict], max_len: int = 384, predictor_share: float = 0.08,
                      seed: int = 0) -> tuple[list, list]:
     """The self-distilled answers of the training split as (ids, mask) sequences (prompt +
@@ -212,9 +218,8 @@ def answer_sequences(corpus_records: list[dict], max_len: int = 384, predictor_s
             continue
         ids = (list(r["prompt"]) + list(r["answer"]))[:max_len]
         n_prompt = len(r["prompt"])
-        mask = [n_prompt - 1 <= p < len(ids) - 1 for p in range(len(ids))]
-        if any(mask):  # a prompt longer than max_len leaves nothing to train on
-            answers.append((ids, mask))
+        answers.append((ids, [n_prompt - 1 <= p < len(ids) - 1 for p in range(len(ids))]))
+    answers = trainable(answers)
     random.Random(seed).shuffle(answers)
     n_pred = max(1, int(len(answers) * predictor_share)) if len(answers) >= 2 and predictor_share > 0 else 0
     return answers[n_pred:], answers[:n_pred]
@@ -310,7 +315,7 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
         raise ClpError(f"turns must be one of {', '.join(TURNS)}, got {turns!r}")
     train, pred = answer_sequences(corpus_records, max_len, predictor_share, seed)
     if sequences is not None:
-        return train + load_sequences(sequences, backbone.info.vocab_size), pred
+        return train + trainable(load_sequences(sequences, backbone.info.vocab_size), max_len), pred
     if conversations == 0:  # the self-distilled answers only
         return train, pred
     tok = backbone.tokenizer
@@ -363,4 +368,4 @@ def drafter_sequences(backbone, corpus_records: list[dict], max_len: int = 384, 
             path.parent.mkdir(parents=True, exist_ok=True)
             save_sequences(path, convs)
         legacy.unlink(missing_ok=True)
-    return train + convs, pred
+    return train + trainable(convs), pred

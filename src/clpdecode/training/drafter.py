@@ -18,7 +18,7 @@ soft cross-entropy against the backbone's distribution at j + s, weighted 0.8^(s
 chain adds its SmoothL1 regression on the backbone's next state (training/chain.py).
 `init` starts from a drafter folder of the same design (fine-tuning: its weights and its
 draft vocabulary) instead of from scratch.
-AdamW with warm-up and cosine decay (training.train._optimise), checkpoints every
+AdamW with warm-up and cosine decay (training.fit.optimise), checkpoints every
 `checkpoint_every` steps; the data order is a fixed permutation indexed by the step, so a
 resumed run continues with the sequences it had not seen.
 
@@ -26,7 +26,7 @@ CLP and the gates then train on a predictor share of the sequences that the draf
 saw: labels are the drafter's accepted lengths against the backbone's greedy continuation
 (drafts fed back as at inference), features the backbone's last hidden state. The
 head-competition ablation's heads train on the same states (`competing_steps`; a bundle from
-`init` keeps its own).
+`init` keeps its own). All three are training/fit.py's small heads, as in the fused design.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,10 +44,11 @@ from ..heads.accuracy import shifted
 from ..heads.chained import ChainConfig, ChainedHeads
 from ..heads.eagle3 import Eagle3Config, Eagle3Drafter
 from ..heads.modules import HeadsConfig, MTPHeads
-from ..predictors.modules import CLP, Gates, PredictorConfig
+from ..predictors.modules import CLP, Gates
 from .chain import ChainLossConfig, chain_loss
-from .data import IGNORE, to_draft_index
-from .train import _accelerator, _optimise, clp_class_weights
+from .data import IGNORE, draft_vocabulary, to_draft_index, trainable
+from .fit import (CLP_ALPHA, CLP_RAMP, HEADS_LR, PREDICTOR_LR, Schedule, accelerator, fit_clp, fit_gates, fit_heads,
+                  optimise)
 
 DESIGNS = ("eagle3", "chain")
 
@@ -56,6 +57,7 @@ DESIGNS = ("eagle3", "chain")
 class DrafterTrainConfig:
     design: str = "eagle3"  # "eagle3" (three layers' states) or "chain" (the last state)
     aux_layers: tuple[int, ...] = ()  # eagle3: the 3 backbone layers whose inputs it fuses (): [2, L/2, L-3]
+    chain_mlp: int = 0  # chain: its MLP's width (0: the backbone's; narrower: a smaller file for a wide backbone)
     init: str = ""  # a drafter folder of the same design to start from ("": from scratch)
     k: int = 4  # draft steps, unrolled in training (training-time test)
     draft_vocab: int = 8192  # tokens the drafter may propose (the most frequent training tokens)
@@ -70,9 +72,9 @@ class DrafterTrainConfig:
     feature_weight: float = 0.5  # chain: SmoothL1 weight on the backbone's next state
     predictor_share: float = 0.08  # sequences held back for CLP and gates (never seen by the drafter)
     predictor_steps: int = 800
-    predictor_lr: float = 3e-3
-    clp_alpha: float = 0.5
-    clp_warmup: float = 0.3
+    predictor_lr: float = PREDICTOR_LR
+    clp_alpha: float = CLP_ALPHA
+    clp_warmup: float = CLP_RAMP
     # The head-competition ablation (`clp bench`'s `competing` row): k+1 independent residual
     # heads on the last state, head i predicting t+i, trained on the predictor share's
     # self-distilled text (the backbone's greedy continuation). 0: none.
@@ -144,14 +146,12 @@ def _pad(rows: list[torch.Tensor], length: int) -> torch.Tensor:
     return out
 
 
-def draft_vocabulary(sequences: list[tuple[list[int], list[bool]]], size: int, vocab_size: int) -> torch.Tensor:
-    """The `size` most frequent trained tokens (ascending ids), what the drafter may propose."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for ids, mask in sequences:
-        t = torch.tensor(ids[1:])[torch.tensor(mask[:-1])]
-        counts += torch.bincount(t, minlength=vocab_size)[:vocab_size]
-    size = min(size or vocab_size, vocab_size)
-    return counts.topk(size).indices.sort().values
+def trained_vocabulary(sequences: list[tuple[list[int], list[bool]]], size: int, vocab_size: int) -> torch.Tensor:
+    """The draft vocabulary of (ids, mask) sequences: data.draft_vocabulary of the tokens that
+    train (token p+1 where mask[p])."""
+    trained = [torch.tensor(ids[1:], dtype=torch.long)[torch.tensor(mask[:-1], dtype=torch.bool)]
+               for ids, mask in sequences]
+    return draft_vocabulary(torch.cat(trained) if trained else torch.zeros(0, dtype=torch.long), size, vocab_size)
 
 
 class _Batches:
@@ -213,25 +213,39 @@ def drafter_loss(drafter: Eagle3Drafter | ChainedHeads, targets: BackboneTargets
 @torch.no_grad()
 def drafter_lengths(drafter: Eagle3Drafter | ChainedHeads, targets: BackboneTargets, ids: list[int], mask: list[bool],
                     embed: torch.Tensor, k: int):
-    """Per position of one sequence: the backbone's hidden state, the drafter's accepted
-    length (its drafts fed back as at inference, against the backbone's greedy
-    continuation) and which drafts are right (CLP's and the gates' labels)."""
+    """Per position of one sequence whose next token trains: the backbone's hidden state, the
+    drafter's accepted length and which drafts are right (CLP's and the gates' labels,
+    accepted_drafts)."""
     features, hidden = targets([ids])  # (1, L, *) on the targets' device, as the drafter
-    dev = hidden.device
-    hidden = hidden[0]
-    t = torch.tensor([ids], device=dev)
-    greedy = (hidden @ targets.full.T).argmax(-1)[None]  # (1, L): the backbone's token after p
-    on_path = shifted(t, 1) == greedy
-    outs = drafter.forward_train(features, [embed[shifted(t, 1)]], steps=k, own_tokens=True)
-    drafts = torch.stack([drafter.draft_ids[drafter.logits(x).argmax(-1)] for x in outs], -1)  # (1, L, k)
-    m = torch.tensor([mask], device=dev)
-    correct, path = [], m.clone()
+    t = torch.tensor([ids], device=hidden.device)
+    m = torch.tensor([mask], device=hidden.device)
+    lengths, correct = accepted_drafts(drafter, features, hidden, t, m, embed, targets.full, k)
+    keep = m[0]
+    return hidden[0][keep].cpu(), lengths[0][keep].cpu(), correct[0][keep].cpu()
+
+
+@torch.no_grad()
+def accepted_drafts(drafter: Eagle3Drafter | ChainedHeads, features: torch.Tensor, hidden: torch.Tensor,
+                    tokens: torch.Tensor, mask: torch.Tensor, embed: torch.Tensor, lm_head: torch.Tensor,
+                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drafter's accepted length at every position (B, L) and which of its k drafts are
+    right (B, L, k), its drafts fed back as at inference, against the backbone's greedy
+    continuation (the greedy token after p is argmax(lm_head @ hidden[p])).
+
+    Draft s from start j is right when it equals the greedy token after j+s, every text token
+    in between followed the backbone's greedy choices (so the states are those of the greedy
+    path), and mask holds at j and j+s. Positions where mask is False get length 0.
+    """
+    greedy = (hidden @ lm_head.T).argmax(-1)  # (B, L): the backbone's token after p
+    on_path = shifted(tokens, 1) == greedy
+    outs = drafter.forward_train(features, [embed[shifted(tokens, 1)]], steps=k, own_tokens=True)
+    drafts = torch.stack([drafter.draft_ids[drafter.logits(x).argmax(-1)] for x in outs], -1)  # (B, L, k)
+    correct, path = [], mask.clone()
     for s in range(1, k + 1):
         path = path & shifted(on_path, s - 1, False)
-        correct.append(path & (drafts[:, :, s - 1] == shifted(greedy, s)) & shifted(m, s, False))
-    correct = torch.stack(correct, -1)[0]  # (L, k)
-    keep = m[0]
-    return hidden[keep].cpu(), correct[keep].long().cumprod(-1).sum(-1).cpu(), correct[keep].cpu()
+        correct.append(path & (drafts[:, :, s - 1] == shifted(greedy, s)) & shifted(mask, s, False))
+    correct = torch.stack(correct, -1)
+    return correct.long().cumprod(-1).sum(-1), correct
 
 
 def next_tokens(ids: list[int], mask: list[bool], n: int) -> torch.Tensor:
@@ -258,48 +272,23 @@ def _train_competing(hidden: torch.Tensor, tokens: torch.Tensor, lm_head: torch.
                                  draft_vocab=len(draft_ids)))
     heads.set_draft_vocab(draft_ids.cpu())
     heads.attach(lm_head.to(device))
-    targets = to_draft_index(tokens, draft_ids.cpu(), lm_head.shape[0]).to(device)  # (N, n)
-    hidden = hidden.to(device)
-    ema = {"loss": None}
-
-    def loss_fn(gen, step):
-        idx = torch.randint(len(hidden), (256,), generator=gen).to(device)
-        logits = heads(hidden[idx].float(), None)  # (B, n, Vd)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[idx].reshape(-1), ignore_index=IGNORE)
-        ema["loss"] = round(loss.item(), 3)
-        return loss
-
-    _optimise(heads, loss_fn, cfg.competing_steps, 2e-3, 50, work / "competing.pt", "train: competing heads",
-              cfg.seed, cfg.checkpoint_every * 10, device=device, local=True)
+    targets = to_draft_index(tokens, draft_ids.cpu(), lm_head.shape[0])  # (N, n)
+    sched = Schedule(steps=cfg.competing_steps, lr=HEADS_LR, seed=cfg.seed)
+    fit_heads(heads, hidden, targets, sched, work / "competing.pt", "train: competing heads", device=device,
+              local=True)
     heads.attach(lm_head.cpu())
-    return heads.eval(), {"heads": n, "steps": cfg.competing_steps, "positions": len(hidden),
-                          "last_batch_loss": ema["loss"]}
+    return heads, {"heads": n, "steps": cfg.competing_steps, "positions": len(hidden)}
 
 
 def _train_predictors(hidden, lengths, correct, k: int, cfg: DrafterTrainConfig, work: Path) -> tuple[CLP, Gates, dict]:
-    d = hidden.shape[1]
-    pcfg = PredictorConfig(k=k, hidden_size=d)
-    clp, gates = CLP(pcfg), Gates(pcfg)
-    final_w = clp_class_weights(lengths, k, cfg.clp_alpha)
-    ramp = max(1, int(cfg.clp_warmup * cfg.predictor_steps))
-
-    def clp_loss(gen, step):
-        w = 1 + min(1.0, step / ramp) * (final_w - 1)
-        idx = torch.randint(len(lengths), (256,), generator=gen)
-        return F.cross_entropy(clp(hidden[idx]), lengths[idx], weight=w)
-
-    def gate_loss(gen, step):
-        idx = torch.randint(len(lengths), (256,), generator=gen)
-        return F.binary_cross_entropy_with_logits(gates(hidden[idx]), correct[idx].float())
-
     # One linear layer each, on rows gathered on the CPU: they train there whatever --device,
     # in the main process alone (under `accelerate launch` the others have finished).
+    sched = Schedule(steps=cfg.predictor_steps, lr=cfg.predictor_lr, seed=cfg.seed)
     cpu = torch.device("cpu")
-    _optimise(clp, clp_loss, cfg.predictor_steps, cfg.predictor_lr, 50, work / "clp.pt", "train: CLP", cfg.seed,
-              cfg.checkpoint_every * 10, device=cpu, local=True)
-    _optimise(gates, gate_loss, cfg.predictor_steps, cfg.predictor_lr, 50, work / "gates.pt", "train: gates",
-              cfg.seed, cfg.checkpoint_every * 10, device=cpu, local=True)
-    return clp.eval(), gates.eval(), {"label_counts": torch.bincount(lengths, minlength=k + 1).tolist()}
+    clp = fit_clp(hidden, lengths, k, sched, work / "clp.pt", "train: CLP", alpha=cfg.clp_alpha,
+                  ramp=cfg.clp_warmup, device=cpu, local=True)
+    gates = fit_gates(hidden, correct, sched, work / "gates.pt", device=cpu, local=True)
+    return clp, gates, {"label_counts": torch.bincount(lengths, minlength=k + 1).tolist()}
 
 
 def load_init(folder, cfg: DrafterTrainConfig, backbone):
@@ -335,10 +324,11 @@ def new_drafter(backbone, cfg: DrafterTrainConfig, train_seqs: list, work: Path,
     if vocab_path.exists():
         draft_ids = torch.load(vocab_path)
     else:
-        draft_ids = draft_vocabulary(train_seqs, cfg.draft_vocab, backbone.info.vocab_size)
+        draft_ids = trained_vocabulary(train_seqs, cfg.draft_vocab, backbone.info.vocab_size)
         torch.save(draft_ids, vocab_path)
     if cfg.design == "chain":
-        drafter = ChainedHeads(ChainConfig.from_backbone_config(backbone.config, k=cfg.k))
+        ccfg = ChainConfig.from_backbone_config(backbone.config, k=cfg.k)
+        drafter = ChainedHeads(replace(ccfg, intermediate_size=cfg.chain_mlp) if cfg.chain_mlp else ccfg)
         drafter.set_draft_vocab(draft_ids)
         return drafter
     layers = {"aux_layers": tuple(cfg.aux_layers)} if cfg.aux_layers else {}
@@ -365,9 +355,9 @@ def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    acc = _accelerator()
+    acc = accelerator()
     # A sequence whose answer starts past max_len has nothing to train: drop it here, once.
-    train_seqs = [(ids, m) for ids, m in train_seqs if any(m[: cfg.max_len])]
+    train_seqs = trainable(train_seqs, cfg.max_len)
     if not train_seqs:
         raise ValueError("no training sequences (none has a trainable token within max_len)")
     if init is None and cfg.init:
@@ -388,9 +378,10 @@ def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
         return loss
 
     drafter.train()
-    done_steps = _optimise(drafter, loss_fn, cfg.steps, cfg.lr, cfg.warmup, work / "drafter.pt",
-                           f"train: {cfg.design} drafter", cfg.seed, cfg.checkpoint_every,
-                           stop=lambda: time.monotonic() > deadline, clip=cfg.clip, device=device)
+    sched = Schedule(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, checkpoint_every=cfg.checkpoint_every,
+                     seed=cfg.seed)
+    done_steps = optimise(drafter, loss_fn, sched, work / "drafter.pt", f"train: {cfg.design} drafter",
+                          stop=lambda: time.monotonic() > deadline, clip=cfg.clip, device=device)
     state = torch.load(work / "drafter.pt", weights_only=False, map_location="cpu")
     drafter.load_state_dict(state["module"])
     drafter.to(device).eval()
@@ -433,4 +424,5 @@ def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
     return drafter_bundle, report
 
 
-__all__ = ["DrafterTrainConfig", "train_drafter", "load_init", "drafter_loss", "drafter_lengths", "draft_vocabulary"]
+__all__ = ["DrafterTrainConfig", "train_drafter", "load_init", "drafter_loss", "drafter_lengths", "accepted_drafts",
+           "trained_vocabulary"]

@@ -1,40 +1,30 @@
-"""Training: MTP heads, then CLP and the gate baseline on the heads' own predictions.
+"""The fused design of `clp train` (and residual): independent MTP heads on cached hidden
+states, then CLP and the gate baseline on the heads' own predictions, and the
+head-competition ablation's heads; every one of them trained by training/fit.py.
 
 The backbone is frozen and never rerun: everything trains on cached hidden states
-(see distill.py). Each stage checkpoints every `checkpoint_every` steps (atomically) and
-resumes from its checkpoint when rerun with the same output folder.
-
-Loss weighting across heads: head i's cross-entropy is weighted by ``head_decay ** (i-1)``
-(0.8 by default, as in Medusa). Our reason: a head's token is only ever used when every
-earlier head's token was accepted, so its errors matter less, and later heads are
-intrinsically harder; the decay keeps them from pulling shared optimisation effort (the
-learning-rate schedule, early stopping) away from head 1, which carries most of the gain.
-
-CLP weighting (our reading of the paper's "relative weighting with linear warm-up"): the
-class weights are w_c = (n / ((k+1) n_c)) ** alpha, the inverse class frequency raised to
-alpha, where alpha ramps linearly from 0 (plain cross-entropy) to ``clp_alpha`` over the
-first ``clp_warmup`` share of the steps. Length 0 dominates the labels; the ramp lets the
-layer first learn the easy majority decision, then shifts weight to the rarer, valuable
-long spans. `clp train` also trains a plain cross-entropy CLP and reports both.
+(see distill.py). Each module checkpoints every `checkpoint_every` steps (atomically) and
+resumes from its checkpoint when rerun with the same work folder. `clp train` also trains
+a plain cross-entropy CLP (alpha 0) beside the weighted one and reports both.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ..atomic import atomic_file, atomic_write_text
+from ..atomic import atomic_write_text
 from ..heads.accuracy import heldout_accuracy
 from ..heads.artifacts import Drafter
 from ..heads.modules import HeadsConfig, MTPHeads
-from ..predictors.modules import CLP, Gates, PredictorConfig
+from ..predictors.modules import CLP, Gates
 from .data import IGNORE, Features, draft_vocabulary, sequence_states, to_draft_index
+from .fit import (BATCH_SIZE, CHECKPOINT_EVERY, CLP_ALPHA, CLP_RAMP, HEAD_DECAY, HEADS_LR, PREDICTOR_LR, WARMUP,
+                  Schedule, accelerator, fit_clp, fit_gates, fit_heads)
 
 
 @dataclass
@@ -43,116 +33,24 @@ class TrainConfig:
     design: str = "fused"  # head design: "fused" or "residual"
     draft_vocab: int = 8192  # LM-head rows heads may propose (0 = all)
     steps: int = 3000  # head optimiser steps
-    batch_size: int = 256  # positions per step
-    lr: float = 2e-3  # AdamW peak learning rate (heads)
+    batch_size: int = BATCH_SIZE  # positions per step
+    lr: float = HEADS_LR  # AdamW peak learning rate (heads)
     weight_decay: float = 0.0
-    warmup: int = 100  # linear warm-up steps, then cosine decay to 10%
-    head_decay: float = 0.8  # loss weight of head i is head_decay ** (i - 1)
+    warmup: int = WARMUP  # linear warm-up steps, then cosine decay to 10%
+    head_decay: float = HEAD_DECAY  # loss weight of head i is head_decay ** (i - 1)
     predictor_steps: int = 1500  # CLP and gate optimiser steps
-    predictor_lr: float = 3e-3
-    clp_alpha: float = 0.5  # final exponent of the inverse-frequency class weights
-    clp_warmup: float = 0.3  # share of CLP steps over which alpha ramps from 0
+    predictor_lr: float = PREDICTOR_LR
+    clp_alpha: float = CLP_ALPHA  # final exponent of the inverse-frequency class weights
+    clp_warmup: float = CLP_RAMP  # share of CLP steps over which alpha ramps from 0
     competing: bool = True  # also train the head-competition ablation heads
     competing_steps: int = 0  # their optimiser steps (0 = half of `steps`: it is an ablation)
-    checkpoint_every: int = 250
+    checkpoint_every: int = CHECKPOINT_EVERY
     seed: int = 0
     sources: str = "all"  # head training data (recorded; the caller loads the features)
 
-
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def _atomic_save(obj, path: Path) -> None:
-    atomic_file(path, lambda tmp: torch.save(obj, tmp))
-
-
-def _progress(total: int, desc: str, initial: int = 0):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
-
-
-def _accelerator():
-    """The accelerate engine: one process here; several under `accelerate launch`."""
-    from accelerate import Accelerator
-
-    return Accelerator()
-
-
-def _optimise(module, loss_fn, steps, lr, warmup, ckpt: Path, desc: str, seed: int,
-              checkpoint_every: int, weight_decay: float = 0.0, stop=None, clip: float = 0.0,
-              device: torch.device | None = None, local: bool = False) -> int:
-    """AdamW with warm-up and cosine decay; checkpoints and resumes from `ckpt`. Returns the
-    steps done. `stop()`, checked before every step: when true, checkpoint and return early
-    (a time budget; a rerun continues). `clip` > 0 clips the gradients' global norm to it.
-    `device`: where the module trains (default: accelerate's device for this process).
-    `local`: this process trains alone (no gradient averaging, no barrier), e.g. a module
-    only the main process trains.
-
-    Under `accelerate launch` each process draws its own batches (seed + rank) and the
-    gradients are averaged across processes before every step, so N processes train with
-    an N-times larger batch; only the main process writes checkpoints.
-    """
-    acc = _accelerator()
-    module.to(device if device is not None else acc.device)
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
-    start = 0
-    gen = torch.Generator().manual_seed(seed + acc.process_index)
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location="cpu")
-        module.load_state_dict(state["module"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"])
-        start = state["step"]
-    bar = _progress(steps, desc, start) if acc.is_main_process else None
-    ema = None
-    step = start
-    for step in range(start, steps):
-        if stop is not None and stop():
-            if acc.is_main_process:
-                _atomic_save({"module": module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                              "gen": gen.get_state(), "step": step}, ckpt)
-            break
-        loss = loss_fn(gen, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if acc.num_processes > 1 and not local:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{ema:.3f}")
-        if acc.is_main_process and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            _atomic_save({"module": module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                          "gen": gen.get_state(), "step": step + 1}, ckpt)
-    else:
-        step = steps
-    if bar is not None:
-        bar.close()
-    if not local:
-        acc.wait_for_everyone()
-    module.to("cpu")
-    return step
-
-
-def _dev(module) -> torch.device:
-    return next(module.parameters()).device
+    def schedule(self, steps: int, lr: float) -> Schedule:
+        return Schedule(steps=steps, lr=lr, warmup=self.warmup, batch_size=self.batch_size,
+                        checkpoint_every=self.checkpoint_every, weight_decay=self.weight_decay, seed=self.seed)
 
 
 def train_heads(feats: Features, embed, lm_head_weight: torch.Tensor, cfg: HeadsConfig,
@@ -163,27 +61,10 @@ def train_heads(feats: Features, embed, lm_head_weight: torch.Tensor, cfg: Heads
     heads = MTPHeads(cfg)
     heads.set_draft_vocab(draft_vocabulary(feats.tokens[feats.rows("heads")], cfg.draft_vocab, vocab))
     heads.attach(lm_head_weight)
-    rows = feats.rows("heads")
     targets = to_draft_index(feats.targets(cfg.k, cfg.offset), heads.draft_ids, vocab)  # (N, k)
-    weights = torch.tensor([tcfg.head_decay ** i for i in range(cfg.k)])
-
-    def loss_fn(gen, step):
-        idx = rows[torch.randint(len(rows), (tcfg.batch_size,), generator=gen)]
-        dev = _dev(heads)
-        h = feats.hidden[idx].float().to(dev)
-        emb = embed(feats.tokens[idx]).float().to(dev) if cfg.design == "fused" else None
-        logits = heads(h, emb)  # (B, k, Vd)
-        tgt = targets[idx].to(dev)  # (B, k)
-        per_head = torch.stack([
-            F.cross_entropy(logits[:, i], tgt[:, i], ignore_index=IGNORE) if (tgt[:, i] != IGNORE).any()
-            else logits.sum() * 0 for i in range(cfg.k)
-        ])
-        return (per_head * weights.to(dev)).sum() / weights.sum()
-
-    _optimise(heads, loss_fn, tcfg.steps, tcfg.lr, tcfg.warmup, ckpt, desc, tcfg.seed,
-              tcfg.checkpoint_every, tcfg.weight_decay)
-    heads.eval()
-    return heads
+    fused = cfg.design == "fused"
+    return fit_heads(heads, feats.hidden, targets, tcfg.schedule(tcfg.steps, tcfg.lr), ckpt, desc, tcfg.head_decay,
+                     tokens=feats.tokens if fused else None, embed=embed if fused else None, rows=feats.rows("heads"))
 
 
 @torch.no_grad()
@@ -205,11 +86,11 @@ def accepted_lengths(top1: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return correct.long().cumprod(1).sum(1)
 
 
-def clp_class_weights(labels: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
-    """Inverse class frequency ** alpha, normalised to a mean example weight of 1."""
-    counts = torch.bincount(labels, minlength=k + 1).float().clamp(min=1)
-    w = (counts.sum() / ((k + 1) * counts)) ** alpha
-    return w / (w * counts).sum() * counts.sum()  # keep the mean example weight at 1
+def predictor_labels(feats: Features, heads: MTPHeads, embed, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """At the rows of `split`: the heads' top-1 tokens (R, k) and their targets (R, k)."""
+    rows = feats.rows(split)
+    top1 = head_predictions(heads, feats, embed, rows, topk=1)[..., 0]
+    return top1, feats.targets(heads.cfg.k, heads.cfg.offset)[rows]
 
 
 def train_clp(feats: Features, heads: MTPHeads, embed, tcfg: TrainConfig, ckpt: Path, alpha: float,
@@ -217,50 +98,18 @@ def train_clp(feats: Features, heads: MTPHeads, embed, tcfg: TrainConfig, ckpt: 
     """Fit CLP on the predictor split; labels = accepted length of the heads' top-1."""
     torch.manual_seed(tcfg.seed)
     k = heads.cfg.k
-    rows = feats.rows("predictor")
-    labels = accepted_lengths(head_predictions(heads, feats, embed, rows, topk=1)[..., 0],
-                              feats.targets(k, heads.cfg.offset)[rows])
-    clp = CLP(PredictorConfig(k=k, hidden_size=heads.cfg.hidden_size))
-    final_w = clp_class_weights(labels, k, alpha)
-    ramp_steps = max(1, int(tcfg.clp_warmup * tcfg.predictor_steps))
-    def loss_fn(gen, step):
-        # Class weights ramp linearly from uniform to final_w over the warm-up; the step
-        # comes from the optimiser loop, so a resumed run continues the ramp where it was.
-        ramp = min(1.0, step / ramp_steps)
-        w = 1 + ramp * (final_w - 1)
-        idx = torch.randint(len(rows), (tcfg.batch_size,), generator=gen)
-        dev = _dev(clp)
-        return F.cross_entropy(clp(feats.hidden[rows[idx]].float().to(dev)), labels[idx].to(dev), weight=w.to(dev))
-
-    _optimise(clp, loss_fn, tcfg.predictor_steps, tcfg.predictor_lr, tcfg.warmup, ckpt, desc, tcfg.seed,
-              tcfg.checkpoint_every)
-    clp.eval()
-    dist = torch.bincount(labels, minlength=k + 1).tolist()
-    return clp, {"label_counts": dist, "alpha": alpha}
+    labels = accepted_lengths(*predictor_labels(feats, heads, embed, "predictor"))
+    clp = fit_clp(feats.hidden[feats.rows("predictor")], labels, k, tcfg.schedule(tcfg.predictor_steps,
+                  tcfg.predictor_lr), ckpt, desc, alpha=alpha, ramp=tcfg.clp_warmup)
+    return clp, {"label_counts": torch.bincount(labels, minlength=k + 1).tolist(), "alpha": alpha}
 
 
 def train_gates(feats: Features, heads: MTPHeads, embed, tcfg: TrainConfig, ckpt: Path) -> Gates:
     """Fit one gate per head by BCE on whether that head's top-1 token is right."""
     torch.manual_seed(tcfg.seed)
-    k = heads.cfg.k
-    rows = feats.rows("predictor")
-    targets = feats.targets(k, heads.cfg.offset)[rows]
-    top1 = head_predictions(heads, feats, embed, rows, topk=1)[..., 0]
-    correct = (top1 == targets).float()
-    valid = (targets != IGNORE).float()
-    gates = Gates(PredictorConfig(k=k, hidden_size=heads.cfg.hidden_size))
-
-    def loss_fn(gen, step):
-        idx = torch.randint(len(rows), (tcfg.batch_size,), generator=gen)
-        dev = _dev(gates)
-        logits = gates(feats.hidden[rows[idx]].float().to(dev))
-        c, v = correct[idx].to(dev), valid[idx].to(dev)
-        return F.binary_cross_entropy_with_logits(logits, c, weight=v, reduction="sum") / v.sum().clamp(min=1)
-
-    _optimise(gates, loss_fn, tcfg.predictor_steps, tcfg.predictor_lr, tcfg.warmup, ckpt, "train: gates",
-              tcfg.seed, tcfg.checkpoint_every)
-    gates.eval()
-    return gates
+    top1, targets = predictor_labels(feats, heads, embed, "predictor")
+    return fit_gates(feats.hidden[feats.rows("predictor")], top1 == targets,
+                     tcfg.schedule(tcfg.predictor_steps, tcfg.predictor_lr), ckpt, valid=targets != IGNORE)
 
 
 @torch.no_grad()
@@ -268,10 +117,8 @@ def evaluate_clp(clp: CLP, feats: Features, heads: MTPHeads, embed, thresholds=(
     """On held-out data: mean accepted length and the share of accepted head tokens that are
     wrong, per decision threshold (what unverified CLP decoding would emit)."""
     k = heads.cfg.k
-    rows = feats.rows("heldout")
-    labels = accepted_lengths(head_predictions(heads, feats, embed, rows, topk=1)[..., 0],
-                              feats.targets(k, heads.cfg.offset)[rows])
-    p = torch.softmax(clp(feats.hidden[rows].float()), -1)
+    labels = accepted_lengths(*predictor_labels(feats, heads, embed, "heldout"))
+    p = torch.softmax(clp(feats.hidden[feats.rows("heldout")].float()), -1)
     at_least = p.flip(1).cumsum(1).flip(1)  # (R, k+1)
     out = {"class_accuracy": round(float((p.argmax(1) == labels).float().mean()), 4)}
     for thr in thresholds:
@@ -320,6 +167,6 @@ def train_all(feats: Features, backbone, tcfg: TrainConfig, work: Path) -> tuple
     report["positions"] = {s: int(len(feats.rows(s))) for s in ("heads", "predictor", "heldout")}
     drafter = Drafter(heads=heads, clp=clp, gates=gates, competing=competing,
                       meta={"training": report})
-    if _accelerator().is_main_process:
+    if accelerator().is_main_process:
         atomic_write_text(work / "report.json", json.dumps(report, indent=1))
     return drafter, report
