@@ -64,10 +64,11 @@ $(LLAMA_SERVER): | $(STAMP)
 
 # The shipped drafter's design (the chain, k = 4) trained on this CPU through the package's one
 # training path, `clp train` (rerun to resume: checkpoints every 25 steps in $(HEADS_WORK)).
-# It writes $(HEADS_WORK)/chain-k4 (use it with --heads), not the shipped folders: the shipped
-# chain came from one H200 run (README, "Training the drafter"), and $(HEADS_STEPS) steps here
-# (~9 s each on 2 cores: 2.5 h) see ~1M positions against its 22M (docs/design.md, "Ablations
-# on CPU"). The learning rate's cosine spans the steps; `--minutes` would stop it early.
+# It writes $(HEADS_WORK)/chain-k4 (use it with --heads), not the shipped folders (the package's
+# files are read-only input): the shipped chain came from one H200 run (README, "Training the
+# drafter", gives its recipe as `clp train` flags), and $(HEADS_STEPS) steps here (~9 s each on
+# 2 cores: 2.5 h) see ~1M positions against its 22M (docs/design.md, "Ablations on CPU"). The
+# learning rate's cosine spans the steps; `--minutes` would stop it early.
 # HEADS_ARGS: more `clp train` flags, e.g. "--device cuda --batch-sequences 32" on a GPU.
 HEADS_WORK ?= build/heads
 HEADS_STEPS ?= 1000
@@ -77,11 +78,11 @@ heads: setup
 		--out $(HEADS_WORK)/chain-k4 --work $(HEADS_WORK)/chain-k4-work $(HEADS_ARGS)
 
 # The same for Gemma 3 270M (a base model), with one thread (rerun to resume): 1. its greedy
-# 64-token continuations of 1,024 ShareGPT-answer passages (the committed corpus,
-# assets/corpus/gemma-3-270m, training records only); 2. a k = 2 chain on those and the
-# training split's answers read as plain text, then CLP, gates and the competing heads, into
-# $(GEMMA_WORK)/chain-k2. The shipped k2 came from scripts/device_train.py (README, "Gemma 3
-# 270M's drafter").
+# 64-token continuations of 1,024 ShareGPT-answer passages (`clp distill` copies the committed
+# corpus, assets/corpus/gemma-3-270m, into the cache and answers only what it lacks: nothing);
+# 2. a k = 2 chain of the shipped design (a 1024-wide MLP) on those and the training split's
+# answers read as plain text, then CLP, gates and the competing heads, into
+# $(GEMMA_WORK)/chain-k2 (README, "Gemma 3 270M's drafter").
 GEMMA_WORK ?= build/heads-gemma
 GEMMA_STEPS ?= 150
 GEMMA_ARGS ?=
@@ -89,17 +90,22 @@ GEMMA_ENV := OMP_NUM_THREADS=1
 heads-gemma: gemma
 	$(GEMMA_ENV) $(VENV)/bin/clp distill --model gemma3-270m --threads 1 --prompt-set passages --prompts 1024 \
 		--batch-size 64 --max-new-tokens 64 --corpus-only
-	$(GEMMA_ENV) $(VENV)/bin/clp train --model gemma3-270m --design chain --k 2 --steps $(GEMMA_STEPS) \
-		--threads 1 --max-len 272 --out $(GEMMA_WORK)/chain-k2 --work $(GEMMA_WORK)/chain-k2-work $(GEMMA_ARGS)
+	$(GEMMA_ENV) $(VENV)/bin/clp train --model gemma3-270m --design chain --k 2 --chain-mlp 1024 \
+		--steps $(GEMMA_STEPS) --threads 1 --max-len 272 --out $(GEMMA_WORK)/chain-k2 \
+		--work $(GEMMA_WORK)/chain-k2-work $(GEMMA_ARGS)
 
-# The independent heads (the baseline shipped as independent-k2/-k4), about 45 min.
+# The independent heads (the baseline shipped as independent-k2/-k4), about 45 min, into
+# $(INDEPENDENT_WORK) (the shipped folders are read-only input; use these with --heads).
+INDEPENDENT_WORK ?= build/heads-independent
 heads-independent: setup
 	$(VENV)/bin/clp distill --teacher-forced 1000
-	$(VENV)/bin/clp train --design fused --k 2 --steps 2000 --competing-steps 1000 --out $(ASSETS)/independent-k2
-	$(VENV)/bin/clp train --design fused --k 4 --steps 2000 --competing-steps 1000 --out $(ASSETS)/independent-k4
+	$(VENV)/bin/clp train --design fused --k 2 --steps 2000 --competing-steps 1000 --out $(INDEPENDENT_WORK)/independent-k2
+	$(VENV)/bin/clp train --design fused --k 4 --steps 2000 --competing-steps 1000 --out $(INDEPENDENT_WORK)/independent-k4
 
 # Extend the committed token-id corpus (it resumes): the committed one is the first 24
 # batches (768 prompts, shortest first) of this command, ~45 answer tokens/s on 2 cores.
+# `clp distill` copies it into the cache (<cache>/corpus/<backbone>) and extends the copy there;
+# `clp train` and `clp distill` read that copy from then on.
 corpus: setup
 	$(VENV)/bin/clp distill --prompts 3000
 
