@@ -1,32 +1,26 @@
-"""Pack what the GPU drafter run needs into files small enough to send to a device machine.
+"""Pack what the GPU drafter run (scripts/device_drafter.py) needs into files small enough to
+send to a device machine.
 
 The device machine has torch and transformers but no `gguf` package, no ShareGPT package
 and a 64 MiB limit on what one call carries. So:
 
 - the embedded GGUF's tensors are written as their raw quantised blocks (Q8_0 / Q4_1 /
-  F32, 96.6 MB in all), q/k rows already un-permuted into transformers' layout, split in
-  two parts sent by two calls; `load_packed` dequantises them there with the package's own
-  GGUF reader (backbone/gguf.py), exactly as gguf-py does (`--check` compares them with
-  transformers' own GGUF loader: bit-identical);
-- the token data: ShareGPT prompts to self-distil on the GPU, teacher-forced ShareGPT
-  conversations, and the committed corpus's held-out answers, as token-id arrays.
+  F32, 96.6 MB in all), q/k rows already in transformers' order, split in two parts sent by
+  two calls; `load_packed` dequantises them there with the package's own GGUF reader
+  (backbone/gguf.py), exactly as gguf-py does (`--check` compares them with transformers'
+  own GGUF loader: bit-identical);
+- with --drafter-data, the backbone's config and tokenizer, the training-split ShareGPT
+  prompts to self-distil (prompts.npz, chosen as `clp distill` chooses them) and every
+  training-split answer with its earlier turns as context (sequences.npz, as `clp sequences`
+  writes them): only records that the held-out rule lets train (datasets.sharegpt_split).
 
-With ``--model gemma3-270m`` (any backbone other than the embedded one) nothing is packed
-but tokens: the committed passages corpus (already self-distilled on CPU) and plain-text
-teacher-forced answers, for `device_train.py --device cpu --model gemma3-270m`.
-
-Only ShareGPT records that the held-out rule lets train (datasets.sharegpt_split: held-out
-clusters and duplicates of benchmark prompts excluded) feed anything that trains; the
-held-out answers are the committed corpus's, relabelled under the same rule.
-
-    python scripts/device_pack.py --out .gpu
+    python scripts/device_pack.py --drafter-data --out .gpu --sd-prompts 8000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -103,129 +97,6 @@ def packed_model(weight_dirs, config_path):
     return model, missing, unexpected
 
 
-def pack_tokens(backbone, out: Path, n_sd: int, n_tf: int, max_prompt: int = 320, max_len: int = 640,
-                seed: int = 0) -> dict:
-    from clpdecode.corpus import read_corpus
-    from clpdecode.datasets import opening_prompt, sharegpt_conversations, sharegpt_split
-    from clpdecode.errors import ClpError
-
-    tok = backbone.tokenizer
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    rule = sharegpt_split("prompts")
-    records = []  # (prompt number, human text, gpt text or None) of the records that may train
-    idx = 0
-    for r, rec in enumerate(sharegpt_conversations()):
-        human = opening_prompt(rec)
-        if human is None:
-            continue
-        turns = rec["conversations"]
-        ans = turns[1].get("value") if len(turns) > 1 and turns[1].get("from") == "gpt" else None
-        if rule.of_record(r) == "train":
-            records.append((idx, human, ans))
-        idx += 1
-    train = records
-    random.Random(seed).shuffle(train)
-    sd_prompts, tf_seqs, tf_plen = [], [], []
-    for i, human, _ in train:
-        if len(sd_prompts) >= n_sd:
-            break
-        try:
-            ids = backbone.encode_prompt(human)
-        except ClpError:
-            continue
-        if len(ids) <= max_prompt:
-            sd_prompts.append(ids)
-    for i, human, ans in train:
-        if len(tf_seqs) >= n_tf:
-            break
-        if not ans or not ans.strip():
-            continue
-        try:
-            p = backbone.encode_prompt(human)
-        except ClpError:
-            continue
-        if len(p) > max_prompt:
-            continue
-        a = tok(ans, add_special_tokens=False)["input_ids"] + [eos]
-        seq = (p + a)[:max_len]
-        if len(seq) - len(p) < 16:
-            continue
-        tf_seqs.append(seq)
-        tf_plen.append(len(p))
-    from clpdecode.corpus import corpus_dir
-
-    held = [r for r in read_corpus(corpus_dir(backbone.name)) if r["split"] == "heldout"]
-    ho_seqs = [r["prompt"] + r["answer"] for r in held]
-    ho_plen = [len(r["prompt"]) for r in held]
-
-    arrays = {}
-    for name, seqs in (("sd_prompts", sd_prompts), ("tf", tf_seqs), ("heldout", ho_seqs)):
-        arrays[f"{name}_ids"], arrays[f"{name}_off"] = flat(seqs)
-    arrays["tf_plen"] = np.asarray(tf_plen, np.int32)
-    arrays["heldout_plen"] = np.asarray(ho_plen, np.int32)
-    out.mkdir(parents=True, exist_ok=True)
-    # Two files, so that each of the two device calls carries one beside a weights part.
-    tf_keys = ("tf_ids", "tf_off", "tf_plen")
-    np.savez_compressed(out / "tf.npz", **{k: arrays[k] for k in tf_keys})
-    np.savez_compressed(out / "tokens.npz", **{k: v for k, v in arrays.items() if k not in tf_keys})
-    return {"sd_prompts": len(sd_prompts), "tf": len(tf_seqs), "tf_tokens": int(sum(map(len, tf_seqs))),
-            "heldout": len(ho_seqs), "heldout_tokens": int(sum(len(r["answer"]) for r in held))}
-
-
-def flat(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated token ids (uint32) and their offsets: the package's layout."""
-    from clpdecode.training.data import flat_ids
-
-    return flat_ids(seqs)
-
-
-def pack_corpus_tokens(backbone, out: Path, n_tf: int, max_len: int = 192, seed: int = 0) -> dict:
-    """Token data for a base model whose answers were self-distilled here (`clp distill
-    --prompt-set passages`): the committed corpus's train split as ready answers (sd_answers:
-    device_train then skips its own distillation), its held-out split, and teacher-forced
-    plain-text ShareGPT answers (BOS + text, cut to max_len) from records the held-out rule lets train.
-
-    Args:
-        backbone: the loaded backbone (its name finds the corpus, its tokenizer encodes).
-        out: folder for tokens.npz and tf.npz.
-        n_tf: teacher-forced sequences to pack.
-    Returns:
-        Counts of what was packed.
-    """
-    from clpdecode.corpus import corpus_dir, read_corpus
-    from clpdecode.datasets import sharegpt_conversations, sharegpt_split
-
-    recs = read_corpus(corpus_dir(backbone.name))
-    if not recs:
-        raise SystemExit(f"no corpus for {backbone.name}: run `clp distill --prompt-set passages` first")
-    train = [r for r in recs if r["split"] == "train" and len(r["answer"]) >= 2]
-    held = [r for r in recs if r["split"] == "heldout"]
-    texts = []
-    rule = sharegpt_split("records")
-    for i, rec in enumerate(sharegpt_conversations()):
-        if rule.of_record(i) != "train":
-            continue
-        ans = next((t.get("value") for t in rec.get("conversations") or [] if t.get("from") == "gpt"), None)
-        if isinstance(ans, str) and len(ans) > 400:
-            texts.append(ans)
-    random.Random(seed).shuffle(texts)
-    tok = backbone.tokenizer
-    tf = [ids[:max_len] for ids in (tok(t)["input_ids"] for t in texts[: 2 * n_tf]) if len(ids) >= 32][:n_tf]
-    arrays = {}
-    for name, seqs in (("sd_prompts", [r["prompt"] for r in train]), ("sd_answers", [r["answer"] for r in train]),
-                       ("heldout", [r["prompt"] + r["answer"] for r in held]), ("tf", tf)):
-        arrays[f"{name}_ids"], arrays[f"{name}_off"] = flat(seqs)
-    arrays["heldout_plen"] = np.asarray([len(r["prompt"]) for r in held], np.int32)
-    arrays["tf_plen"] = np.ones(len(tf), np.int32)  # every position after BOS is a target
-    out.mkdir(parents=True, exist_ok=True)
-    tf_keys = ("tf_ids", "tf_off", "tf_plen")
-    np.savez_compressed(out / "tf.npz", **{k: arrays[k] for k in tf_keys})
-    np.savez_compressed(out / "tokens.npz", **{k: v for k, v in arrays.items() if k not in tf_keys})
-    return {"sd": len(train), "sd_tokens": int(sum(len(r["answer"]) for r in train)), "tf": len(tf),
-            "tf_tokens": int(sum(map(len, tf))), "heldout": len(held),
-            "heldout_tokens": int(sum(len(r["answer"]) for r in held))}
-
-
 def pack_drafter_data(backbone, out: Path, n_prompts: int, max_len: int = 384) -> dict:
     """What scripts/device_drafter.py reads beside the weights: the backbone's config and
     tokenizer (backbone/), the training-split ShareGPT prompts to self-distil (prompts.npz,
@@ -234,7 +105,7 @@ def pack_drafter_data(backbone, out: Path, n_prompts: int, max_len: int = 384) -
     them)."""
     import shutil
 
-    from clpdecode.training.data import write_sequences
+    from clpdecode.training.data import flat_ids, write_sequences
     from clpdecode.training.distill import DistillConfig, _select_prompts
 
     folder = Path(backbone.source)  # the transformers folder it was loaded from (converted from the GGUF)
@@ -245,7 +116,7 @@ def pack_drafter_data(backbone, out: Path, n_prompts: int, max_len: int = 384) -
             shutil.copy(f, dest / f.name)
     (dest / "name.json").write_text(json.dumps({"name": backbone.name}))
     chosen = [c for c in _select_prompts(backbone, DistillConfig(n_prompts=n_prompts)) if c[2] == "train"]
-    ids, off = flat([c[3] for c in chosen])
+    ids, off = flat_ids([c[3] for c in chosen])
     np.savez_compressed(out / "prompts.npz", ids=ids, off=off,
                         meta=np.asarray([(c[0], c[1]) for c in chosen], np.int64).reshape(-1, 2))
     seqs = write_sequences(backbone, out / "sequences.npz", max_len=max_len)  # as `clp sequences` writes them
@@ -257,44 +128,31 @@ def pack_drafter_data(backbone, out: Path, n_prompts: int, max_len: int = 384) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".gpu")
-    ap.add_argument("--model", default="embedded",
-                    help="embedded: pack GGUF blocks + ShareGPT prompts to distil on the device; any other "
-                         "backbone (gemma3-270m): pack its committed passages corpus for a CPU run "
-                         "(device_train.py --model), no weights")
-    ap.add_argument("--max-len", type=int, default=192, help="teacher-forced length cap for --model other than "
-                    "embedded (default: 192)")
-    ap.add_argument("--sd-prompts", type=int, default=12000)
-    ap.add_argument("--tf", type=int, default=4000)
-    ap.add_argument("--check", action="store_true", help="compare dequantised weights with transformers'")
-    ap.add_argument("--skip-weights", action="store_true", help="only (re)write tokens.npz")
+    ap.add_argument("--sd-prompts", type=int, default=12000, help="training-split prompts to self-distil")
     ap.add_argument("--drafter-data", action="store_true",
-                    help="pack for scripts/device_drafter.py (the package's training path): the backbone's config "
-                         "and tokenizer, --sd-prompts training-split prompts, every training conversation")
+                    help="also pack the backbone's config and tokenizer, --sd-prompts training-split prompts and "
+                         "every training conversation (without it: the weights only)")
+    ap.add_argument("--check", action="store_true", help="compare dequantised weights with transformers'")
     args = ap.parse_args()
     from clpdecode.backbone import load_backbone
     from clpdecode.backbone.loading import embedded_gguf_path
 
     out = Path(args.out)
-    bb = load_backbone(args.model)
+    bb = load_backbone("embedded", numerics="fp32")  # fp32: the reference --check compares with
     cfg = bb.model.config.to_dict()
-    (out).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg))
-    if args.model != "embedded":
-        print("tokens:", pack_corpus_tokens(bb, out, args.tf, args.max_len))
-        return
-    folders = [] if args.skip_weights else pack_weights(embedded_gguf_path(), cfg, out)
+    folders = pack_weights(embedded_gguf_path(), cfg, out)
     print("weights:", [(str(f), (f / "weights.npz").stat().st_size) for f in folders])
-    if args.drafter_data:
-        print("drafter data:", pack_drafter_data(bb, out, args.sd_prompts))
-        return
-    if args.check and folders:
+    if args.check:
         import torch
 
         state = load_packed(folders)
         ref = bb.model.state_dict()
         bad = [k for k, v in state.items() if not torch.equal(v, ref[k])]
         print("dequantised tensors:", len(state), "differing from transformers':", bad[:5], len(bad))
-    print("tokens:", pack_tokens(bb, out, args.sd_prompts, args.tf))
+    if args.drafter_data:
+        print("drafter data:", pack_drafter_data(bb, out, args.sd_prompts))
 
 
 if __name__ == "__main__":
