@@ -368,9 +368,7 @@ def test_sibling_acceptance_keeps_the_backbone_distribution():
     the kept token from p (SpecInfer's rule for several deterministic drafts)."""
     from clpdecode.decoding.sampling import Sampler
 
-    class Logits:  # stands for a backbone whose every row has the same logits
-        def logits(self, h):
-            return torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])).expand(h.shape[0], 4)
+    logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])).expand(3, 4)  # every node's the same
 
     tree = DraftTree(0)
     tree.add(0, 3)
@@ -378,7 +376,7 @@ def test_sibling_acceptance_keeps_the_backbone_distribution():
     sampler = Sampler(SamplingConfig(temperature=1.0, seed=0))
     counts = torch.zeros(4)
     for _ in range(20000):
-        path, p = verify_tree(Logits(), tree, torch.zeros(3, 2), sampler)
+        path, p = verify_tree(tree, logits, sampler)
         tok = tree.tokens[path[1]] if len(path) > 1 else sampler.select(p)
         counts[tok] += 1
     torch.testing.assert_close(counts / counts.sum(), torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015, rtol=0)

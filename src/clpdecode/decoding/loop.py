@@ -138,15 +138,15 @@ def prefill(backbone, prompt_ids: list[int], cache, aux_layers: tuple[int, ...] 
         (T, d) hidden states of the prompt positions, and the drafter's features of them
         ((T, 3d) aux-layer inputs, or the hidden states again).
     """
-    return _rows(backbone.forward(torch.tensor([prompt_ids]), cache, aux_layers=aux_layers), aux_layers)
+    return decode_forward(backbone, list(prompt_ids), cache, None, aux_layers)
 
 
 def decode_forward(backbone, pending: list[int], cache, tree: DraftTree | None = None,
                    aux_layers: tuple[int, ...] = ()):
-    """One decode forward over the tokens of the last step.
+    """One forward over a step's tokens (a prompt, or a decode step's).
 
     Args:
-        pending: [t+1, draft_1 .. draft_m], not yet in the cache.
+        pending: [t+1, draft_1 .. draft_m] (or a prompt's tokens), not yet in the cache.
         cache: grows by len(pending) positions.
         tree: when the drafts branch, their tree (pending = tree.tokens): each node sees
             only its ancestors, at its depth's position.
@@ -162,6 +162,160 @@ def decode_forward(backbone, pending: list[int], cache, tree: DraftTree | None =
     return _rows(out, aux_layers)
 
 
+class Decoder:
+    """One request's decoding, one forward at a time: the body of the one decoding loop.
+
+    A driver runs the forwards: generate() below (one request, its own cache), or the
+    scheduler (many requests, one batched forward a step). Between forwards the driver asks
+    ``next_tokens()`` what to feed (a chunk of the prompt, then each step's [t+1, drafts...]
+    as a chain or a DraftTree), runs the forward, computes the logits of ``logit_rows()``,
+    and hands everything to ``advance()``, which verifies, emits, keeps the cache's accepted
+    positions (the driver's ``keep``) and feeds the drafter. Then ``propose()`` picks the
+    next step's token and drafts; ``limit`` caps the drafts (the scheduler's row budget).
+
+    A step, after the prefill:
+
+    1. ``propose``: the policy picks token t+1 (the backbone's, drawn from its logits) and
+       0..k head tokens after it; t+1 is emitted, and unverified policies emit their head
+       tokens too.
+    2. the driver's forward: ONE backbone forward over [t+1, drafts...] extends the cache.
+    3. ``advance``: for the verified policy, the drafts form a tree (a chain is a tree with
+       one branch; tree.py); the logits at each node say whether the backbone would have
+       produced its children; keep the longest agreeing path, emit it, and keep only its
+       positions in the cache. The hidden state at the last kept position feeds the next
+       step.
+    """
+
+    def __init__(self, backbone, prompt_ids: list[int], policy: Policy, cfg: GenerationConfig | None = None,
+                 on_tokens: Callable[[list[int], bool], None] | None = None):
+        cfg = cfg or GenerationConfig()
+        check_prompt_ids(prompt_ids, backbone.info.vocab_size)
+        check_context(len(prompt_ids), cfg.max_new_tokens, getattr(backbone, "max_positions", None))
+        self.backbone, self.policy, self.cfg = backbone, policy, cfg
+        self.prompt_ids = list(prompt_ids)
+        self.sampler = Sampler(cfg.sampling)
+        self.out = _Output(backbone, cfg, on_tokens)
+        self.accepted: list[int] = []
+        self.forwards = 0  # backbone forwards; a prompt fed in chunks counts once
+        policy.start()
+        self.aux_layers = policy.aux_layers
+        self.prefilled = 0  # prompt tokens in the cache so far
+        self._prompt_feats: list[torch.Tensor] = []  # the drafter's features of them, until the last chunk
+        self.fed: list[int] = []  # the next decode step's tokens: [t+1, drafts...] (the tree's, for a tree)
+        self.tree: DraftTree | None = None  # verified: the drafts as a tree
+        self.drafts: list[int] = []  # unverified: the head tokens already emitted after t+1
+        self.hidden: torch.Tensor | None = None  # (d,) the state the next proposal reads
+        self.p: torch.Tensor | None = None  # (V,) the distribution of the next token t+1
+        self.t0 = time.perf_counter()
+        self.prefill_seconds: float | None = None
+        self.prefill_tokens = 0
+        self.seconds: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.out.done
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt_ids)
+
+    @property
+    def proposing(self) -> bool:
+        """Whether the next call is propose() (a forward's output has been taken in)."""
+        return self.p is not None and not self.done
+
+    def next_tokens(self, max_rows: int | None = None) -> tuple[list[int], DraftTree | None]:
+        """The tokens of the next forward: the prompt's next chunk (at most `max_rows`), or the
+        proposed step's [t+1, drafts...] with their tree (verified) or None (a chain)."""
+        if self.prefilling:
+            end = len(self.prompt_ids) if max_rows is None else self.prefilled + max_rows
+            return self.prompt_ids[self.prefilled:end], None
+        return self.fed, self.tree
+
+    def logit_rows(self, n: int) -> list[int]:
+        """Which of the next forward's n rows advance() needs logits for."""
+        if self.prefilling:
+            return [n - 1] if self.prefilled + n >= len(self.prompt_ids) else []
+        return list(range(n)) if self.tree is not None else [n - 1]
+
+    def advance(self, states: torch.Tensor, feats: torch.Tensor, logits: torch.Tensor | None,
+                keep: Callable[[int, list[int]], None]) -> None:
+        """Take in a forward's output over next_tokens()'s n tokens.
+
+        Args:
+            states: (n, d) hidden states; feats: (n, d or 3d) the drafter's features.
+            logits: (len(logit_rows(n)), V) the backbone's logits of those rows (None: none).
+            keep: keep(fed, offsets) keeps only `offsets` of the step's `fed` positions in
+                this request's cache (Backbone.keep on its cache, or its slot's).
+        """
+        n = states.shape[0]
+        if self.prefilling:
+            self.prefilled += n
+            self._prompt_feats.append(feats)
+            if self.prefilling:
+                return
+            self.forwards += 1
+            feats = self._prompt_feats[0] if len(self._prompt_feats) == 1 else torch.cat(self._prompt_feats)
+            self._prompt_feats = []
+            self.policy.observe(feats, self.prompt_ids[1:])
+            self.hidden, self.p = states[-1], self.sampler.probs(logits[-1])  # (d,), (V,)
+            return
+        self.forwards += 1
+        if self.tree is not None:
+            path, self.p = verify_tree(self.tree, logits, self.sampler)
+            kept = self.tree.path_tokens(path[1:])
+            self.out.emit(kept, from_heads=True)
+            self.accepted.append(len(kept))
+            if self.out.done:
+                return self._finish()
+            keep(len(self.fed), path)
+            self.policy.observe(feats[path], kept)
+            self.hidden = states[path[-1]]
+        else:
+            self.policy.observe(feats, self.drafts)
+            self.hidden, self.p = states[-1], self.sampler.probs(logits[-1])
+
+    def propose(self, limit: int | None = None) -> None:
+        """Pick token t+1 and the drafts after it (at most `limit` drafts, if given), emitting
+        what is emitted before the forward; sets next_tokens() (or ends the generation)."""
+        prop = self.policy.propose(self.hidden, self.p, self.sampler, limit)
+        self.p = None
+        out = self.out
+        out.emit([prop.token], from_heads=prop.token_from_heads)
+        budget = max(0, out.remaining)  # drafts past the token budget are never emitted
+        if self.policy.verifies:
+            self.tree = (prop.tree or DraftTree.chain(prop.token, prop.drafts)).pruned(budget)
+            self.fed = self.tree.tokens
+        else:
+            self.drafts = prop.drafts[:budget]
+            before = len(out.ids)
+            out.emit(self.drafts, from_heads=True)
+            self.accepted.append(len(out.ids) - before)
+            self.fed = [prop.token] + self.drafts
+        if self.prefill_seconds is None:
+            self.prefill_seconds, self.prefill_tokens = time.perf_counter() - self.t0, len(out.ids)
+        if out.done:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.seconds = time.perf_counter() - self.t0
+
+    def result(self) -> GenerationResult:
+        seconds = self.seconds if self.seconds is not None else time.perf_counter() - self.t0
+        return GenerationResult(
+            method=self.policy.name,
+            prompt_ids=self.prompt_ids,
+            token_ids=self.out.ids,
+            text=self.backbone.decode(self.out.ids),
+            forward_passes=self.forwards,
+            accepted_per_step=self.accepted,
+            from_heads=self.out.from_heads,
+            seconds=seconds,
+            prefill_seconds=self.prefill_seconds or seconds,
+            decode_tokens=len(self.out.ids) - self.prefill_tokens,
+        )
+
+
 def generate(
     backbone,
     prompt_ids: list[int],
@@ -169,7 +323,7 @@ def generate(
     cfg: GenerationConfig | None = None,
     on_tokens: Callable[[list[int], bool], None] | None = None,
 ) -> GenerationResult:
-    """Decode a continuation of `prompt_ids` with `policy`.
+    """Decode a continuation of `prompt_ids` with `policy`, one request on its own cache.
 
     Args:
         backbone: a Backbone.
@@ -180,65 +334,17 @@ def generate(
     Returns:
         A GenerationResult with the tokens, text and acceptance statistics.
     """
-    cfg = cfg or GenerationConfig()
-    check_prompt_ids(prompt_ids, backbone.info.vocab_size)
-    check_context(len(prompt_ids), cfg.max_new_tokens, getattr(backbone, "max_positions", None))
-    sampler = Sampler(cfg.sampling)
-    out = _Output(backbone, cfg, on_tokens)
-    accepted: list[int] = []
+    dec = Decoder(backbone, prompt_ids, policy, cfg, on_tokens)
     cache = backbone.new_cache()
 
-    policy.start()
-    aux_layers = policy.aux_layers
-    t0 = time.perf_counter()
-    states, feats = prefill(backbone, prompt_ids, cache, aux_layers)  # (T, d), (T, d or 3d)
-    policy.observe(feats, list(prompt_ids[1:]))
-    hidden = states[-1]  # (d,)
-    p = sampler.probs(backbone.logits(hidden))  # (V,)
-    forwards, prefill_seconds, prefill_tokens = 1, None, 0
-    while True:
-        prop = policy.propose(hidden, p, sampler)
-        out.emit([prop.token], from_heads=prop.token_from_heads)
-        budget = max(0, out.remaining)  # drafts past the token budget are never emitted
-        if policy.verifies:
-            tree = (prop.tree or DraftTree.chain(prop.token, prop.drafts)).pruned(budget)
-            fed = tree.tokens
-        else:
-            tree, drafts = None, prop.drafts[:budget]
-            before = len(out.ids)
-            out.emit(drafts, from_heads=True)
-            accepted.append(len(out.ids) - before)
-            fed = [prop.token] + drafts
-        if prefill_seconds is None:
-            prefill_seconds, prefill_tokens = time.perf_counter() - t0, len(out.ids)
-        if out.done:
-            break
-        states, feats = decode_forward(backbone, fed, cache, tree, aux_layers)  # (len(fed), d)
-        forwards += 1
-        if tree is not None:
-            path, p = verify_tree(backbone, tree, states, sampler)
-            kept = tree.path_tokens(path[1:])
-            out.emit(kept, from_heads=True)
-            accepted.append(len(kept))
-            if out.done:
-                break
-            backbone.keep(cache, len(fed), path)
-            policy.observe(feats[path], kept)
-            hidden = states[path[-1]]
-        else:
-            policy.observe(feats, drafts)
-            hidden = states[-1]
-            p = sampler.probs(backbone.logits(hidden))
-    seconds = time.perf_counter() - t0
-    return GenerationResult(
-        method=policy.name,
-        prompt_ids=list(prompt_ids),
-        token_ids=out.ids,
-        text=backbone.decode(out.ids),
-        forward_passes=forwards,
-        accepted_per_step=accepted,
-        from_heads=out.from_heads,
-        seconds=seconds,
-        prefill_seconds=prefill_seconds or seconds,
-        decode_tokens=len(out.ids) - prefill_tokens,
-    )
+    def keep(fed: int, offsets: list[int]) -> None:
+        backbone.keep(cache, fed, offsets)
+
+    while not dec.done:
+        tokens, tree = dec.next_tokens()
+        states, feats = decode_forward(backbone, tokens, cache, tree, dec.aux_layers)  # (n, d), (n, d or 3d)
+        rows = dec.logit_rows(len(tokens))
+        dec.advance(states, feats, backbone.logits(states[rows]) if rows else None, keep)
+        if dec.proposing:
+            dec.propose()
+    return dec.result()

@@ -66,20 +66,21 @@ class Policy:
         if self.session is not None:
             self.session.observe(rows, tokens)
 
-    def propose(self, hidden: torch.Tensor, p: torch.Tensor, sampler) -> Proposal:
+    def propose(self, hidden: torch.Tensor, p: torch.Tensor, sampler, limit: int | None = None) -> Proposal:
         """Pick token t+1 and the draft tokens after it.
 
         Args:
             hidden: (d,) the backbone's last hidden state at t.
             p: (V,) the distribution of token t+1 (the backbone's, after sampling rules).
             sampler: the Sampler that draws from p.
+            limit: at most this many drafts (a scheduler's row budget; None: the policy's own).
         Returns:
             A Proposal: token t+1 and 0..k draft tokens.
         """
         token = sampler.select(p)
         if self.session is None:
             return Proposal(token, [])
-        return Proposal(token, self.session.propose(hidden, token, self.span(hidden)))
+        return Proposal(token, self.session.propose(hidden, token, _capped(self.span(hidden), limit)))
 
     def span(self, hidden: torch.Tensor) -> int:
         """How many draft tokens to take this step (before any verification)."""
@@ -157,10 +158,10 @@ class Verified(Policy):
         self.ngrams.extend([token])
         return self.ngrams.lookup()
 
-    def propose(self, hidden, p, sampler):
+    def propose(self, hidden, p, sampler, limit=None):
         token = sampler.select(p)
-        span = self.span(hidden)
-        found = self._lookup(token)
+        span = _capped(self.span(hidden), limit)
+        found = self._lookup(token)[:limit]
         if self.tree is None:
             if not found:
                 return Proposal(token, self.session.propose(hidden, token, span))
@@ -169,6 +170,8 @@ class Verified(Policy):
             return Proposal(token, found)
         cands = self.session.candidates(hidden, token, max(span, 1), self.tree.width)
         tree = build_tree(token, cands, span, found, self.tree)
+        if limit is not None:
+            tree = tree.pruned(limit)
         return Proposal(token, [c[0][0] for c in cands[:span]], tree=tree)
 
     def span(self, hidden):
@@ -190,13 +193,17 @@ class Competing(Policy):
     def start(self) -> None:
         self.session = None  # its heads read only the last state
 
-    def propose(self, hidden, p, sampler):
+    def propose(self, hidden, p, sampler, limit=None):
         heads = self.drafter.competing
         with torch.inference_mode():
             logits = heads(hidden.float().unsqueeze(0))[0]  # (k+1, Vd): t+1 .. t+1+k
         # The heads' tokens are drawn with the same sampling rules as the backbone's would be.
         tokens = [int(heads.draft_ids[sampler.select(sampler.probs(row))]) for row in logits]
-        return Proposal(tokens[0], tokens[1:], token_from_heads=True)
+        return Proposal(tokens[0], tokens[1:][:limit], token_from_heads=True)
+
+
+def _capped(span: int, limit: int | None) -> int:
+    return span if limit is None else min(span, limit)
 
 
 _POLICIES = {"naive": Naive, "gate": Gate, "clp": CLPPolicy, "verified": Verified, "competing": Competing}

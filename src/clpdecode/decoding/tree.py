@@ -182,7 +182,7 @@ def _add_within(tree: DraftTree, parent: int, tokens: list[int], size: int) -> N
         parent = tree.add(parent, t)
 
 
-def verify_tree(backbone, tree: DraftTree, hidden: torch.Tensor, sampler) -> tuple[list[int], torch.Tensor]:
+def verify_tree(tree: DraftTree, logits: torch.Tensor, sampler) -> tuple[list[int], torch.Tensor]:
     """Walk the tree from the root, keeping the children the backbone accepts.
 
     At a node, its children are tried in turn with the speculative acceptance rule
@@ -193,12 +193,11 @@ def verify_tree(backbone, tree: DraftTree, hidden: torch.Tensor, sampler) -> tup
 
     Args:
         tree: the step's tree (node 0 = t+1, already emitted).
-        hidden: (T, d) hidden states of the tree's nodes.
+        logits: (T, V) the backbone's logits at the tree's nodes (one LM-head product for all).
     Returns:
         (path, p): the kept nodes from the root (path[0] = 0), and the (V,) distribution of
         the token after the last kept node (a residual where children were rejected).
     """
-    logits = backbone.logits(hidden[: len(tree)])  # (T, V): one LM-head GEMM for every node
     path = [0]
     while True:
         p = sampler.probs(logits[path[-1]])
