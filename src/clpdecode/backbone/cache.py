@@ -115,3 +115,47 @@ class StaticKVCache:
         """As DynamicCache.crop: keep max_length positions, or drop -max_length if negative."""
         keep = self.length + max_length if max_length < 0 else min(max_length, self.length)
         self.rollback(self.length - keep)
+
+
+class SlotKVCache:
+    """The caches of many sequences at once (continuous batching): per layer one buffer of
+    shape (slots, n_kv_heads, capacity, head_dim), allocated once, and a length per slot.
+
+    A step's rows each name their slot (LeanForward.forward_rows writes a row's key and value
+    at its slot's next position); rolling back or keeping a draft tree's path touches one slot
+    only. A slot is taken by a request for its whole life and reset when it leaves.
+    """
+
+    def __init__(self, num_layers: int, slots: int, n_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype = torch.float16, device=None):
+        if slots < 1 or capacity < 1:
+            raise ValueError("a slot cache needs at least one slot and one position")
+        shape = (slots, n_kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.slots, self.capacity, self.device = slots, capacity, device
+        self.lengths = [0] * slots  # positions each slot holds
+
+    def reset(self, slot: int) -> None:
+        self.lengths[slot] = 0  # stale entries are overwritten by the slot's next request
+
+    def room(self, slot: int) -> int:
+        return self.capacity - self.lengths[slot]
+
+    def rollback(self, slot: int, n: int) -> None:
+        if n < 0 or n > self.lengths[slot]:
+            raise ValueError(f"cannot roll back {n} of slot {slot}'s {self.lengths[slot]} positions")
+        self.lengths[slot] -= n
+
+    @torch.inference_mode()
+    def keep(self, slot: int, fed: int, offsets: list[int]) -> None:
+        """After a step that fed `fed` tokens into `slot`, keep only those at `offsets`
+        (ascending; a draft tree's accepted path), compacted into place (StaticKVCache.keep)."""
+        start = self.lengths[slot] - fed
+        if offsets != list(range(len(offsets))):
+            src = torch.tensor(offsets, device=self.device) + start
+            dst = torch.arange(start, start + len(offsets), device=self.device)
+            for buf in self.keys + self.values:
+                view = buf[slot]
+                view.index_copy_(1, dst, view.index_select(1, src))
+        self.lengths[slot] = start + len(offsets)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import causal_offset_mask, gqa_attention_folded, prefill_attention, prepare_mask
-from .cache import StaticKVCache
+from .cache import SlotKVCache, StaticKVCache
 from .quant import QuantLinear, kernel_linear
 
 LEAN_MODEL_TYPES = ("llama", "qwen2", "gemma3_text")
@@ -383,6 +383,67 @@ class LeanForward:
         cache.advance(t)
         out = F.rms_norm(x, (d,), self.norm, self.norm_eps).view(b, t, -1)
         return (out, _aux(aux, aux_layers, x).view(b, t, -1)) if aux_layers else out
+
+    # ---- rows of many sequences in one step (continuous batching) -----------------------------
+    @property
+    def batches_rows(self) -> bool:
+        """Whether forward_rows runs: the whole step in one C++ call (the q4 kernels)."""
+        return self._plan is not None
+
+    def new_slot_cache(self, slots: int, capacity: int) -> SlotKVCache:
+        return SlotKVCache(len(self.layers), slots, self.n_kv, self.head_dim, capacity, dtype=self.kv_dtype)
+
+    @torch.inference_mode()
+    def forward_rows(self, cache: SlotKVCache, steps: list, aux_layers: tuple[int, ...] = ()) -> list:
+        """One forward over the new tokens of many sequences, each in its own slot of `cache`.
+
+        Args:
+            steps: per sequence (slot, token ids, mask, offsets): its n new tokens go to its
+                slot's next n positions; mask, a bool (n, n) over them (True = may attend; a
+                draft tree's ancestors) or None (causal); offsets, (n,) rotary positions after
+                the slot's length (a tree node's depth) or None (0 .. n-1).
+            aux_layers: as forward().
+        Returns:
+            Per sequence, its (n, d) post-norm hidden states, or with aux_layers the pair
+            (hidden, (n, len(aux_layers) * d)). Each row equals the same row of a one-stream
+            forward() bit for bit (same kernels, same keys in the same order).
+        """
+        plan = self._plan
+        if plan is None:
+            raise ValueError("forward_rows needs the q4 kernels' whole-step plan")
+        ids, slots, writes, prefixes, positions, masks = [], [], [], [], [], []
+        for slot, tokens, mask, offsets in steps:
+            n, length = len(tokens), cache.lengths[slot]
+            if length + n > cache.capacity:
+                raise ValueError(f"slot {slot} holds {length} positions: {n} more pass its capacity {cache.capacity}")
+            ids += tokens
+            slots += [slot] * n
+            writes += range(length, length + n)
+            prefixes += [length] * n
+            positions.append(length + (torch.arange(n) if offsets is None else offsets))
+            masks.append(mask)
+        step_mask = None
+        if any(m is not None for m in masks):  # block-diagonal: a row sees its own sequence's rows only
+            step_mask = torch.block_diag(*[m if m is not None else torch.ones(len(s[1]), len(s[1]), dtype=torch.bool)
+                                           .tril() for m, s in zip(masks, steps)])
+        pos = torch.cat(positions)
+        tables = self._rope_tables(int(pos.max()) + 1)
+        x = self.embed_tokens(torch.tensor(ids)).float()  # (T, d)
+        longs = [torch.tensor(v, dtype=torch.long) for v in (slots, writes, prefixes)]
+        outs = torch.ops.clp.layers_forward_rows(
+            x, plan["parts"], plan["kinds"], plan["op_parts"], plan["norms"], plan["eps"], cache.keys, cache.values,
+            [tables[k][0].index_select(0, pos) for k in plan["keys"]],
+            [tables[k][1].index_select(0, pos) for k in plan["keys"]],
+            plan["rope"], plan["windows"], *longs, step_mask, self.n_heads, plan["scale"], plan["act"], self.norm,
+            self.norm_eps, list(aux_layers))
+        results, at = [], 0
+        for slot, tokens, _, _ in steps:
+            n = len(tokens)
+            cache.lengths[slot] += n
+            hidden = outs[0][at:at + n]
+            results.append((hidden, torch.cat([o[at:at + n] for o in outs[1:]], -1)) if aux_layers else hidden)
+            at += n
+        return results
 
     def _forward_native(self, input_ids: torch.Tensor, cache: StaticKVCache, rope: dict,
                         step_mask: torch.Tensor | None, aux_layers: tuple[int, ...] = ()):

@@ -1,11 +1,13 @@
 """The q4 path's C++ kernels (csrc/kernels.cpp): built once per machine and cache, then loaded.
 
-Six torch ops in the `clp` namespace: `q4_linear` and `q8_linear` (4- and 8-bit weights x
+Seven torch ops in the `clp` namespace: `q4_linear` and `q8_linear` (4- and 8-bit weights x
 activations quantised per row and group of 32, with an RMSNorm or a gated activation fused in
 front and a residual behind), `rms_norm`, `rope_store` (rotary, Gemma's q/k norms and the
 fp16 cache write), `decode_attention` (chunked grouped-query attention over the static cache)
-and `layers_forward` (a whole step's decoder layers in one call). Every one is
-row-invariant, which keeps verified decoding identical to AR. They are registered with fake
+`layers_forward` (a whole step's decoder layers in one call) and `layers_forward_rows` (the
+same over rows of many sequences, each in its own cache slot: batched serving). Every one is
+row-invariant, which keeps verified decoding identical to AR and a request's output
+independent of what shares its step. They are registered with fake
 (shape-only) implementations, so torch.compile traces through them.
 
 They are compiled with the machine's C++ compiler for its own CPU (-march=native) into
@@ -126,6 +128,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("clp::layers_forward")
     def _(x, parts, kinds, op_parts, norms, eps, k_caches, v_caches, cos, sin, rope, windows, start, step_mask,
           n_heads, scale, act, final_norm, final_eps, aux_layers):
+        return [x.new_empty(x.shape) for _ in range(1 + len(aux_layers))]
+
+    @torch.library.register_fake("clp::layers_forward_rows")
+    def _(x, parts, kinds, op_parts, norms, eps, k_caches, v_caches, cos, sin, rope, windows, row_slot, row_write,
+          row_prefix, step_mask, n_heads, scale, act, final_norm, final_eps, aux_layers):
         return [x.new_empty(x.shape) for _ in range(1 + len(aux_layers))]
 
     @torch.library.register_fake("clp::rope_store")

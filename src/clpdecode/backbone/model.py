@@ -289,6 +289,22 @@ class Backbone:
         """Whether forward() takes a tree mask and positions (the lean engine)."""
         return self._lean is not None
 
+    # ---- many sequences in one step (continuous batching) ------------------------------------
+    @property
+    def batches_rows(self) -> bool:
+        """Whether forward_rows() runs: rows of many sequences in one forward, each row's result
+        independent of the others (the q4 kernels' whole-step path). Elsewhere a scheduler runs
+        each sequence's forward on its own cache."""
+        return self._lean is not None and self._lean.batches_rows
+
+    def new_slot_cache(self, slots: int, capacity: int):
+        """A SlotKVCache for forward_rows(): `slots` sequences of up to `capacity` positions."""
+        return self._lean.new_slot_cache(slots, capacity)
+
+    def forward_rows(self, cache, steps: list, aux_layers: tuple[int, ...] = ()) -> list:
+        """One forward over several sequences' new tokens (LeanForward.forward_rows)."""
+        return self._lean.forward_rows(cache, steps, aux_layers)
+
     @torch.inference_mode()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """(...,) token ids -> (..., d) input embeddings (scaled as the model scales them)."""

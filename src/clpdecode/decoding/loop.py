@@ -162,6 +162,15 @@ def decode_forward(backbone, pending: list[int], cache, tree: DraftTree | None =
     return _rows(out, aux_layers)
 
 
+@dataclass
+class Offer:
+    """A request's draft rows for the coming step and what each is worth: values[j - 1] is the
+    chance that drafts 1..j are all kept. lookup: they come from n-gram lookup (no drafter)."""
+
+    values: list[float]
+    lookup: bool = False
+
+
 class Decoder:
     """One request's decoding, one forward at a time: the body of the one decoding loop.
 
@@ -204,6 +213,7 @@ class Decoder:
         self.fed: list[int] = []  # the next decode step's tokens: [t+1, drafts...] (the tree's, for a tree)
         self.tree: DraftTree | None = None  # verified: the drafts as a tree
         self.drafts: list[int] = []  # unverified: the head tokens already emitted after t+1
+        self.from_lookup = False  # the last proposal's drafts came from n-gram lookup
         self.hidden: torch.Tensor | None = None  # (d,) the state the next proposal reads
         self.p: torch.Tensor | None = None  # (V,) the distribution of the next token t+1
         self.t0 = time.perf_counter()
@@ -275,11 +285,23 @@ class Decoder:
             self.policy.observe(feats, self.drafts)
             self.hidden, self.p = states[-1], self.sampler.probs(logits[-1])
 
+    def offer(self) -> "Offer | None":
+        """What each draft row of the coming step is worth to this request (the chance that
+        drafts 1..j are all kept, policies.Verified.offer), where a scheduler may cap its
+        drafts: greedy verified decoding, whose output does not depend on its drafts. None
+        elsewhere: unverified drafts are output, and a sampled request's drafts decide how
+        its random numbers are drawn (its text must not depend on the load)."""
+        if not (self.policy.verifies and self.sampler.greedy and hasattr(self.policy, "offer")):
+            return None
+        values, lookup = self.policy.offer(self.hidden, self.p, self.sampler)
+        return Offer(values[:max(0, self.out.remaining - 1)], lookup)
+
     def propose(self, limit: int | None = None) -> None:
         """Pick token t+1 and the drafts after it (at most `limit` drafts, if given), emitting
         what is emitted before the forward; sets next_tokens() (or ends the generation)."""
         prop = self.policy.propose(self.hidden, self.p, self.sampler, limit)
         self.p = None
+        self.from_lookup = prop.lookup
         out = self.out
         out.emit([prop.token], from_heads=prop.token_from_heads)
         budget = max(0, out.remaining)  # drafts past the token budget are never emitted

@@ -31,6 +31,7 @@ class Proposal:
     drafts: list[int]  # head tokens t+2 .. t+1+m (or t+2.. for competing)
     token_from_heads: bool = False
     tree: DraftTree | None = None  # verified with --tree N: the drafts as a tree (drafts: its chain)
+    lookup: bool = False  # the drafts come from n-gram lookup, not the drafter
 
 
 class Policy:
@@ -140,16 +141,43 @@ class Verified(Policy):
         self.tree = config.tree_config if getattr(backbone, "supports_trees", False) else None
         self.ngrams: NgramIndex | None = None  # the text so far, where lookup is on
         self.lookup_steps = 0  # steps of this generation whose chain came from lookup
+        self._choice: tuple | None = None  # offer()'s (token, span, lookup draft), for propose()
 
     def start(self) -> None:
         super().start()
         self.ngrams = NgramIndex(self.lookup_tokens) if self.config.lookup else None
         self.lookup_steps = 0
+        self.lookup_kept = self.lookup_missed = 0  # this generation's lookup drafts: kept, and steps cut short
+        self._lookup_fed = 0  # the last step's lookup draft length (0: not a lookup step)
+        self._choice = None
 
     def observe(self, rows: torch.Tensor, tokens: list[int]) -> None:
         super().observe(rows, tokens)
         if self.ngrams is not None:
             self.ngrams.extend(tokens)
+        if self._lookup_fed:  # tokens: the drafts the backbone kept
+            self.lookup_kept += len(tokens)
+            self.lookup_missed += len(tokens) < self._lookup_fed
+            self._lookup_fed = 0
+
+    def offer(self, hidden, p, sampler) -> tuple[list[float], bool]:
+        """Choose this step's token t+1 now, and say what each draft row would be worth: the
+        probability that drafts 1..j are all kept, for every j the policy would draft (CLP's
+        P(length >= j) for the drafter's span; for a lookup draft, its per-token rate so far in
+        this generation, a Laplace estimate, to the j-th power), and whether they are lookup's.
+        A scheduler weighs these against other requests' rows and passes the rows it grants
+        to propose() as `limit`."""
+        token, span, found = self._choice = self._choose(hidden, p, sampler)
+        if found:
+            rate = (self.lookup_kept + 1) / (self.lookup_kept + self.lookup_missed + 2)
+            return [rate ** j for j in range(1, len(found) + 1)], True
+        if self.drafter.clp is not None:
+            return self.drafter.clp.at_least(hidden)[1:span + 1].tolist(), False
+        return [1.0] * span, False  # no estimate: every draft is worth its row
+
+    def _choose(self, hidden, p, sampler) -> tuple[int, int, list[int]]:
+        token = sampler.select(p)
+        return token, self.span(hidden), self._lookup(token)
 
     def _lookup(self, token: int) -> list[int]:
         """The lookup's draft after `token` ([] where lookup is off or the tail is new)."""
@@ -159,15 +187,16 @@ class Verified(Policy):
         return self.ngrams.lookup()
 
     def propose(self, hidden, p, sampler, limit=None):
-        token = sampler.select(p)
-        span = _capped(self.span(hidden), limit)
-        found = self._lookup(token)[:limit]
+        token, span, found = self._choice or self._choose(hidden, p, sampler)
+        self._choice = None
+        span, found = _capped(span, limit), found[:limit]
         if self.tree is None:
             if not found:
                 return Proposal(token, self.session.propose(hidden, token, span))
             self.lookup_steps += 1
+            self._lookup_fed = len(found)
             self.session.propose(hidden, token, 0)  # the drafter still sees the step: its cache stays whole
-            return Proposal(token, found)
+            return Proposal(token, found, lookup=True)
         cands = self.session.candidates(hidden, token, max(span, 1), self.tree.width)
         tree = build_tree(token, cands, span, found, self.tree)
         if limit is not None:

@@ -41,14 +41,18 @@ class CLP(nn.Module):
         return self.linear(hidden)
 
     @torch.inference_mode()
+    def at_least(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(d,) -> (k+1,) the predicted P(length >= m) for m = 0..k (at_least[0] = 1)."""
+        p = torch.softmax(self.forward(hidden.float().unsqueeze(0))[0], -1)  # (k+1,)
+        return p.flip(0).cumsum(0).flip(0)
+
+    @torch.inference_mode()
     def decide(self, hidden: torch.Tensor, threshold: float) -> int:
         """The largest m whose predicted P(length >= m) clears `threshold` (m = 0 always does).
 
         threshold near 1: conservative (few head tokens); near 0: greedy (all k).
         """
-        p = torch.softmax(self.forward(hidden.float().unsqueeze(0))[0], -1)  # (k+1,)
-        at_least = p.flip(0).cumsum(0).flip(0)  # at_least[m] = P(length >= m)
-        ok = (at_least >= threshold).nonzero()
+        ok = (self.at_least(hidden) >= threshold).nonzero()
         return int(ok.max()) if ok.numel() else 0
 
     @property

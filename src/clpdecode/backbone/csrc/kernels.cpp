@@ -1,4 +1,4 @@
-// CPU kernels of the q4 decode path (built on first use by backbone/kernels.py). Six ops in
+// CPU kernels of the q4 decode path (built on first use by backbone/kernels.py). Seven ops in
 // the `clp` namespace:
 //
 // clp::q4_linear      y = op(x) W^T (+ b) (+ residual): W as ggml Q4_1-style groups of 32
@@ -17,6 +17,9 @@
 //                      KV cache, chunked over keys (both cores busy with 3 K/V heads).
 // clp::layers_forward  a whole batch-1 step's decoder layers in one call: the ops above,
 //                      called as C++ functions, bit-identical to calling them one by one.
+// clp::layers_forward_rows  the same over the rows of many sequences, each with its own cache
+//                      slot, length and step mask (continuous batching); one stream is its
+//                      special case (StepRows), so a row's result never depends on the batch.
 //
 // All are row-invariant: a row's result is bit-identical whatever other rows share the
 // call, because each row runs the same instruction sequence over the same data in the same
@@ -28,6 +31,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -557,60 +561,99 @@ void chunk_partial(const float* q, const KV* K, const KV* V, const int64_t* slot
   *s_out = s;
 }
 
+// Where a step's rows sit: row i belongs to cache slot `slot[i]`, writes its key and value at
+// position `write[i]` of that slot, and sees the slot's keys [0, prefix[i]) before the step.
+// Of the step's own keys it sees those of the rows j allowed by `mask` (T, T) (default: the
+// rows j <= i of its own slot). One stream is slot 0, write L + i, prefix L.
+struct StepRows {
+  int64_t T = 0;
+  std::vector<int64_t> slot, write, prefix;
+  std::vector<std::vector<int64_t>> tail;  // per row: the step keys it sees, as slot positions, in step order
+
+  StepRows(int64_t T_, const int64_t* slot_, const int64_t* write_, const int64_t* prefix_, const bool* mask)
+      : T(T_), slot(slot_, slot_ + T_), write(write_, write_ + T_), prefix(prefix_, prefix_ + T_), tail(T_) {
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t j = 0; j < T; ++j)
+        if (mask ? mask[i * T + j] : (j <= i && slot[j] == slot[i])) tail[i].push_back(write[j]);
+  }
+  // One stream: slot 0, rows at L, L + 1, ...
+  static StepRows single(int64_t T, int64_t L, const bool* mask) {
+    std::vector<int64_t> zero(T, 0), write(T), prefix(T, L);
+    for (int64_t i = 0; i < T; ++i) write[i] = L + i;
+    return StepRows(T, zero.data(), write.data(), prefix.data(), mask);
+  }
+};
+
+const bool* mask_data(const c10::optional<torch::Tensor>& step_mask, int64_t T, torch::Tensor& holder,
+                      const char* op) {
+  if (!step_mask.has_value() || !step_mask->defined()) return nullptr;
+  holder = step_mask->to(torch::kBool).contiguous();
+  TORCH_CHECK(holder.dim() == 2 && holder.size(0) == T && holder.size(1) == T, op, ": step_mask must be (T, T)");
+  return holder.data_ptr<bool>();
+}
+
 template <typename KV>
-torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, int64_t L,
-                             const c10::optional<torch::Tensor>& step_mask, double scale, int64_t window) {
-  // q: (T, n_heads, hd) fp32; kc, vc: (n_kv, capacity, hd) with the step's keys already at
-  // [L, L + T); step_mask: optional (T, T) bool, row i may see step key j (default causal);
-  // window > 0: a row sees only its last `window` keys (sliding-window layers).
-  const int64_t T = q.size(0), nh = q.size(1), hd = q.size(2), nkv = kc.size(0), cap = kc.size(1);
+torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                             const StepRows& rows, double scale, int64_t window) {
+  // q: (T, n_heads, hd) fp32; kc, vc: (slots, n_kv, capacity, hd) with the step's keys already
+  // written (rows.write); window > 0: a row sees only its last `window` keys (sliding-window layers).
+  const int64_t T = q.size(0), nh = q.size(1), hd = q.size(2), nslots = kc.dim() == 4 ? kc.size(0) : 1,
+                nkv = kc.size(-3), cap = kc.size(-2);
   TORCH_CHECK(nh % nkv == 0, "decode_attention: heads not a multiple of K/V heads");
-  TORCH_CHECK(L + T <= cap, "decode_attention: the step's keys are past the cache");
   TORCH_CHECK(window >= 0, "decode_attention: window must be >= 0");
   const int64_t group = nh / nkv;
-  // Each row's keys as a virtual sequence: the cache [0, L), then the step keys it may see
-  // in step order (for a chain: 0..i, exactly a one-token step at position L + i); a window
-  // keeps the last `window` of them. Chunks sit at fixed virtual positions.
-  std::vector<std::vector<int64_t>> tail(T);
+  // Each row's keys as a virtual sequence: its slot's [0, prefix), then the step keys it sees
+  // in step order (for a chain: exactly a one-token step at its position would see); a window
+  // keeps the last `window` of them. Chunks sit at fixed virtual positions, so a row's
+  // arithmetic depends on its own keys only: not on the other rows, their slots or the threads.
   std::vector<int64_t> first(T), count(T);
-  const bool* mk = nullptr;
-  torch::Tensor mask;
-  if (step_mask.has_value() && step_mask->defined()) {
-    mask = step_mask->to(torch::kBool).contiguous();
-    TORCH_CHECK(mask.size(0) == T && mask.size(1) == T, "decode_attention: step_mask must be (T, T)");
-    mk = mask.data_ptr<bool>();
-  }
   int64_t max_keys = 0;
   for (int64_t i = 0; i < T; ++i) {
-    for (int64_t j = 0; j < T; ++j)
-      if (mk ? mk[i * T + j] : j <= i) tail[i].push_back(L + j);
-    count[i] = L + (int64_t)tail[i].size();
+    TORCH_CHECK(rows.slot[i] >= 0 && rows.slot[i] < nslots, "decode_attention: a row's slot is not in the cache");
+    count[i] = rows.prefix[i] + (int64_t)rows.tail[i].size();
+    TORCH_CHECK(rows.prefix[i] >= 0 && rows.prefix[i] <= cap, "decode_attention: prefix past the cache");
+    for (int64_t p : rows.tail[i]) TORCH_CHECK(p >= 0 && p < cap, "decode_attention: the step's keys are past the cache");
     first[i] = window > 0 ? std::max<int64_t>(0, count[i] - window) : 0;
     max_keys = std::max(max_keys, count[i]);
   }
-  const int64_t nchunks = (max_keys + CHUNK - 1) / CHUNK;
+  const int64_t nchunks = std::max<int64_t>(1, (max_keys + CHUNK - 1) / CHUNK);
+  // Work items (row, K/V head, chunk), the rows of one slot side by side so that they share
+  // each chunk of keys while it is in cache.
+  std::vector<int64_t> order(T);
+  for (int64_t i = 0; i < T; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return rows.slot[a] < rows.slot[b]; });
+  std::vector<std::array<int64_t, 3>> items;
+  for (int64_t lo = 0; lo < T;) {
+    int64_t hi = lo;
+    while (hi < T && rows.slot[order[hi]] == rows.slot[order[lo]]) ++hi;
+    for (int64_t kvh = 0; kvh < nkv; ++kvh)
+      for (int64_t c = 0; c < nchunks; ++c)
+        for (int64_t r = lo; r < hi; ++r) {
+          const int64_t i = order[r];
+          if (c * CHUNK < count[i] && (c + 1) * CHUNK > first[i]) items.push_back({i, kvh, c});
+        }
+    lo = hi;
+  }
   // Partials per (row, head, chunk): max, sum, acc[hd].
   std::vector<float> pm(T * nh * nchunks), ps(T * nh * nchunks), pacc(T * nh * nchunks * hd);
   const float* Q = q.data_ptr<float>();
   const KV* Kb = kc.data_ptr<KV>();
   const KV* Vb = vc.data_ptr<KV>();
-  at::parallel_for(0, nkv * nchunks, 1, [&](int64_t b, int64_t e) {
-    std::vector<int64_t> slots(CHUNK);
+  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t b, int64_t e) {
+    std::vector<int64_t> keys(CHUNK);
     std::vector<float> scores(CHUNK);
-    for (int64_t item = b; item < e; ++item) {
-      const int64_t kvh = item / nchunks, c = item % nchunks;
-      const KV* K = Kb + kvh * cap * hd;
-      const KV* V = Vb + kvh * cap * hd;
-      for (int64_t i = 0; i < T; ++i) {
-        const int64_t lo = std::max(c * CHUNK, first[i]), hi = std::min(count[i], (c + 1) * CHUNK);
-        if (lo >= hi) continue;
-        for (int64_t v = lo; v < hi; ++v) slots[v - lo] = v < L ? v : tail[i][v - L];
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = kvh * group + g;
-          const int64_t idx = (i * nh + h) * nchunks + c;
-          chunk_partial<KV>(Q + (i * nh + h) * hd, K, V, slots.data(), hi - lo, hd, (float)scale, scores.data(),
-                            &pm[idx], &ps[idx], &pacc[idx * hd]);
-        }
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t i = items[it][0], kvh = items[it][1], c = items[it][2];
+      const KV* K = Kb + (rows.slot[i] * nkv + kvh) * cap * hd;
+      const KV* V = Vb + (rows.slot[i] * nkv + kvh) * cap * hd;
+      const int64_t L = rows.prefix[i];
+      const int64_t lo = std::max(c * CHUNK, first[i]), hi = std::min(count[i], (c + 1) * CHUNK);
+      for (int64_t v = lo; v < hi; ++v) keys[v - lo] = v < L ? v : rows.tail[i][v - L];
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = kvh * group + g;
+        const int64_t idx = (i * nh + h) * nchunks + c;
+        chunk_partial<KV>(Q + (i * nh + h) * hd, K, V, keys.data(), hi - lo, hd, (float)scale, scores.data(),
+                          &pm[idx], &ps[idx], &pacc[idx * hd]);
       }
     }
   });
@@ -639,16 +682,25 @@ torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& kc, co
   return out;
 }
 
-torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& kc, const torch::Tensor& vc,
-                               int64_t L, const c10::optional<torch::Tensor>& step_mask, double scale, int64_t window) {
+torch::Tensor attention_rows(const torch::Tensor& q_in, const torch::Tensor& kc, const torch::Tensor& vc,
+                             const StepRows& rows, double scale, int64_t window) {
   TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == torch::kFloat, "decode_attention: q must be (T, H, hd) float32");
-  TORCH_CHECK(kc.dim() == 3 && vc.dim() == 3 && kc.is_contiguous() && vc.is_contiguous(),
-              "decode_attention: caches must be contiguous (n_kv, capacity, hd)");
+  TORCH_CHECK((kc.dim() == 4 || kc.dim() == 3) && vc.dim() == kc.dim() && kc.is_contiguous() && vc.is_contiguous(),
+              "decode_attention: caches must be contiguous ([slots,] n_kv, capacity, hd)");
   TORCH_CHECK(kc.scalar_type() == vc.scalar_type(), "decode_attention: K and V dtypes differ");
   const auto q = q_in.contiguous();
-  if (kc.scalar_type() == torch::kFloat) return attention_impl<float>(q, kc, vc, L, step_mask, scale, window);
+  if (kc.scalar_type() == torch::kFloat) return attention_impl<float>(q, kc, vc, rows, scale, window);
   TORCH_CHECK(kc.scalar_type() == torch::kHalf, "decode_attention: cache must be float32 or float16");
-  return attention_impl<at::Half>(q, kc, vc, L, step_mask, scale, window);
+  return attention_impl<at::Half>(q, kc, vc, rows, scale, window);
+}
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, int64_t L,
+                               const c10::optional<torch::Tensor>& step_mask, double scale, int64_t window) {
+  // One stream: kc, vc (n_kv, capacity, hd) with the step's keys at [L, L + T).
+  TORCH_CHECK(kc.dim() == 3 && vc.dim() == 3, "decode_attention: caches must be (n_kv, capacity, hd)");
+  torch::Tensor holder;
+  const auto rows = StepRows::single(q.size(0), L, mask_data(step_mask, q.size(0), holder, "decode_attention"));
+  return attention_rows(q, kc, vc, rows, scale, window);
 }
 
 // ---- RMSNorm ---------------------------------------------------------------------------------------
@@ -677,21 +729,25 @@ void store_row(KV* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = KV(src[i]);
 }
 
-torch::Tensor rope_store(const torch::Tensor& qkv_in, const torch::Tensor& cos_in, const torch::Tensor& sin_in,
-                         torch::Tensor& kc, torch::Tensor& vc, int64_t start, int64_t nh,
-                         const c10::optional<torch::Tensor>& q_norm, const c10::optional<torch::Tensor>& k_norm,
-                         double eps) {
-  // q_norm, k_norm: optional (hd,) RMSNorm weights applied to every query / key head before
-  // the rotation (Gemma 3).
-  // qkv: (T, (nh + 2 nkv) hd) fp32; cos, sin: (T, hd) with sin's first half negated (so that
-  // rotate_half(x) * sin = roll(x, hd / 2) * sin); kc, vc: (nkv, capacity, hd). Rotates the
-  // queries and keys, writes keys and values at [start, start + T), returns the queries (T, nh, hd).
+torch::Tensor rope_store_rows(const torch::Tensor& qkv_in, const torch::Tensor& cos_in, const torch::Tensor& sin_in,
+                              torch::Tensor& kc, torch::Tensor& vc, const StepRows& rows, int64_t nh,
+                              const c10::optional<torch::Tensor>& q_norm, const c10::optional<torch::Tensor>& k_norm,
+                              double eps) {
+  // qkv: (T, (nh + 2 nkv) hd) fp32; cos, sin: (T, hd), each row's at its rotary position, with
+  // sin's first half negated (so that rotate_half(x) * sin = roll(x, hd / 2) * sin); kc, vc:
+  // ([slots,] nkv, capacity, hd). q_norm, k_norm: optional (hd,) RMSNorm weights applied to every
+  // query / key head before the rotation (Gemma 3). Rotates the queries and keys, writes each
+  // row's key and value at its slot's position rows.write, returns the queries (T, nh, hd).
   const auto qkv = qkv_in.contiguous();
   const auto cs = cos_in.contiguous(), sn = sin_in.contiguous();
-  const int64_t T = qkv.size(0), nkv = kc.size(0), cap = kc.size(1), hd = kc.size(2), half = hd / 2;
+  const int64_t T = qkv.size(0), nslots = kc.dim() == 4 ? kc.size(0) : 1, nkv = kc.size(-3), cap = kc.size(-2),
+                hd = kc.size(-1), half = hd / 2;
   TORCH_CHECK(qkv.size(1) == (nh + 2 * nkv) * hd, "rope_store: qkv width does not match the heads");
-  TORCH_CHECK(start + T <= cap && kc.is_contiguous() && vc.is_contiguous(), "rope_store: cache too small or strided");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous(), "rope_store: the cache must be contiguous");
   TORCH_CHECK(cs.size(0) == T && cs.size(1) == hd && sn.size(0) == T && sn.size(1) == hd, "rope_store: cos/sin shape");
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(rows.slot[t] >= 0 && rows.slot[t] < nslots && rows.write[t] >= 0 && rows.write[t] < cap,
+                "rope_store: a row's slot or position is past the cache");
   auto q = torch::empty({T, nh, hd}, qkv.options());
   const float *X = qkv.data_ptr<float>(), *C = cs.data_ptr<float>(), *S = sn.data_ptr<float>();
   float* Q = q.data_ptr<float>();
@@ -702,6 +758,7 @@ torch::Tensor rope_store(const torch::Tensor& qkv_in, const torch::Tensor& cos_i
   std::vector<float> tmp(hd), normed(hd);
   for (int64_t t = 0; t < T; ++t) {
     const float *c = C + t * hd, *s = S + t * hd, *row = X + t * qkv.size(1);
+    const int64_t base = rows.slot[t] * nkv * cap + rows.write[t];  // (slot, kvh = 0, position)
     for (int64_t h = 0; h < nh + nkv; ++h) {
       const float* x = row + h * hd;
       const torch::Tensor& nw = h < nh ? qn : kn;
@@ -712,22 +769,32 @@ torch::Tensor rope_store(const torch::Tensor& qkv_in, const torch::Tensor& cos_i
       float* dst = h < nh ? Q + (t * nh + h) * hd : tmp.data();
       for (int64_t i = 0; i < hd; ++i) dst[i] = x[i] * c[i] + x[(i + half) % hd] * s[i];
       if (h >= nh) {
-        const int64_t kvh = h - nh;
+        const int64_t at = (base + (h - nh) * cap) * hd;
         if (kc.scalar_type() == torch::kHalf)
-          store_row(kc.data_ptr<at::Half>() + (kvh * cap + start + t) * hd, tmp.data(), hd);
+          store_row(kc.data_ptr<at::Half>() + at, tmp.data(), hd);
         else
-          store_row(kc.data_ptr<float>() + (kvh * cap + start + t) * hd, tmp.data(), hd);
+          store_row(kc.data_ptr<float>() + at, tmp.data(), hd);
       }
     }
     for (int64_t kvh = 0; kvh < nkv; ++kvh) {
       const float* v = row + (nh + nkv + kvh) * hd;
+      const int64_t at = (base + kvh * cap) * hd;
       if (vc.scalar_type() == torch::kHalf)
-        store_row(vc.data_ptr<at::Half>() + (kvh * cap + start + t) * hd, v, hd);
+        store_row(vc.data_ptr<at::Half>() + at, v, hd);
       else
-        store_row(vc.data_ptr<float>() + (kvh * cap + start + t) * hd, v, hd);
+        store_row(vc.data_ptr<float>() + at, v, hd);
     }
   }
   return q;
+}
+
+torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                         torch::Tensor& kc, torch::Tensor& vc, int64_t start, int64_t nh,
+                         const c10::optional<torch::Tensor>& q_norm, const c10::optional<torch::Tensor>& k_norm,
+                         double eps) {
+  // One stream: kc, vc (nkv, capacity, hd); the step's rows go to [start, start + T).
+  TORCH_CHECK(kc.dim() == 3 && vc.dim() == 3, "rope_store: caches must be (nkv, capacity, hd)");
+  return rope_store_rows(qkv, cos, sin, kc, vc, StepRows::single(qkv.size(0), start, nullptr), nh, q_norm, k_norm, eps);
 }
 
 // ---- a whole decode step's layers in one call --------------------------------------------------
@@ -762,15 +829,15 @@ torch::Tensor linear_part(const torch::Tensor& x, const std::vector<torch::Tenso
   return y;
 }
 
-std::vector<torch::Tensor> layers_forward(const torch::Tensor& x_in, std::vector<torch::Tensor> parts,
-                                          std::vector<int64_t> kinds, std::vector<int64_t> op_parts,
-                                          std::vector<torch::Tensor> norms, std::vector<double> eps,
-                                          std::vector<torch::Tensor> kcs, std::vector<torch::Tensor> vcs,
-                                          std::vector<torch::Tensor> coss, std::vector<torch::Tensor> sins,
-                                          std::vector<int64_t> rope, std::vector<int64_t> windows, int64_t start,
-                                          const c10::optional<torch::Tensor>& step_mask, int64_t n_heads, double scale,
-                                          int64_t act, const torch::Tensor& final_norm, double final_eps,
-                                          std::vector<int64_t> aux_layers) {
+std::vector<torch::Tensor> layers_core(const torch::Tensor& x_in, const std::vector<torch::Tensor>& parts,
+                                       const std::vector<int64_t>& kinds, const std::vector<int64_t>& op_parts,
+                                       const std::vector<torch::Tensor>& norms, const std::vector<double>& eps,
+                                       std::vector<torch::Tensor>& kcs, std::vector<torch::Tensor>& vcs,
+                                       const std::vector<torch::Tensor>& coss, const std::vector<torch::Tensor>& sins,
+                                       const std::vector<int64_t>& rope, const std::vector<int64_t>& windows,
+                                       const StepRows& rows, int64_t n_heads, double scale, int64_t act,
+                                       const torch::Tensor& final_norm, double final_eps,
+                                       const std::vector<int64_t>& aux_layers) {
   const int64_t n_layers = (int64_t)kcs.size();
   TORCH_CHECK((int64_t)op_parts.size() == 4 * n_layers && (int64_t)norms.size() == 6 * n_layers &&
                   (int64_t)eps.size() == 5 * n_layers && (int64_t)vcs.size() == n_layers &&
@@ -792,8 +859,9 @@ std::vector<torch::Tensor> layers_forward(const torch::Tensor& x_in, std::vector
     const int64_t* np = &op_parts[4 * l];
     auto h = linear_part(x, parts, kinds, part, np[0], opt(nl[0]), el[0], 0, c10::nullopt);
     part += np[0];
-    auto q = rope_store(h, coss[rope[l]], sins[rope[l]], kcs[l], vcs[l], start, n_heads, opt(nl[4]), opt(nl[5]), el[4]);
-    auto att = decode_attention(q, kcs[l], vcs[l], start, step_mask, scale, windows[l]).view({T, -1});
+    auto q = rope_store_rows(h, coss[rope[l]], sins[rope[l]], kcs[l], vcs[l], rows, n_heads, opt(nl[4]), opt(nl[5]),
+                             el[4]);
+    auto att = attention_rows(q, kcs[l], vcs[l], rows, scale, windows[l]).view({T, -1});
     if (nl[2].numel()) {  // Gemma 3: the attention output normed before its residual
       x = rms_norm(linear_part(att, parts, kinds, part, np[1], c10::nullopt, 0.0, 0, c10::nullopt), nl[2], el[2], x);
     } else {
@@ -815,6 +883,49 @@ std::vector<torch::Tensor> layers_forward(const torch::Tensor& x_in, std::vector
   return out;
 }
 
+// One stream: caches (n_kv, capacity, hd) per layer, the step's rows at [start, start + T).
+std::vector<torch::Tensor> layers_forward(const torch::Tensor& x, std::vector<torch::Tensor> parts,
+                                          std::vector<int64_t> kinds, std::vector<int64_t> op_parts,
+                                          std::vector<torch::Tensor> norms, std::vector<double> eps,
+                                          std::vector<torch::Tensor> kcs, std::vector<torch::Tensor> vcs,
+                                          std::vector<torch::Tensor> coss, std::vector<torch::Tensor> sins,
+                                          std::vector<int64_t> rope, std::vector<int64_t> windows, int64_t start,
+                                          const c10::optional<torch::Tensor>& step_mask, int64_t n_heads, double scale,
+                                          int64_t act, const torch::Tensor& final_norm, double final_eps,
+                                          std::vector<int64_t> aux_layers) {
+  torch::Tensor holder;
+  const auto rows = StepRows::single(x.size(0), start, mask_data(step_mask, x.size(0), holder, "layers_forward"));
+  return layers_core(x, parts, kinds, op_parts, norms, eps, kcs, vcs, coss, sins, rope, windows, rows, n_heads, scale,
+                     act, final_norm, final_eps, aux_layers);
+}
+
+// Rows of many streams in one step: caches (slots, n_kv, capacity, hd) per layer; row i of x
+// belongs to slot row_slot[i], is written at row_write[i] and sees its slot's [0, row_prefix[i])
+// and the step rows step_mask allows (default: its own slot's rows up to itself). Every row's
+// result is bit-identical to the same row in a one-stream step (StepRows, attention_impl).
+std::vector<torch::Tensor> layers_forward_rows(const torch::Tensor& x, std::vector<torch::Tensor> parts,
+                                               std::vector<int64_t> kinds, std::vector<int64_t> op_parts,
+                                               std::vector<torch::Tensor> norms, std::vector<double> eps,
+                                               std::vector<torch::Tensor> kcs, std::vector<torch::Tensor> vcs,
+                                               std::vector<torch::Tensor> coss, std::vector<torch::Tensor> sins,
+                                               std::vector<int64_t> rope, std::vector<int64_t> windows,
+                                               const torch::Tensor& row_slot, const torch::Tensor& row_write,
+                                               const torch::Tensor& row_prefix,
+                                               const c10::optional<torch::Tensor>& step_mask, int64_t n_heads,
+                                               double scale, int64_t act, const torch::Tensor& final_norm,
+                                               double final_eps, std::vector<int64_t> aux_layers) {
+  const int64_t T = x.size(0);
+  for (const auto* t : {&row_slot, &row_write, &row_prefix})
+    TORCH_CHECK(t->scalar_type() == torch::kLong && t->dim() == 1 && t->size(0) == T && t->is_contiguous(),
+                "layers_forward_rows: row_slot, row_write and row_prefix must be (T,) int64");
+  for (const auto& k : kcs) TORCH_CHECK(k.dim() == 4, "layers_forward_rows: caches must be (slots, n_kv, capacity, hd)");
+  torch::Tensor holder;
+  const StepRows rows(T, row_slot.data_ptr<int64_t>(), row_write.data_ptr<int64_t>(), row_prefix.data_ptr<int64_t>(),
+                      mask_data(step_mask, T, holder, "layers_forward_rows"));
+  return layers_core(x, parts, kinds, op_parts, norms, eps, kcs, vcs, coss, sins, rope, windows, rows, n_heads, scale,
+                     act, final_norm, final_eps, aux_layers);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(clp, m) {
@@ -825,6 +936,10 @@ TORCH_LIBRARY(clp, m) {
         "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor[] cos, Tensor[] sin, int[] rope, int[] windows, "
         "int start, Tensor? step_mask, int n_heads, float scale, int act, Tensor final_norm, float final_eps, "
         "int[] aux_layers) -> Tensor[]");
+  m.def("layers_forward_rows(Tensor x, Tensor[] parts, int[] kinds, int[] op_parts, Tensor[] norms, float[] eps, "
+        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor[] cos, Tensor[] sin, int[] rope, int[] windows, "
+        "Tensor row_slot, Tensor row_write, Tensor row_prefix, Tensor? step_mask, int n_heads, float scale, int act, "
+        "Tensor final_norm, float final_eps, int[] aux_layers) -> Tensor[]");
   m.def("q8_linear(Tensor x, Tensor qs, Tensor d, Tensor? bias, Tensor? norm, float eps, int act, "
         "Tensor? residual) -> Tensor");
   m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
@@ -839,6 +954,7 @@ TORCH_LIBRARY_IMPL(clp, CPU, m) {
   m.impl("q8_linear", &q8_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("layers_forward", &layers_forward);
+  m.impl("layers_forward_rows", &layers_forward_rows);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,0 +1,393 @@
+"""Continuous batching: many requests, one backbone forward a step, drafts budgeted by CLP.
+
+Each request is a Decoder (loop.py: the one loop's body), so a request decodes exactly as
+generate() would decode it alone. The scheduler is its driver for many at once:
+
+1. admit: waiting requests take free cache slots, first come first served;
+2. rows: every running request's next tokens ([t+1, drafts...], or a chunk of its prompt,
+   under a per-step row cap so that a long prompt does not stall the others);
+3. forward: ONE forward over all rows (Backbone.forward_rows: each row in its own slot, its
+   result bit-identical to a one-stream step, so a request's text never depends on what
+   shares its step); the LM head over every row that needs logits, also in one product;
+4. advance: each request verifies, emits and keeps its accepted positions in its slot;
+5. budget and propose: every request picks its next token; greedy verified requests offer
+   their draft rows with CLP's estimate of each row's worth (Decoder.offer), and the
+   scheduler grants rows, most valuable first, while a row adds more tokens per millisecond
+   than the step already makes (the step's cost per row is measured as it runs: CostModel);
+6. retire: finished, cancelled and failed requests leave and free their slots.
+
+Backbones without the whole-step kernels (fp32/fp16 numerics, transformers' engine) run each
+request's forward on its own cache, in turn: the same requests and results, without the
+shared step's speed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import ClpError
+from .loop import Decoder, GenerationConfig, GenerationResult, decode_forward
+from .policies import Policy
+
+BUDGETS = ("auto", "off")
+DEFAULT_SLOTS = 8  # requests decoded together (`clp serve --parallel`)
+DEFAULT_MAX_ROWS = 64  # rows in one step at most: prompts are fed in chunks within it
+
+
+@dataclass
+class Request:
+    """One generation submitted to a Scheduler. `on_tokens(ids, from_heads)` streams its tokens
+    (from the scheduler's thread); `on_done(result, error)` is called once when it ends:
+    (result, None), or (None, error) when it failed or (None, None) when it was cancelled."""
+
+    prompt_ids: list[int]
+    policy: Policy
+    cfg: GenerationConfig = field(default_factory=GenerationConfig)
+    on_tokens: Callable[[list[int], bool], None] | None = None
+    on_done: Callable[[GenerationResult | None, BaseException | None], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # the scheduler's
+    decoder: Decoder | None = None
+    slot: int = -1
+    cache: object = None  # its own cache where the backbone does not batch rows
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class CostModel:
+    """A step's milliseconds against its rows, ms = a + b * rows, fitted by least squares over
+    recent steps (older ones decay), starting from a calibration or a prior; and the drafter's
+    milliseconds per drafted token, measured the same way."""
+
+    def __init__(self, a: float = 8.0, b: float = 4.0, draft_ms: float = 0.5, weight: float = 4.0,
+                 decay: float = 0.98):
+        self.decay = decay
+        # Sums of (1, x, x^2, y, x*y) with the prior as `weight` pseudo-steps at 1 and 9 rows.
+        self.s = [0.0] * 5
+        for x in (1.0, 9.0):
+            self._add(x, a + b * x, weight / 2)
+        self.draft_ms = draft_ms
+
+    def _add(self, x: float, y: float, w: float = 1.0) -> None:
+        for i, v in enumerate((1.0, x, x * x, y, x * y)):
+            self.s[i] += w * v
+
+    def observe(self, rows: int, ms: float) -> None:
+        self.s = [v * self.decay for v in self.s]
+        self._add(float(rows), ms)
+
+    def observe_draft(self, tokens: int, ms: float) -> None:
+        if tokens > 0:
+            self.draft_ms = 0.9 * self.draft_ms + 0.1 * ms / tokens
+
+    @property
+    def fit(self) -> tuple[float, float]:
+        n, sx, sxx, sy, sxy = self.s
+        det = n * sxx - sx * sx
+        b = (n * sxy - sx * sy) / det if det > 1e-9 else 0.0
+        b = max(b, 1e-3)  # a row is never free
+        return max((sy - b * sx) / n, 0.0), b
+
+    def step_ms(self, rows: int) -> float:
+        a, b = self.fit
+        return a + b * rows
+
+
+def allocate(offers: dict, rows: int, tokens: float, cost: CostModel, lookup: dict | None = None) -> dict:
+    """Grant draft rows: every offered row, most valuable first, while its expected kept
+    tokens per marginal millisecond beat the step's tokens per millisecond so far.
+
+    Args:
+        offers: key -> the worth of its draft rows 1..m (non-increasing: draft j is kept only
+            if 1..j-1 are).
+        rows, tokens: the step's rows and expected tokens before any draft.
+        cost: the step's cost per row, and the drafter's per drafted token.
+        lookup: key -> True where the drafts come from n-gram lookup (no drafter cost).
+    Returns:
+        key -> rows granted (0 .. len(offer)).
+    """
+    lookup = lookup or {}
+    cands = sorted(((v, j, key) for key, vals in offers.items() for j, v in enumerate(vals)),
+                   key=lambda c: (-c[0], c[1]))
+    grant = {key: 0 for key in offers}
+    row_ms = cost.fit[1]
+    for v, j, key in cands:
+        if grant[key] != j:  # an earlier draft of this request was not granted
+            continue
+        marginal = row_ms + (0.0 if lookup.get(key) else cost.draft_ms)
+        if v * cost.step_ms(rows) <= tokens * marginal:
+            continue
+        grant[key] += 1
+        rows += 1
+        tokens += v
+    return grant
+
+
+class Scheduler:
+    """Many requests through the one loop, one forward a step (see the module docstring).
+
+    Args:
+        backbone: the Backbone.
+        slots: requests decoded together; more wait in line.
+        capacity: positions per slot (prompt + max_new_tokens must fit); default: the
+            model's window, at most 4,096.
+        max_rows: rows per step at most (decode rows first, then prompt chunks).
+        budget: "auto" (drafts granted by CLP's worth against the measured cost of a row)
+            or "off" (every request drafts what its policy drafts alone).
+        calibrate: time a few steps first to seed the cost model (auto budget only).
+    """
+
+    def __init__(self, backbone, slots: int = DEFAULT_SLOTS, capacity: int | None = None,
+                 max_rows: int = DEFAULT_MAX_ROWS, budget: str = "auto", calibrate: bool = True):
+        if budget not in BUDGETS:
+            raise ClpError(f"spec_budget must be one of {', '.join(BUDGETS)}, got {budget!r}", param="spec_budget")
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ClpError(f"parallel must be a whole number >= 1, got {slots!r}", param="parallel")
+        if max_rows < 1:
+            raise ClpError(f"max_rows must be at least 1, got {max_rows}", param="max_rows")
+        window = getattr(backbone, "max_positions", None) or 4096
+        self.capacity = min(window, 4096) if capacity is None else min(capacity, window)
+        self.backbone, self.slots, self.max_rows, self.budget = backbone, slots, max_rows, budget
+        self.batched = backbone.batches_rows
+        self.cache = backbone.new_slot_cache(slots, self.capacity) if self.batched else None
+        self.free = list(range(slots))
+        self.running: list[Request] = []
+        self._waiting: deque[Request] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self.cost = CostModel()
+        # steps and rows run; drafted and kept draft tokens (verified); tokens and forwards of
+        # the requests completed; requests completed, cancelled and failed
+        self.stats = {"steps": 0, "rows": 0, "drafted": 0, "kept": 0, "tokens": 0, "forwards": 0,
+                      "completed": 0, "cancelled": 0, "failed": 0}
+        if calibrate and budget == "auto" and self.batched:
+            self._calibrate()
+
+    # ---- requests in and out ------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Queue a request (any thread); it starts at a step boundary when a slot is free."""
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Block until a request runs or waits (or `timeout`); whether there is work."""
+        with self._wake:
+            if not self.running and not self._waiting:
+                self._wake.wait(timeout)
+            return bool(self.running or self._waiting)
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def _admit(self) -> None:
+        while self.free:
+            with self._lock:
+                if not self._waiting:
+                    return
+                req = self._waiting.popleft()
+            if req.cancelled.is_set():
+                self._end(req, None, None)
+                continue
+            try:
+                if len(req.prompt_ids) + req.cfg.max_new_tokens > self.capacity:
+                    raise ClpError(f"the prompt is {len(req.prompt_ids)} tokens and max_new_tokens "
+                                   f"{req.cfg.max_new_tokens}: more than a slot's {self.capacity} positions",
+                                   param="max_new_tokens")
+                req.decoder = Decoder(self.backbone, req.prompt_ids, req.policy, req.cfg, req.on_tokens)
+            except Exception as e:  # noqa: BLE001 - this request's error, not the batch's
+                self._end(req, None, e)
+                continue
+            req.slot = self.free.pop(0)
+            if self.batched:
+                self.cache.reset(req.slot)
+            else:
+                req.cache = self.backbone.new_cache()
+            self.running.append(req)
+
+    def _end(self, req: Request, result, error) -> None:
+        key = "completed" if result is not None else "failed" if error is not None else "cancelled"
+        self.stats[key] += 1
+        if result is not None:
+            self.stats["tokens"] += result.new_tokens
+            self.stats["forwards"] += result.forward_passes
+        if req in self.running:
+            self.running.remove(req)
+        if req.slot >= 0:
+            self.free.append(req.slot)
+            self.free.sort()
+            req.slot, req.cache = -1, None
+        if req.on_done is not None:
+            try:
+                req.on_done(result, error)
+            except Exception:  # noqa: BLE001 - a caller's callback must not stop the others
+                pass
+
+    def _guard(self, req: Request, fn, *args) -> bool:
+        """Run one request's part of the step; a failure ends that request only."""
+        try:
+            fn(*args)
+            return True
+        except Exception as e:  # noqa: BLE001
+            self._end(req, None, e)
+            return False
+
+    # ---- one step -----------------------------------------------------------------------------
+    def step(self) -> int:
+        """Run one step for every running request (admitting waiting ones first); returns the
+        rows it ran (0: nothing to do)."""
+        for req in list(self.running):
+            if req.cancelled.is_set():
+                self._end(req, None, None)
+        self._admit()
+        self._propose()
+        plan = self._rows()
+        if not plan:
+            return 0
+        t0 = time.perf_counter()
+        outputs = self._forward(plan)
+        rows = sum(len(tokens) for _, tokens, _ in plan)
+        if self.batched:
+            self.cost.observe(rows, (time.perf_counter() - t0) * 1e3)
+        self._advance(plan, outputs)
+        self.stats["steps"] += 1
+        self.stats["rows"] += rows
+        return rows
+
+    def run(self) -> None:
+        """Step until no request runs or waits (a caller that owns the scheduler's thread)."""
+        while self.running or self._waiting:
+            self.step()
+
+    def _propose(self) -> None:
+        """Every request that has taken in a forward picks its next token and drafts, the
+        greedy verified ones within the rows the budget grants them."""
+        ready = [r for r in self.running if r.decoder.proposing]
+        limits = self._budget(ready) if self.budget == "auto" and self.batched else {}
+        for r in ready:
+            if r.slot < 0:  # failed while offering
+                continue
+            t0 = time.perf_counter()
+            if not self._guard(r, r.decoder.propose, limits.get(id(r))):
+                continue
+            drafted = len(r.decoder.fed) - 1 if r.policy.verifies else 0
+            self.stats["drafted"] += drafted
+            if drafted and not r.decoder.from_lookup:
+                self.cost.observe_draft(drafted, (time.perf_counter() - t0) * 1e3)
+            if r.decoder.done:
+                self._end(r, r.decoder.result(), None)
+
+    def _budget(self, ready: list[Request]) -> dict:
+        """id(request) -> the drafts it may feed this step (absent: no cap)."""
+        offers, lookup = {}, {}
+        for r in ready:
+            got = []
+            if self._guard(r, lambda r=r: got.append(r.decoder.offer())) and got[0] is not None:
+                offers[id(r)], lookup[id(r)] = got[0].values, got[0].lookup
+        decoding = sum(not r.decoder.prefilling for r in self.running)
+        prompt_rows = sum(len(r.prompt_ids) - r.decoder.prefilled for r in self.running if r.decoder.prefilling)
+        rows = decoding + min(prompt_rows, max(0, self.max_rows - decoding))
+        grant = allocate(offers, max(1, rows), max(1.0, float(decoding)), self.cost, lookup)
+        room = self.max_rows - rows  # drafts never push a step past the row cap
+        for key in sorted(grant, key=lambda k: -grant[k]):
+            grant[key] = min(grant[key], max(0, room))
+            room -= grant[key]
+        return grant
+
+    def _rows(self) -> list[tuple[Request, list[int], object]]:
+        """(request, tokens, tree) of every running request this step: decode rows first, then
+        prompt chunks in arrival order within the row cap (each prompt gets at least a row)."""
+        plan, room = [], self.max_rows
+        decoding = [r for r in self.running if not r.decoder.prefilling]
+        prefilling = [r for r in self.running if r.decoder.prefilling]
+        for r in decoding:
+            tokens, tree = r.decoder.next_tokens()
+            plan.append((r, tokens, tree))
+            room -= len(tokens)
+        for r in prefilling:
+            tokens, tree = r.decoder.next_tokens(max(1, room))
+            plan.append((r, tokens, tree))
+            room -= len(tokens)
+        return plan
+
+    def _aux_layers(self, plan) -> tuple[int, ...]:
+        layers = {r.decoder.aux_layers for r, _, _ in plan if r.decoder.aux_layers}
+        if len(layers) > 1:
+            raise ClpError("requests with different drafter feature layers cannot share a step")
+        return layers.pop() if layers else ()
+
+    def _forward(self, plan) -> list:
+        """Each planned request's (states, feats), from one forward over all rows."""
+        aux = self._aux_layers(plan)
+        if not self.batched:
+            return [decode_forward(self.backbone, tokens, r.cache, tree, r.decoder.aux_layers)
+                    for r, tokens, tree in plan]
+        steps = [(r.slot, tokens, tree.mask(0) if tree is not None and not tree.is_chain else None,
+                  tree.positions(0) if tree is not None and not tree.is_chain else None) for r, tokens, tree in plan]
+        outs = self.backbone.forward_rows(self.cache, steps, aux)
+        return [(o[0], o[1] if r.decoder.aux_layers else o[0]) if aux else (o, o) for (r, _, _), o in zip(plan, outs)]
+
+    def _advance(self, plan, outputs) -> None:
+        need = [r.decoder.logit_rows(len(tokens)) for r, tokens, _ in plan]
+        if self.batched:  # the LM head over every row that needs logits, in one product (rows are independent)
+            picked = [states[rows] for (states, _), rows in zip(outputs, need) if rows]
+            logits = iter(torch.split(self.backbone.logits(torch.cat(picked)), [len(n) for n in need if n])
+                          if picked else [])
+        for (r, tokens, tree), (states, feats), rows in zip(plan, outputs, need):
+            lg = (next(logits) if self.batched else self.backbone.logits(states[rows])) if rows else None
+            if r.slot < 0:  # ended during this step
+                continue
+            before = len(r.decoder.accepted)
+            ok = self._guard(r, r.decoder.advance, states, feats, lg, self._keeper(r))
+            if ok and r.policy.verifies and len(r.decoder.accepted) > before:
+                self.stats["kept"] += r.decoder.accepted[-1]
+            if ok and r.decoder.done:
+                self._end(r, r.decoder.result(), None)
+
+    def _keeper(self, req: Request):
+        if self.batched:
+            return lambda fed, offsets: self.cache.keep(req.slot, fed, offsets)
+        return lambda fed, offsets: self.backbone.keep(req.cache, fed, offsets)
+
+    # ---- calibration --------------------------------------------------------------------------
+    def _calibrate(self, repeats: int = 3) -> None:
+        """Seed the cost model: steps of 1..16 rows on a scratch slot (a second or two), after
+        one untimed step (first calls pay for allocations)."""
+        slot = self.free[0]
+        vocab = self.backbone.info.vocab_size
+
+        def step(rows: int) -> float:
+            self.cache.reset(slot)
+            ids = [int(t) for t in torch.randint(0, vocab, (min(rows, self.capacity),))]
+            t0 = time.perf_counter()
+            self.backbone.forward_rows(self.cache, [(slot, ids, None, None)])
+            return (time.perf_counter() - t0) * 1e3
+
+        with torch.inference_mode():
+            step(16)
+            for rows in (1, 2, 4, 8, 16) * repeats:
+                self.cost.observe(rows, step(rows))
+        self.cache.reset(slot)
+
+    def health(self) -> dict:
+        steps = max(1, self.stats["steps"])
+        a, b = self.cost.fit
+        return {"running": len(self.running), "waiting": self.waiting, "slots": self.slots,
+                "rows_per_step": round(self.stats["rows"] / steps, 3),
+                "drafted": self.stats["drafted"], "kept": self.stats["kept"],
+                "tokens_per_forward": round(self.stats["tokens"] / max(1, self.stats["forwards"]), 4),
+                "step_ms": {"base": round(a, 3), "per_row": round(b, 3)}, "spec_budget": self.budget,
+                **{k: self.stats[k] for k in ("steps", "completed", "cancelled", "failed")}}

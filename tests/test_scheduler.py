@@ -1,0 +1,184 @@
+"""Continuous batching (decoding/scheduler.py): a request's output never depends on what else
+shares its steps, on the q4 kernels' batched step and on the one-forward-per-request fallback."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clpdecode.backbone import kernels, load_backbone
+from clpdecode.decoding import GenerationConfig, SamplingConfig, generate, make_policy
+from clpdecode.decoding.scheduler import CostModel, Request, Scheduler, allocate
+from clpdecode.errors import ClpError
+
+from conftest import random_drafter, save_tiny_model
+
+native = pytest.mark.skipif(kernels.load(quiet=True) is None, reason="the C++ kernels could not be built here")
+
+
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory):
+    """A tiny Llama with head_dim 64 in q4 numerics: the batched whole-step path."""
+    path = save_tiny_model(tmp_path_factory.mktemp("tiny-q4-sched"), "llama", seed=2, hidden_size=128, heads=2,
+                           kv_heads=1)
+    return load_backbone(str(path), numerics="q4")
+
+
+def run_all(scheduler, jobs, backbone, drafter):
+    """Submit every (prompt, method, cfg, extra) job at once, run to the end; the results."""
+    done = {}
+    for i, (ids, method, cfg, extra) in enumerate(jobs):
+        scheduler.submit(Request(ids, make_policy(method, backbone, drafter, **extra), cfg,
+                                 on_done=lambda r, e, i=i: done.__setitem__(i, (r, e))))
+    scheduler.run()
+    assert not scheduler.running and not scheduler.waiting and sorted(scheduler.free) == list(range(scheduler.slots))
+    return [done[i] for i in range(len(jobs))]
+
+
+job = st.tuples(
+    st.lists(st.integers(3, 90), min_size=1, max_size=30),
+    st.sampled_from(["ar", "verified", "verified", "clp", "naive", "gate"]),
+    st.integers(1, 30),
+    st.sampled_from([0.0, 0.0, 1.0]),
+    st.sampled_from([{}, {"draft": "all"}, {"tree": 4}, {"lookup": False}]),
+)
+
+
+@native
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(jobs=st.lists(job, min_size=1, max_size=9), slots=st.integers(1, 5), max_rows=st.integers(1, 24),
+       budget=st.sampled_from(["auto", "off"]), seed=st.integers(0, 1000))
+def test_a_requests_text_is_its_text_alone_whatever_shares_its_steps(q4, jobs, slots, max_rows, budget, seed):
+    """Batch invariance: every request's tokens equal generate()'s for it alone, for every
+    method, greedy or sampled, whatever the slots, the row cap (prompts fed in chunks) and the
+    draft budget (which changes a greedy verified request's drafts, never its text)."""
+    drafter = random_drafter(q4, k=3, design="chained", seed=seed)
+    jobs = [(ids, m, GenerationConfig(max_new_tokens=n, sampling=SamplingConfig(temperature=t, seed=i)), extra)
+            for i, (ids, m, n, t, extra) in enumerate(jobs)]
+    alone = [generate(q4, ids, make_policy(m, q4, drafter, **extra), cfg).token_ids for ids, m, cfg, extra in jobs]
+    sched = Scheduler(q4, slots=slots, max_rows=max_rows, budget=budget, calibrate=False)
+    assert sched.batched
+    results = run_all(sched, jobs, q4, drafter)
+    assert [e for _, e in results] == [None] * len(jobs)
+    assert [r.token_ids for r, _ in results] == alone
+
+
+def test_the_fallback_runs_each_request_on_its_own_cache(tiny_backbone):
+    """fp32 numerics have no batched step: one forward per request, the same texts."""
+    drafter = random_drafter(tiny_backbone, k=2, seed=4)
+    jobs = [([5 + i, 6, 7], m, GenerationConfig(max_new_tokens=12), {}) for i, m in enumerate(["ar", "verified", "clp"])]
+    sched = Scheduler(tiny_backbone, slots=2)
+    assert not sched.batched
+    results = run_all(sched, jobs, tiny_backbone, drafter)
+    alone = [generate(tiny_backbone, ids, make_policy(m, tiny_backbone, drafter), cfg).token_ids
+             for ids, m, cfg, _ in jobs]
+    assert [r.token_ids for r, _ in results] == alone
+
+
+@native
+def test_one_request_failing_or_cancelled_costs_the_others_nothing(q4):
+    drafter = random_drafter(q4, k=2, design="chained", seed=3)
+    cfg = GenerationConfig(max_new_tokens=20)
+    want = generate(q4, [5, 6, 7], make_policy("verified", q4, drafter), cfg).token_ids
+    sched = Scheduler(q4, slots=3, calibrate=False)
+    done = {}
+
+    def boom(ids, from_heads):
+        raise RuntimeError("a client's callback failed")
+
+    cancel_me = Request([8, 9], make_policy("ar"), GenerationConfig(max_new_tokens=30),
+                        on_done=lambda r, e: done.__setitem__("cancelled", (r, e)))
+    cancel_me.on_tokens = lambda ids, fh: cancel_me.cancel()  # goes away after its first token
+    sched.submit(Request([5, 6, 7], make_policy("verified", q4, drafter), cfg,
+                         on_done=lambda r, e: done.__setitem__("ok", (r, e))))
+    sched.submit(Request([5, 6, 7], make_policy("ar"), cfg, on_tokens=boom,
+                         on_done=lambda r, e: done.__setitem__("boom", (r, e))))
+    sched.submit(cancel_me)
+    too_long = Request([3] * 10, make_policy("ar"), GenerationConfig(max_new_tokens=10_000),
+                       on_done=lambda r, e: done.__setitem__("long", (r, e)))
+    sched.submit(too_long)
+    sched.run()
+    assert done["ok"][0].token_ids == want and done["ok"][1] is None
+    assert done["boom"][0] is None and isinstance(done["boom"][1], RuntimeError)
+    assert done["cancelled"] == (None, None)
+    assert done["long"][0] is None and isinstance(done["long"][1], ClpError)
+    assert sched.stats["completed"] == 1 and sched.stats["failed"] == 2 and sched.stats["cancelled"] == 1
+    assert sorted(sched.free) == [0, 1, 2]
+
+
+@native
+def test_requests_join_while_others_run(q4):
+    """Continuous batching: a request submitted mid-run joins at a step boundary."""
+    sched = Scheduler(q4, slots=2, calibrate=False)
+    cfg = GenerationConfig(max_new_tokens=25)
+    done = {}
+    sched.submit(Request([5, 6, 7], make_policy("ar"), cfg, on_done=lambda r, e: done.__setitem__(0, r)))
+    for _ in range(5):
+        sched.step()
+    sched.submit(Request([9, 10], make_policy("ar"), cfg, on_done=lambda r, e: done.__setitem__(1, r)))
+    sched.step()
+    assert len(sched.running) == 2
+    sched.run()
+    for i, ids in enumerate(([5, 6, 7], [9, 10])):
+        assert done[i].token_ids == generate(q4, ids, make_policy("ar"), cfg).token_ids
+
+
+def test_allocate_grants_the_most_valuable_rows_while_they_pay():
+    cost = CostModel(a=10.0, b=2.0, draft_ms=0.0, weight=1e6)  # 10 ms a step + 2 ms a row
+    # One request alone: a step makes 1 token in 12 ms; a draft worth v pays when v/2 > 1/12.
+    assert allocate({"a": [0.9, 0.5, 0.1]}, rows=1, tokens=1.0, cost=cost) == {"a": 2}
+    # Eight requests: 8 tokens in 26 ms; only drafts worth more than 2 * 8/26 ~ 0.62 pay.
+    grant = allocate({i: [0.9, 0.7, 0.3] if i == 0 else [0.5] for i in range(8)}, rows=8, tokens=8.0, cost=cost)
+    assert grant == {0: 2, **{i: 0 for i in range(1, 8)}}
+    # Drafts are granted in order: the second only after the first.
+    assert allocate({"a": [0.05, 0.05]}, rows=1, tokens=1.0, cost=cost) == {"a": 0}
+    # The drafter's own time counts against its rows, not against lookup's.
+    slow = CostModel(a=10.0, b=2.0, draft_ms=20.0, weight=1e6)
+    assert allocate({"a": [0.9], "b": [0.9]}, rows=2, tokens=2.0, cost=slow, lookup={"b": True}) == {"a": 0, "b": 1}
+
+
+def test_cost_model_fits_the_measured_steps():
+    cost = CostModel(a=1.0, b=1.0, weight=0.01)
+    for rows in (1, 2, 4, 8, 16) * 5:
+        cost.observe(rows, 6.0 + 3.0 * rows)
+    a, b = cost.fit
+    assert abs(a - 6.0) < 0.2 and abs(b - 3.0) < 0.05
+
+
+def test_bad_scheduler_settings(tiny_backbone):
+    for kw, param in [({"budget": "maybe"}, "spec_budget"), ({"slots": 0}, "parallel"), ({"max_rows": 0}, "max_rows")]:
+        with pytest.raises(ClpError) as e:
+            Scheduler(tiny_backbone, **kw)
+        assert e.value.param == param
+
+
+@native
+def test_the_scheduler_serves_from_another_thread(q4):
+    """The server's use: one thread steps, others submit and wait."""
+    sched = Scheduler(q4, slots=4, calibrate=False)
+    stop = threading.Event()
+
+    def worker():
+        while not stop.is_set():
+            if sched.wait_for_work(0.05):
+                sched.step()
+
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    events = [threading.Event() for _ in range(6)]
+    outs = {}
+    for i, ev in enumerate(events):
+        sched.submit(Request([4 + i, 5, 6], make_policy("ar"), GenerationConfig(max_new_tokens=10),
+                             on_done=lambda r, e, i=i, ev=ev: (outs.__setitem__(i, r), ev.set())))
+    assert all(ev.wait(60) for ev in events)
+    stop.set()
+    sched.wake()
+    t.join(5)
+    for i in range(6):
+        assert outs[i].token_ids == generate(q4, [4 + i, 5, 6], make_policy("ar"),
+                                             GenerationConfig(max_new_tokens=10)).token_ids
+    assert torch.get_num_threads() >= 1
