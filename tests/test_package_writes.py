@@ -72,7 +72,8 @@ def test_no_command_writes_under_the_installed_package(fresh_cache, tiny_llama_d
     assert any(user_corpus_dir(name).glob("shard-*.jsonl"))
     # A folder inside the package, named on purpose, is refused too.
     inside = str(package / "assets" / "drafters" / "mine")
-    for argv in (["train", *model, "--out", inside], ["distill", *model, "--corpus", inside]):
+    for argv in (["train", *model, "--out", inside], ["distill", *model, "--prompts", "1", "--corpus", inside],
+                 ["sequences", *model, "--out", inside + ".npz"]):
         assert main(argv) == 2
         assert "inside the installed package" in capsys.readouterr().err
     assert _snapshot(package) == before

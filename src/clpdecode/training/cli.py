@@ -19,22 +19,13 @@ def features_dir(arg: str | None, backbone_name: str, must_exist: bool = True) -
     return path
 
 
-def _outputs(args, *flags: str) -> None:
-    """Every output folder a command was given (--out, --work, ...), checked before anything
-    loads (atomic.check_writable); defaults are checked where they are known."""
+def _out_and_work(args) -> Path:
+    """`clp train`'s two output folders, checked before anything loads (a run that trained
+    for an hour must not die writing them): --out, and --work, else a hidden folder beside
+    --out. Returns the work folder."""
     from ..atomic import check_writable
 
-    for flag in flags:
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value:
-            check_writable(value, flag)
-
-
-def _work_dir(args) -> Path:
-    """--work, else a hidden folder beside --out; checked like --out."""
-    from ..atomic import check_writable
-
-    out = Path(args.out)
+    out = check_writable(args.out, "--out")
     return check_writable(args.work or out.parent / f".{out.name}-work", "--work")
 
 
@@ -53,8 +44,10 @@ def check_device(arg: str) -> None:
 
 
 def cmd_distill(args) -> int:
+    from ..atomic import check_writable
     from ..backbone import load_backbone
-    from ..corpus import default_corpus, start_user_corpus
+    from ..backbone.loading import backbone_name
+    from ..corpus import default_corpus, start_user_corpus, user_corpus_dir
     from ..errors import check_positive_int
     from .distill import DistillConfig, build_features, build_teacher_features, generate_corpus
 
@@ -64,15 +57,22 @@ def cmd_distill(args) -> int:
         check_positive_int("--" + opt.replace("_", "-"), getattr(args, opt))
     if args.teacher_forced < 0:
         raise ClpError(f"--teacher-forced must be >= 0, got {args.teacher_forced}")
-    _outputs(args, "--corpus", "--features")
     check_device(args.device)
-    backbone = load_backbone(args.model)
-    # The shipped corpus is read-only input: new answers go to the cache, begun as its copy.
+    # Where it writes, checked before the load. The shipped corpus is read-only input: new
+    # answers go to the cache (begun as its copy) or to --corpus.
+    name = backbone_name(args.model)
     if args.corpus:
         corpus = Path(args.corpus)
     else:
-        corpus = start_user_corpus(backbone.name) if args.prompts else default_corpus(backbone.name)
-    features = features_dir(args.features, backbone.name, must_exist=False)
+        corpus = user_corpus_dir(name) if args.prompts else default_corpus(name)
+    if args.prompts:
+        check_writable(corpus, "--corpus" if args.corpus else "the corpus folder")
+    features = features_dir(args.features, name, must_exist=False)
+    if not args.corpus_only:
+        check_writable(features, "--features" if args.features else "the hidden-state folder")
+    backbone = load_backbone(args.model)
+    if args.prompts and not args.corpus:
+        start_user_corpus(name)
     print(f"distill: corpus {corpus}" + ("" if args.corpus_only else f", hidden states {features}"), file=sys.stderr)
     if args.prompts:
         generate_corpus(backbone, corpus, DistillConfig(n_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
@@ -185,7 +185,6 @@ def cmd_train_heads(args, work: Path) -> int:
     if args.init:
         raise ClpError("--init goes with --design eagle3 or chain")
     check_positive_int("--batch-size", args.batch_size)
-    _outputs(args, "--features")
     backbone = load_backbone(args.model, numerics="fp32")
     features = features_dir(args.features, backbone.name)
     torch.manual_seed(args.seed)
@@ -212,8 +211,7 @@ def cmd_train(args) -> int:
             check_positive_int("--" + opt.replace("_", "-"), getattr(args, opt))
     if args.draft_vocab < 0:
         raise ClpError(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {args.draft_vocab}")
-    _outputs(args, "--out")
-    work = _work_dir(args)
+    work = _out_and_work(args)
     return (cmd_train_drafter if args.design in DESIGNS else cmd_train_heads)(args, work)
 
 
