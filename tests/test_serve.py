@@ -327,19 +327,17 @@ def test_api_key(tiny_backbone, drafter):
 
 
 # ---- queue, cancellation, failures ---------------------------------------------------
-def slow_generate(monkeypatch, delay):
-    import clpdecode.serve.app as app_mod
+def slow_steps(monkeypatch, delay):
+    """Every step of every scheduler takes `delay` seconds more."""
+    from clpdecode.decoding.scheduler import Scheduler
 
-    real = app_mod.generate
+    real = Scheduler.step
 
-    def gen(backbone, prompt_ids, policy, cfg, on_tokens=None):
-        def slow(ids, from_heads):
-            time.sleep(delay)
-            on_tokens(ids, from_heads)
+    def step(self):
+        time.sleep(delay)
+        return real(self)
 
-        return real(backbone, prompt_ids, policy, cfg, on_tokens=slow)
-
-    monkeypatch.setattr(app_mod, "generate", gen)
+    monkeypatch.setattr(Scheduler, "step", step)
 
 
 def wait_for(url, pred, timeout=10.0):
@@ -355,8 +353,8 @@ def wait_for(url, pred, timeout=10.0):
 def test_full_queue_503_and_disconnect_cancels(tiny_backbone, drafter, monkeypatch):
     from clpdecode.serve import create_app
 
-    slow_generate(monkeypatch, 0.04)
-    app = create_app(tiny_backbone, drafter, policy=PolicyConfig(method="ar"), max_queue=1)
+    slow_steps(monkeypatch, 0.04)
+    app = create_app(tiny_backbone, drafter, policy=PolicyConfig(method="ar"), max_queue=1, parallel=1)
     with running(app) as url:
         model = app.state.server.model_id
         c = client(url, model)
@@ -393,7 +391,7 @@ def test_full_queue_503_and_disconnect_cancels(tiny_backbone, drafter, monkeypat
 
 
 def test_failing_generation_does_not_kill_the_server(served, monkeypatch):
-    import clpdecode.serve.app as app_mod
+    from clpdecode.decoding.loop import Decoder
 
     url, server = served
     c = client(url, server.model_id)
@@ -401,7 +399,7 @@ def test_failing_generation_does_not_kill_the_server(served, monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(app_mod, "generate", broken)
+    monkeypatch.setattr(Decoder, "propose", broken)
     with pytest.raises(openai.InternalServerError) as e:
         c.chat.completions.create(model=server.model_id, messages=MSG, max_tokens=4)
     assert "boom" in e.value.message
@@ -492,3 +490,41 @@ def test_clp_serve_command(tiny_llama_dir, heads_dir, tmp_path, capsys):
     # Status and access log lines go to stderr; the server has no result for stdout.
     assert "POST /v1/chat/completions" in (tmp_path / "serve.log").read_text()
     assert (tmp_path / "stdout.log").read_text() == ""
+
+
+# ---- continuous batching -----------------------------------------------------------------
+def test_concurrent_requests_with_their_own_settings_get_their_texts_alone(tmp_path_factory):
+    """The batched step (q4 kernels): 12 requests at once, each with its own method, sampling,
+    stop strings and budget, get exactly the text each gets alone (generate()); /metrics and
+    /health report the scheduler."""
+    from clpdecode.backbone import kernels, load_backbone
+    from clpdecode.decoding import GenerationConfig, SamplingConfig, generate, make_policy
+    from clpdecode.serve import create_app
+
+    from conftest import save_tiny_model
+
+    if kernels.load(quiet=True) is None:
+        pytest.skip("no C++ kernels")
+    path = save_tiny_model(tmp_path_factory.mktemp("serve-q4"), "llama", seed=2, hidden_size=128, heads=2, kv_heads=1)
+    bb = load_backbone(str(path), numerics="q4")
+    drafter = random_drafter(bb, k=3, design="chained", seed=5)
+    app = create_app(bb, drafter, policy=PolicyConfig(method="verified"), parallel=4)
+    assert app.state.server.scheduler.batched
+    jobs = [(PROMPTS[i % 4], m, t, seed) for i, (m, t, seed) in enumerate(
+        [("verified", 0, 0), ("ar", 0, 0), ("clp", 0, 0), ("verified", 1.0, 3), ("naive", 0, 0), ("ar", 0.8, 9)] * 2)]
+
+    def alone(prompt, method, temperature, seed):
+        ids = bb.encode_chat([{"role": "user", "content": prompt}])
+        cfg = GenerationConfig(max_new_tokens=24, sampling=SamplingConfig(temperature=temperature, seed=seed))
+        return bb.decode(generate(bb, ids, make_policy(method, bb, drafter), cfg).token_ids)
+
+    with running(app) as url:
+        c = client(url, app.state.server.model_id)
+        with ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(lambda j: chat(c, j[0], max_tokens=24, temperature=j[2], seed=j[3],
+                                              extra_body={"method": j[1]})[0], jobs))
+        assert got == [alone(*j) for j in jobs]
+        health = raw(url, "GET", "/health")[2]
+        assert health["completed"] == 12 and health["slots"] == 4 and health["rows_per_step"] > 1
+        status, _, text = raw(url, "GET", "/metrics")
+        assert status == 200 and "clp_completed 12" in text and "clp_rows_per_step" in text

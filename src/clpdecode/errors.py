@@ -92,8 +92,10 @@ def check_prompt_ids(ids, vocab_size: int) -> list[int]:
     return ids
 
 
-def check_context(prompt_tokens: int, max_new_tokens: int, window: int | None) -> None:
-    """Refuse a generation that could run past the model's context window.
+def check_context(prompt_tokens: int, max_new_tokens: int, window: int | None,
+                  limit: str = "the model's context window") -> None:
+    """Refuse a generation that could run past the model's context window (or another
+    `limit` on positions, such as a server's slot).
 
     Refused, not clamped: a silently shorter answer (or a benchmark whose prompts get
     different budgets) would be worse than an error that names the numbers.
@@ -102,7 +104,7 @@ def check_context(prompt_tokens: int, max_new_tokens: int, window: int | None) -
         room = window - prompt_tokens
         fix = f"use max_new_tokens {room} or less" if room >= 1 else "shorten the prompt"
         raise ClpError(f"the prompt is {prompt_tokens} tokens and max_new_tokens {max_new_tokens}: "
-                       f"{prompt_tokens + max_new_tokens} > the model's context window of {window}; {fix}",
+                       f"{prompt_tokens + max_new_tokens} > {limit} of {window}; {fix}",
                        param="max_new_tokens" if room >= 1 else None)
 
 

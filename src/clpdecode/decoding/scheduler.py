@@ -218,6 +218,19 @@ class Scheduler:
                 req.cache = self.backbone.new_cache()
             self.running.append(req)
 
+    def fail(self, req: Request, error: BaseException) -> None:
+        """End a running request with `error` (the scheduler's thread)."""
+        self._end(req, None, error)
+
+    def drain(self) -> list[Request]:
+        """Take every waiting request out of the line (shutdown): they never start."""
+        with self._lock:
+            out = list(self._waiting)
+            self._waiting.clear()
+        for req in out:
+            self._end(req, None, None)
+        return out
+
     def _end(self, req: Request, result, error) -> None:
         key = "completed" if result is not None else "failed" if error is not None else "cancelled"
         self.stats[key] += 1

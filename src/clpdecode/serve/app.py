@@ -1,15 +1,19 @@
 """An OpenAI-compatible HTTP server over the project's one decoding loop.
 
 Endpoints: ``POST /v1/chat/completions`` (chat template), ``POST /v1/completions`` (plain
-prompt), ``GET /v1/models``, ``GET /health``. Every method of ``make_policy`` is served;
+prompt), ``GET /v1/models``, ``GET /health``, ``GET /metrics``. Every method of ``make_policy`` is served;
 a request may pick its own with the extension fields ``method`` and ``clp_threshold``.
 
-Concurrency: one generation at a time (batch size 1 is what multi-token decoding speeds
-up). Requests wait in a FIFO queue served by one worker thread; when ``max_queue``
-requests already wait, the next one is answered 503 with Retry-After. Tokens travel from
-the loop's ``on_tokens`` callback to the request's asyncio queue and out as server-sent
-events; a client that goes away sets its job's cancel flag, and the next callback raises,
-which ends that generation (a job cancelled while it waits never starts).
+Concurrency: continuous batching (decoding/scheduler.py). Up to ``parallel`` requests
+decode together, one backbone forward a step for all of them, each in its own cache slot;
+requests join and leave at step boundaries, and each keeps its own settings (method,
+thresholds, sampling, stop strings, max tokens). A request's text is the same as it would
+be alone (the batched step's rows are independent). Greedy verified requests draft within
+the rows CLP's budget grants them (``spec_budget``). Requests beyond the slots wait in FIFO
+order; when ``max_queue`` already wait, the next one is answered 503 with Retry-After.
+One worker thread runs the steps; tokens travel from a request's ``on_tokens`` callback to
+its asyncio queue and out as server-sent events. A client that goes away cancels its
+request, which leaves its slot at the next step boundary (one that waits never starts).
 
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 for a
 bad value (the project's ClpError checks), 401 for a missing or wrong API key, 404 for an
@@ -25,7 +29,6 @@ import contextlib
 import hmac
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -38,7 +41,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..decoding import GenerationConfig, PolicyConfig, SamplingConfig, generate, make_policy
+from ..decoding import GenerationConfig, PolicyConfig, SamplingConfig, make_policy
+from ..decoding.scheduler import DEFAULT_SLOTS, Request as SchedRequest, Scheduler
 from ..decoding.stream import StreamDecoder
 from ..errors import ClpError, check_context, check_positive_int, check_prompt, check_text
 
@@ -123,28 +127,28 @@ def _parse(schema: type[BaseModel], data: dict) -> Any:
 
 
 # ---- jobs and the worker --------------------------------------------------------------
-class _Cancelled(Exception):
-    """Raised from on_tokens to end the generation of a client that went away."""
-
-
 @dataclass
 class Job:
-    prompt_ids: list[int]
-    policy: Any
-    cfg: GenerationConfig
+    """One HTTP request's generation: the scheduler's Request and the events it sends back
+    to the request's handler on the event loop (tokens, then done or error)."""
+
+    request: SchedRequest
     stops: tuple[str, ...]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cfg(self) -> GenerationConfig:
+        return self.request.cfg
 
     def send(self, kind: str, payload: Any) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
         except RuntimeError:  # the event loop is gone (server shutting down)
-            self.cancelled.set()
+            self.request.cancel()
 
     def cancel(self) -> None:
-        self.cancelled.set()
+        self.request.cancel()
 
 
 class _TextStream:
@@ -187,11 +191,12 @@ def _stop_index(text: str, stops: tuple[str, ...]) -> int:
 
 
 class Server:
-    """The backbone, the drafter, the queue and the one worker thread that decodes."""
+    """The backbone, the drafter, the scheduler and the one worker thread that steps it."""
 
     def __init__(self, backbone, drafter=None, *, model_id: str | None = None, aliases: tuple[str, ...] = (),
                  policy: PolicyConfig = PolicyConfig(method="verified"), api_key: str | None = None,
-                 max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES):
+                 max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES, parallel: int = DEFAULT_SLOTS,
+                 spec_budget: str = "auto", context: int | None = None):
         self.backbone, self.drafter = backbone, drafter
         self.model_id = model_id or Path(str(backbone.name)).name or str(backbone.name)
         self.aliases = {self.model_id, str(backbone.name), *aliases}
@@ -203,14 +208,12 @@ class Server:
         self.max_queue = check_positive_int("--max-queue", max_queue)
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self.scheduler = Scheduler(backbone, slots=parallel, capacity=context, budget=spec_budget)
         self._lock = threading.Lock()
-        self.waiting = 0
-        self.running = False
-        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
-        self._mean_seconds = 1.0
+        self.rejected = 0
+        self._mean_seconds = 1.0  # a request's time, for Retry-After
         self._worker: threading.Thread | None = None
-        self._closing = threading.Event()  # shutdown: end the running generation, skip the queue
+        self._closing = threading.Event()  # shutdown: cancel what runs and waits
 
     # -- worker ------------------------------------------------------------------------
     def start(self) -> None:
@@ -222,67 +225,59 @@ class Server:
     def stop(self) -> None:
         if self._worker is not None:
             self._closing.set()
-            self._jobs.put(None)
+            self.scheduler.wake()
             self._worker.join(timeout=30)
             self._worker = None
 
     def submit(self, job: Job) -> None:
+        sched = self.scheduler
         with self._lock:
-            if self.waiting >= self.max_queue:
-                self.stats["rejected"] += 1
-                retry = max(1, round(self._mean_seconds * (self.waiting + 1)))
-                raise ApiError(503, f"the server is busy: {self.waiting} requests wait already "
+            if sched.waiting >= self.max_queue:
+                self.rejected += 1
+                # A slot frees about every (request time / slots); the line ahead needs this many.
+                retry = max(1, round(self._mean_seconds * (sched.waiting + 1) / sched.slots))
+                raise ApiError(503, f"the server is busy: {sched.waiting} requests wait already "
                                     f"(--max-queue {self.max_queue}); retry after {retry} s",
                                type="server_busy", code="queue_full", headers={"Retry-After": str(retry)})
-            self.waiting += 1
-        self._jobs.put(job)
+            sched.submit(job.request)
 
     def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            with self._lock:
-                self.waiting -= 1
-                self.running = True
+        sched = self.scheduler
+        while not self._closing.is_set():
+            if not sched.wait_for_work(timeout=0.5):
+                continue
             try:
-                self._run(job)
-            except BaseException:  # noqa: BLE001 - the worker must outlive any one job
-                log.exception("clp serve: job failed outside generation")
-            finally:
-                with self._lock:
-                    self.running = False
+                sched.step()
+            except BaseException:  # noqa: BLE001 - the worker must outlive any one step
+                log.exception("clp serve: a step failed; its requests end with an error")
+                for req in list(sched.running):
+                    sched.fail(req, RuntimeError("the batched step failed"))
+        sched.drain()  # shutdown: nobody will read what would follow
+        for req in list(sched.running):
+            req.cancel()
+        sched.step()  # retires them
 
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self.stats[key] += 1
-
-    def _run(self, job: Job) -> None:
-        if job.cancelled.is_set() or self._closing.is_set():
-            self._count("cancelled")
-            return
+    def make_request(self, prompt_ids: list[int], policy, cfg: GenerationConfig, stops) -> Job:
+        job: Job | None = None
+        t0 = time.perf_counter()
 
         def on_tokens(ids, from_heads):
-            if job.cancelled.is_set() or self._closing.is_set():
-                raise _Cancelled
             job.send("tokens", list(ids))
 
-        t0 = time.perf_counter()
-        try:
-            res = generate(self.backbone, job.prompt_ids, job.policy, job.cfg, on_tokens=on_tokens)
-        except _Cancelled:
-            self._count("cancelled")
-        except ClpError as e:
-            self._count("failed")
-            job.send("error", _clp_error(e))
-        except Exception as e:  # noqa: BLE001 - one failed generation must not stop the server
-            log.exception("clp serve: generation failed")
-            self._count("failed")
-            job.send("error", ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
-        else:
-            self._count("completed")
-            self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.perf_counter() - t0)
-            job.send("done", res)
+        def on_done(result, error):
+            if result is not None:
+                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.perf_counter() - t0)
+                job.send("done", result)
+            elif isinstance(error, ClpError):
+                job.send("error", _clp_error(error))
+            elif error is not None:
+                log.error("clp serve: generation failed: %s: %s", type(error).__name__, error)
+                job.send("error", ApiError(500, f"generation failed: {type(error).__name__}: {error}",
+                                           type="server_error"))
+
+        job = Job(SchedRequest(prompt_ids, policy, cfg, on_tokens=on_tokens, on_done=on_done), tuple(stops),
+                  asyncio.get_running_loop())
+        return job
 
     # -- request handling --------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -382,7 +377,7 @@ class Server:
             raise ApiError(400, f"n must be 1 (one choice per request), got {req.n}", param="n")
         overrides = {f: getattr(req, f) for f in self.POLICY_FIELDS if getattr(req, f) is not None}
         stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        window = self.backbone.max_positions
+        window = self.scheduler.capacity  # a request slot's positions (at most the model's window)
         if max_tokens is None:  # as much as fits, up to the default
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS, window - len(prompt_ids)) if window else DEFAULT_MAX_TOKENS)
         try:
@@ -394,11 +389,13 @@ class Server:
         except ClpError as e:
             raise _clp_error(e, None if e.param else "method") from None
         try:
-            check_context(len(prompt_ids), max_tokens, window)
+            check_context(len(prompt_ids), max_tokens, window, limit="the positions of a request slot (clp serve "
+                          "--context, at most the model's window)" if window < (self.backbone.max_positions or 0)
+                          else "the model's context window")
         except ClpError as e:
             too_long = window and len(prompt_ids) >= window  # no max_tokens would fit
             raise _clp_error(e, prompt_param if too_long else "max_tokens") from None
-        return Job(prompt_ids, policy, cfg, stops, asyncio.get_running_loop())
+        return self.make_request(prompt_ids, policy, cfg, stops)
 
     async def events(self, request: Request, job: Job) -> AsyncIterator[tuple[str, Any]]:
         """The job's events until it ends; cancels the job when the client goes away."""
@@ -516,10 +513,9 @@ class Server:
         yield "data: [DONE]\n\n"
 
     def health(self) -> dict:
-        with self._lock:
-            return {"status": "ok", "model": self.model_id, "method": self.policy.method,
-                    "queue_length": self.waiting, "running": self.running, "max_queue": self.max_queue,
-                    **self.stats}
+        sched = self.scheduler.health()
+        return {"status": "ok", "model": self.model_id, "method": self.policy.method,
+                "queue_length": sched.pop("waiting"), "max_queue": self.max_queue, "rejected": self.rejected, **sched}
 
 
 def _sse(obj: dict) -> str:
@@ -559,6 +555,17 @@ def create_app(backbone, drafter=None, **options) -> FastAPI:
     @app.get("/health")
     async def health():
         return server.health()
+
+    @app.get("/metrics")
+    async def metrics():
+        """The scheduler's counters in Prometheus' text format (clp_ prefix)."""
+        lines = []
+        for key, value in server.health().items():
+            if isinstance(value, dict):
+                lines += [f"clp_{key}_{k} {v}" for k, v in value.items() if isinstance(v, (int, float))]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                lines.append(f"clp_{key} {value}")
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict:
         return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "clp-decode"}

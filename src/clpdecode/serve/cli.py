@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 
+from ..decoding.scheduler import BUDGETS, DEFAULT_SLOTS
 from ..errors import ClpError, check_positive_int
 
 
@@ -15,8 +16,10 @@ def add_serve_command(sub, add_model_args, add_drafter_args, add_policy_args) ->
     s = sub.add_parser(
         "serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming)",
         description="Serve the backbone over the OpenAI API: POST /v1/chat/completions, POST /v1/completions, "
-                    "GET /v1/models, GET /health. One generation runs at a time; others wait in a queue. "
-                    "A request may choose its own method and clp_threshold (extension fields).")
+                    "GET /v1/models, GET /health, GET /metrics. Up to --parallel requests decode together "
+                    "(continuous batching: one forward a step for all, each request's text the same as alone); "
+                    "others wait in a queue. A request may choose its own method, clp_threshold and "
+                    "gate_threshold (extension fields).")
     add_model_args(s)
     add_drafter_args(s)
     s.add_argument("--method", default="verified", choices=METHODS,
@@ -29,7 +32,18 @@ def add_serve_command(sub, add_model_args, add_drafter_args, add_policy_args) ->
                    help="require 'Authorization: Bearer KEY' on /v1/ requests (default: $CLP_API_KEY if set, "
                         "which keeps the key out of the process list; else no key)")
     s.add_argument("--max-queue", type=int, default=64,
-                   help="requests that may wait for the running one; more get 503 with Retry-After (default: 64)")
+                   help="requests that may wait for a free slot; more get 503 with Retry-After (default: 64)")
+    s.add_argument("--parallel", type=int, default=DEFAULT_SLOTS,
+                   help="requests decoded together, each in its own cache slot (default: %(default)s: on a "
+                        "2-core CPU the step's rows keep paying up to about 8-16)")
+    s.add_argument("--spec-budget", default="auto", choices=BUDGETS,
+                   help="auto: greedy verified requests draft only the rows CLP expects to pay for, weighed "
+                        "against the measured cost of a row (drafting falls as load rises); off: each request "
+                        "drafts as it would alone (default: auto)")
+    s.add_argument("--context", type=int, default=None,
+                   help="positions per slot (a request's prompt + max_tokens must fit); the slots' cache is "
+                        "allocated once: slots x context x (23 KB for SmolLM2) (default: the model's window, at "
+                        "most 4096)")
     s.set_defaults(func=cmd_serve)
 
 
@@ -64,6 +78,9 @@ def _stderr_logging() -> dict:
 
 def cmd_serve(args) -> int:
     check_positive_int("--max-queue", args.max_queue)
+    check_positive_int("--parallel", args.parallel)
+    if args.context is not None:
+        check_positive_int("--context", args.context)
     if args.api_key is not None and not args.api_key.strip():
         raise ClpError("--api-key must not be empty")
     _check_port(args.host, args.port)  # before the slow load
@@ -84,7 +101,8 @@ def cmd_serve(args) -> int:
     backbone = load_backbone(args.model, numerics=args.numerics)
     drafter = resolve_drafter(backbone, args.k, args.heads, required=needs)
     app = create_app(backbone, drafter, aliases=(args.model,), policy=args.policy, api_key=args.api_key,
-                     max_queue=args.max_queue)
+                     max_queue=args.max_queue, parallel=args.parallel, spec_budget=args.spec_budget,
+                     context=args.context)
     served = app.state.server
 
     class Server(uvicorn.Server):
@@ -93,7 +111,10 @@ def cmd_serve(args) -> int:
             if self.started:  # the status line names the port bound (with --port 0, the one the OS chose)
                 port = self.servers[0].sockets[0].getsockname()[1]
                 host = f"[{args.host}]" if ":" in args.host else args.host
-                print(f"clp serve: model {served.model_id!r}, method {args.method}, numerics {backbone.info.numerics}: "
+                sched = served.scheduler
+                print(f"clp serve: model {served.model_id!r}, method {args.method}, numerics {backbone.info.numerics}, "
+                      f"{sched.slots} slots of {sched.capacity} positions"
+                      f"{'' if sched.batched else ' (one forward per request: no batched step for these numerics)'}: "
                       f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
