@@ -199,41 +199,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class LlamaServerPeer(Peer):
-    """One llama-server process (one mode) on the backbone's GGUF, started on a free port.
+class ServerProcess:
+    """An HTTP server run as a child process on 127.0.0.1 (llama-server, `clp serve`), its log in
+    a temporary file (stdout carries results only); ready once GET /health answers 200."""
 
-    A request is timed from sending it to reading the whole answer (wall clock, prefill
-    included, like our loop); its `timings` give the decode time alone and, in a speculative
-    mode, the drafted and accepted token counts. Greedy (temperature 0, top-k 1), no
-    repetition penalty, no prompt cache (every prompt is prefilled, as ours), stop on the
-    GGUF's end-of-generation tokens or at max_new_tokens.
-    """
+    what = "server"  # how messages name it
 
-    def __init__(self, name: str, proc: subprocess.Popen, port: int, log_path: Path, argv: list[str]):
-        self.name, self.proc, self.port, self.log_path, self.argv = name, proc, port, log_path, argv
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path, argv: list[str]):
+        self.proc, self.port, self.log_path, self.argv = proc, port, log_path, argv
 
-    @classmethod
-    def start(cls, binary: Path, name: str, gguf: Path, threads: int, n_ctx: int,
-              draft: Path | None = None) -> "LlamaServerPeer":
-        port = _free_port()
-        argv = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                "-t", str(threads), "-tb", str(threads), "-np", "1", "-c", str(n_ctx), "--no-webui",
-                *SERVER_MODES[name], *(["-md", str(draft)] if draft is not None else [])]
-        env = dict(os.environ)
-        lib = str(binary.resolve().parent)  # its shared libraries (libllama, libggml) sit beside it
-        env["LD_LIBRARY_PATH"] = lib + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
-        fd, log = tempfile.mkstemp(prefix=f"clp-{name}-", suffix=".log")
-        with os.fdopen(fd, "wb") as log_file:  # its log goes to a file: stdout carries results only
+    @staticmethod
+    def spawn(argv: list[str], label: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+        fd, log = tempfile.mkstemp(prefix=f"clp-{label}-", suffix=".log")
+        with os.fdopen(fd, "wb") as log_file:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                     env=env)
-        return cls(name, proc, port, Path(log), argv)
+        return proc, Path(log)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = SERVER_START_S) -> str | None:
         """None once /health answers 200; else why not (and the process is stopped)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                why = f"llama-server exited with status {self.proc.returncode}: {self._last_log_line()}"
+                why = f"{self.what} exited with {_signal_name(self.proc.returncode)}: {self._last_log_line()}"
                 self.close()
                 return why
             try:
@@ -244,7 +236,7 @@ class LlamaServerPeer(Peer):
                 pass
             time.sleep(0.1)
         self.close()
-        return f"llama-server did not answer /health within {timeout:.0f} s"
+        return f"{self.what} did not answer /health within {timeout:.0f} s"
 
     def _last_log_line(self) -> str:
         try:
@@ -263,10 +255,71 @@ class LlamaServerPeer(Peer):
         finally:
             conn.close()
 
-    def time(self, ids, max_new_tokens) -> PeerRun:
-        body = {"prompt": list(map(int, ids)), "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1,
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:
+            self.log_path.unlink()
+        except OSError:
+            pass
+
+
+def _signal_name(returncode: int) -> str:
+    """'status 1', or 'signal SIGILL' for a process a signal ended (Popen's negative codes)."""
+    if returncode >= 0:
+        return f"status {returncode}"
+    try:
+        return f"signal {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+class LlamaServerPeer(ServerProcess, Peer):
+    """One llama-server process (one mode) on the backbone's GGUF, started on a free port.
+
+    A request is timed from sending it to reading the whole answer (wall clock, prefill
+    included, like our loop); its `timings` give the decode time alone and, in a speculative
+    mode, the drafted and accepted token counts. Greedy (temperature 0, top-k 1), no
+    repetition penalty, no prompt cache (every prompt is prefilled, as ours), stop on the
+    GGUF's end-of-generation tokens or at max_new_tokens.
+    """
+
+    what = "llama-server"
+
+    def __init__(self, name: str, proc: subprocess.Popen, port: int, log_path: Path, argv: list[str]):
+        super().__init__(proc, port, log_path, argv)
+        self.name = name
+
+    @classmethod
+    def start(cls, binary: Path, name: str, gguf: Path, threads: int, n_ctx: int,
+              draft: Path | None = None, parallel: int = 1) -> "LlamaServerPeer":
+        """n_ctx: the context of all `parallel` slots together (each gets n_ctx / parallel);
+        llama.cpp batches the slots' requests continuously (its default)."""
+        port = _free_port()
+        argv = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                "-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-c", str(n_ctx), "--no-webui",
+                *SERVER_MODES[name], *(["-md", str(draft)] if draft is not None else [])]
+        env = dict(os.environ)
+        lib = str(binary.resolve().parent)  # its shared libraries (libllama, libggml) sit beside it
+        env["LD_LIBRARY_PATH"] = lib + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+        proc, log = cls.spawn(argv, name, env)
+        return cls(name, proc, port, log, argv)
+
+    @staticmethod
+    def completion_body(ids: list[int], max_new_tokens: int, stream: bool = False) -> dict:
+        """A /completion request for greedy decoding of these prompt ids: no repetition
+        penalty or DRY, no prompt cache (every prompt is prefilled, as ours), its tokens back."""
+        return {"prompt": list(map(int, ids)), "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1,
                 "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "dry_multiplier": 0.0, "seed": 0,
-                "cache_prompt": False, "return_tokens": True, "stream": False}
+                "cache_prompt": False, "return_tokens": True, "stream": stream}
+
+    def time(self, ids, max_new_tokens) -> PeerRun:
+        body = self.completion_body(ids, max_new_tokens)
         t = time.perf_counter()
         try:
             status, raw = self._request("POST", "/completion", body)
@@ -290,19 +343,6 @@ class LlamaServerPeer(Peer):
         elif SERVER_MODES[self.name]:
             run.draft_n, run.draft_accepted = 0, 0  # a speculative mode that drafted nothing
         return run
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        try:
-            self.log_path.unlink()
-        except OSError:
-            pass
 
 
 def eagle3_gguf(drafter, backbone, binary: Path) -> tuple[Path | None, str | None]:
@@ -433,3 +473,88 @@ def close_peers(peers: list[Peer]) -> None:
 # compared with llama_server_ar too (their drafts are verified: they should equal it).
 PEER_NAMES = (*HF_PEERS, LlamaCppPeer.name, *SERVER_MODES)
 OWN_NUMERICS = {LlamaCppPeer.name, *SERVER_MODES}
+
+
+# ---- `make peers`: keep a llama.cpp build only once it has answered ----------------------
+# A build that compiles may still die on its first decode (llama.cpp 0.3.36 with
+# GGML_NATIVE=ON: SIGILL in its AMX kernels), which the bench would only report as rows
+# skipped; `make peers` runs these checks on the embedded GGUF and removes what fails.
+CHECK_PROMPT = "The three primary colours are"
+CHECK_TOKENS = 4
+
+
+def check_llama_server(binary: Path) -> str | None:
+    """None once `binary` has decoded CHECK_TOKENS tokens on the embedded GGUF; else why not."""
+    from ..backbone.loading import embedded_gguf_path
+
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        return f"no llama-server at {binary}"
+    server = LlamaServerPeer.start(binary, "llama_server_ar", embedded_gguf_path(), max(1, torch.get_num_threads()),
+                                   512)
+    try:
+        why = server.wait_ready()
+        if why is not None:
+            return why
+        body = {"prompt": CHECK_PROMPT, "n_predict": CHECK_TOKENS, "temperature": 0.0, "cache_prompt": False}
+        try:
+            status, raw = server._request("POST", "/completion", body, timeout=SERVER_START_S)
+        except (OSError, http.client.HTTPException) as e:
+            server.proc.wait(timeout=10)  # it died answering: say how
+            return (f"llama-server died on its first decode ({_signal_name(server.proc.returncode)}; {e}): "
+                    f"{server._last_log_line()}")
+        if status != 200:
+            return f"llama-server answered {status}: {raw[:200].decode(errors='replace')}"
+        if not json.loads(raw).get("content"):
+            return "llama-server answered without a token"
+        return None
+    finally:
+        server.close()
+
+
+def _llama_cpp_decode() -> None:
+    """Decode CHECK_TOKENS tokens in process with llama-cpp-python (run in a child process: a
+    bad build kills its process with SIGILL)."""
+    import llama_cpp
+
+    from ..backbone.loading import embedded_gguf_path
+
+    llm = llama_cpp.Llama(model_path=str(embedded_gguf_path()), n_ctx=512, verbose=False)
+    out = llm(CHECK_PROMPT, max_tokens=CHECK_TOKENS, temperature=0.0)
+    if not out["choices"][0]["text"]:
+        raise SystemExit("llama-cpp-python answered without a token")
+
+
+def check_llama_cpp() -> str | None:
+    """None once llama-cpp-python (as installed) has decoded on the embedded GGUF; else why not."""
+    res = subprocess.run([sys.executable, "-m", "clpdecode.evaluation.peers", "--decode-llama-cpp"],
+                         capture_output=True, text=True)
+    if res.returncode == 0:
+        return None
+    tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1][:200]
+    return f"llama-cpp-python died decoding ({_signal_name(res.returncode)}): {tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m clpdecode.evaluation.peers --check-server BINARY | --check-llama-cpp`: exit 0
+    once it decoded, else 1 with one line on stderr (what `make peers` runs)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--decode-llama-cpp"]:
+        _llama_cpp_decode()
+        return 0
+    if len(argv) == 2 and argv[0] == "--check-server":
+        what, why = f"llama-server {argv[1]}", check_llama_server(Path(argv[1]))
+    elif argv == ["--check-llama-cpp"]:
+        what, why = "llama-cpp-python", check_llama_cpp()
+    else:
+        print("usage: python -m clpdecode.evaluation.peers --check-server BINARY | --check-llama-cpp",
+              file=sys.stderr)
+        return 2
+    if why is not None:
+        print(f"peers check: {what} fails: {why}", file=sys.stderr)
+        return 1
+    print(f"peers check: {what} decodes", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
