@@ -509,8 +509,13 @@ void chunk_partial(const float* q, const KV* K, const KV* V, const int64_t* slot
       for (int64_t c = 0; c < nb; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + c * 8), load8<KV>(k + c * 8), a);
       scores[j] = hsum(a) * scale;
     }
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < n; ++t) mx = std::max(mx, scores[t]);
+    __m256 m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());  // exact in any order
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(scores + t));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    for (; t < n; ++t) mx = std::max(mx, scores[t]);
     j = 0;
     __m256 sv = _mm256_setzero_ps();
     const __m256 mv = _mm256_set1_ps(mx);
@@ -592,6 +597,167 @@ const bool* mask_data(const c10::optional<torch::Tensor>& step_mask, int64_t T, 
   return holder.data_ptr<bool>();
 }
 
+#if defined(__AVX512F__) && CLP_AVX2
+// ---- attention with AVX-512: the heads that share a K/V head, together ----------------------
+// One pass over a chunk's keys serves every query head of the group: each key and value row is
+// loaded (and widened from fp16) once for all of them, scores come four keys at a time without
+// a horizontal sum per key, and each head's value sums stay in registers. What a head computes
+// depends only on its query and its keys, so a row's result is the same whatever shares the
+// step (the row-invariance that keeps verification exact).
+template <typename KV>
+inline __m512 load16(const KV* p);
+template <>
+inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 load16<at::Half>(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline __m512 exp512(__m512 x) {  // exp256's polynomial on 16 lanes
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+// Four 16-lane sums -> their four totals.
+inline __m128 sum4x16(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  auto half = [](__m512 a) {
+    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  };
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(half(a0), half(a1)), _mm256_hadd_ps(half(a2), half(a3)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// The partials of G query heads (q: G rows of hd, contiguous) over the same n keys: per head
+// g, its max m[g * ms], sum s[g * ms] and unnormalised value sum acc[g * as .. + hd].
+template <typename KV, int G>
+void chunk_partial_heads(const float* q, const KV* K, const KV* V, const int64_t* keys, int64_t n, int64_t hd,
+                         float scale, float* scores, float* m_out, float* s_out, float* acc, int64_t ms, int64_t as) {
+  const int64_t nb = hd / 16;
+  float* sc[G];
+  for (int g = 0; g < G; ++g) sc[g] = scores + g * CHUNK;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const KV *k0 = K + keys[j] * hd, *k1 = K + keys[j + 1] * hd, *k2 = K + keys[j + 2] * hd,
+             *k3 = K + keys[j + 3] * hd;
+    __m512 a[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int r = 0; r < 4; ++r) a[g][r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nb; ++c) {
+      const __m512 x0 = load16<KV>(k0 + c * 16), x1 = load16<KV>(k1 + c * 16), x2 = load16<KV>(k2 + c * 16),
+                   x3 = load16<KV>(k3 + c * 16);
+      for (int g = 0; g < G; ++g) {
+        const __m512 qc = _mm512_loadu_ps(q + g * hd + c * 16);
+        a[g][0] = _mm512_fmadd_ps(qc, x0, a[g][0]);
+        a[g][1] = _mm512_fmadd_ps(qc, x1, a[g][1]);
+        a[g][2] = _mm512_fmadd_ps(qc, x2, a[g][2]);
+        a[g][3] = _mm512_fmadd_ps(qc, x3, a[g][3]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      _mm_storeu_ps(sc[g] + j, _mm_mul_ps(sum4x16(a[g][0], a[g][1], a[g][2], a[g][3]), _mm_set1_ps(scale)));
+  }
+  for (; j < n; ++j) {  // the last 0-3 keys one at a time (the same for every row that has them)
+    const KV* k = K + keys[j] * hd;
+    __m512 a[G];
+    for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nb; ++c) {
+      const __m512 x = load16<KV>(k + c * 16);
+      for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * hd + c * 16), x, a[g]);
+    }
+    for (int g = 0; g < G; ++g) sc[g][j] = _mm512_reduce_add_ps(a[g]) * scale;
+  }
+  // Softmax numerators per head: exp(score - max), 16 at a time.
+  float mx[G], sum[G];
+  for (int g = 0; g < G; ++g) {
+    // The max 16 lanes at a time (a scalar max is a chain of dependent instructions; the
+    // maximum is exact, so the order does not matter).
+    __m512 m16 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t t0 = 0;
+    for (; t0 + 16 <= n; t0 += 16) m16 = _mm512_max_ps(m16, _mm512_loadu_ps(sc[g] + t0));
+    float m = _mm512_reduce_max_ps(m16);
+    for (; t0 < n; ++t0) m = std::max(m, sc[g][t0]);
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sv = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 16 <= n; t += 16) {
+      const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc[g] + t), mv));
+      _mm512_storeu_ps(sc[g] + t, p);
+      sv = _mm512_add_ps(sv, p);
+    }
+    float s = _mm512_reduce_add_ps(sv);
+    for (; t < n; ++t) {
+      sc[g][t] = std::exp(sc[g][t] - m);
+      s += sc[g][t];
+    }
+    mx[g] = m;
+    sum[g] = s;
+  }
+  // Values: four 16-dim blocks of every head at a time (a fixed count, so that the sums stay
+  // in registers), each value row widened once; then any last blocks one at a time.
+  int64_t c0 = 0;
+  for (; c0 + 4 <= nb; c0 += 4) {
+    __m512 o[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) o[g][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const KV* v = V + keys[t] * hd + c0 * 16;
+      const __m512 x0 = load16<KV>(v), x1 = load16<KV>(v + 16), x2 = load16<KV>(v + 32), x3 = load16<KV>(v + 48);
+      for (int g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(sc[g][t]);
+        o[g][0] = _mm512_fmadd_ps(p, x0, o[g][0]);
+        o[g][1] = _mm512_fmadd_ps(p, x1, o[g][1]);
+        o[g][2] = _mm512_fmadd_ps(p, x2, o[g][2]);
+        o[g][3] = _mm512_fmadd_ps(p, x3, o[g][3]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + g * as + (c0 + c) * 16, o[g][c]);
+  }
+  for (; c0 < nb; ++c0) {
+    __m512 o[G];
+    for (int g = 0; g < G; ++g) o[g] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const __m512 x = load16<KV>(V + keys[t] * hd + c0 * 16);
+      for (int g = 0; g < G; ++g) o[g] = _mm512_fmadd_ps(_mm512_set1_ps(sc[g][t]), x, o[g]);
+    }
+    for (int g = 0; g < G; ++g) _mm512_storeu_ps(acc + g * as + c0 * 16, o[g]);
+  }
+  for (int g = 0; g < G; ++g) {
+    m_out[g * ms] = mx[g];
+    s_out[g * ms] = sum[g];
+  }
+}
+
+// Whether chunk_partial_heads serves a group of this size and head size.
+inline bool heads_kernel(int64_t group, int64_t hd) { return group >= 1 && group <= 4 && hd % 16 == 0; }
+
+template <typename KV>
+void chunk_partial_group(int64_t group, const float* q, const KV* K, const KV* V, const int64_t* keys, int64_t n,
+                         int64_t hd, float scale, float* scores, float* m_out, float* s_out, float* acc, int64_t ms,
+                         int64_t as) {
+  switch (group) {
+    case 1: chunk_partial_heads<KV, 1>(q, K, V, keys, n, hd, scale, scores, m_out, s_out, acc, ms, as); break;
+    case 2: chunk_partial_heads<KV, 2>(q, K, V, keys, n, hd, scale, scores, m_out, s_out, acc, ms, as); break;
+    case 3: chunk_partial_heads<KV, 3>(q, K, V, keys, n, hd, scale, scores, m_out, s_out, acc, ms, as); break;
+    default: chunk_partial_heads<KV, 4>(q, K, V, keys, n, hd, scale, scores, m_out, s_out, acc, ms, as); break;
+  }
+}
+#else
+inline bool heads_kernel(int64_t, int64_t) { return false; }
+#endif
+
 template <typename KV>
 torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                              const StepRows& rows, double scale, int64_t window) {
@@ -639,9 +805,10 @@ torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& kc, co
   const float* Q = q.data_ptr<float>();
   const KV* Kb = kc.data_ptr<KV>();
   const KV* Vb = vc.data_ptr<KV>();
+  const bool grouped = heads_kernel(group, hd);
   at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t b, int64_t e) {
     std::vector<int64_t> keys(CHUNK);
-    std::vector<float> scores(CHUNK);
+    std::vector<float> scores(CHUNK * std::max<int64_t>(group, 1));
     for (int64_t it = b; it < e; ++it) {
       const int64_t i = items[it][0], kvh = items[it][1], c = items[it][2];
       const KV* K = Kb + (rows.slot[i] * nkv + kvh) * cap * hd;
@@ -649,6 +816,14 @@ torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& kc, co
       const int64_t L = rows.prefix[i];
       const int64_t lo = std::max(c * CHUNK, first[i]), hi = std::min(count[i], (c + 1) * CHUNK);
       for (int64_t v = lo; v < hi; ++v) keys[v - lo] = v < L ? v : rows.tail[i][v - L];
+#if defined(__AVX512F__) && CLP_AVX2
+      if (grouped) {
+        const int64_t idx = (i * nh + kvh * group) * nchunks + c;  // the group's first head
+        chunk_partial_group<KV>(group, Q + (i * nh + kvh * group) * hd, K, V, keys.data(), hi - lo, hd, (float)scale,
+                                scores.data(), &pm[idx], &ps[idx], &pacc[idx * hd], nchunks, nchunks * hd);
+        continue;
+      }
+#endif
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = kvh * group + g;
         const int64_t idx = (i * nh + h) * nchunks + c;
