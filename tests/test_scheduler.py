@@ -182,3 +182,19 @@ def test_the_scheduler_serves_from_another_thread(q4):
         assert outs[i].token_ids == generate(q4, [4 + i, 5, 6], make_policy("ar"),
                                              GenerationConfig(max_new_tokens=10)).token_ids
     assert torch.get_num_threads() >= 1
+
+
+@native
+def test_greedy_answers_on_the_batched_step_are_each_prompts_answer_alone(q4):
+    """`clp distill` and `eval-heads --prompts` answer through the scheduler: every answer is
+    generate()'s for its prompt alone (EOS kept, as before), in batches of about batch_size."""
+    from clpdecode.corpus import greedy_answers
+
+    prompts = [[5 + i] * (1 + i % 7) for i in range(11)]
+    got, batches = {}, 0
+    for batch in greedy_answers(q4, prompts, 9, batch_size=4, progress=False):
+        batches += 1
+        got.update(batch)
+    assert sorted(got) == list(range(11)) and batches >= 3
+    for n, ids in enumerate(prompts):
+        assert got[n] == generate(q4, ids, make_policy("ar"), GenerationConfig(max_new_tokens=9)).token_ids

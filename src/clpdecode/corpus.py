@@ -102,16 +102,70 @@ def read_corpus(corpus_dir: Path, resplit: bool = True) -> list[dict]:
 def greedy_answers(backbone, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
                    progress: bool = True, desc: str = "greedy answers",
                    device: str = "cpu") -> Iterator[list[tuple[int, list[int]]]]:
-    """The backbone's greedy answers, generated in batches (transformers' generate, left
-    padding; ~4x the tokens/s of batch 1 on CPU), shortest prompts first.
+    """The backbone's greedy answers, many generated at once.
+
+    On the CPU with the q4 kernels' batched step (Backbone.batches_rows): through the
+    continuous-batching scheduler, `batch_size` answers decoding together, each exactly the
+    answer the backbone gives that prompt alone (the step's rows are independent), new
+    prompts joining as others finish. Otherwise transformers' generate() in batches of
+    `batch_size`, shortest prompts first, left padded (~4x the tokens/s of batch 1 on CPU;
+    padding may move a float, so an answer can differ from the prompt's alone); "cuda" runs
+    an fp32 copy of the backbone on the GPU (Backbone.fp32_model), where batches of hundreds pay.
 
     Args:
         prompts: token ids of each prompt.
-        device: "cpu" runs the backbone as loaded (its numerics); "cuda" an fp32 copy of it
-            on the GPU (Backbone.fp32_model), where batches of hundreds pay.
     Yields:
-        One list per batch of (index into `prompts`, answer ids cut after the first EOS).
+        Lists of about `batch_size` (index into `prompts`, answer ids up to and including the
+        first EOS), as they are done (a caller writes each list as it comes: resumable).
     """
+    import torch
+
+    if torch.device(device).type == "cpu" and backbone.batches_rows:
+        yield from _scheduled_answers(backbone, prompts, max_new_tokens, batch_size, progress, desc)
+        return
+    yield from _generate_answers(backbone, prompts, max_new_tokens, batch_size, progress, desc, device)
+
+
+def _scheduled_answers(backbone, prompts, max_new_tokens, batch_size, progress, desc):
+    import time
+
+    from tqdm import tqdm
+
+    from .decoding import GenerationConfig, make_policy
+    from .decoding.scheduler import Request, Scheduler
+
+    capacity = max(len(p) for p in prompts) + max_new_tokens if prompts else 1
+    sched = Scheduler(backbone, slots=batch_size, capacity=capacity, budget="off", calibrate=False)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens)
+    done: list[tuple[int, list[int]]] = []
+    failed: list[BaseException] = []
+
+    def finish(n):
+        def on_done(result, error):
+            if error is not None:
+                failed.append(error)
+            elif result is not None:
+                done.append((n, result.token_ids))
+        return on_done
+
+    for n, ids in enumerate(prompts):
+        sched.submit(Request(list(ids), make_policy("ar"), cfg, on_done=finish(n)))
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    n_tokens, t0 = 0, time.time()
+    while sched.running or sched.waiting:
+        sched.step()
+        if failed:
+            raise failed[0]
+        if len(done) >= batch_size or (done and not (sched.running or sched.waiting)):
+            batch, done[:] = list(done), []
+            n_tokens += sum(len(a) for _, a in batch)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{n_tokens / (time.time() - t0):.1f}", tokens=n_tokens)
+            yield batch
+    bar.close()
+
+
+def _generate_answers(backbone, prompts, max_new_tokens, batch_size, progress, desc, device):
     import time
 
     import torch

@@ -3,8 +3,10 @@
 Generating them is the slow part (~10-40 tokens/s here), so they are kept in
 <cache>/eval-answers/<key>.jsonl, where the key hashes everything that decides them: the
 prompts' token ids (so the chat template too), the backbone (name and LM-head fingerprint),
-its numerics and engine, max_new_tokens and the batch size (left padding of a batch can
-move a float, so a batch's answers are only reproduced by the same batches).
+its numerics and engine, max_new_tokens, and how they were generated: on the q4 kernels'
+batched step each answer is the prompt's answer alone, whatever the batch; through
+transformers' generate() left padding of a batch can move a float, so there a batch's
+answers are only reproduced by the same batches (the batch size is part of the key).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ ANSWERS_FORMAT = 1
 
 
 def answers_key(backbone, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int) -> str:
+    how = {"batched_step": True} if backbone.batches_rows else {"batch_size": batch_size}  # corpus.greedy_answers
     blob = json.dumps({"format": ANSWERS_FORMAT, "backbone": backbone.name, "fingerprint": backbone.fingerprint,
-                       "numerics": backbone.info.numerics, "max_new_tokens": max_new_tokens,
-                       "batch_size": batch_size, "prompts": prompt_ids}, separators=(",", ":"))
+                       "numerics": backbone.info.numerics, "max_new_tokens": max_new_tokens, **how,
+                       "prompts": prompt_ids}, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
