@@ -211,6 +211,51 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_bench_serve(args) -> int:
+    from .load import bench_serve
+
+    return bench_serve(args)
+
+
+def add_bench_serve_command(sub, add_model_args, add_drafter_args) -> None:
+    from ..decoding import METHODS
+    from ..decoding.scheduler import BUDGETS, DEFAULT_SLOTS
+    from .load import DEFAULT_CONCURRENCY
+    from .prompts import PROMPT_SET_HELP
+
+    s = sub.add_parser(
+        "bench-serve", help="clp serve under concurrent clients, beside llama-server (--peers)",
+        description="Start `clp serve` (its own port, the flags below) and, with --peers, `llama-server --parallel N` "
+                    "on the GGUF the backbone comes from (the binary of `make peers`, $CLP_LLAMA_SERVER or PATH); for "
+                    "each --concurrency C, C clients each send --requests streamed greedy requests back to back, the "
+                    "same prompt token ids to both sides. Prints a table per side and C (aggregate and per-request "
+                    "tokens/s, p50/p99 time to first token and latency, tokens per forward, the share of texts equal "
+                    "to the side's own single-stream greedy AR text) and writes DIR/results.json, DIR/report.md and "
+                    "DIR/load.png (throughput and p99 latency against concurrency). Status lines go to stderr.")
+    add_model_args(s)
+    add_drafter_args(s)
+    s.add_argument("--method", default="verified", choices=METHODS, help="clp serve's --method (default: verified)")
+    s.add_argument("--parallel", type=int, default=DEFAULT_SLOTS,
+                   help="slots of both servers: clp serve --parallel and llama-server --parallel "
+                        "(default: %(default)s)")
+    s.add_argument("--spec-budget", default="auto", choices=BUDGETS, help="clp serve's --spec-budget (default: auto)")
+    s.add_argument("--concurrency", default=DEFAULT_CONCURRENCY,
+                   help=f"concurrent clients of each run, comma-separated (default: {DEFAULT_CONCURRENCY})")
+    s.add_argument("--requests", type=int, default=2, help="requests each client sends back to back (default: 2)")
+    s.add_argument("--prompts", default="mtbench",
+                   help="; ".join(f"{k}: {v}" for k, v in PROMPT_SET_HELP.items()
+                                  if k in ("mtbench", "sharegpt-heldout"))
+                   + '; or any set of `clp bench`, or a JSONL file of {"prompt": ...}; request j of client c asks '
+                     "prompt c x --requests + j (default: mtbench)")
+    s.add_argument("--max-new-tokens", type=int, default=128, help="max_tokens of each request (default: 128)")
+    s.add_argument("--out", default="bench-out/serve", help="output folder, checked before anything starts "
+                                                             "(default: bench-out/serve)")
+    s.add_argument("--peers", action="store_true",
+                   help="also run llama-server --parallel N on the same GGUF (-c N x the context a slot needs, "
+                        "-t/-tb the threads, greedy, no prompt cache)")
+    s.set_defaults(func=cmd_bench_serve)
+
+
 def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_args) -> None:
     from .prompts import PROMPT_SET_HELP, SECOND_TURN_HELP
 
@@ -307,3 +352,5 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
                         "'' for none (default: 8)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per numerics")
     p.set_defaults(func=cmd_profile)
+
+    add_bench_serve_command(sub, add_model_args, add_drafter_args)
