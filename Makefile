@@ -31,36 +31,58 @@ demo: setup
 		--color always --prompt "Give me three tips for staying focused while studying."
 	@echo "full report: $(DEMO_OUT)/report.md"
 
+# Lint first (pyflakes, pycodestyle errors, import order; pyproject.toml's [tool.ruff]), then the suite.
 test: setup
+	$(VENV)/bin/ruff check src tests scripts
 	$(PY) -m pytest
 
 # Opt-in: the second real backbone (Gemma 3 270M, 253 MB in four chunks).
 gemma: setup
 	$(PIP) install -q --disable-pip-version-check --no-deps -r requirements-gemma.txt
 
-# Opt-in: llama.cpp, timed by `clp bench --hf-generate` as a peer on the very GGUF file the
-# embedded backbone comes from, twice: in process (llama-cpp-python, built from source: about
-# 10 min on 2 cores) and as llama.cpp's own server, llama-server, built from the llama.cpp
-# sources inside the same llama-cpp-python sdist (downloaded with pip, unpacked under
-# build/peers; about 20 min on 2 cores, skipped while the binary exists). The bench finds it
-# there, or at $CLP_LLAMA_SERVER, or on PATH. Needs cmake and a C++ compiler.
+# Opt-in: llama.cpp, timed by `clp bench --hf-generate` and `clp bench-serve --peers` as a peer
+# on the very GGUF file the embedded backbone comes from, twice: in process (llama-cpp-python,
+# built from source: about 10 min on 2 cores) and as llama.cpp's own server, llama-server,
+# built from the llama.cpp sources inside the same llama-cpp-python sdist (downloaded with pip,
+# unpacked under build/peers; about 20 min on 2 cores). The bench finds it there, or at
+# $CLP_LLAMA_SERVER, or on PATH. Needs cmake and a C++ compiler.
+# Both are built for this machine's instruction sets, named one by one from /proc/cpuinfo
+# (GGML_CPU_ARGS), not with GGML_NATIVE=ON: on AMX Xeons that build dies with SIGILL
+# (`tilezero` in tinygemm_kernel_amx) on its first decode. Each is kept only once it has
+# decoded a few tokens of the embedded GGUF (PEERS_CHECK); one kept from an earlier build is
+# checked again, and rebuilt when it fails.
 LLAMA_CPP_VERSION := 0.3.36
 PEERS_WORK := build/peers
+LLAMA_SDIST := $(PEERS_WORK)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 LLAMA_CPP_SRC := $(PEERS_WORK)/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
 LLAMA_SERVER := $(LLAMA_CPP_SRC)/build/bin/llama-server
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-peers: setup $(LLAMA_SERVER)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q --disable-pip-version-check -c constraints.txt llama-cpp-python==$(LLAMA_CPP_VERSION)
+GGML_CPU_ARGS = $(shell $(PY) -m clpdecode.evaluation.cpu --ggml-cmake-args)
+PEERS_CHECK = $(PY) -m clpdecode.evaluation.peers
+peers: setup
+	$(PEERS_CHECK) --check-server $(LLAMA_SERVER) || { rm -f $(LLAMA_SERVER) && $(MAKE) --no-print-directory $(LLAMA_SERVER); }
+	# --force-reinstall --no-cache-dir: a wheel built earlier (or cached by pip) for other flags is not reused
+	$(PEERS_CHECK) --check-llama-cpp || { \
+		CMAKE_ARGS="$(GGML_CPU_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(PIP) install -q --disable-pip-version-check --force-reinstall --no-deps \
+			--no-cache-dir $(LLAMA_SDIST) \
+		&& $(PIP) install -q --disable-pip-version-check -c constraints.txt llama-cpp-python==$(LLAMA_CPP_VERSION) \
+		&& $(PEERS_CHECK) --check-llama-cpp \
+		|| { $(PIP) uninstall -q -y llama-cpp-python; \
+			echo "make peers: llama-cpp-python, built for this CPU (GGML_CPU_ARGS), does not decode here: removed" >&2; exit 1; }; }
 	# convert_hf_to_gguf.py (our EAGLE-3 drafter for llama-server's draft-eagle3 row) needs it
 	$(PIP) install -q --disable-pip-version-check -c constraints.txt sentencepiece
 
-$(LLAMA_SERVER): | $(STAMP)
+$(LLAMA_SDIST): | $(STAMP)
 	mkdir -p $(PEERS_WORK)
-	test -f $(PEERS_WORK)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz || $(PIP) download -q --disable-pip-version-check \
-		--no-deps --no-binary :all: -d $(PEERS_WORK) llama-cpp-python==$(LLAMA_CPP_VERSION)
-	tar -xzf $(PEERS_WORK)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(PEERS_WORK)
-	cd $(LLAMA_CPP_SRC) && cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+	$(PIP) download -q --disable-pip-version-check --no-deps --no-binary :all: -d $(PEERS_WORK) \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+$(LLAMA_SERVER): $(LLAMA_SDIST)
+	test -d $(LLAMA_CPP_SRC) || tar -xzf $(LLAMA_SDIST) -C $(PEERS_WORK)
+	cd $(LLAMA_CPP_SRC) && cmake -B build $(GGML_CPU_ARGS) -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
 		-DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release && cmake --build build --target llama-server -j$(JOBS)
+	$(PEERS_CHECK) --check-server $@ || { rm -f $@; \
+		echo "make peers: llama-server, built for this CPU (GGML_CPU_ARGS), does not decode here: removed" >&2; exit 1; }
 
 # The shipped drafter's design (the chain, k = 4) trained on this CPU through the package's one
 # training path, `clp train` (rerun to resume: checkpoints every 25 steps in $(HEADS_WORK)).

@@ -20,7 +20,7 @@ import time
 import torch
 
 from clpdecode.backbone import kernels
-from clpdecode.backbone.quant import Int4Weight, Int4Linear
+from clpdecode.backbone.quant import Int4Linear, Int4Weight
 
 # (out, in) of one SmolLM2-135M layer's projections: q, k, v, o, gate, up, down.
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clpdecode.heads.chained import ChainConfig, ChainedHeads
 from clpdecode.heads.accuracy import accuracy_counts, shifted, summarise
+from clpdecode.heads.chained import ChainConfig, ChainedHeads
 from clpdecode.training.chain import ChainLossConfig, chain_loss
 from clpdecode.training.drafter import accepted_drafts
 

@@ -125,7 +125,8 @@ def test_k_is_checked_before_the_load(capsys, tiny_llama_dir, no_load, argv, mes
 
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x", "--method", "verified"],
-                                     ["generate", "--prompt", "x"], ["info"], ["eval-heads"], ["profile", "--context", "16"],
+                                     ["generate", "--prompt", "x"], ["info"], ["eval-heads"],
+                                     ["profile", "--context", "16"],
                                      ["bench", "--methods", "ar,clp"], ["serve", "--port", "0"]])
 @pytest.mark.parametrize("heads, message", [("empty", "is not a heads folder (needs config.json and "
                                                        "model.safetensors)"),
@@ -329,7 +330,8 @@ def test_tree_flag_reaches_verified(capsys, tmp_path, tiny_backbone, tiny_llama_
     code, out, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--method", "verified",
                          "--heads", str(tmp_path / "h"), "--tree", "6", "--max-new-tokens", "12", "--json")
     assert code == 0, err
-    _, ar, _ = run(capsys, "generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--max-new-tokens", "12", "--json")
+    _, ar, _ = run(capsys, "generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--max-new-tokens", "12",
+                   "--json")
     assert json.loads(out)["token_ids"] == json.loads(ar)["token_ids"]
 
 

@@ -15,7 +15,8 @@ from conftest import random_drafter, save_tiny_model
 D, V = 64, 97
 
 
-def make_drafter(k: int = 4, seed: int = 0, head_dim: int = 16, kv_heads: int = 2) -> tuple[Eagle3Drafter, torch.Tensor]:
+def make_drafter(k: int = 4, seed: int = 0, head_dim: int = 16,
+                 kv_heads: int = 2) -> tuple[Eagle3Drafter, torch.Tensor]:
     torch.manual_seed(seed)
     cfg = Eagle3Config(k=k, hidden_size=D, target_hidden_size=D, aux_layers=(0, 1, 2), num_heads=D // head_dim,
                        num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=96, vocab_size=V, draft_vocab=0)

@@ -84,10 +84,9 @@ def test_distill_extends_a_copy_of_the_shipped_corpus(fresh_cache, tiny_llama_di
     one shipped for the backbone (so the shipped answers are not generated again); `clp
     train` and `clp distill` without --prompts read the shipped one until then."""
     from clpdecode import corpus as corpus_mod
+    from clpdecode.backbone import load_backbone
     from clpdecode.cli import main
     from clpdecode.training.distill import DistillConfig, generate_corpus
-
-    from clpdecode.backbone import load_backbone
 
     bb = load_backbone(str(tiny_llama_dir), numerics="fp32")
     shipped = tmp_path / "shipped"

@@ -70,7 +70,8 @@ def test_a_requests_text_is_its_text_alone_whatever_shares_its_steps(q4, jobs, s
 def test_the_fallback_runs_each_request_on_its_own_cache(tiny_backbone):
     """fp32 numerics have no batched step: one forward per request, the same texts."""
     drafter = random_drafter(tiny_backbone, k=2, seed=4)
-    jobs = [([5 + i, 6, 7], m, GenerationConfig(max_new_tokens=12), {}) for i, m in enumerate(["ar", "verified", "clp"])]
+    jobs = [([5 + i, 6, 7], m, GenerationConfig(max_new_tokens=12), {})
+            for i, m in enumerate(["ar", "verified", "clp"])]
     sched = Scheduler(tiny_backbone, slots=2)
     assert not sched.batched
     results = run_all(sched, jobs, tiny_backbone, drafter)

@@ -10,8 +10,13 @@ import torch
 
 from clpdecode.heads import load_drafter, save_drafter
 from clpdecode.training.data import IGNORE, Features, load_features
-from clpdecode.training.distill import (DistillConfig, build_features, build_teacher_features,
-                                        generate_corpus, read_corpus)
+from clpdecode.training.distill import (
+    DistillConfig,
+    build_features,
+    build_teacher_features,
+    generate_corpus,
+    read_corpus,
+)
 from clpdecode.training.train import TrainConfig, accepted_lengths, train_all
 
 
@@ -61,7 +66,8 @@ def test_targets_follow_the_greedy_path():
     assert t[2].tolist() == [13, IGNORE]  # end of sequence 0
     assert t[4].tolist() == [21, 22]
     assert f.targets(2, offset=1)[0].tolist() == [10, 11]
-    assert accepted_lengths(torch.tensor([[1, 2], [1, 9], [5, 2]]), torch.tensor([[1, 2], [1, 2], [1, 2]])).tolist() == [2, 1, 0]
+    top1, targets = torch.tensor([[1, 2], [1, 9], [5, 2]]), torch.tensor([[1, 2], [1, 2], [1, 2]])
+    assert accepted_lengths(top1, targets).tolist() == [2, 1, 0]
 
 
 def rowwise_accuracy(heads, feats, backbone) -> dict:
@@ -91,7 +97,8 @@ def test_sequence_states_lay_rows_out_as_prefilled_answers():
     (s0, ids0, m0, _), (s2, ids2, m2, _) = sequence_states(f, "heldout")
     assert s0[0, :, 0].tolist() == [0, 1, 2, 0] and ids0[0, 1:].tolist() == [10, 11, 12]
     assert m0[0].tolist() == [True, True, True, False]
-    assert s2[0, :, 0].tolist() == [5, 6, 0] and ids2[0, 1:].tolist() == [30, 31] and m2[0].tolist() == [True, True, False]
+    assert s2[0, :, 0].tolist() == [5, 6, 0] and ids2[0, 1:].tolist() == [30, 31]
+    assert m2[0].tolist() == [True, True, False]
 
 
 def test_train_all_save_load_and_resume(features, tiny_backbone, tmp_path):
@@ -220,7 +227,8 @@ def test_eagle3_training_command_end_to_end(features, tiny_llama_dir, tmp_path, 
     # so `clp bench`'s default methods run on a drafter a user trained.
     assert drafter.competing.cfg.k == 3 and torch.equal(drafter.competing.draft_ids, drafter.heads.draft_ids)
     assert drafter.meta["training"]["competing"]["steps"] == 4
-    assert generate(bb, [5, 9, 14], make_policy("competing", bb, drafter), GenerationConfig(max_new_tokens=8)).new_tokens
+    cfg8 = GenerationConfig(max_new_tokens=8)
+    assert generate(bb, [5, 9, 14], make_policy("competing", bb, drafter), cfg8).new_tokens
     assert torch.load(work / "drafter.pt", weights_only=False)["step"] == 3
     argv[argv.index("--steps") + 1] = "5"  # resumes from step 3
     assert main(argv) == 0
@@ -241,6 +249,7 @@ def test_chain_training_command_and_fine_tuning_from_a_bundle(features, tiny_lla
     from clpdecode.cli import main
     from clpdecode.decoding import GenerationConfig, generate, make_policy
     from clpdecode.heads.chained import ChainedHeads
+
     from conftest import random_drafter
 
     bb = load_backbone(str(tiny_llama_dir), numerics="fp32")
@@ -321,6 +330,7 @@ def test_batched_targets_equal_the_backbone_one_sequence_at_a_time(arch, tiny_ll
     and so does the loss the drafter trains on."""
     from clpdecode.backbone import load_backbone
     from clpdecode.training.drafter import BackboneTargets, DrafterTrainConfig, drafter_loss
+
     from conftest import random_drafter
 
     bb = load_backbone(str(tiny_llama_dir if arch == "llama" else tiny_gemma_dir), numerics="fp32")
@@ -550,10 +560,10 @@ def test_every_answer_trains_in_its_earlier_turns_as_they_fit():
     """One sequence per answer: its tokens (text and end-of-turn) train, its earlier turns
     come first as context while they fit in half of max_len (at least its own user turn,
     cut from the left when that alone is too long), and --turns first keeps the first."""
-    from conftest import make_tokenizer
-
     from clpdecode.errors import ClpError
     from clpdecode.training.data import _chat_turns, drafter_sequences
+
+    from conftest import make_tokenizer
 
     tok = make_tokenizer()
     conv = [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "hi, how can I help?"},

@@ -14,8 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .backbone import Backbone, load_backbone
-from .decoding import (METHODS, GenerationConfig, GenerationResult, PolicyConfig, SamplingConfig, generate,
-                       make_policy)
+from .decoding import METHODS, GenerationConfig, GenerationResult, PolicyConfig, SamplingConfig, generate, make_policy
 from .errors import ClpError
 from .heads import Drafter, default_drafter, load_drafter, save_drafter
 

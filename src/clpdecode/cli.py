@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_drafter_args(x)
     x.set_defaults(func=cmd_export)
 
-    from .training.cli import add_training_commands
     from .evaluation.cli import add_evaluation_commands
+    from .training.cli import add_training_commands
 
     add_training_commands(sub, _add_model_args, _add_drafter_args)
     add_evaluation_commands(sub, _add_model_args, _add_drafter_args, _add_policy_args)

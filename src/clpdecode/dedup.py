@@ -109,7 +109,8 @@ def minhash(sets: list[np.ndarray], n_hashes: int = BANDS * ROWS) -> np.ndarray:
     return sig
 
 
-def lsh_candidates(sig: np.ndarray, bands: int = BANDS, rows: int = ROWS, max_bucket: int = 200) -> set[tuple[int, int]]:
+def lsh_candidates(sig: np.ndarray, bands: int = BANDS, rows: int = ROWS,
+                   max_bucket: int = 200) -> set[tuple[int, int]]:
     """Pairs (i < j) that share at least one band of their signatures.
 
     A bucket larger than max_bucket (a template many texts share) contributes only the

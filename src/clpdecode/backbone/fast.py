@@ -185,7 +185,8 @@ class _Layer:
 
         def norm(m):
             w = m.weight.detach().float()
-            return (w + 1.0 if gemma else w).contiguous(), float(getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))
+            eps = getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6))
+            return (w + 1.0 if gemma else w).contiguous(), float(eps)
 
         self.in_norm, self.in_eps = norm(layer.input_layernorm)
         if gemma:
@@ -367,7 +368,8 @@ class LeanForward:
             kb.index_copy_(2, pos, k_new.to(kb.dtype))  # in place, at the step's slots
             vb.index_copy_(2, pos, v_new.to(vb.dtype))
             q = qk[:, :, :nh].transpose(1, 2)
-            if prefill and folded[layer.window] is None:  # from the new keys themselves (exact whatever the cache's dtype)
+            # A prefill attends from the new keys themselves (exact whatever the cache's dtype).
+            if prefill and folded[layer.window] is None:
                 att = prefill_attention(q, k_new, v_new, layer.scale)
             else:  # SDPA reads fp32 (a reduced-precision cache is widened: batched steps only)
                 att = attend(q, kb[:, :, :end].float(), vb[:, :, :end].float(), folded[layer.window], layer.scale)
@@ -513,7 +515,8 @@ def _window_mask(mask: torch.Tensor | None, t: int, end: int, window: int,
         mask = causal_offset_mask(t, end)
     qpos = positions if positions is not None else torch.arange(end - t, end)
     kpos = torch.arange(end)
-    kpos = torch.where(kpos >= end - t, qpos[(kpos - (end - t)).clamp(min=0)], kpos)  # step keys sit at their tokens' positions
+    # The step's keys sit at their tokens' positions.
+    kpos = torch.where(kpos >= end - t, qpos[(kpos - (end - t)).clamp(min=0)], kpos)
     near = kpos[None, :] > qpos[:, None] - window  # (T, end)
     return mask & near
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import ClpError
-from .config import METHODS, PolicyConfig
+from .config import PolicyConfig
 from .lookup import NgramIndex
 from .session import DraftSession
 from .tree import DraftTree, build_tree

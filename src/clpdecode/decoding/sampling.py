@@ -19,7 +19,6 @@ import torch
 
 from ..errors import ClpError, check_finite
 
-
 # Temperatures below float32's smallest normal number sample as greedy: dividing float32
 # logits by one underflows to 0 (or a subnormal) and the softmax turns to nan.
 GREEDY_BELOW = float(torch.finfo(torch.float32).tiny)

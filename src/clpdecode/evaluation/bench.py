@@ -328,7 +328,8 @@ def write_report(results: dict, out_dir: Path, command: str) -> list[Path]:
 
 
 def table(results: dict) -> str:
-    rows = ["| method | speedup | speedup e2e | tok/s | tokens/forward | rep4 | rep3 | rep2 | = AR | common prefix | NLL |",
+    rows = ["| method | speedup | speedup e2e | tok/s | tokens/forward | rep4 | rep3 | rep2 | = AR | common prefix "
+            "| NLL |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m, r in results["methods"].items():
         rows.append(f"| {m} | {r['speedup']:.2f}x | {r['speedup_e2e']:.2f}x | {r['tokens_per_s']:.1f} | "

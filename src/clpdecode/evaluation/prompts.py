@@ -9,9 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..datasets import (data_file, gsm8k, humaneval, mtbench, mtbench_turn_pairs, passages,  # noqa: F401  (re-exported)
-                        read_jsonl_lines,
-                        sharegpt, sharegpt_conversations, sharegpt_heldout)
+from ..datasets import (  # noqa: F401  (re-exported)
+    data_file,
+    gsm8k,
+    humaneval,
+    mtbench,
+    mtbench_turn_pairs,
+    passages,
+    read_jsonl_lines,
+    sharegpt,
+    sharegpt_conversations,
+    sharegpt_heldout,
+)
 from ..errors import ClpError, check_positive_int, check_prompt
 
 PROMPT_SETS = ("mtbench", "gsm8k", "humaneval", "sharegpt", "sharegpt-heldout", "passages")

@@ -375,7 +375,8 @@ class ChainedHeads(nn.Module):
         x = mods["down"](h, act="silu", residual=x)
         return torch.ops.clp.rms_norm(x, self.norm_out.weight, self.norm_out.eps)
 
-    def _step(self, feature: torch.Tensor, token_emb: torch.Tensor, start: int, state: "ChainState | None") -> torch.Tensor:
+    def _step(self, feature: torch.Tensor, token_emb: torch.Tensor, start: int,
+              state: "ChainState | None") -> torch.Tensor:
         """One block on n rows at positions start..start+n-1: (n, d) inputs -> (n, d) features.
 
         With attention, the rows' K/V are written into `state` at those positions (past its

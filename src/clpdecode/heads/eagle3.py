@@ -32,8 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chained import (ChainSession, ChainState, RMSNorm, UnrolledAttention, apply_rope, drafting_rope_table,
-                      grouped_attention, rope)
+from .chained import (
+    ChainSession,
+    ChainState,
+    RMSNorm,
+    UnrolledAttention,
+    apply_rope,
+    drafting_rope_table,
+    grouped_attention,
+    rope,
+)
 from .modules import top_candidates
 
 

@@ -42,7 +42,8 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationErr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decoding import GenerationConfig, PolicyConfig, SamplingConfig, make_policy
-from ..decoding.scheduler import DEFAULT_SLOTS, Request as SchedRequest, Scheduler
+from ..decoding.scheduler import DEFAULT_SLOTS, Scheduler
+from ..decoding.scheduler import Request as SchedRequest
 from ..decoding.stream import StreamDecoder
 from ..errors import ClpError, check_context, check_positive_int, check_prompt, check_text
 

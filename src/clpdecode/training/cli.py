@@ -286,9 +286,9 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
         "train", help="train a drafter (EAGLE-3 by default), CLP and the gates for one k",
         description="The default design (--design eagle3): the EAGLE-3 drafter trained on token sequences "
                     "(the self-distilled corpus of `clp distill` and the training split of ShareGPT's "
-                    "conversations, every answer with its earlier turns as context) whose targets the frozen backbone computes "
-                    "on the fly, unrolled k steps (training-time test), then CLP and the gates on its own "
-                    "drafts over held-back self-distilled answers. --design chain trains the chain (the "
+                    "conversations, every answer with its earlier turns as context) whose targets the frozen "
+                    "backbone computes on the fly, unrolled k steps (training-time test), then CLP and the gates "
+                    "on its own drafts over held-back self-distilled answers. --design chain trains the chain (the "
                     "shipped drafters' design) the same way; --init DIR starts from a drafter folder, e.g. "
                     "to fine-tune a shipped one. Checkpoints every 25 steps; rerun to "
                     "resume; --minutes bounds the run. Runs on CPU or CUDA (--device), and data-parallel "
@@ -354,10 +354,11 @@ def add_training_commands(sub, add_model_args, add_drafter_args) -> None:
         "sequences", help="tokenise ShareGPT's training answers into a file for `clp train --sequences`",
         description="Write the teacher-forced data `clp train --design eagle3|chain` reads from ShareGPT's package "
                     "(the deduplicated training split, one sequence per answer with its earlier turns as context, "
-                    "through the backbone's chat template; a base model reads each answer as plain text) to one compressed .npz of token ids and trained-position "
-                    "masks, written atomically, so that a machine without the ShareGPT package (a GPU box) trains "
-                    "on the same data: `clp train --sequences FILE`. The self-distilled corpus is not included "
-                    "(`clp train` reads it from --corpus). Prints what it wrote as JSON.")
+                    "through the backbone's chat template; a base model reads each answer as plain text) to one "
+                    "compressed .npz of token ids and trained-position masks, written atomically, so that a "
+                    "machine without the ShareGPT package (a GPU box) trains on the same data: `clp train "
+                    "--sequences FILE`. The self-distilled corpus is not included (`clp train` reads it from "
+                    "--corpus). Prints what it wrote as JSON.")
     add_model_args(q, numerics=False)
     q.add_argument("--out", required=True, metavar="FILE.npz", help="the sequences file to write")
     q.add_argument("--conversations", type=int, default=None,

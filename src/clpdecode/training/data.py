@@ -161,7 +161,8 @@ def _chat_messages(turns: list[dict]) -> list[dict]:
     return messages if messages and messages[0]["role"] == "user" else []
 
 
-def _chat_turns(tokenizer, turns: list[dict], max_len: int, first_only: bool = False) -> list[tuple[list[int], list[bool]]]:
+def _chat_turns(tokenizer, turns: list[dict], max_len: int,
+                first_only: bool = False) -> list[tuple[list[int], list[bool]]]:
     """A ShareGPT conversation through the chat template as one (ids, mask) sequence per
     answer: the answer with as many of its earlier turns as context as fit in half of
     max_len (at least its own user turn, cut from the left when that alone is longer), so

@@ -47,8 +47,18 @@ from ..heads.modules import HeadsConfig, MTPHeads
 from ..predictors.modules import CLP, Gates
 from .chain import ChainLossConfig, chain_loss
 from .data import IGNORE, draft_vocabulary, to_draft_index, trainable
-from .fit import (CLP_ALPHA, CLP_RAMP, HEADS_LR, PREDICTOR_LR, Schedule, accelerator, fit_clp, fit_gates, fit_heads,
-                  optimise)
+from .fit import (
+    CLP_ALPHA,
+    CLP_RAMP,
+    HEADS_LR,
+    PREDICTOR_LR,
+    Schedule,
+    accelerator,
+    fit_clp,
+    fit_gates,
+    fit_heads,
+    optimise,
+)
 
 DESIGNS = ("eagle3", "chain")
 
@@ -124,7 +134,8 @@ class BackboneTargets:
                                         output_hidden_states=bool(self.aux_layers))
             hidden = out.last_hidden_state.float()
             # hidden_states[i] is the input of layer i, as Backbone.forward's aux_layers.
-            feats = torch.cat([out.hidden_states[i] for i in self.aux_layers], -1).float() if self.aux_layers else hidden
+            feats = (torch.cat([out.hidden_states[i] for i in self.aux_layers], -1).float() if self.aux_layers
+                     else hidden)
             live = (torch.arange(L)[None] < torch.tensor([len(s) for s in sequences])[:, None]).to(self.device)
             return feats * live[..., None], hidden * live[..., None]
         rows = []
@@ -410,7 +421,7 @@ def train_drafter(backbone, train_seqs: list[tuple[list[int], list[bool]]],
                 tokens = torch.cat([next_tokens(ids, m, cfg.k + 1) for ids, m in cut])
                 competing, report["competing"] = _train_competing(hidden, tokens, backbone.lm_head_weight,
                                                                   drafter.draft_ids, cfg, work, device)
-    del targets  # the GPU copy of the backbone, if any
+    targets = None  # drops the GPU copy of the backbone, if any
     drafter.to("cpu")
     drafter.attach(backbone.lm_head_weight, embed.cpu())  # the bundle's drafter lives on the CPU
     if init is not None:

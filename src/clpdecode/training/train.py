@@ -23,8 +23,21 @@ from ..heads.artifacts import Drafter
 from ..heads.modules import HeadsConfig, MTPHeads
 from ..predictors.modules import CLP, Gates
 from .data import IGNORE, Features, draft_vocabulary, sequence_states, to_draft_index
-from .fit import (BATCH_SIZE, CHECKPOINT_EVERY, CLP_ALPHA, CLP_RAMP, HEAD_DECAY, HEADS_LR, PREDICTOR_LR, WARMUP,
-                  Schedule, accelerator, fit_clp, fit_gates, fit_heads)
+from .fit import (
+    BATCH_SIZE,
+    CHECKPOINT_EVERY,
+    CLP_ALPHA,
+    CLP_RAMP,
+    HEAD_DECAY,
+    HEADS_LR,
+    PREDICTOR_LR,
+    WARMUP,
+    Schedule,
+    accelerator,
+    fit_clp,
+    fit_gates,
+    fit_heads,
+)
 
 
 @dataclass
