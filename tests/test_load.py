@@ -160,9 +160,10 @@ def test_end_to_end_on_the_tiny_model(capsys, tmp_path, tiny_llama_dir, heads_di
 
 
 # A stand-in llama-server: the flags, /health, and a streamed /completion of token 7 (text "x")
-# up to n_predict, one event a token, then the final event; it logs its argv and bodies.
+# up to n_predict, one event a token, then the final event (unstreamed: the text alone); it logs
+# its argv and bodies; with $FAKE_SIGILL it dies on its first decode as a bad build does.
 FAKE_SERVER = r'''
-import json, os, sys
+import json, os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 argv = sys.argv[1:]
@@ -185,6 +186,16 @@ class H(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         log.write(json.dumps({"body": body}) + "\n")
         log.flush()
+        if os.environ.get("FAKE_SIGILL"):  # as llama.cpp 0.3.36 built with GGML_NATIVE=ON on an AMX Xeon
+            os.kill(os.getpid(), 4)
+            time.sleep(60)  # the signal may land a moment later: never answer
+        if not body.get("stream"):
+            data = json.dumps({"content": "x" * body["n_predict"]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
@@ -197,7 +208,17 @@ ThreadingHTTPServer(("127.0.0.1", int(argv[argv.index("--port") + 1])), H).serve
 '''
 
 
-def test_peers_beside_a_stand_in_llama_server(capsys, tmp_path, tiny_llama_dir, prompts_file, monkeypatch):
+@pytest.fixture
+def fake_llama_server(tmp_path, monkeypatch):
+    exe = tmp_path / "llama-server"
+    exe.write_text(f"#!{sys.executable}\n" + FAKE_SERVER)
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "fake.jsonl"))
+    return exe
+
+
+def test_peers_beside_a_stand_in_llama_server(capsys, tmp_path, tiny_llama_dir, prompts_file, monkeypatch,
+                                              fake_llama_server):
     """With --peers the sides take turns at each concurrency; llama-server gets --parallel N, N
     slots' context, the threads, and the very prompt ids clp serve encodes, greedy, streamed."""
     import torch
@@ -208,12 +229,8 @@ def test_peers_beside_a_stand_in_llama_server(capsys, tmp_path, tiny_llama_dir, 
     fake_gguf = tmp_path / "model.gguf"
     monkeypatch.setattr(model, "source_gguf", lambda name: fake_gguf)
     monkeypatch.setattr(loading, "source_gguf", lambda name: fake_gguf)
-    exe = tmp_path / "llama-server"
-    exe.write_text(f"#!{sys.executable}\n" + FAKE_SERVER)
-    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     log = tmp_path / "fake.jsonl"
-    monkeypatch.setenv("CLP_LLAMA_SERVER", str(exe))
-    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setenv("CLP_LLAMA_SERVER", str(fake_llama_server))
     out_dir = tmp_path / "bs"
     code, out, err = run(capsys, "bench-serve", "--model", str(tiny_llama_dir), "--numerics", "fp32", "--method",
                          "ar", "--parallel", "3", "--concurrency", "2,1", "--requests", "1", "--prompts",
@@ -242,6 +259,20 @@ def test_peers_beside_a_stand_in_llama_server(capsys, tmp_path, tiny_llama_dir, 
     assert bodies[0]["prompt"] == tiny.encode_prompt("hello there")  # the ids clp serve decodes too
     with pytest.raises(ProcessLookupError):  # no server outlives the bench
         os.kill(json.loads(log.read_text().splitlines()[0])["pid"], 0)
+
+
+def test_make_peers_check_keeps_only_a_build_that_decodes(fake_llama_server, monkeypatch, capsys):
+    """`make peers` runs this on every llama-server it would keep: a build that dies on its first
+    decode is named with its signal, exit 1."""
+    from clpdecode.evaluation.peers import check_llama_server
+    from clpdecode.evaluation.peers import main as peers_main
+
+    assert check_llama_server(fake_llama_server) is None
+    monkeypatch.setenv("FAKE_SIGILL", "1")
+    assert check_llama_server(fake_llama_server).startswith("llama-server died on its first decode (signal SIGILL)")
+    assert peers_main(["--check-server", str(fake_llama_server)]) == 1
+    assert "peers check: llama-server" in capsys.readouterr().err
+    assert check_llama_server(fake_llama_server.parent / "absent") == "not built (no executable there)"
 
 
 def test_stream_parsing_against_a_real_llama_server():

@@ -488,7 +488,7 @@ def check_llama_server(binary: Path) -> str | None:
     from ..backbone.loading import embedded_gguf_path
 
     if not (binary.is_file() and os.access(binary, os.X_OK)):
-        return f"no llama-server at {binary}"
+        return "not built (no executable there)"
     server = LlamaServerPeer.start(binary, "llama_server_ar", embedded_gguf_path(), max(1, torch.get_num_threads()),
                                    512)
     try:
@@ -499,9 +499,11 @@ def check_llama_server(binary: Path) -> str | None:
         try:
             status, raw = server._request("POST", "/completion", body, timeout=SERVER_START_S)
         except (OSError, http.client.HTTPException) as e:
-            server.proc.wait(timeout=10)  # it died answering: say how
-            return (f"llama-server died on its first decode ({_signal_name(server.proc.returncode)}; {e}): "
-                    f"{server._last_log_line()}")
+            try:  # it died answering (SIGILL in a kernel the CPU lacks): say how
+                code = server.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                return f"no answer from llama-server ({e}): {server._last_log_line()}"
+            return f"llama-server died on its first decode ({_signal_name(code)}): {server._last_log_line()}"
         if status != 200:
             return f"llama-server answered {status}: {raw[:200].decode(errors='replace')}"
         if not json.loads(raw).get("content"):
@@ -526,6 +528,10 @@ def _llama_cpp_decode() -> None:
 
 def check_llama_cpp() -> str | None:
     """None once llama-cpp-python (as installed) has decoded on the embedded GGUF; else why not."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "not installed"
     res = subprocess.run([sys.executable, "-m", "clpdecode.evaluation.peers", "--decode-llama-cpp"],
                          capture_output=True, text=True)
     if res.returncode == 0:
@@ -550,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if why is not None:
-        print(f"peers check: {what} fails: {why}", file=sys.stderr)
+        print(f"peers check: {what}: {why}", file=sys.stderr)
         return 1
     print(f"peers check: {what} decodes", file=sys.stderr)
     return 0
