@@ -37,7 +37,9 @@ def _add_model_args(p: argparse.ArgumentParser, numerics: bool = True) -> None:
                             "fp16 = fp16 weights, fp32 activations; fp32 = the reference; int8 = dynamic int8 "
                             "(rows of a step interact: verified may differ from AR); auto = q4 for a backbone from "
                             "a GGUF (embedded, gemma3-270m), fp16 for others (default: auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", default="auto", metavar="auto|N",
+                   help="CPU threads: N, or auto: the cores other processes leave free, revised as it runs "
+                        "(default: auto; a text does not depend on it)")
 
 
 def _add_drafter_args(p: argparse.ArgumentParser) -> None:
@@ -80,9 +82,19 @@ def _setup(args) -> None:
     if hasattr(args, "clp_threshold"):
         args.policy = PolicyConfig.from_namespace(args)
     if getattr(args, "threads", None) is not None:
-        import torch
+        from .backbone.threads import set_threads
 
-        torch.set_num_threads(check_positive_int("--threads", args.threads))
+        set_threads(_threads(args.threads))
+
+
+def _threads(value: str) -> int | str:
+    """--threads: "auto" or a whole number >= 1."""
+    if value == "auto":
+        return value
+    try:
+        return check_positive_int("--threads", int(value))
+    except ValueError:
+        raise ClpError(f"--threads takes auto or a whole number >= 1, got {value!r}") from None
 
 
 class _Stdout:

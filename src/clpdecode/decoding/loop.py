@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from ..backbone import threads
 from ..errors import ClpError, check_context, check_positive_int, check_prompt_ids, check_text
 from .policies import Policy
 from .sampling import Sampler, SamplingConfig
@@ -363,6 +364,7 @@ def generate(
         backbone.keep(cache, fed, offsets)
 
     while not dec.done:
+        threads.tick()
         tokens, tree = dec.next_tokens()
         states, feats = decode_forward(backbone, tokens, cache, tree, dec.aux_layers)  # (n, d), (n, d or 3d)
         rows = dec.logit_rows(len(tokens))

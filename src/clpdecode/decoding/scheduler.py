@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from ..backbone import threads
 from ..errors import ClpError
 from .loop import Decoder, GenerationConfig, GenerationResult, decode_forward
 from .policies import Policy
@@ -262,6 +263,7 @@ class Scheduler:
     def step(self) -> int:
         """Run one step for every running request (admitting waiting ones first); returns the
         rows it ran (0: nothing to do)."""
+        threads.tick()
         for req in list(self.running):
             if req.cancelled.is_set():
                 self._end(req, None, None)

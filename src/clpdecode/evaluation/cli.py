@@ -335,7 +335,8 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
                     "MTP heads and CLP; and the largest difference between a 3-token step and three 1-token steps "
                     "(0 or float noise: rows are independent and verified decoding is exact).")
     p.add_argument("--model", default="embedded", help="backbone (default: embedded)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", default=None, metavar="N",
+                   help="CPU threads, fixed while it times (default: torch's, one per core)")
     add_drafter_args(p)
     p.add_argument("--numerics-list", default="q4,fp16,fp32",
                    help="numerics to profile, comma-separated, of fp32,fp16,int8,q4 (default: q4,fp16,fp32)")
