@@ -108,6 +108,13 @@ def load(quiet: bool = False):
         return module
 
 
+def wide_q4() -> bool:
+    """Whether the built kernels take q4 weights in tiles of 16 features (AVX512_VNNI machines:
+    quant.pack_tiles16); the 4-feature tiles (quant.pack_tiles) work everywhere."""
+    module = load(quiet=True)
+    return bool(module is not None and module.has_wide_q4())
+
+
 def why_unavailable() -> str | None:
     return _state.get("why")
 

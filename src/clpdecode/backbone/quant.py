@@ -176,6 +176,25 @@ def pack_tiles(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return qs, d, m
 
 
+def pack_tiles16(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The wide layout clp::q4_linear reads on AVX512_VNNI machines (kernels.wide_q4): output
+    features in tiles of 16, group by group, each group 8 blocks of 32 bytes; block b holds
+    inputs 4b..4b+3 of the 16 features as byte 8L + j = feature 4L + j's inputs (4b, 4b + 1)
+    and byte 8L + 4 + j = its inputs (4b + 2, 4b + 3), the even input in the low nibble (the
+    order the kernel's int16 unpacking puts in lane order; kernels.cpp, q4x16_rows).
+
+    Returns qs (N/16, K/32, 256) uint8 and the scales and mins as (N/16, K/32, 16) fp32.
+    """
+    n, k = w.shape
+    ng, tiles = k // GROUP, n // 16
+    c = w.codes.view(tiles, 16, ng, GROUP)  # (tile, feature, group, input)
+    pairs = (c[..., 0::2] | (c[..., 1::2] << 4)).permute(0, 2, 3, 1)  # (tile, group, pair, feature)
+    qs = pairs.reshape(tiles, ng, 8, 2, 4, 4).permute(0, 1, 2, 4, 3, 5).reshape(tiles, ng, 256).contiguous()
+    d = w.scales.float().view(tiles, 16, ng).transpose(1, 2).contiguous()
+    m = w.mins.float().view(tiles, 16, ng).transpose(1, 2).contiguous()
+    return qs, d, m
+
+
 ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}  # an activation between the halves of [gate | up]
 
 
@@ -230,7 +249,10 @@ class Int4Linear(KernelLinear):
         self.out_features, self.in_features = n, k
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.native = kernels.load() is not None
-        if self.native:
+        if self.native and n % 16 == 0 and kernels.wide_q4():
+            self._weights = pack_tiles16(weight)
+            self._op = torch.ops.clp.q4_linear.default
+        elif self.native:
             self._pad = -n % 4
             if self._pad:  # whole tiles of 4 features; the padding rows are zero and cut off
                 zero = Int4Weight(torch.zeros(self._pad, k, dtype=torch.uint8), torch.zeros(self._pad, k // GROUP),

@@ -275,23 +275,91 @@ Scratch& prepare_activations(const torch::Tensor& x, int64_t M, int64_t K, const
   return sc;
 }
 
+#if CLP_AVX2 && defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(CLP_ACT8)
+#define CLP_WIDE 1
+// ---- 4-bit weights in tiles of 16 features, with AVX-512 VNNI ---------------------------------
+// Where the CPU has AVX512_VNNI, q4 weights are packed 16 output features to a tile (the `wide`
+// layout: qs (N/16, K/32, 256) uint8; d, mn (N/16, K/32, 16) fp32; quant.pack_tiles16). Per
+// group, the 16 features of each pair of inputs (2k, 2k+1) are one 64-byte vector of int16
+// (code of 2k, code of 2k+1) per feature, so one vpdpwssd against the broadcast int16 pair of a
+// row adds both products into each feature's own int32 lane: every dot product stays in its
+// lane, with no horizontal sums, and the codes are decoded once per group for up to 8 rows.
+// Integer sums are exact; per row and feature the float part is always the same sequence,
+// acc = fma(dot, d * dx, acc), then fma(min, sx, acc), group after group, whatever the rows.
+// Stored per group: 8 blocks of 32 bytes, block b holding the pairs 2b (bytes 8L + j) and
+// 2b + 1 (bytes 8L + 4 + j) of feature 4L + j, low nibble the even input, high nibble the odd
+// one: the byte order that _mm512_unpacklo/hi_epi16 turn into features 0..15 in lane order.
+template <int R>
+inline void q4x16_rows(const uint8_t* wq, const float* wd, const float* wm, int64_t ng, const QT* q, const float* dx,
+                       const float* sx, int64_t K, float* out, int64_t N) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi16(0x0F);
+  for (int64_t g = 0; g < ng; ++g) {
+    const uint8_t* w = wq + g * 256;
+    __m512i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+    for (int b = 0; b < 8; ++b) {
+      const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32)));
+      const __m512i lo = _mm512_and_si512(bytes, low4), hi = _mm512_srli_epi16(bytes, 4);
+      const __m512i w0 = _mm512_unpacklo_epi16(lo, hi), w1 = _mm512_unpackhi_epi16(lo, hi);
+      for (int r = 0; r < R; ++r) {
+        const int32_t* pairs = reinterpret_cast<const int32_t*>(q + r * K + g * G);
+        dot[r] = _mm512_dpwssd_epi32(dot[r], w0, _mm512_set1_epi32(pairs[2 * b]));
+        dot[r] = _mm512_dpwssd_epi32(dot[r], w1, _mm512_set1_epi32(pairs[2 * b + 1]));
+      }
+    }
+    const __m512 d = _mm512_loadu_ps(wd + g * 16), m = _mm512_loadu_ps(wm + g * 16);
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_mul_ps(d, _mm512_set1_ps(dx[r * ng + g])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[r * ng + g]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * N, acc[r]);
+}
+
+void q4x16_tile(const uint8_t* wq, const float* wd, const float* wm, int64_t ng, const QT* q, const float* dx,
+                const float* sx, int64_t K, float* o, int64_t N, int64_t M) {
+  int64_t r = 0;
+  for (; r + 8 <= M; r += 8) q4x16_rows<8>(wq, wd, wm, ng, q + r * K, dx + r * ng, sx + r * ng, K, o + r * N, N);
+  const QT* qr = q + r * K;
+  const float *dr = dx + r * ng, *sr = sx + r * ng;
+  float* orow = o + r * N;
+  switch (M - r) {
+    case 7: q4x16_rows<7>(wq, wd, wm, ng, qr, dr, sr, K, orow, N); break;
+    case 6: q4x16_rows<6>(wq, wd, wm, ng, qr, dr, sr, K, orow, N); break;
+    case 5: q4x16_rows<5>(wq, wd, wm, ng, qr, dr, sr, K, orow, N); break;
+    case 4: q4x16_rows<4>(wq, wd, wm, ng, qr, dr, sr, K, orow, N); break;
+    case 3: q4x16_rows<3>(wq, wd, wm, ng, qr, dr, sr, K, orow, N); break;
+    case 2: q4x16_rows<2>(wq, wd, wm, ng, qr, dr, sr, K, orow, N); break;
+    case 1: q4x16_rows<1>(wq, wd, wm, ng, qr, dr, sr, K, orow, N); break;
+    default: break;
+  }
+}
+#else
+#define CLP_WIDE 0
+#endif
+
 torch::Tensor q4_linear(const torch::Tensor& x_in, const torch::Tensor& qs, const torch::Tensor& d,
                         const torch::Tensor& mn, const c10::optional<torch::Tensor>& bias,
                         const c10::optional<torch::Tensor>& norm, double eps, int64_t act,
                         const c10::optional<torch::Tensor>& residual) {
-  // qs: (N/4, K/32, 64) uint8 tiles; d, mn: (N/4, K/32, 4) fp32.
+  // qs: (N/4, K/32, 64) uint8 tiles, d, mn: (N/4, K/32, 4) fp32; or the wide layout (CLP_WIDE):
+  // qs (N/16, K/32, 256), d, mn (N/16, K/32, 16).
   // The input row is RMSNorm(x) * norm when norm is given, act(gate) * up when x = [gate | up]
   // (act = 1: SiLU, 2: tanh-GELU), x otherwise; residual (M, N) is added to the output.
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat, "q4_linear: x must be (M, K) float32");
-  TORCH_CHECK(qs.scalar_type() == torch::kUInt8 && qs.dim() == 3 && qs.size(2) == 64,
-              "q4_linear: qs must be (N/4, K/32, 64) uint8 tiles");
+  const int64_t width = qs.dim() == 3 && qs.size(2) == 256 ? 16 : 4;  // features per tile
+  TORCH_CHECK(qs.scalar_type() == torch::kUInt8 && qs.dim() == 3 && qs.size(2) == width * 16,
+              "q4_linear: qs must be (N/4, K/32, 64) or (N/16, K/32, 256) uint8 tiles");
+  TORCH_CHECK(width == 4 || CLP_WIDE, "q4_linear: the wide layout needs a build with AVX512_VNNI");
   TORCH_CHECK(act >= 0 && act <= 2 && !(act && norm.has_value()), "q4_linear: act is 0, 1 or 2, and not with norm");
   const auto x = x_in.contiguous();
-  const int64_t M = x.size(0), K = act ? x.size(1) / 2 : x.size(1), tiles = qs.size(0), N = tiles * 4;
+  const int64_t M = x.size(0), K = act ? x.size(1) / 2 : x.size(1), tiles = qs.size(0), N = tiles * width;
   TORCH_CHECK(K % G == 0 && qs.size(1) == K / G, "q4_linear: K must be a multiple of 32 and match the weight");
   const int64_t ng = K / G;
   TORCH_CHECK(d.is_contiguous() && mn.is_contiguous() && qs.is_contiguous(), "q4_linear: weights must be contiguous");
-  TORCH_CHECK(d.numel() == tiles * ng * 4 && mn.numel() == tiles * ng * 4, "q4_linear: scale shape");
+  TORCH_CHECK(d.numel() == tiles * ng * width && mn.numel() == tiles * ng * width, "q4_linear: scale shape");
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
   Scratch& sc = prepare_activations(x, M, K, norm, eps, act, "q4_linear");
@@ -301,6 +369,17 @@ torch::Tensor q4_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
   const float* D = d.data_ptr<float>();
   const float* Mn = mn.data_ptr<float>();
   float* O = out.data_ptr<float>();
+#if CLP_WIDE
+  if (width == 16) {
+    at::parallel_for(0, tiles, 2, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        q4x16_tile(W + t * ng * 256, D + t * ng * 16, Mn + t * ng * 16, ng, qv, dxv, sxv, K, O + t * 16, N, M);
+    });
+    if (bias.has_value() && bias->defined()) out.add_(*bias);
+    if (residual.has_value() && residual->defined()) out.add_(*residual);
+    return out;
+  }
+#endif
   // Tiles of output features split over threads; each output is computed by one thread.
   at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -1135,4 +1214,5 @@ TORCH_LIBRARY_IMPL(clp, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx2", []() { return (bool)CLP_AVX2; });
   m.def("activation_levels", []() { return (double)QMAX; });
+  m.def("has_wide_q4", []() { return (bool)CLP_WIDE; });
 }
