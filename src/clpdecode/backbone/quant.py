@@ -282,6 +282,20 @@ def pack_tiles8(w: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
     return qs, d
 
 
+def pack_tiles8x16(w: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The wide layout clp::q8_linear reads on AVX512_VNNI machines (kernels.wide_q4): tiles of
+    16 output features; per group, for each input pair (2k, 2k + 1) 32 bytes, byte 2f + s
+    holding feature f's code of input 2k + s. Returns qs (N/16, K/32, 512) int8 and the scales
+    as (N/16, K/32, 16), or (N/16, K/32, 32) for groups of 16 (first halves, then second)."""
+    n, k = w.shape
+    ng, tiles = k // GROUP, n // 16
+    c = w.codes.view(tiles, 16, ng, GROUP // 2, 2)  # (tile, feature, group, pair, input of the pair)
+    qs = c.permute(0, 2, 3, 1, 4).reshape(tiles, ng, 512).contiguous()
+    per = GROUP // w.group
+    d = w.scales.float().view(tiles, 16, ng, per).permute(0, 2, 3, 1).reshape(tiles, ng, 16 * per).contiguous()
+    return qs, d
+
+
 class Int8Linear(KernelLinear):
     """8-bit groups of 32 (Int8Weight, ggml's Q8_0) on clp::q8_linear; without the C++
     kernels, the dequantised weight as an fbgemm fp16 linear."""
@@ -293,7 +307,10 @@ class Int8Linear(KernelLinear):
         self.out_features, self.in_features = n, k
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.native = kernels.load() is not None
-        if self.native:
+        if self.native and n % 16 == 0 and kernels.wide_q4():
+            self._weights = pack_tiles8x16(weight)
+            self._op = torch.ops.clp.q8_linear.default
+        elif self.native:
             self._pad = -n % 4
             if self._pad:
                 weight = Int8Weight.cat([weight, Int8Weight(torch.zeros(self._pad, k, dtype=torch.int8),

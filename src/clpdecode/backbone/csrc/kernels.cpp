@@ -479,6 +479,65 @@ inline void q8_rows(const int8_t* wq, const float* wd, int64_t ng, const QT* q, 
 }
 #endif
 
+#if CLP_WIDE
+// ---- 8-bit weights in tiles of 16 features, with AVX-512 VNNI (the wide layout of q4x16) ---
+// qs (N/16, K/32, 512) int8: per group, for each pair of inputs (2k, 2k+1) 32 bytes, byte
+// 2f + s = feature f's code of input 2k + s (sign-extended to int16, that is already the
+// pair vector); scales (N/16, K/32, 16), or (N/16, K/32, 32) with a scale per 16 inputs
+// (Q6_K: the 16 features' first halves, then their second halves).
+template <int R, bool S16>
+inline void q8x16_rows(const int8_t* wq, const float* wd, int64_t ng, const QT* q, const float* dx, int64_t K,
+                       float* out, int64_t N) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const int8_t* w = wq + g * 512;
+    __m512i dot[R], dot2[R];
+    for (int r = 0; r < R; ++r) dot[r] = dot2[r] = _mm512_setzero_si512();
+    for (int k = 0; k < 16; ++k) {
+      const __m512i wk = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 32)));
+      for (int r = 0; r < R; ++r) {
+        const __m512i x = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(q + r * K + g * G)[k]);
+        if (S16 && k >= 8)
+          dot2[r] = _mm512_dpwssd_epi32(dot2[r], wk, x);
+        else
+          dot[r] = _mm512_dpwssd_epi32(dot[r], wk, x);
+      }
+    }
+    const __m512 d = _mm512_loadu_ps(wd + g * (S16 ? 32 : 16));
+    for (int r = 0; r < R; ++r) {
+      const __m512 sx = _mm512_set1_ps(dx[r * ng + g]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_mul_ps(d, sx), acc[r]);
+      if (S16) {
+        const __m512 d2 = _mm512_loadu_ps(wd + g * 32 + 16);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2[r]), _mm512_mul_ps(d2, sx), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * N, acc[r]);
+}
+
+template <bool S16>
+void q8x16_tile(const int8_t* wq, const float* wd, int64_t ng, const QT* q, const float* dx, int64_t K, float* o,
+                int64_t N, int64_t M) {
+  int64_t r = 0;
+  for (; r + 8 <= M; r += 8) q8x16_rows<8, S16>(wq, wd, ng, q + r * K, dx + r * ng, K, o + r * N, N);
+  const QT* qr = q + r * K;
+  const float* dr = dx + r * ng;
+  float* orow = o + r * N;
+  switch (M - r) {
+    case 7: q8x16_rows<7, S16>(wq, wd, ng, qr, dr, K, orow, N); break;
+    case 6: q8x16_rows<6, S16>(wq, wd, ng, qr, dr, K, orow, N); break;
+    case 5: q8x16_rows<5, S16>(wq, wd, ng, qr, dr, K, orow, N); break;
+    case 4: q8x16_rows<4, S16>(wq, wd, ng, qr, dr, K, orow, N); break;
+    case 3: q8x16_rows<3, S16>(wq, wd, ng, qr, dr, K, orow, N); break;
+    case 2: q8x16_rows<2, S16>(wq, wd, ng, qr, dr, K, orow, N); break;
+    case 1: q8x16_rows<1, S16>(wq, wd, ng, qr, dr, K, orow, N); break;
+    default: break;
+  }
+}
+#endif
+
 inline void q8_tile_scalar(const int8_t* wq, const float* wd, int64_t ng, const QT* q, const float* dx, float* out,
                            bool s16) {
   for (int f = 0; f < 4; ++f) {
@@ -503,13 +562,15 @@ torch::Tensor q8_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
   // qs: (N/4, K/32, 128) int8 tiles; d: (N/4, K/32, 4) fp32 scales per 32 weights, or
   // (N/4, K/32, 8) per 16 (Q6_K). bias, norm, act, residual as in q4_linear.
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat, "q8_linear: x must be (M, K) float32");
-  TORCH_CHECK(qs.scalar_type() == torch::kChar && qs.dim() == 3 && qs.size(2) == 128,
-              "q8_linear: qs must be (N/4, K/32, 128) int8 tiles");
+  const int64_t width = qs.dim() == 3 && qs.size(2) == 512 ? 16 : 4;  // features per tile (16: the wide layout)
+  TORCH_CHECK(qs.scalar_type() == torch::kChar && qs.dim() == 3 && qs.size(2) == width * 32,
+              "q8_linear: qs must be (N/4, K/32, 128) or (N/16, K/32, 512) int8 tiles");
+  TORCH_CHECK(width == 4 || CLP_WIDE, "q8_linear: the wide layout needs a build with AVX512_VNNI");
   TORCH_CHECK(act >= 0 && act <= 2 && !(act && norm.has_value()), "q8_linear: act is 0, 1 or 2, and not with norm");
   const auto x = x_in.contiguous();
-  const int64_t M = x.size(0), K = act ? x.size(1) / 2 : x.size(1), tiles = qs.size(0), N = tiles * 4, ng = K / G;
-  const bool s16 = d.numel() == tiles * ng * 8;
-  TORCH_CHECK(K % G == 0 && qs.size(1) == ng && (s16 || d.numel() == tiles * ng * 4) && d.is_contiguous() &&
+  const int64_t M = x.size(0), K = act ? x.size(1) / 2 : x.size(1), tiles = qs.size(0), N = tiles * width, ng = K / G;
+  const bool s16 = d.numel() == tiles * ng * width * 2;
+  TORCH_CHECK(K % G == 0 && qs.size(1) == ng && (s16 || d.numel() == tiles * ng * width) && d.is_contiguous() &&
                   qs.is_contiguous(), "q8_linear: weight shapes do not match the input");
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
@@ -519,6 +580,23 @@ torch::Tensor q8_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
   const int8_t* W = qs.data_ptr<int8_t>();
   const float* D = d.data_ptr<float>();
   float* O = out.data_ptr<float>();
+#if CLP_WIDE
+  if (width == 16) {
+    at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int8_t* wq = W + t * ng * 512;
+        const float* wd = D + t * ng * (s16 ? 32 : 16);
+        if (s16)
+          q8x16_tile<true>(wq, wd, ng, qv, dxv, K, O + t * 16, N, M);
+        else
+          q8x16_tile<false>(wq, wd, ng, qv, dxv, K, O + t * 16, N, M);
+      }
+    });
+    if (bias.has_value() && bias->defined()) out.add_(*bias);
+    if (residual.has_value() && residual->defined()) out.add_(*residual);
+    return out;
+  }
+#endif
   at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int8_t* wq = W + t * ng * 128;
