@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from clpdecode.cli import main
-from clpdecode.evaluation.load import RequestRun, Reply, percentile, scheduler_delta, summarize
+from clpdecode.evaluation.load import Reply, RequestRun, percentile, scheduler_delta, summarize
 
 from conftest import random_drafter
 
@@ -77,7 +77,8 @@ def test_scheduler_delta_recovers_rows_from_the_running_mean():
 # ---- the CPU record and llama.cpp's flags ---------------------------------------------
 CPUINFO = """processor\t: 0
 model name\t: Test Xeon
-flags\t\t: fpu sse4_2 avx avx2 fma f16c bmi2 avx512f avx512cd avx512vl avx512dq avx512bw avx512_vnni amx_tile amx_int8 amx_bf16
+flags\t\t: fpu sse4_2 avx avx2 fma f16c bmi2 avx512f avx512cd avx512vl avx512dq avx512bw avx512_vnni \
+amx_tile amx_int8 amx_bf16
 
 processor\t: 1
 model name\t: Test Xeon
@@ -153,6 +154,7 @@ def test_end_to_end_on_the_tiny_model(capsys, tmp_path, tiny_llama_dir, heads_di
     assert res["references"]["clp_serve"]["requests"] == 3
     argv = res["servers"]["clp_serve"]["argv"]
     assert argv[argv.index("--parallel") + 1] == "2" and argv[argv.index("--method") + 1] == "verified"
+    assert argv[argv.index("--threads") + 1] == "auto"  # clp serve keeps its own governor
     assert "model" in res["cpu"] and res["settings"]["concurrency"] == [1, 2]
     report = (out_dir / "report.md").read_text()
     assert "| clp serve | 2 |" in report and "(load.png)" in report and "CPU: " in report

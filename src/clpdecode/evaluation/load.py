@@ -286,9 +286,9 @@ class ClpServeProcess(ServerProcess):
         return cls(proc, port, log, argv)
 
 
-def serve_flags(args, threads: int, context: int, max_queue: int) -> list[str]:
+def serve_flags(args, context: int, max_queue: int) -> list[str]:
     """`clp serve`'s flags for the bench's settings."""
-    flags = ["--model", args.model, "--numerics", args.numerics, "--threads", str(threads), "--method", args.method,
+    flags = ["--model", args.model, "--numerics", args.numerics, "--threads", args.threads, "--method", args.method,
              "--parallel", str(args.parallel), "--spec-budget", args.spec_budget, "--context", str(context),
              "--max-queue", str(max_queue)]
     if args.heads is not None:
@@ -331,7 +331,10 @@ def bench_serve(args) -> int:
         if binary is None:
             raise ClpError(f"--peers: {why}")
     out_dir = prepare_out_dir(Path(args.out))
-    threads = torch.get_num_threads()  # --threads, set before the command ran
+    # clp serve gets --threads as given (auto: a governor that leaves other processes' cores);
+    # llama-server has no such mode, so it gets the count: --threads N, or for auto every core
+    # this process may use (what auto runs on while nothing else does), as set before the command ran.
+    peer_threads = torch.get_num_threads()
     n = min(len(prompts), max(concurrency) * args.requests)
     if n < max(concurrency) * args.requests:
         status(f"{args.prompts} has {n} prompts: the requests at {max(concurrency)} clients ask some twice")
@@ -350,7 +353,8 @@ def bench_serve(args) -> int:
     results = {
         "command": command, "cpu": cpu_info(), "backbone": name,
         "settings": {"model": args.model, "numerics": args.numerics, "method": args.method,
-                     "parallel": args.parallel, "spec_budget": args.spec_budget, "threads": threads,
+                     "parallel": args.parallel, "spec_budget": args.spec_budget, "threads": args.threads,
+                     "llama_server_threads": peer_threads if binary is not None else None,
                      "prompts": args.prompts, "n_prompts": n, "concurrency": list(concurrency),
                      "requests_per_client": args.requests, "max_new_tokens": args.max_new_tokens,
                      "context_per_slot": context, "peers": bool(args.peers)},
@@ -359,9 +363,9 @@ def bench_serve(args) -> int:
     servers: list[ServerProcess] = []
     try:
         # Both start at once (their loads overlap), then each is waited for.
-        servers.append(ClpServeProcess.start(serve_flags(args, threads, context, max(64, max(concurrency)))))
+        servers.append(ClpServeProcess.start(serve_flags(args, context, max(64, max(concurrency)))))
         if binary is not None:
-            servers.append(LlamaServerPeer.start(binary, "llama_server_ar", Path(gguf), threads,
+            servers.append(LlamaServerPeer.start(binary, "llama_server_ar", Path(gguf), peer_threads,
                                                  context * args.parallel, parallel=args.parallel))
         status("starting " + " and ".join(s.what for s in servers))
         for s in servers:
@@ -470,7 +474,7 @@ def render_load_markdown(results: dict) -> str:
         f"Command: `{results['command']}`", "",
         f"CPU: {cpu_summary(results['cpu'])}.", "",
         f"Backbone {results['backbone']}, numerics {s['numerics']}, method {s['method']}, --parallel {s['parallel']}, "
-        f"--spec-budget {s['spec_budget']}, {s['threads']} threads, prompts {s['prompts']} "
+        f"--spec-budget {s['spec_budget']}, --threads {s['threads']}, prompts {s['prompts']} "
         f"(n = {s['n_prompts']}, chat template), {s['requests_per_client']} request(s) per client back to back, "
         f"{s['max_new_tokens']} new tokens at most, greedy, streamed; {s['context_per_slot']} positions per slot.", "",
         load_table(results), "",
@@ -478,7 +482,8 @@ def render_load_markdown(results: dict) -> str:
         *_scheduler_table(results["rows"]),
     ]
     if PEER in results["servers"]:
-        lines += [f"llama-server, with the same slots, threads and positions per slot: "
+        lines += [f"llama-server, with the same slots and positions per slot and {s['llama_server_threads']} "
+                  "threads: "
                   f"`{shlex.join(results['servers'][PEER]['argv'])}`, sent the prompts' token ids (those clp serve "
                   "encodes from the chat messages) on /completion, greedy, without its prompt cache.", ""]
     lines += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
