@@ -129,7 +129,7 @@ def test_requests_join_while_others_run(q4):
 
 
 def test_allocate_grants_the_most_valuable_rows_while_they_pay():
-    cost = CostModel(a=10.0, b=2.0, draft_ms=0.0, weight=1e6)  # 10 ms a step + 2 ms a row
+    cost = CostModel(a=10.0, b=2.0, draft_ms=0.0)  # 10 ms a step + 2 ms a row
     # One request alone: a step makes 1 token in 12 ms; a draft worth v pays when v/2 > 1/12.
     assert allocate({"a": [0.9, 0.5, 0.1]}, rows=1, tokens=1.0, cost=cost) == {"a": 2}
     # Eight requests: 8 tokens in 26 ms; only drafts worth more than 2 * 8/26 ~ 0.62 pay.
@@ -138,16 +138,22 @@ def test_allocate_grants_the_most_valuable_rows_while_they_pay():
     # Drafts are granted in order: the second only after the first.
     assert allocate({"a": [0.05, 0.05]}, rows=1, tokens=1.0, cost=cost) == {"a": 0}
     # The drafter's own time counts against its rows, not against lookup's.
-    slow = CostModel(a=10.0, b=2.0, draft_ms=20.0, weight=1e6)
+    slow = CostModel(a=10.0, b=2.0, draft_ms=20.0)
     assert allocate({"a": [0.9], "b": [0.9]}, rows=2, tokens=2.0, cost=slow, lookup={"b": True}) == {"a": 0, "b": 1}
 
 
-def test_cost_model_fits_the_measured_steps():
-    cost = CostModel(a=1.0, b=1.0, weight=0.01)
-    for rows in (1, 2, 4, 8, 16) * 5:
-        cost.observe(rows, 6.0 + 3.0 * rows)
-    a, b = cost.fit
-    assert abs(a - 6.0) < 0.2 and abs(b - 3.0) < 0.05
+def test_cost_model_follows_the_measured_steps():
+    cost = CostModel(a=1.0, b=1.0)
+    curve = {1: 10.0, 2: 10.5, 4: 12.0, 8: 20.0, 16: 40.0}  # the first extra rows cost less than later ones
+    for _ in range(40):
+        for rows, ms in curve.items():
+            cost.observe(rows, ms)
+    for rows, ms in curve.items():
+        assert cost.step_ms(rows) == pytest.approx(ms, rel=0.02)
+    assert cost.row_ms(1) == pytest.approx(0.5, rel=0.1) and cost.row_ms(8) == pytest.approx(2.5, rel=0.1)
+    assert cost.step_ms(6) == pytest.approx(16.0, rel=0.03)  # between entries: interpolated
+    assert cost.step_ms(32) == pytest.approx(80.0, rel=0.02)  # past the measured sizes: the last slope
+    assert CostModel(a=10.0, b=2.0).step_ms(5) == 20.0  # nothing measured: the prior line
 
 
 def test_bad_scheduler_settings(tiny_backbone):

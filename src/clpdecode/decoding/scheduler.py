@@ -64,42 +64,54 @@ class Request:
 
 
 class CostModel:
-    """A step's milliseconds against its rows, ms = a + b * rows, fitted by least squares over
-    recent steps (older ones decay), starting from a calibration or a prior; and the drafter's
-    milliseconds per drafted token, measured the same way."""
+    """A step's milliseconds against its rows: a table at 1, 2, 3, 4, 6, 8, ... rows, each entry
+    a running average of the steps measured near it (seeded by a calibration, else a prior
+    line), read by linear interpolation between measured entries (past them, the slope of the
+    last two); and the drafter's milliseconds per drafted token.
 
-    def __init__(self, a: float = 8.0, b: float = 4.0, draft_ms: float = 0.5, weight: float = 4.0,
-                 decay: float = 0.98):
-        self.decay = decay
-        # Sums of (1, x, x^2, y, x*y) with the prior as `weight` pseudo-steps at 1 and 9 rows.
-        self.s = [0.0] * 5
-        for x in (1.0, 9.0):
-            self._add(x, a + b * x, weight / 2)
+    A table, not a line: the cost of a row is not constant (on this CPU the second row of a
+    step costs less than the ninth: weights read once serve every row, and attention grows
+    with each row's context), and the budget's question is the marginal row at this size.
+    """
+
+    SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+
+    def __init__(self, a: float = 8.0, b: float = 2.0, draft_ms: float = 0.5, weight: float = 0.8):
+        self.prior = (a, b)
+        self.ms: list[float | None] = [None] * len(self.SIZES)  # running averages, None: not measured
+        self.weight = weight  # how much of an entry a new step leaves
         self.draft_ms = draft_ms
 
-    def _add(self, x: float, y: float, w: float = 1.0) -> None:
-        for i, v in enumerate((1.0, x, x * x, y, x * y)):
-            self.s[i] += w * v
-
     def observe(self, rows: int, ms: float) -> None:
-        self.s = [v * self.decay for v in self.s]
-        self._add(float(rows), ms)
+        """A measured step: moves the nearest entry toward it."""
+        j = min(range(len(self.SIZES)), key=lambda i: abs(self.SIZES[i] - rows))
+        old = self.ms[j]
+        self.ms[j] = ms if old is None else self.weight * old + (1 - self.weight) * ms
 
     def observe_draft(self, tokens: int, ms: float) -> None:
         if tokens > 0:
             self.draft_ms = 0.9 * self.draft_ms + 0.1 * ms / tokens
 
+    def step_ms(self, rows: float) -> float:
+        pts = [(n, v) for n, v in zip(self.SIZES, self.ms) if v is not None]
+        if len(pts) < 2:
+            a, b = self.prior
+            return (pts[0][1] if pts else a + b) + b * (rows - (pts[0][0] if pts else 1))
+        for (n0, v0), (n1, v1) in zip(pts, pts[1:]):
+            if rows <= n1 or (n1, v1) == pts[-1]:
+                slope = max((v1 - v0) / (n1 - n0), 0.0)  # more rows never cost less
+                return max(v0 + slope * (rows - n0), 0.0)
+        return pts[-1][1]
+
+    def row_ms(self, rows: int) -> float:
+        """The marginal cost of one more row in a step of `rows` (never quite free)."""
+        return max(self.step_ms(rows + 1) - self.step_ms(rows), 1e-3)
+
     @property
     def fit(self) -> tuple[float, float]:
-        n, sx, sxx, sy, sxy = self.s
-        det = n * sxx - sx * sx
-        b = (n * sxy - sx * sy) / det if det > 1e-9 else 0.0
-        b = max(b, 1e-3)  # a row is never free
-        return max((sy - b * sx) / n, 0.0), b
-
-    def step_ms(self, rows: int) -> float:
-        a, b = self.fit
-        return a + b * rows
+        """(base, per row) of the line through the costs at 1 and 8 rows (for reports)."""
+        per_row = (self.step_ms(8) - self.step_ms(1)) / 7
+        return self.step_ms(1) - per_row, per_row
 
 
 def allocate(offers: dict, rows: int, tokens: float, cost: CostModel, lookup: dict | None = None) -> dict:
@@ -119,11 +131,10 @@ def allocate(offers: dict, rows: int, tokens: float, cost: CostModel, lookup: di
     cands = sorted(((v, j, key) for key, vals in offers.items() for j, v in enumerate(vals)),
                    key=lambda c: (-c[0], c[1]))
     grant = {key: 0 for key in offers}
-    row_ms = cost.fit[1]
     for v, j, key in cands:
         if grant[key] != j:  # an earlier draft of this request was not granted
             continue
-        marginal = row_ms + (0.0 if lookup.get(key) else cost.draft_ms)
+        marginal = cost.row_ms(rows) + (0.0 if lookup.get(key) else cost.draft_ms)
         if v * cost.step_ms(rows) <= tokens * marginal:
             continue
         grant[key] += 1

@@ -475,22 +475,28 @@ class ChainSession:
     but the last (the last row's token is chosen at the next ``propose``).
     ``propose(hidden, token, m)``: the backbone chose `token` after the last observed row;
     return m drafts for the tokens after it.
+
+    A step that drafts nothing (m = 0: CLP expects no draft to be kept, lookup drafts instead,
+    or a scheduler gives the rows to other requests) costs the drafter nothing: its rows and
+    tokens wait, and the next step that drafts runs the chain over all of them at once.
     """
 
     def __init__(self, chain: ChainedHeads):
         self.chain = chain
         self.state = chain.new_state()
-        self.rows: list[torch.Tensor] = []
-        self.tokens: list[int] = []
+        self.rows: list[torch.Tensor] = []  # context entries not yet run through the chain
+        self.tokens: list[int] = []  # the tokens after them (one fewer while a proposal is due)
 
     def observe(self, rows: torch.Tensor, tokens: list[int]) -> None:
-        if self.rows:  # the previous last row's token is the first of these rows' inputs
+        if len(self.rows) != len(self.tokens):  # the previous last row's token comes with propose()
             raise RuntimeError("observe() twice without propose()")
         if len(tokens) != len(rows) - 1:
             raise ValueError(f"{len(rows)} rows need {len(rows) - 1} following tokens, got {len(tokens)}")
-        # Without attention only the last entry matters (no cache to fill).
-        self.rows = list(rows) if self.state is not None else [rows[-1]]
-        self.tokens = list(tokens) if self.state is not None else []
+        if self.state is None:  # without attention only the last entry matters (no cache to fill)
+            self.rows, self.tokens = [rows[-1]], []
+        else:
+            self.rows += list(rows)
+            self.tokens += list(tokens)
 
     def propose(self, hidden: torch.Tensor, token: int, m: int) -> list[int]:
         return [c[0][0] for c in self.candidates(hidden, token, m)]
@@ -498,10 +504,14 @@ class ChainSession:
     def candidates(self, hidden: torch.Tensor, token: int, m: int, width: int = 1) -> list[list[tuple[int, float]]]:
         """As propose, with up to `width` (token, probability) candidates per depth (a draft
         tree's siblings); candidate 0 of each depth is what propose returns."""
-        feats = torch.stack(self.rows) if self.rows else hidden[None]
-        g = self.chain.extend(self.state, feats, self.tokens + [token])
+        if not self.rows:
+            self.rows = [hidden]
+        self.tokens.append(token)
+        if m <= 0:
+            return []  # nothing drafted: the chain catches up at the next step that drafts
+        g = self.chain.extend(self.state, torch.stack(self.rows), self.tokens)
         self.rows, self.tokens = [], []
-        return self.chain.draft_candidates(self.state, g, m, width) if m > 0 else []
+        return self.chain.draft_candidates(self.state, g, m, width)
 
 
 __all__ = ["ChainConfig", "ChainedHeads", "ChainState", "ChainSession", "rope"]
