@@ -102,6 +102,31 @@ def test_bench_resume_refuses_other_prompts(capsys, tmp_path, tiny_llama_dir, he
     assert code == 2 and "prompt 1 differs" in err
 
 
+def test_bench_resume_keeps_what_was_measured_and_refuses_hand_edits(capsys, tmp_path, tiny_llama_dir, heads_dir,
+                                                                      prompts_file):
+    """Issue 27: --limit 1 --resume over 2 measured prompts rewrote results.json with 1 run;
+    a hand-edited file ("runs": [1], a run without "methods") was a traceback."""
+    out = tmp_path / "b"
+    code, _, err = run(capsys, *bench_argv(tiny_llama_dir, heads_dir, prompts_file, out, "--limit", "2"))
+    assert code == 0, err
+    path = out / "results.json"
+    before = path.read_text()
+    code, _, err = run(capsys, *bench_argv(tiny_llama_dir, heads_dir, prompts_file, out, "--limit", "1", "--resume"))
+    assert code == 2 and "holds 2 measured prompts" in err and "--limit 2" in err and err.count("\n") == 1
+    assert path.read_text() == before
+    results = json.loads(before)
+    for edit, what in [(lambda r: r.__setitem__("runs", [1]), "run 1 is not a measured prompt"),
+                       (lambda r: r["runs"][1].pop("methods"), 'run 2 has no "methods"'),
+                       (lambda r: r["runs"][0]["methods"]["ar"].pop("token_ids"), "method ar: token_ids"),
+                       (lambda r: r.__setitem__("settings", []), '"settings" is not an object')]:
+        edited = json.loads(before)
+        edit(edited)
+        path.write_text(json.dumps(edited))
+        code, _, err = run(capsys, *bench_argv(tiny_llama_dir, heads_dir, prompts_file, out, "--resume"))
+        assert code == 2 and err.startswith("clp: error: cannot resume") and what in err and err.count("\n") == 1
+    assert results["n_prompts_done"] == 2
+
+
 def test_bench_resumes_results_written_before_raw_and_lookup(capsys, tmp_path, tiny_llama_dir, heads_dir,
                                                                prompts_file):
     """A results.json from before --raw and --no-lookup lacks both settings: it was measured

@@ -86,9 +86,14 @@ def _resumable_records(out_dir: Path, backbone, settings: BenchSettings, encoded
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
         records, old_settings = old["runs"], old["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ClpError(f"cannot resume: {path} is not a results file of `clp bench`; "
+        _check_records(records, old_settings)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f" ({e})" if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError) else ""
+        raise ClpError(f"cannot resume: {path} is not a results file of `clp bench`{why}; "
                        "use another --out or drop --resume") from None
+    if len(records) > len(encoded):  # resuming with a smaller --limit would drop measured prompts
+        raise ClpError(f"cannot resume: {path} holds {len(records)} measured prompts, more than the "
+                       f"{len(encoded)} asked for: use --limit {len(records)} or more (or another --out)")
     differ = _differing_settings(settings, old_settings)
     if old.get("backbone") != backbone.info.as_dict():
         differ.insert(0, "backbone")
@@ -100,6 +105,30 @@ def _resumable_records(out_dir: Path, backbone, settings: BenchSettings, encoded
             raise ClpError(f"cannot resume: prompt {i + 1} differs from the one measured in {path}; "
                            "use another --out or drop --resume")
     return records[: len(encoded)]
+
+
+# What a measured prompt's record holds for each method (what summarize() reads).
+_RECORD_KEYS = {"token_ids": list, "new_tokens": int, "forward_passes": int, "seconds": (int, float),
+                "prefill_seconds": (int, float), "decode_tokens": int, "accepted_per_step": list}
+
+
+def _check_records(records, old_settings) -> None:
+    """A results.json's runs as run_bench wrote them, or ValueError saying what is not."""
+    if not isinstance(old_settings, dict):
+        raise ValueError('"settings" is not an object')
+    if not isinstance(records, list):
+        raise ValueError('"runs" is not a list')
+    for i, rec in enumerate(records):
+        where = f"run {i + 1}"
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt_key"), str):
+            raise ValueError(f"{where} is not a measured prompt")
+        methods = rec.get("methods")
+        if not isinstance(methods, dict) or not methods:
+            raise ValueError(f'{where} has no "methods"')
+        for m, r in methods.items():
+            bad = [k for k, t in _RECORD_KEYS.items() if not isinstance(r, dict) or not isinstance(r.get(k), t)]
+            if bad:
+                raise ValueError(f"{where}, method {m}: {', '.join(bad)} missing or malformed")
 
 
 def _record(r: GenerationResult) -> dict:
