@@ -17,8 +17,9 @@ from clpdecode.evaluation.load import Reply, RequestRun, percentile, scheduler_d
 from conftest import random_drafter
 
 
-def run(capsys, *argv):
-    code = main(list(argv))
+def bench_serve(capsys, model, prompts, *argv):
+    """`clp bench-serve` on `model` and the prompt file: (status, stdout, stderr)."""
+    code = main(["bench-serve", "--model", str(model), "--prompts", str(prompts), *argv])
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -117,8 +118,8 @@ def test_cpu_info_and_ggml_flags(tmp_path):
     (["--peers"], "--peers: "),  # the tiny model has no GGUF for llama-server
 ])
 def test_refusals_are_one_line_before_anything_starts(capsys, tmp_path, tiny_llama_dir, prompts_file, extra, msg):
-    code, out, err = run(capsys, "bench-serve", "--model", str(tiny_llama_dir), "--method", "ar", "--prompts",
-                         str(prompts_file), "--out", str(tmp_path / "o"), *extra)
+    code, out, err = bench_serve(capsys, tiny_llama_dir, prompts_file, "--method", "ar", "--out", str(tmp_path / "o"),
+                                 *extra)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("clp: error:") and msg in lines[0], err
@@ -127,8 +128,7 @@ def test_refusals_are_one_line_before_anything_starts(capsys, tmp_path, tiny_lla
 def test_out_that_is_a_file_is_refused(capsys, tmp_path, tiny_llama_dir, prompts_file):
     out_file = tmp_path / "results"
     out_file.write_text("")
-    code, out, err = run(capsys, "bench-serve", "--model", str(tiny_llama_dir), "--method", "ar", "--prompts",
-                         str(prompts_file), "--out", str(out_file))
+    code, out, err = bench_serve(capsys, tiny_llama_dir, prompts_file, "--method", "ar", "--out", str(out_file))
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [f"clp: error: --out {str(out_file)!r} is a file; give a folder for the results"]
 
@@ -138,9 +138,9 @@ def test_end_to_end_on_the_tiny_model(capsys, tmp_path, tiny_llama_dir, heads_di
     """`clp serve` started as a subprocess (verified with random heads): every request's text is
     its single-stream AR text; stdout holds the table only; the report, plot and JSON are written."""
     out_dir = tmp_path / "bs"
-    code, out, err = run(capsys, "bench-serve", "--model", str(tiny_llama_dir), "--heads", str(heads_dir),
-                         "--numerics", "fp32", "--parallel", "2", "--concurrency", "1,2", "--requests", "2",
-                         "--prompts", str(prompts_file), "--max-new-tokens", "6", "--out", str(out_dir))
+    code, out, err = bench_serve(capsys, tiny_llama_dir, prompts_file, "--heads", str(heads_dir), "--numerics", "fp32",
+                                 "--parallel", "2", "--concurrency", "1,2", "--requests", "2", "--max-new-tokens", "6",
+                                 "--out", str(out_dir))
     assert code == 0, err
     assert all(ln.startswith(("|", "report:")) for ln in out.splitlines() if ln.strip())
     assert "clp bench-serve: starting clp serve" in err and "some twice" in err  # 3 prompts for 4 requests
@@ -234,9 +234,9 @@ def test_peers_beside_a_stand_in_llama_server(capsys, tmp_path, tiny_llama_dir, 
     log = tmp_path / "fake.jsonl"
     monkeypatch.setenv("CLP_LLAMA_SERVER", str(fake_llama_server))
     out_dir = tmp_path / "bs"
-    code, out, err = run(capsys, "bench-serve", "--model", str(tiny_llama_dir), "--numerics", "fp32", "--method",
-                         "ar", "--parallel", "3", "--concurrency", "2,1", "--requests", "1", "--prompts",
-                         str(prompts_file), "--max-new-tokens", "5", "--peers", "--out", str(out_dir))
+    code, out, err = bench_serve(capsys, tiny_llama_dir, prompts_file, "--numerics", "fp32", "--method", "ar",
+                                 "--parallel", "3", "--concurrency", "2,1", "--requests", "1", "--max-new-tokens", "5",
+                                 "--peers", "--out", str(out_dir))
     assert code == 0, err
     res = json.loads((out_dir / "results.json").read_text())
     assert [(r["side"], r["concurrency"]) for r in res["rows"]] == [
