@@ -19,6 +19,10 @@ here and says on stderr, one line each, why a peer has no row.
   token history, no draft model). Each request sends our prompt's token ids to /completion,
   so both sides decode the very same input; the server reports its own decode timings and
   how many drafted tokens it accepted.
+
+ServerProcess (a child HTTP server on a free port) also runs `clp bench-serve`'s servers
+(evaluation/load.py). `python -m clpdecode.evaluation.peers --check-server BIN | --check-llama-cpp`
+is the check `make peers` runs before keeping a build: it must decode the embedded GGUF.
 """
 
 from __future__ import annotations
