@@ -528,3 +528,40 @@ def test_concurrent_requests_with_their_own_settings_get_their_texts_alone(tmp_p
         assert health["completed"] == 12 and health["slots"] == 4 and health["rows_per_step"] > 1
         status, _, text = raw(url, "GET", "/metrics")
         assert status == 200 and "clp_completed 12" in text and "clp_rows_per_step" in text
+
+
+def test_logprobs_and_unsupported_fields(served, tiny_backbone, drafter):
+    """Issue 27: logprobs were answered null; tools, echo, suffix, best_of were dropped silently."""
+    from clpdecode.decoding import GenerationConfig, generate, make_policy
+
+    url, server = served
+    c = client(url, server.model_id)
+    r = c.chat.completions.create(model=server.model_id, messages=MSG, max_tokens=12, temperature=0,
+                                  logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    ids = tiny_backbone.encode_chat(MSG)
+    alone = generate(tiny_backbone, ids, make_policy("ar"), GenerationConfig(max_new_tokens=12, logprobs=3))
+    assert len(content) == r.usage.completion_tokens == len(alone.token_ids)
+    for got, want in zip(content, alone.logprobs):  # verified's log-probabilities are AR's (float noise aside)
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4) and len(got.top_logprobs) == 3
+        assert got.top_logprobs[0].logprob >= got.logprob - 1e-4  # greedy: the token is the likeliest
+    chunks = list(c.chat.completions.create(model=server.model_id, messages=MSG, max_tokens=12, temperature=0,
+                                            logprobs=True, stream=True))
+    last = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason][0]
+    assert [x.logprob for x in last.choices[0].logprobs.content] == [x.logprob for x in content]
+    comp = c.completions.create(model=server.model_id, prompt="Once upon a time", max_tokens=6, temperature=0,
+                                logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) >= 1
+    assert c.chat.completions.create(model=server.model_id, messages=MSG, max_tokens=4).choices[0].logprobs is None
+    for body, field in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                        ({"tool_choice": "auto"}, "tool_choice"), ({"top_logprobs": 2}, "top_logprobs"),
+                        ({"logprobs": True, "top_logprobs": 99}, "top_logprobs")]:
+        status, _, resp = raw(url, "POST", CHAT, {"messages": MSG, "max_tokens": 2, **body})
+        assert status == 400 and resp["error"]["param"] == field, (body, resp)
+    for body, field in [({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"),
+                        ({"logprobs": -1}, "logprobs")]:
+        status, _, resp = raw(url, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2, **body})
+        assert status == 400 and resp["error"]["param"] == field, (body, resp)
+    status, _, _ = raw(url, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2, "echo": False, "best_of": 1})
+    assert status == 200

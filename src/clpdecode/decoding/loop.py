@@ -30,6 +30,18 @@ from .policies import Policy
 from .sampling import Sampler, SamplingConfig
 from .tree import DraftTree, verify_tree
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """An emitted token's log-probability under the backbone (log-softmax of its logits, before
+    temperature and top-p), and the `top` likeliest tokens at its position as (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -39,9 +51,16 @@ class GenerationConfig:
     max_new_tokens: int = 128  # hard cap on emitted tokens
     stop: tuple[str, ...] = ()  # stop strings: output ends after the token completing one
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # None: no log-probabilities; n: each emitted token's under the backbone, with the n likeliest
+    # tokens at its position (GenerationResult.logprobs; at most MAX_TOP_LOGPROBS)
+    logprobs: int | None = None
 
     def __post_init__(self):
         check_positive_int("max_new_tokens", self.max_new_tokens)
+        n = self.logprobs
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOP_LOGPROBS):
+            raise ClpError(f"top_logprobs must be a whole number in [0, {MAX_TOP_LOGPROBS}], got {n!r}",
+                           param="top_logprobs")
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise ClpError(f"stop must be a list of strings, got {self.stop!r}", param="stop")
         for s in self.stop:
@@ -64,6 +83,9 @@ class GenerationResult:
     seconds: float  # end to end, prefill included
     prefill_seconds: float
     decode_tokens: int  # tokens emitted after the prefill forward's own
+    # With GenerationConfig.logprobs: one per token (None for an unverified head token emitted
+    # last, whose position the backbone never read)
+    logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -215,6 +237,9 @@ class Decoder:
         self.tree: DraftTree | None = None  # verified: the drafts as a tree
         self.drafts: list[int] = []  # unverified: the head tokens already emitted after t+1
         self.from_lookup = False  # the last proposal's drafts came from n-gram lookup
+        self.logprobs: list[TokenLogprob | None] | None = [] if cfg.logprobs is not None else None
+        self._row: torch.Tensor | None = None  # (V,) the backbone's logits for the next t+1 (logprobs)
+        self._pending_drafts = 0  # unverified head tokens emitted before the forward that reads them
         self.hidden: torch.Tensor | None = None  # (d,) the state the next proposal reads
         self.p: torch.Tensor | None = None  # (V,) the distribution of the next token t+1
         self.t0 = time.perf_counter()
@@ -247,7 +272,8 @@ class Decoder:
         """Which of the next forward's n rows advance() needs logits for."""
         if self.prefilling:
             return [n - 1] if self.prefilled + n >= len(self.prompt_ids) else []
-        return list(range(n)) if self.tree is not None else [n - 1]
+        # Every row for a tree, and for unverified head tokens whose log-probabilities are asked.
+        return list(range(n)) if self.tree is not None or self.logprobs is not None else [n - 1]
 
     def advance(self, states: torch.Tensor, feats: torch.Tensor, logits: torch.Tensor | None,
                 keep: Callable[[int, list[int]], None]) -> None:
@@ -269,13 +295,14 @@ class Decoder:
             feats = self._prompt_feats[0] if len(self._prompt_feats) == 1 else torch.cat(self._prompt_feats)
             self._prompt_feats = []
             self.policy.observe(feats, self.prompt_ids[1:])
-            self.hidden, self.p = states[-1], self.sampler.probs(logits[-1])  # (d,), (V,)
+            self.hidden, self.p, self._row = states[-1], self.sampler.probs(logits[-1]), logits[-1]  # (d,), (V,)
             return
         self.forwards += 1
         if self.tree is not None:
             path, self.p = verify_tree(self.tree, logits, self.sampler)
             kept = self.tree.path_tokens(path[1:])
-            self.out.emit(kept, from_heads=True)
+            self._emit(kept, True, [logits[i] for i in path[:-1]])
+            self._row = logits[path[-1]]
             self.accepted.append(len(kept))
             if self.out.done:
                 return self._finish()
@@ -284,7 +311,27 @@ class Decoder:
             self.hidden = states[path[-1]]
         else:
             self.policy.observe(feats, self.drafts)
-            self.hidden, self.p = states[-1], self.sampler.probs(logits[-1])
+            if self.logprobs is not None:  # the head tokens emitted before this forward, now read
+                first = len(self.logprobs) - self._pending_drafts
+                for j in range(self._pending_drafts):
+                    self.logprobs[first + j] = self._logprob(logits[j], self.drafts[j])
+            self.hidden, self.p, self._row = states[-1], self.sampler.probs(logits[-1]), logits[-1]
+
+    def _logprob(self, row: torch.Tensor, token: int) -> TokenLogprob:
+        lp = torch.log_softmax(row.float(), -1)
+        top = lp.topk(self.cfg.logprobs) if self.cfg.logprobs else None
+        return TokenLogprob(token, float(lp[token]),
+                            tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ())
+
+    def _emit(self, tokens: list[int], from_heads: bool, rows: list | None) -> int:
+        """Emit tokens (stopping where AR would); with logprobs, each token's from its row of
+        logits (None: not read yet). Returns how many were emitted."""
+        before = len(self.out.ids)
+        self.out.emit(tokens, from_heads=from_heads)
+        n = len(self.out.ids) - before
+        if self.logprobs is not None:
+            self.logprobs += [self._logprob(rows[j], tokens[j]) if rows is not None else None for j in range(n)]
+        return n
 
     def offer(self) -> "Offer | None":
         """What each draft row of the coming step is worth to this request (the chance that
@@ -304,16 +351,15 @@ class Decoder:
         self.p = None
         self.from_lookup = prop.lookup
         out = self.out
-        out.emit([prop.token], from_heads=prop.token_from_heads)
+        self._emit([prop.token], prop.token_from_heads, [self._row])
         budget = max(0, out.remaining)  # drafts past the token budget are never emitted
         if self.policy.verifies:
             self.tree = (prop.tree or DraftTree.chain(prop.token, prop.drafts)).pruned(budget)
             self.fed = self.tree.tokens
         else:
             self.drafts = prop.drafts[:budget]
-            before = len(out.ids)
-            out.emit(self.drafts, from_heads=True)
-            self.accepted.append(len(out.ids) - before)
+            self._pending_drafts = self._emit(self.drafts, True, None)
+            self.accepted.append(self._pending_drafts)
             self.fed = [prop.token] + self.drafts
         if self.prefill_seconds is None:
             self.prefill_seconds, self.prefill_tokens = time.perf_counter() - self.t0, len(out.ids)
@@ -336,6 +382,7 @@ class Decoder:
             seconds=seconds,
             prefill_seconds=self.prefill_seconds or seconds,
             decode_tokens=len(self.out.ids) - self.prefill_tokens,
+            logprobs=self.logprobs,
         )
 
 

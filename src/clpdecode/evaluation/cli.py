@@ -342,7 +342,8 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
                    help="numerics to profile, comma-separated, of fp32,fp16,int8,q4 (default: q4,fp16,fp32)")
     p.add_argument("--context", type=int, default=256, help="cached tokens before the step (default: 256)")
     p.add_argument("--engines", default="lean,hf",
-                   help="forwards to time: lean (ours: Llama, Qwen2, Gemma 3) and/or hf (transformers'); default: lean,hf")
+                   help="forwards to time: lean (ours: Llama, Qwen2, Gemma 3) and/or hf (transformers'); "
+                        "default: lean,hf")
     p.add_argument("--repeats", type=int, default=9, help="timed rounds per measurement (default: 9)")
     from .profile import STEP_TOKENS
 

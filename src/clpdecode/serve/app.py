@@ -111,10 +111,19 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessage]
     max_completion_tokens: StrictInt | None = None  # the newer name of max_tokens
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None  # with logprobs: the likeliest tokens at each position
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
+    logprobs: StrictInt | None = None  # the legacy API: the number of likeliest tokens to list
+
+
+# OpenAI fields this server does not implement, refused (as OpenAI refuses what a model does
+# not support) rather than dropped: field -> the values that mean "not used".
+UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None,),
+               "echo": (None, False), "suffix": (None,), "best_of": (None, 1)}
 
 
 def _parse(schema: type[BaseModel], data: dict) -> Any:
@@ -376,6 +385,16 @@ class Server:
                  prompt_param: str) -> Job:
         if req.n not in (None, 1):
             raise ApiError(400, f"n must be 1 (one choice per request), got {req.n}", param="n")
+        for name, unused in UNSUPPORTED.items():
+            if (req.model_extra or {}).get(name) not in unused:
+                raise ApiError(400, f"{name} is not supported by this server (clp serve)", param=name,
+                               code="unsupported_parameter")
+        if isinstance(req, ChatRequest):
+            if req.top_logprobs is not None and not req.logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            top = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            top = req.logprobs
         overrides = {f: getattr(req, f) for f in self.POLICY_FIELDS if getattr(req, f) is not None}
         stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         window = self.scheduler.capacity  # a request slot's positions (at most the model's window)
@@ -383,11 +402,13 @@ class Server:
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS, window - len(prompt_ids)) if window else DEFAULT_MAX_TOKENS)
         try:
             config = replace(self.policy, **overrides)
-            cfg = GenerationConfig(max_new_tokens=max_tokens, stop=stops, sampling=SamplingConfig(
+            cfg = GenerationConfig(max_new_tokens=max_tokens, stop=stops, logprobs=top, sampling=SamplingConfig(
                 temperature=0.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p, seed=0 if req.seed is None else req.seed))
             policy = make_policy(config, self.backbone, self.drafter)
         except ClpError as e:
+            if e.param == "top_logprobs" and not isinstance(req, ChatRequest):  # the legacy API's name for it
+                raise ApiError(400, str(e).replace("top_logprobs", "logprobs"), param="logprobs") from None
             raise _clp_error(e, None if e.param else "method") from None
         try:
             check_context(len(prompt_ids), max_tokens, window, limit="the positions of a request slot (clp serve "
@@ -434,6 +455,27 @@ class Server:
             "seconds": round(res.seconds, 4),
         }
 
+    def logprobs(self, res, chat: bool) -> dict | None:
+        """OpenAI's logprobs object of a result (None when not asked): chat's `content` list,
+        or the legacy completions' parallel lists. A token's logprob is null where the backbone
+        never read its position (an unverified head token emitted last)."""
+        if res.logprobs is None:
+            return None
+
+        def text(t: int) -> str:
+            return self.backbone.decode([t])
+
+        toks = [text(t) for t in res.token_ids]
+        if chat:
+            return {"content": [{"token": tok, "logprob": e.logprob if e else None, "bytes": list(tok.encode()),
+                                 "top_logprobs": [{"token": text(i), "logprob": lp, "bytes": list(text(i).encode())}
+                                                  for i, lp in (e.top if e else ())]}
+                                for tok, e in zip(toks, res.logprobs)]}
+        offsets = [sum(len(t) for t in toks[:j]) for j in range(len(toks))]
+        return {"tokens": toks, "token_logprobs": [e.logprob if e else None for e in res.logprobs],
+                "top_logprobs": [{text(i): lp for i, lp in e.top} if e else None for e in res.logprobs],
+                "text_offset": offsets}
+
     def usage(self, res) -> dict:
         n_prompt, n_new = len(res.prompt_ids), res.new_tokens
         return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
@@ -465,10 +507,10 @@ class Server:
         text = res.text[:cut] if cut >= 0 else res.text
         finish = self.finish_reason(res, job, cut >= 0)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": self.logprobs(res, chat), "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": self.logprobs(res, chat), "finish_reason": finish}
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": self.model_id, "choices": [choice],
                              "usage": self.usage(res), "clp": self.extension(res)})
@@ -477,12 +519,12 @@ class Server:
                       include_usage: bool) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(piece: str | None, finish: str | None = None, **extra) -> str:
+        def chunk(piece: str | None, finish: str | None = None, logprobs=None, **extra) -> str:
             if chat:
                 delta = {} if piece is None else {"content": piece}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": piece or "", "logprobs": logprobs, "finish_reason": finish}
             return _sse({"id": rid, "object": obj, "created": created, "model": self.model_id,
                          "choices": [choice], **extra})
 
@@ -505,7 +547,10 @@ class Server:
                     piece = text.finish()
                     if piece:
                         yield chunk(piece)
-                    yield chunk(None, self.finish_reason(res, job, text.stopped), clp=self.extension(res))
+                    # Log-probabilities, when asked, come whole with the last chunk (a step's tokens
+                    # reach the text stream before an unverified head token's are known).
+                    yield chunk(None, self.finish_reason(res, job, text.stopped), logprobs=self.logprobs(res, chat),
+                                clp=self.extension(res))
                     if include_usage:
                         yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_id,
                                     "choices": [], "usage": self.usage(res)})
