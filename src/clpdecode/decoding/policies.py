@@ -167,17 +167,18 @@ class Verified(Policy):
         this generation, a Laplace estimate, to the j-th power), and whether they are lookup's.
         A scheduler weighs these against other requests' rows and passes the rows it grants
         to propose() as `limit`."""
-        token, span, found = self._choice = self._choose(hidden, p, sampler)
+        at_least = self.drafter.clp.at_least(hidden) if self.drafter.clp is not None else None
+        token, span, found = self._choice = self._choose(hidden, p, sampler, at_least)
         if found:
             rate = (self.lookup_kept + 1) / (self.lookup_kept + self.lookup_missed + 2)
             return [rate ** j for j in range(1, len(found) + 1)], True
-        if self.drafter.clp is not None:
-            return self.drafter.clp.at_least(hidden)[1:span + 1].tolist(), False
+        if at_least is not None:
+            return at_least[1:span + 1].tolist(), False
         return [1.0] * span, False  # no estimate: every draft is worth its row
 
-    def _choose(self, hidden, p, sampler) -> tuple[int, int, list[int]]:
+    def _choose(self, hidden, p, sampler, at_least=None) -> tuple[int, int, list[int]]:
         token = sampler.select(p)
-        return token, self.span(hidden), self._lookup(token)
+        return token, self.span(hidden, at_least), self._lookup(token)
 
     def _lookup(self, token: int) -> list[int]:
         """The lookup's draft after `token` ([] where lookup is off or the tail is new)."""
@@ -203,9 +204,11 @@ class Verified(Policy):
             tree = tree.pruned(limit)
         return Proposal(token, [c[0][0] for c in cands[:span]], tree=tree)
 
-    def span(self, hidden):
+    def span(self, hidden, at_least: torch.Tensor | None = None):
         if self.config.draft == "all":
             return self.drafter.k
+        if at_least is not None:  # CLP's probabilities, already computed for this state
+            return self.drafter.clp.span(at_least, self.config.clp_threshold)
         return self.drafter.clp.decide(hidden, self.config.clp_threshold)
 
 

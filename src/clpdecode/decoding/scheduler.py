@@ -39,6 +39,7 @@ from .policies import Policy
 BUDGETS = ("auto", "off")
 DEFAULT_SLOTS = 8  # requests decoded together (`clp serve --parallel`)
 DEFAULT_MAX_ROWS = 64  # rows in one step at most: prompts are fed in chunks within it
+PROBE_EVERY = 64  # steps without a granted draft before one is granted to re-measure a row's cost
 
 
 @dataclass
@@ -176,6 +177,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self.cost = CostModel()
+        self._unprobed = 0  # budgeted steps in a row that granted no draft
         # steps and rows run; drafted and kept draft tokens (verified); tokens and forwards of
         # the requests completed; requests completed, cancelled and failed
         self.stats = {"steps": 0, "rows": 0, "drafted": 0, "kept": 0, "tokens": 0, "forwards": 0,
@@ -327,6 +329,16 @@ class Scheduler:
         prompt_rows = sum(len(r.prompt_ids) - r.decoder.prefilled for r in self.running if r.decoder.prefilling)
         rows = decoding + min(prompt_rows, max(0, self.max_rows - decoding))
         grant = allocate(offers, max(1, rows), max(1.0, float(decoding)), self.cost, lookup)
+        # A probe now and then: with no draft granted, the cost of one more row is never measured
+        # again, and a stale entry (a step slowed by another process) could keep drafting off.
+        if offers and not any(grant.values()):
+            self._unprobed += 1
+            if self._unprobed >= PROBE_EVERY:
+                best = max((k for k in offers if offers[k]), key=lambda k: offers[k][0], default=None)
+                if best is not None:
+                    grant[best], self._unprobed = 1, 0
+        else:
+            self._unprobed = 0
         room = self.max_rows - rows  # drafts never push a step past the row cap
         for key in sorted(grant, key=lambda k: -grant[k]):
             grant[key] = min(grant[key], max(0, room))

@@ -52,7 +52,12 @@ class CLP(nn.Module):
 
         threshold near 1: conservative (few head tokens); near 0: greedy (all k).
         """
-        ok = (self.at_least(hidden) >= threshold).nonzero()
+        return self.span(self.at_least(hidden), threshold)
+
+    @staticmethod
+    def span(at_least: torch.Tensor, threshold: float) -> int:
+        """decide() from at_least()'s probabilities (computed once where both are needed)."""
+        ok = (at_least >= threshold).nonzero()
         return int(ok.max()) if ok.numel() else 0
 
     @property
