@@ -17,6 +17,18 @@ CHAT_TEMPLATE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _threads_as_they_were():
+    """A command run in-process (`main([...])`) may start the --threads auto governor and
+    change torch's thread count: neither outlives the test."""
+    from clpdecode.backbone import threads
+
+    before = torch.get_num_threads()
+    yield
+    threads.set_threads(None)
+    torch.set_num_threads(before)
+
+
 def make_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

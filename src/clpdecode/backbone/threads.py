@@ -106,6 +106,14 @@ def set_threads(threads: int | str | None) -> None:
         torch.set_num_threads(threads)
 
 
+def freeze() -> int:
+    """Stop revising (a benchmark's methods must run on the same threads): keeps the count
+    in use now. Returns it."""
+    global _governor
+    _governor = None
+    return torch.get_num_threads()
+
+
 def tick() -> None:
     """Between decode steps: lets `--threads auto` revise the thread count (cheap otherwise)."""
     if _governor is not None:

@@ -99,6 +99,10 @@ def cmd_eval_heads(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
+    from ..backbone import threads
+
+    threads.freeze()  # --threads auto: the cores free now, fixed while the methods are timed
+
     from ..backbone import load_backbone
     from ..decoding import METHODS, GenerationConfig
     from ..heads import check_drafter, resolve_drafter
