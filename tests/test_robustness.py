@@ -90,7 +90,7 @@ def test_bench_keeps_results_when_interrupted_and_resumes(capsys, monkeypatch, t
     assert done["complete"] is True and done["n_prompts_done"] == 3
     assert done["runs"][:2] == partial["runs"]  # measured once, kept as measured
     assert done["methods"]["verified"]["agreement_exact"] == 1.0
-    assert (out / "report.md").is_file()
+    assert done["settings"]["cpu"]["model"] and "CPU: " in (out / "report.md").read_text()  # the machine, recorded
 
 
 def test_bench_resume_refuses_other_prompts(capsys, tmp_path, tiny_llama_dir, heads_dir, prompts_file):

@@ -17,6 +17,7 @@ from ..decoding import METHODS, GenerationConfig, PolicyConfig, generate, make_p
 from ..decoding.loop import GenerationResult
 from ..errors import ClpError, check_context
 from ..heads.artifacts import shipped_head_accuracy
+from .cpu import cpu_info, cpu_summary
 from .metrics import DEFINITIONS, backbone_nll, common_prefix, mean_repetition
 from .peers import OWN_NUMERICS, PEER_NAMES, PeerRun, close_peers, open_peers
 
@@ -271,7 +272,7 @@ def summarize(records: list[dict], backbone, drafter, settings: BenchSettings, n
     out = {
         "backbone": backbone.info.as_dict(),
         "settings": {**settings.record(), "n_prompts": n_prompts, "torch_threads": torch.get_num_threads(),
-                     "machine": platform.processor() or platform.machine()},
+                     "machine": platform.processor() or platform.machine(), "cpu": cpu_info()},
         "complete": len(records) == n_prompts,
         "n_prompts_done": len(records),
         "methods": results,
@@ -401,6 +402,8 @@ def render_markdown(results: dict, command: str) -> str:
         f"max_new_tokens {s['max_new_tokens']}, k = {s['k']}, CLP threshold {s['clp_threshold']}, "
         f"gate threshold {s['gate_threshold']}, verified drafts from {s['draft']}, "
         f"{s['torch_threads']} torch threads.",
+        "",
+        f"CPU: {cpu_summary(s['cpu'])}." if "cpu" in s else "CPU: not recorded (an older results file).",
         "",
         table(results),
         "",

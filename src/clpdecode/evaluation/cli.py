@@ -210,6 +210,9 @@ def cmd_profile(args) -> int:
             extra = (f"{r['lm_head_ms_1_row']} | {r['lm_head_ms_3_rows']} | {r.get('heads_ms', '-')} | "
                      f"{r.get('clp_ms', '-')} | {r['row_max_abs_diff']:.2g}") if own else "| | | |"
             print(f"| {r['numerics']} | {engine} | {ms} | {ratio} | {extra} |")
+    from .cpu import cpu_summary
+
+    print(f"CPU: {cpu_summary(rows[0]['cpu'])}")
     print(f"(median ms over {rows[0]['repeats']} interleaved rounds, {rows[0]['threads']} threads, "
           f"{rows[0]['context']} cached tokens; LM head, heads, CLP and row diff with the backbone's own engine)")
     return 0

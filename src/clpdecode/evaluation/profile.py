@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from .cpu import cpu_info
+
 STEP_TOKENS = (1, 2, 3, 5, 8)
 ROW_CHECK_TOKENS = 3  # the row-independence check: one 3-token step against three 1-token steps
 
@@ -110,7 +112,7 @@ def profile_step(backbone, drafter=None, context: int = 256, repeats: int = 9, e
     new = {t: torch.randint(lo, hi, (1, t), generator=g) for t in tokens}
     trees = {f"tree{s}": example_tree(s, lo, hi, g) for s in tree_sizes} if "lean" in caches else {}
     by_engine = _step_costs(backbone, caches, new, repeats, trees)
-    out = {"numerics": backbone.info.numerics, "engine": own, "threads": torch.get_num_threads(),
+    out = {"numerics": backbone.info.numerics, "engine": own, "threads": torch.get_num_threads(), "cpu": cpu_info(),
            "context": context, "repeats": repeats}
     if own in by_engine:
         out["forward_ms"] = by_engine[own]
