@@ -5,8 +5,8 @@ the package folder must be the same afterwards, file for file (size and mtime). 
 are read-only input: `clp distill --prompts -1` once rewrote the shipped corpus's meta.json.
 chmod cannot show this (root writes through it), so the folder is compared before and after.
 
-To cover another command (bench, eval-heads, serve...), add its argv to `commands` below (a
-run as short as it allows); one that writes nothing by default is worth listing too.
+To cover another command, add its argv to `commands` below (a run as short as it allows); one
+that writes nothing by default is worth listing too. (`clp serve` writes nothing but its log.)
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def test_no_command_writes_under_the_installed_package(fresh_cache, tiny_llama_d
 
     package = Path(clpdecode.__file__).resolve().parent
     model = ["--model", str(tiny_llama_dir)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "say hi"}\n')
     commands = [
         # the corpus and the hidden states go to their default places
         ["distill", *model, "--prompts", "3", "--max-new-tokens", "8", "--batch-size", "3", "--teacher-forced", "2"],
@@ -59,6 +61,13 @@ def test_no_command_writes_under_the_installed_package(fresh_cache, tiny_llama_d
          "2", "--max-len", "64", "--batch-sequences", "2", "--draft-vocab", "40", "--predictor-steps", "2",
          "--competing-steps", "2", "--out", str(tmp_path / "chain")],
         ["sequences", *model, "--conversations", "2", "--max-len", "64", "--out", str(tmp_path / "s.npz")],
+        # the evaluation commands' results and caches (eval-answers) go to --out and the cache
+        ["bench", *model, "--heads", str(tmp_path / "fused"), "--prompts", str(prompts), "--limit", "1", "--methods",
+         "ar,verified", "--max-new-tokens", "4", "--out", str(tmp_path / "bench")],
+        ["eval-heads", *model, "--heads", str(tmp_path / "fused"), "--prompts", str(prompts), "--limit", "1",
+         "--max-new-tokens", "4", "--json"],
+        ["generate", *model, "--heads", str(tmp_path / "fused"), "--method", "verified", "--prompt", "hi",
+         "--max-new-tokens", "3", "--json"],
     ]
     before = _snapshot(package)
     for argv in commands:
