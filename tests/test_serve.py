@@ -565,3 +565,37 @@ def test_logprobs_and_unsupported_fields(served, tiny_backbone, drafter):
         assert status == 400 and resp["error"]["param"] == field, (body, resp)
     status, _, _ = raw(url, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2, "echo": False, "best_of": 1})
     assert status == 200
+
+
+def test_stopping_mid_batch_cancels_every_request_cleanly(tiny_backbone, drafter, monkeypatch):
+    """Ctrl-C (uvicorn's shutdown: the app's lifespan ends, Server.stop) while requests run and
+    wait: the worker ends at once, running and waiting requests are cancelled (no 500s, nothing
+    left in the scheduler), and the clients see their streams end."""
+    from clpdecode.serve import create_app
+
+    slow_steps(monkeypatch, 0.1)  # a 200-token answer takes 20 s
+    app = create_app(tiny_backbone, drafter, policy=PolicyConfig(method="verified"), parallel=2)
+    server = app.state.server
+    results = []
+    with running(app) as url:
+        c = client(url, server.model_id)
+
+        def one(i):
+            try:
+                return "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+                    model=server.model_id, messages=MSG, max_tokens=200, stream=True, temperature=0)
+                    if ch.choices)
+            except Exception as e:  # noqa: BLE001 - a connection cut by the shutdown
+                return e
+
+        pool = ThreadPoolExecutor(4)
+        futures = [pool.submit(one, i) for i in range(4)]
+        wait_for(url, lambda h: h["running"] == 2 and h["queue_length"] == 2)
+        t0 = time.time()
+    assert time.time() - t0 < 8  # the shutdown did not wait for the answers
+    results = [f.result(timeout=30) for f in futures]
+    pool.shutdown()
+    sched = server.scheduler
+    assert not sched.running and not sched.waiting and sorted(sched.free) == [0, 1]
+    assert sched.stats["failed"] == 0 and sched.stats["cancelled"] == 4
+    assert len(results) == 4

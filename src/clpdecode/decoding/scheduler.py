@@ -262,6 +262,11 @@ class Scheduler:
                 req.on_done(result, error)
             except Exception:  # noqa: BLE001 - a caller's callback must not stop the others
                 pass
+        # A caller's callbacks usually hold the request (the server's job does): dropping them
+        # and the decoder (its last logits, its drafter state) frees a finished request at once,
+        # not at the garbage collector's next full pass (the server's memory grew by ~1 GB over
+        # 800 requests before this).
+        req.decoder = req.on_tokens = req.on_done = None
 
     def _guard(self, req: Request, fn, *args) -> bool:
         """Run one request's part of the step; a failure ends that request only."""
