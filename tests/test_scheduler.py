@@ -205,3 +205,18 @@ def test_greedy_answers_on_the_batched_step_are_each_prompts_answer_alone(q4):
     assert sorted(got) == list(range(11)) and batches >= 3
     for n, ids in enumerate(prompts):
         assert got[n] == generate(q4, ids, make_policy("ar"), GenerationConfig(max_new_tokens=9)).token_ids
+
+
+@native
+def test_gemma3_sliding_windows_batch_invariant(tmp_path):
+    """A tiny Gemma 3 (sliding-window layers of 8, q/k norms, tanh-GELU) on the batched step:
+    prompts and answers past the window, every request its text alone."""
+    path = save_tiny_model(tmp_path, "gemma3", seed=3, hidden_size=128, heads=2, kv_heads=1)
+    bb = load_backbone(str(path), numerics="q4")
+    drafter = random_drafter(bb, k=2, design="chained", seed=1)
+    jobs = [([5 + i] * (3 + 4 * i), m, GenerationConfig(max_new_tokens=20), {})
+            for i, m in enumerate(["ar", "verified", "verified", "clp", "ar"])]
+    alone = [generate(bb, ids, make_policy(m, bb, drafter), cfg).token_ids for ids, m, cfg, _ in jobs]
+    sched = Scheduler(bb, slots=3, max_rows=7, calibrate=False)
+    assert sched.batched
+    assert [r.token_ids for r, _ in run_all(sched, jobs, bb, drafter)] == alone
