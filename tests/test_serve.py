@@ -27,13 +27,13 @@ PROMPTS = ["Hello there", "Name three rivers.", "abc", "What is 2+2?"]
 
 
 @contextlib.contextmanager
-def running(app):
+def running(app, **config):
     """Serve `app` with uvicorn in a background thread on 127.0.0.1; yield its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -599,3 +599,38 @@ def test_stopping_mid_batch_cancels_every_request_cleanly(tiny_backbone, drafter
     assert not sched.running and not sched.waiting and sorted(sched.free) == [0, 1]
     assert sched.stats["failed"] == 0 and sched.stats["cancelled"] == 4
     assert len(results) == 4
+
+
+def test_slow_and_vanishing_clients(tiny_backbone, drafter, monkeypatch, caplog):
+    """Issue 27 item 9: a client that sends part of its headers or body no longer holds the
+    connection (closed / 408), and one that goes away mid-body is one log line, not three
+    tracebacks."""
+    import logging
+
+    import clpdecode.serve.app as app_mod
+    from clpdecode.serve import create_app
+
+    monkeypatch.setattr(app_mod, "HEADER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(app_mod, "BODY_TIMEOUT_S", 0.5)
+    caplog.set_level(logging.INFO, logger="clpdecode.serve")
+    app = create_app(tiny_backbone, drafter, policy=PolicyConfig(method="ar"))
+    with running(app, http=app_mod.TimedH11Protocol) as url:
+        host, port = url.removeprefix("http://").split(":")
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        with socket.create_connection((host, int(port)), timeout=10) as s:  # headers never finished
+            s.sendall(head)
+            assert s.recv(100) == b""  # closed by the server
+        with socket.create_connection((host, int(port)), timeout=10) as s:  # a body that stops halfway
+            s.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"messages": ')
+            assert s.recv(100).startswith(b"HTTP/1.1 408")
+        with socket.create_connection((host, int(port)), timeout=10) as s:  # a client that goes away mid-body
+            s.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"messages": ')
+        deadline = time.time() + 5
+        while time.time() < deadline and not any("went away" in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+        # A complete request on a connection is still served in full.
+        status, _, body = raw(url, "POST", CHAT, {"messages": MSG, "max_tokens": 3})
+        assert status == 200, body
+    messages = [r.getMessage() for r in caplog.records if r.name == "clpdecode.serve"]
+    assert sum("went away" in m for m in messages) == 1 and sum("headers took" in m for m in messages) == 1
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records), messages

@@ -40,6 +40,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..decoding import GenerationConfig, PolicyConfig, SamplingConfig, make_policy
 from ..decoding.scheduler import DEFAULT_SLOTS, Scheduler
@@ -52,6 +54,8 @@ log = logging.getLogger("clpdecode.serve")
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a small model's window
 DEFAULT_MAX_TOKENS = 256  # when a request names none (and the window has room)
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+HEADER_TIMEOUT_S = 30.0  # a connection whose request headers are not complete by then is closed
+BODY_TIMEOUT_S = 60.0  # a request body not complete by then is answered 408
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -312,11 +316,19 @@ class Server:
             except ValueError:
                 raise ApiError(400, "a malformed Content-Length header") from None
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise too_big
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):  # a half-sent body must not hold the connection
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        raise too_big
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        except ClientDisconnect:  # an expected event, not an error of ours: one line, no traceback
+            log.info("clp serve: a client went away while sending its request")
+            raise ApiError(499, "the client went away", code="client_closed") from None
         try:
             data = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as e:
@@ -562,6 +574,43 @@ class Server:
         sched = self.scheduler.health()
         return {"status": "ok", "model": self.model_id, "method": self.policy.method,
                 "queue_length": sched.pop("waiting"), "max_queue": self.max_queue, "rejected": self.rejected, **sched}
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers are not complete
+    within HEADER_TIMEOUT_S (uvicorn has no such limit: a client that sends part of its headers
+    would hold a connection forever, which matters once --host is not local)."""
+
+    _headers_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._headers_timer is None and self._between_requests():  # a keep-alive's next request
+            self._arm()
+        super().data_received(data)
+        if not self._between_requests() and self._headers_timer is not None:  # its headers are in
+            self._headers_timer.cancel()
+            self._headers_timer = None
+
+    def connection_lost(self, exc) -> None:
+        if self._headers_timer is not None:
+            self._headers_timer.cancel()
+        super().connection_lost(exc)
+
+    def _between_requests(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm(self) -> None:
+        self._headers_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_timed_out)
+
+    def _headers_timed_out(self) -> None:
+        self._headers_timer = None
+        if self._between_requests() and not self.transport.is_closing():
+            log.info("clp serve: closed a connection whose request headers took over %g s", HEADER_TIMEOUT_S)
+            self.transport.close()
 
 
 def _sse(obj: dict) -> str:

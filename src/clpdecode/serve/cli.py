@@ -93,7 +93,7 @@ def cmd_serve(args) -> int:
     try:
         import uvicorn
 
-        from .app import create_app
+        from .app import TimedH11Protocol, create_app
     except ImportError as e:
         raise ClpError(f"clp serve needs fastapi and uvicorn ({e}); run `make setup`") from None
     from ..backbone import load_backbone
@@ -117,7 +117,7 @@ def cmd_serve(args) -> int:
                       f"{'' if sched.batched else ' (one forward per request: no batched step for these numerics)'}: "
                       f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
 
-    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", http=TimedH11Protocol,
                                    timeout_graceful_shutdown=5, log_config=_stderr_logging()))
     try:
         server.run()  # a failed start exits with uvicorn's status 3, as uvicorn.run does
