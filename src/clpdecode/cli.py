@@ -69,6 +69,9 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="verified mode: most tokens a lookup draft copies (0: k, the default; longer drafts "
                         "raise tokens per forward where text repeats, but on a CPU each row costs more than "
                         "it gains: docs/design.md, \"Lookup drafts\")")
+    p.add_argument("--max-drafts", type=int, default=d.max_drafts, metavar="N",
+                   help="at most N head tokens a step, whatever the method (e.g. naive at a horizon below "
+                        "the drafter's k; 0: no cap, the default)")
     p.add_argument("--tree", default=d.tree, metavar="chain|N",
                    help="verified mode: 'chain' drafts one chain (lookup's where the text repeats, the "
                         "drafter's otherwise); N drafts a tree of up to N tokens verified in one forward: "

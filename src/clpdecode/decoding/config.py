@@ -32,6 +32,7 @@ class PolicyConfig:
     lookup: bool = True  # verified: n-gram lookup drafts where the text's tail occurred before
     lookup_tokens: int = 0  # verified: most tokens a lookup draft copies (0: the drafter's k)
     tree: str | int | TreeConfig = DEFAULT_TREE  # verified: "chain", or a tree of up to N draft nodes
+    max_drafts: int = 0  # at most this many head tokens a step, whatever the method (0: no cap; naive at k' < k)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -46,6 +47,9 @@ class PolicyConfig:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ClpError(f"lookup_tokens must be a whole number >= 0 (0: k), got {n!r}", param="lookup_tokens")
         parse_tree(self.tree)  # 'chain' or a size >= 1, whatever the method
+        n = self.max_drafts
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ClpError(f"max_drafts must be a whole number >= 0 (0: no cap), got {n!r}", param="max_drafts")
 
     @property
     def tree_config(self) -> TreeConfig | None:

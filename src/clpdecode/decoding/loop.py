@@ -342,11 +342,15 @@ class Decoder:
         if not (self.policy.verifies and self.sampler.greedy and hasattr(self.policy, "offer")):
             return None
         values, lookup = self.policy.offer(self.hidden, self.p, self.sampler)
-        return Offer(values[:max(0, self.out.remaining - 1)], lookup)
+        cap = self.policy.config.max_drafts or len(values)
+        return Offer(values[:min(cap, max(0, self.out.remaining - 1))], lookup)
 
     def propose(self, limit: int | None = None) -> None:
         """Pick token t+1 and the drafts after it (at most `limit` drafts, if given), emitting
         what is emitted before the forward; sets next_tokens() (or ends the generation)."""
+        cap = self.policy.config.max_drafts or None  # the method's own cap (e.g. naive at k' < k)
+        if cap is not None:
+            limit = cap if limit is None else min(limit, cap)
         prop = self.policy.propose(self.hidden, self.p, self.sampler, limit)
         self.p = None
         self.from_lookup = prop.lookup

@@ -18,7 +18,7 @@ from ..decoding.loop import GenerationResult
 from ..errors import ClpError, check_context
 from ..heads.artifacts import shipped_head_accuracy
 from .cpu import cpu_info, cpu_summary
-from .metrics import DEFINITIONS, backbone_nll, common_prefix, mean_repetition
+from .metrics import DEFINITIONS, backbone_nll, common_prefix, distinct_n, mean_repetition
 from .peers import OWN_NUMERICS, PEER_NAMES, PeerRun, close_peers, open_peers
 
 
@@ -35,6 +35,7 @@ class BenchSettings:
     threads: int = 0
     hf_generate: bool = False  # also time transformers' generate() (greedy, same numerics) as AR's peer
     raw: bool = False  # plain-text prompts, no chat template (base models)
+    sweep: str | None = None  # --sweep's points (sweep.py) instead of `methods`: each method's dial swept
 
     def record(self) -> dict:
         """The settings as results.json holds them: the policy's fields flat beside the rest
@@ -50,7 +51,7 @@ _RESUMABLE = {"limit", "threads"}
 # lacking one was measured with: before --raw every prompt went through encode_prompt's
 # default (raw=False), and before --no-lookup existed verified had no n-gram lookup at all
 # (lookup=False, not today's default: resuming it with lookup on would mix two methods).
-_BEFORE_ADDED = {"raw": False, "lookup": False, "tree": "chain", "lookup_tokens": 0}
+_BEFORE_ADDED = {"raw": False, "lookup": False, "tree": "chain", "lookup_tokens": 0, "max_drafts": 0, "sweep": None}
 
 
 def prepare_out_dir(out: Path) -> Path:
@@ -169,8 +170,8 @@ def run_bench(backbone, drafter, encoded: list[list[int]], settings: BenchSettin
     Returns:
         The results dict written to results.json.
     """
-    methods = list(dict.fromkeys(["ar", *settings.methods]))  # AR is always the reference
-    policies = {m: make_policy(settings.policy.with_method(m), backbone, drafter) for m in methods}
+    policies = {label: make_policy(cfg, backbone, drafter) for label, cfg in bench_configs(settings, drafter).items()}
+    methods = list(policies)
     for i, ids in enumerate(encoded):  # before anything is measured
         try:
             check_context(len(ids), settings.max_new_tokens, backbone.max_positions)
@@ -197,6 +198,18 @@ def run_bench(backbone, drafter, encoded: list[list[int]], settings: BenchSettin
     finally:
         close_peers(peers)
     return summarize(records, backbone, drafter, settings, len(encoded))
+
+
+def bench_configs(settings: BenchSettings, drafter) -> dict:
+    """What a bench runs: label -> PolicyConfig; AR always first (the reference). The methods
+    as named, or with --sweep every point of each method's dial (sweep.variants)."""
+    if settings.sweep:
+        from .sweep import check_horizons, parse_sweep, variants
+
+        sweep = parse_sweep(settings.sweep)
+        check_horizons(sweep, drafter.k)
+        return variants(sweep, settings.policy)
+    return {m: settings.policy.with_method(m) for m in dict.fromkeys(["ar", *settings.methods])}
 
 
 # What the peers warm up on (not a bench prompt: see run_bench).
@@ -257,6 +270,8 @@ def summarize(records: list[dict], backbone, drafter, settings: BenchSettings, n
             "rep4": round(mean_repetition(samples, 4), 5),
             "rep3": round(mean_repetition(samples, 3), 5),
             "rep2": round(mean_repetition(samples, 2), 5),
+            "distinct2": round(distinct_n(samples, 2), 5),
+            "distinct3": round(distinct_n(samples, 3), 5),
             "agreement_exact": round(sum(a == b for a, b in zip(samples, ar_ids)) / n, 4),
             "common_prefix_mean": round(sum(common_prefix(a, b) for a, b in zip(samples, ar_ids)) / n, 2),
             "nll": round(sum(r["nll"] for r in rs) / n, 4),
@@ -296,6 +311,10 @@ def summarize(records: list[dict], backbone, drafter, settings: BenchSettings, n
             hf_rate = peers["hf_generate"]["tokens_per_s_e2e"]
             out["transformers_generate"] = {"tokens_per_s_e2e": hf_rate,
                                             "our_ar_speedup_e2e": round(ar_e2e / hf_rate, 4)}
+    if settings.sweep and "verified" in results:
+        from .sweep import matched_quality
+
+        out["matched_quality"] = matched_quality(results)
     out["examples"] = {m: runs[m][0]["text"] for m in methods}
     out["runs"] = records  # per prompt and method: what `--resume` continues from
     return out
@@ -439,6 +458,10 @@ def render_markdown(results: dict, command: str) -> str:
     lines += ["", "## First answer of each method", ""]
     for m, text in results.get("examples", {}).items():
         lines += [f"**{m}**:", "", "> " + text.replace("\n", "\n> "), ""]
+    if "matched_quality" in results:
+        from .sweep import SWEEP_PNG, report_lines
+
+        lines += report_lines(results, SWEEP_PNG)
     return "\n".join(lines) + "\n"
 
 
@@ -458,6 +481,10 @@ def _plots(results: dict, out_dir: Path) -> list[Path]:
         written.append(path)
 
     ms = results["methods"]
+    if "matched_quality" in results:
+        from .sweep import SWEEP_PNG, figure
+
+        save(figure(results), SWEEP_PNG)
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, r in ms.items():
         ax.scatter(r["rep4"], r["speedup"], s=60)

@@ -115,6 +115,15 @@ def cmd_bench(args) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ClpError(f"unknown method(s) {', '.join(bad) or repr(args.methods)}; choose from {', '.join(METHODS)}")
+    sweep = None
+    if args.sweep is not None:
+        from .sweep import DEFAULT_SWEEP, SWEEP_KEYS, parse_sweep
+
+        if chosen:
+            raise ClpError("--sweep runs its own methods (AR, verified and the swept ones): drop --methods")
+        parsed = parse_sweep(" ".join(args.sweep) or DEFAULT_SWEEP)  # every value checked before the load
+        sweep = " ".join(f"{k}=" + ",".join(f"{v:g}" for v in vals) for k, vals in parsed.items())
+        methods = tuple(dict.fromkeys(["verified", *(SWEEP_KEYS[k][0] for k in parsed)]))
     GenerationConfig(max_new_tokens=args.max_new_tokens)
     two_turn = args.prompts in SECOND_TURN_SETS
     if two_turn and args.raw:
@@ -141,7 +150,7 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(prompts=args.prompts, limit=args.limit, methods=methods,
                              max_new_tokens=args.max_new_tokens, numerics=numerics, policy=args.policy,
                              k=drafter.k if drafter else (args.k or 0), threads=torch.get_num_threads(),
-                             hf_generate=args.hf_generate, raw=args.raw)
+                             hf_generate=args.hf_generate, raw=args.raw, sweep=sweep)
     encoded = bench_prompt_ids(backbone, prompts, settings)
     try:
         results = run_bench(backbone, drafter, encoded, settings, reference=reference, out_dir=out_dir,
@@ -317,6 +326,13 @@ def add_evaluation_commands(sub, add_model_args, add_drafter_args, add_policy_ar
     b.add_argument("--methods", default=None,
                    help=f"comma-separated methods (default: all of {','.join(METHODS)}; competing only when the "
                         "drafter has the ablation's heads)")
+    from .sweep import DEFAULT_SWEEP
+
+    b.add_argument("--sweep", nargs="*", default=None, metavar="KEY=V1,V2",
+                   help="speed against quality: instead of --methods, run AR, verified and each swept method at "
+                        "every value of its dial (clp-threshold=..., gate-threshold=..., naive-k=... : naive "
+                        "with at most k' drafts), interleaved; the report adds speedup against NLL and rep4 "
+                        f"(sweep.png), the Pareto front and matched-quality readings (--sweep alone: {DEFAULT_SWEEP})")
     b.add_argument("--max-new-tokens", type=int, default=128, help="(default: 128)")
     b.add_argument("--out", default="bench-out",
                    help="output folder, checked before the first prompt; results.json there is rewritten after "

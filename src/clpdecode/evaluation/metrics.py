@@ -20,6 +20,7 @@ DEFINITIONS = {
     "speedup_e2e": "as speedup, with end-to-end time (prefill included)",
     "tokens_per_forward": "new tokens emitted per backbone forward (prefill counted as a forward)",
     "rep_n": "1 - unique n-grams / total n-grams over one sample's generated token ids, averaged over samples",
+    "distinct_n": "unique n-grams / total n-grams over all samples' generated token ids pooled",
     "agreement_exact": "share of outputs token-identical to fp32-or-same-numerics AR's",
     "common_prefix_mean": "mean length (tokens) of the common prefix with AR's output",
     "nll": "mean negative log-likelihood per generated token under the fp32 backbone (nats)",
@@ -37,6 +38,13 @@ def repetition_ratio(ids: list[int], n: int) -> float | None:
 def mean_repetition(samples: list[list[int]], n: int) -> float:
     vals = [r for r in (repetition_ratio(s, n) for s in samples) if r is not None]
     return sum(vals) / len(vals) if vals else 0.0
+
+
+def distinct_n(samples: list[list[int]], n: int) -> float:
+    """Unique n-grams / total n-grams over every sample's generated token ids pooled (the
+    corpus-level diversity measure; rep-n is the per-sample repetition)."""
+    grams = [tuple(s[i : i + n]) for s in samples for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
