@@ -8,8 +8,14 @@ import json
 import pytest
 
 from clpdecode.errors import ClpError
-from clpdecode.evaluation.sweep import (matched_quality, parse_sweep, pareto, quality_at_speed, speed_at_quality,
-                                        variants)
+from clpdecode.evaluation.sweep import (
+    matched_quality,
+    pareto,
+    parse_sweep,
+    quality_at_speed,
+    speed_at_quality,
+    variants,
+)
 
 from conftest import random_drafter
 
