@@ -206,9 +206,7 @@ def bench_configs(settings: BenchSettings, drafter) -> dict:
     if settings.sweep:
         from .sweep import check_horizons, parse_sweep, variants
 
-        sweep = parse_sweep(settings.sweep)
-        check_horizons(sweep, drafter.k)
-        return variants(sweep, settings.policy)
+        return variants(check_horizons(parse_sweep(settings.sweep), drafter.k), settings.policy)
     return {m: settings.policy.with_method(m) for m in dict.fromkeys(["ar", *settings.methods])}
 
 
