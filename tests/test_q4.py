@@ -318,36 +318,6 @@ def test_q8_linear_matches_the_dequantised_weight(group):
     assert torch.equal(torch.cat([lin(x[i : i + 1]) for i in range(6)]), y)
 
 
-@pytest.mark.skipif(kernels.load(quiet=True) is None or not kernels.load(quiet=True).has_amx(),
-                    reason="this CPU (or its kernel build) has no AMX")
-@pytest.mark.parametrize("kind", ["q4", "q8", "q8/16"])
-def test_amx_rows_are_bit_identical_to_the_vnni_rows(kind):
-    """Steps of many rows run on AMX tiles, small ones on VNNI: every row's result must be the
-    same bits either way (and so whatever the step's size), padded blocks included."""
-    from clpdecode.backbone.quant import Int8Linear, Int8Weight
-
-    module = kernels.load()
-    g = torch.Generator().manual_seed(7)
-    n, k = 48, 160
-    if kind == "q4":
-        lin = Int4Linear(Int4Weight.from_float(torch.randn(n, k, generator=g) * 0.05))
-    else:
-        group = 16 if kind == "q8/16" else 32
-        lin = Int8Linear(Int8Weight(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
-                                    torch.rand(n, k // group, generator=g) * 0.01, group))
-    x = torch.randn(37, k, generator=g) * 3
-    x[5] = 0  # a row of zeros, and one at the int16 extremes
-    x[6, ::2] = 40.0
-    try:
-        module.set_amx(False)
-        one = torch.cat([lin(x[i : i + 1]) for i in range(len(x))])
-        module.set_amx(True, 1)
-        for rows in (1, 3, 15, 16, 17, 32, 37):
-            assert torch.equal(lin(x[:rows]), one[:rows]), rows
-    finally:
-        module.set_amx(True)
-
-
 @native
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_cpp_layer_loop_equals_the_python_loop(tmp_path, arch):

@@ -38,11 +38,6 @@
 #include <limits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define CLP_AVX2 1
@@ -345,198 +340,6 @@ void q4x16_tile(const uint8_t* wq, const float* wd, const float* wm, int64_t ng,
 #define CLP_WIDE 0
 #endif
 
-#if CLP_WIDE && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512VBMI__)
-#define CLP_AMX 1
-// ---- 4-bit weights on AMX tiles, for steps of many rows ----------------------------------------
-// Where the CPU has AMX, blocks of 16 rows run on the tile unit: per group of 32 inputs, one
-// tile product gives the 16 x 16 integer dot products that q4x16_rows computes with 256
-// vpdpwssd. AMX multiplies bytes, so each int16 activation q is split as q = 256 * hi + lo (hi
-// signed, lo in 0..255) and dot = 256 * (hi . w) + (lo . w): the same exact integer sum. The
-// float part then runs per row exactly as in q4x16_rows (fma(dot, d * dx), then fma(min, sx),
-// group after group), so a row's result is bit-identical on either path: steps of many rows
-// take this one (a last block of fewer than 16 rows is padded with zero rows), small steps
-// q4x16_rows.
-// Linux hands out the tile state only on request (arch_prctl), once per process.
-bool amx_permitted() {
-  static const bool ok = [] {
-    if (std::getenv("CLP_NO_AMX") != nullptr) return false;
-    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  }();
-  return ok;
-}
-bool amx_enabled = true;     // set_amx(False): the VNNI path for every row (tests compare the two)
-int64_t amx_min_rows = 8;  // steps of at least this many rows take AMX (set_amx(True, rows))
-constexpr int64_t AMX_ROWS = 16;  // rows of an AMX block (a tile's height)
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tiles 0 / 1: a block's activations, lo (u8) / hi (s8), 16 rows x `inputs` (32: a group; 16:
-// half a group, for Q6_K's scale per 16 weights); tiles 2 / 3: weights as AMX's B, inputs / 4
-// rows of 16 features x 4 inputs; tiles 4..7: int32 dot products, 16 rows x 16 features.
-void amx_configure(int inputs) {
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = t == 2 || t == 3 ? inputs / 4 : AMX_ROWS;
-    c.colsb[t] = t < 2 ? inputs : 64;
-  }
-  _tile_loadconfig(&c);
-}
-
-// Activations (M, K) int16 as q = 256 * hi + lo (hi signed, lo in 0..255), in tile order: block
-// of 16 rows, then group of 32 inputs, then row (32 bytes each), so that a tile load reads 512
-// contiguous bytes. The last block is padded with zero rows (computed, not used). AMX's
-// products of the two halves, 256 * (hi . w) + (lo . w), give back q's exact integer dots.
-struct SplitRows {
-  const uint8_t* lo;
-  const int8_t* hi;
-};
-constexpr int64_t AMX_BLOCK = AMX_ROWS * 32;  // bytes of one (block, group) of a SplitRows half
-SplitRows amx_split(const QT* q, int64_t M, int64_t K) {
-  const int64_t blocks = (M + AMX_ROWS - 1) / AMX_ROWS, ng = K / 32;
-  thread_local std::vector<uint8_t> lo;
-  thread_local std::vector<int8_t> hi;
-  lo.assign(blocks * ng * AMX_BLOCK, 0);
-  hi.assign(blocks * ng * AMX_BLOCK, 0);
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t g = 0; g < ng; ++g) {
-      const int64_t at = ((r / AMX_ROWS) * ng + g) * AMX_BLOCK + (r % AMX_ROWS) * 32;
-      for (int j = 0; j < 32; ++j) {
-        const QT v = q[r * K + g * 32 + j];
-        lo[at + j] = static_cast<uint8_t>(v & 0xFF);
-        hi[at + j] = static_cast<int8_t>(v >> 8);
-      }
-    }
-  return {lo.data(), hi.data()};
-}
-
-// The block's 16 x 16 dot products from the tiles of its lo and hi products (stored into
-// dlo, dhi), as exact int32 rows: dot = 256 * hi + lo. (GCC's tile intrinsics take literal tile
-// numbers, hence the stores at the call.)
-inline void amx_dots(const int32_t* dlo, const int32_t* dhi, int32_t* dots) {
-  for (int r = 0; r < AMX_ROWS; ++r)
-    _mm512_store_si512(dots + r * 16, _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(dhi + r * 16), 8),
-                                                      _mm512_load_si512(dlo + r * 16)));
-}
-
-// One group of the wide layout (8 blocks of 32 bytes, see q4x16_rows) as AMX's B: row b holds
-// the codes of inputs 4b..4b+3 for features 0..15, 4 bytes per feature. Byte 8L + j of block b
-// is inputs 4b, 4b + 1 (low, high nibble) of feature 4L + j, byte 8L + 4 + j inputs 4b + 2, 4b + 3.
-void amx_unpack_group(const uint8_t* w, uint8_t* b_rows) {
-  static const __m512i order = [] {
-    alignas(64) uint8_t o[64];
-    for (int f = 0; f < 16; ++f) {
-      const int L = f / 4, j = f % 4;
-      o[4 * f + 0] = 8 * L + j;       // low nibbles sit at 0..31 of the unpacked vector
-      o[4 * f + 1] = 32 + 8 * L + j;  // high nibbles at 32..63
-      o[4 * f + 2] = 8 * L + 4 + j;
-      o[4 * f + 3] = 32 + 8 * L + 4 + j;
-    }
-    return _mm512_load_si512(o);
-  }();
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  for (int b = 0; b < 8; ++b) {
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
-    const __m256i lo = _mm256_and_si256(x, low4), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    _mm512_storeu_si512(b_rows + b * 64, _mm512_permutexvar_epi8(order, v));
-  }
-}
-
-// Two tiles of 16 features (b0 and b1, their weights unpacked by amx_unpack_group*: (ng, 512)
-// each; b1 null: one tile) against M rows in blocks of 16, pipelined: the tile unit computes
-// group g's integer dot products while the vector units run group g - 1's float part. (Tiles
-// are not renamed: a group's products must leave them before the next group's can start, so
-// the float part reads them a group late, off that chain.) The float part per row and feature
-// is q4x16_rows' (MINS: fma(dot, d * dx), fma(min, sx)) or q8x16_rows' (fma(dot, d * dx)),
-// group after group: bit-identical to those kernels.
-template <bool MINS>
-void amx_tiles(const uint8_t* b0, const uint8_t* b1, const float* wd0, const float* wd1, const float* wm0,
-               const float* wm1, int64_t ng, const SplitRows& a, const float* dx, const float* sx, float* out,
-               int64_t N, int64_t M) {
-  alignas(64) int32_t dots[2][4][AMX_ROWS * 16];  // [group parity][lo, hi of tile 0, lo, hi of tile 1]
-  alignas(64) float acc[2][AMX_ROWS * 16];
-  const int tiles = b1 ? 2 : 1;
-  for (int64_t r0 = 0; r0 < M; r0 += AMX_ROWS) {
-    const int R = static_cast<int>(std::min<int64_t>(AMX_ROWS, M - r0));
-    std::memset(acc, 0, sizeof acc);
-    auto floats = [&](int64_t g) {
-      for (int u = 0; u < tiles; ++u) {
-        const int32_t* lo = dots[g & 1][2 * u];
-        const int32_t* hi = dots[g & 1][2 * u + 1];
-        const __m512 d = _mm512_loadu_ps((u ? wd1 : wd0) + g * 16);
-        const __m512 m = MINS ? _mm512_loadu_ps((u ? wm1 : wm0) + g * 16) : _mm512_setzero_ps();
-        for (int r = 0; r < R; ++r) {
-          const int64_t rg = (r0 + r) * ng + g;
-          const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(hi + r * 16), 8),
-                                               _mm512_load_si512(lo + r * 16));
-          __m512 v = _mm512_load_ps(acc[u] + r * 16);
-          v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(dx[rg])), v);
-          if (MINS) v = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[rg]), v);
-          _mm512_store_ps(acc[u] + r * 16, v);
-        }
-      }
-    };
-    for (int64_t g = 0; g < ng; ++g) {
-      const int64_t at = (r0 / AMX_ROWS * ng + g) * AMX_BLOCK;
-      int32_t(*dd)[AMX_ROWS * 16] = dots[g & 1];
-      _tile_loadd(0, a.lo + at, 32);
-      _tile_loadd(1, a.hi + at, 32);
-      _tile_loadd(2, b0 + g * 512, 64);
-      _tile_zero(4);
-      _tile_zero(5);
-      _tile_dpbusd(4, 0, 2);  // lo (u8) . codes (s8; q4's are 0..15)
-      _tile_dpbssd(5, 1, 2);  // hi (s8) . codes
-      if (b1) {
-        _tile_loadd(3, b1 + g * 512, 64);
-        _tile_zero(6);
-        _tile_zero(7);
-        _tile_dpbusd(6, 0, 3);
-        _tile_dpbssd(7, 1, 3);
-      }
-      _tile_stored(4, dd[0], 64);
-      _tile_stored(5, dd[1], 64);
-      if (b1) {
-        _tile_stored(6, dd[2], 64);
-        _tile_stored(7, dd[3], 64);
-      }
-      if (g > 0) floats(g - 1);
-    }
-    floats(ng - 1);
-    for (int u = 0; u < tiles; ++u)
-      for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + (r0 + r) * N + u * 16, _mm512_load_ps(acc[u] + r * 16));
-  }
-}
-
-// The tiles of a linear in pairs over threads, each pair's weights unpacked once per call.
-template <bool MINS, typename Unpack>
-void amx_linear(const uint8_t* W, int64_t tile_bytes, const float* D, const float* Mn, int64_t tiles, int64_t ng,
-                const SplitRows& a, const float* dx, const float* sx, float* O, int64_t N, int64_t M, Unpack unpack) {
-  at::parallel_for(0, (tiles + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
-    amx_configure(G);
-    thread_local std::vector<uint8_t> b_v;  // the pair's weights as AMX's B: (2, ng, 512)
-    b_v.resize(2 * ng * 512);
-    uint8_t *b0 = b_v.data(), *b1 = b0 + ng * 512;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t t = 2 * p;
-      const bool two = t + 1 < tiles;
-      for (int64_t u = 0; u < (two ? 2 : 1); ++u)
-        for (int64_t g = 0; g < ng; ++g) unpack(W + (t + u) * tile_bytes + g * (tile_bytes / ng), b0 + (u * ng + g) * 512);
-      const float *d0 = D + t * ng * 16, *m0 = MINS ? Mn + t * ng * 16 : nullptr;
-      amx_tiles<MINS>(b0, two ? b1 : nullptr, d0, d0 + ng * 16, m0, MINS ? m0 + ng * 16 : nullptr, ng, a, dx, sx,
-                      O + t * 16, N, M);
-    }
-    _tile_release();
-  });
-}
-#else
-#define CLP_AMX 0
-#endif
-
 torch::Tensor q4_linear(const torch::Tensor& x_in, const torch::Tensor& qs, const torch::Tensor& d,
                         const torch::Tensor& mn, const c10::optional<torch::Tensor>& bias,
                         const c10::optional<torch::Tensor>& norm, double eps, int64_t act,
@@ -568,13 +371,6 @@ torch::Tensor q4_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
   float* O = out.data_ptr<float>();
 #if CLP_WIDE
   if (width == 16) {
-#if CLP_AMX
-    if (amx_enabled && M >= amx_min_rows && amx_permitted()) {
-      const SplitRows split = amx_split(qv, M, K);
-      amx_linear<true>(W, ng * 256, D, Mn, tiles, ng, split, dxv, sxv, O, N, M,
-                       [](const uint8_t* w, uint8_t* b) { amx_unpack_group(w, b); });
-    } else
-#endif
     at::parallel_for(0, tiles, 2, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         q4x16_tile(W + t * ng * 256, D + t * ng * 16, Mn + t * ng * 16, ng, qv, dxv, sxv, K, O + t * 16, N, M);
@@ -740,67 +536,6 @@ void q8x16_tile(const int8_t* wq, const float* wd, int64_t ng, const QT* q, cons
     default: break;
   }
 }
-
-#if CLP_AMX
-// q8 on AMX (see amx_tiles): one group of the wide layout (16 pair vectors of 32 bytes) as AMX's
-// B, row b holding inputs 4b..4b+3 for features 0..15: feature f's 2 bytes of pair 2b, then its
-// 2 bytes of pair 2b + 1. Rows 0..3 are the group's first 16 inputs, rows 4..7 the last 16.
-void amx_unpack_group8(const int8_t* w, int8_t* b_rows) {
-  static const __m512i order = [] {
-    alignas(64) uint8_t o[64];
-    for (int f = 0; f < 16; ++f)
-      for (int c = 0; c < 4; ++c) o[4 * f + c] = c < 2 ? 2 * f + c : 32 + 2 * f + c - 2;
-    return _mm512_load_si512(o);
-  }();
-  for (int b = 0; b < 8; ++b)  // pairs 2b and 2b + 1: 64 contiguous bytes
-    _mm512_storeu_si512(b_rows + b * 64, _mm512_permutexvar_epi8(order, _mm512_loadu_si512(w + b * 64)));
-}
-
-// Q6_K's scale per 16 weights (S16) on AMX: one tile of 16 features against M rows in blocks of
-// 16, per group the two half-group products apart; the integers and the float sequence of
-// q8x16_rows<S16>. (Not pipelined as amx_tiles is: the halves fill the tiles.)
-void q8x16_amx_s16(const int8_t* b_rows, const float* wd, int64_t ng, const uint8_t* lo, const int8_t* hi,
-               const float* dx, int64_t K, float* out, int64_t N, int64_t M) {
-  alignas(64) int32_t dlo[AMX_ROWS * 16], dhi[AMX_ROWS * 16], first[AMX_ROWS * 16], second[AMX_ROWS * 16];
-  for (int64_t r0 = 0; r0 < M; r0 += AMX_ROWS) {
-    const int R = static_cast<int>(std::min<int64_t>(AMX_ROWS, M - r0));
-    __m512 acc[AMX_ROWS];
-    for (int r = 0; r < AMX_ROWS; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < ng; ++g) {
-      const int64_t a = (r0 / AMX_ROWS * ng + g) * AMX_BLOCK;
-      _tile_loadd(0, lo + a, 32);
-      _tile_loadd(1, hi + a, 32);
-      _tile_loadd(2, b_rows + g * 512, 64);
-      _tile_zero(4);
-      _tile_zero(5);
-      _tile_dpbusd(4, 0, 2);
-      _tile_dpbssd(5, 1, 2);
-      _tile_loadd(0, lo + a + 16, 32);
-      _tile_loadd(1, hi + a + 16, 32);
-      _tile_loadd(2, b_rows + g * 512 + 256, 64);
-      _tile_zero(6);
-      _tile_zero(7);
-      _tile_dpbusd(6, 0, 2);
-      _tile_dpbssd(7, 1, 2);
-      _tile_stored(4, dlo, 64);
-      _tile_stored(5, dhi, 64);
-      amx_dots(dlo, dhi, first);
-      _tile_stored(6, dlo, 64);
-      _tile_stored(7, dhi, 64);
-      amx_dots(dlo, dhi, second);
-      const __m512 d = _mm512_loadu_ps(wd + g * 32);
-      for (int r = 0; r < R; ++r) {
-        const __m512 sx = _mm512_set1_ps(dx[(r0 + r) * ng + g]);
-        const __m512i d0 = _mm512_load_si512(first + r * 16), d1 = _mm512_load_si512(second + r * 16);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mul_ps(d, sx), acc[r]);
-        const __m512 d2 = _mm512_loadu_ps(wd + g * 32 + 16);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_mul_ps(d2, sx), acc[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + (r0 + r) * N, acc[r]);
-  }
-}
-#endif
 #endif
 
 inline void q8_tile_scalar(const int8_t* wq, const float* wd, int64_t ng, const QT* q, const float* dx, float* out,
@@ -847,29 +582,6 @@ torch::Tensor q8_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
   float* O = out.data_ptr<float>();
 #if CLP_WIDE
   if (width == 16) {
-#if CLP_AMX
-    if (amx_enabled && M >= amx_min_rows && amx_permitted()) {
-      const SplitRows split = amx_split(qv, M, K);
-      if (!s16) {
-        amx_linear<false>(reinterpret_cast<const uint8_t*>(W), ng * 512, D, nullptr, tiles, ng, split, dxv, nullptr, O,
-                          N, M, [](const uint8_t* w, uint8_t* b) {
-                            amx_unpack_group8(reinterpret_cast<const int8_t*>(w), reinterpret_cast<int8_t*>(b));
-                          });
-      } else {
-        at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-          amx_configure(16);
-          thread_local std::vector<int8_t> b_v;  // this tile's weights unpacked for AMX: (ng, 512)
-          b_v.resize(ng * 512);
-          int8_t* b_rows = b_v.data();
-          for (int64_t t = t0; t < t1; ++t) {
-            for (int64_t g = 0; g < ng; ++g) amx_unpack_group8(W + (t * ng + g) * 512, b_rows + g * 512);
-            q8x16_amx_s16(b_rows, D + t * ng * 32, ng, split.lo, split.hi, dxv, K, O + t * 16, N, M);
-          }
-          _tile_release();
-        });
-      }
-    } else
-#endif
     at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int8_t* wq = W + t * ng * 512;
@@ -1581,12 +1293,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx2", []() { return (bool)CLP_AVX2; });
   m.def("activation_levels", []() { return (double)QMAX; });
   m.def("has_wide_q4", []() { return (bool)CLP_WIDE; });
-#if CLP_AMX
-  m.def("has_amx", []() { return amx_permitted(); });
-  m.def("set_amx", [](bool on, int64_t min_rows) { amx_enabled = on; amx_min_rows = std::max<int64_t>(1, min_rows); },
-        py::arg("on"), py::arg("min_rows") = 8);
-#else
-  m.def("has_amx", []() { return false; });
-  m.def("set_amx", [](bool, int64_t) {}, py::arg("on"), py::arg("min_rows") = 8);
-#endif
 }
