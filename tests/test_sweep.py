@@ -70,6 +70,8 @@ def test_readings_on_synthetic_curves():
                **{p["label"]: p for p in pts}}
     m = matched_quality(methods)
     assert m["x"]["speedup_at_nll_5pct"] == pytest.approx(1.2) and m["x"]["speedup_at_nll_20pct"] == pytest.approx(1.55)
+    # 1.3x lies three quarters of the way from 1.0 to 1.4: rep4 0.1 + 0.75 * 0.1
+    assert m["x"]["rep4_at_1.3x"] == pytest.approx(0.175) and m["x"]["rep4_at_1.6x"] == pytest.approx(0.3)
     assert m["x"]["nll_at_1.3x"] == pytest.approx(1.075) and m["verified"] == {"speedup": 1.1, "nll": 1.0}
 
 
