@@ -99,20 +99,20 @@ def _q8_reference(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
 
 
 @native
-@pytest.mark.parametrize("n,k", [(64, 32), (960, 576), (12, 1536)])
+@pytest.mark.parametrize("n,k", [(64, 32), (960, 576), (12, 1536), (48, 96)])  # 48: an odd number of wide tiles
 def test_q4_linear_matches_reference_and_rows_are_independent(n, k):
     g = torch.Generator().manual_seed(n)
     w = Int4Weight.from_float(torch.randn(n, k, generator=g) * 0.05)
     lin = Int4Linear(w, torch.randn(n, generator=g))
-    x = torch.randn(9, k, generator=g)
+    x = torch.randn(19, k, generator=g)  # two blocks of 8 rows (tiles in pairs) and 3 more
     y = lin(x)
     ref = _q8_reference(x, w) + lin.bias
     assert torch.allclose(y, ref, atol=1e-5 * ref.abs().max())
     exact = x @ w.dequantize().t() + lin.bias  # what the rounding of activations costs
     tol = 2e-4 if kernels.load().activation_levels() > 127 else 2e-2
     assert torch.allclose(y, exact, atol=tol * exact.abs().max())
-    one = torch.cat([lin(x[i : i + 1]) for i in range(9)])
-    for rows in range(1, 10):  # any number of rows: bit-identical to one-row products
+    one = torch.cat([lin(x[i : i + 1]) for i in range(19)])
+    for rows in range(1, 20):  # any number of rows: bit-identical to one-row products
         assert torch.equal(lin(x[:rows]), one[:rows])
 
 

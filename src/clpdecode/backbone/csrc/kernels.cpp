@@ -318,6 +318,52 @@ inline void q4x16_rows(const uint8_t* wq, const float* wd, const float* wm, int6
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * N, acc[r]);
 }
 
+// T tiles (16 T features) against R rows: each row's broadcast input pair serves all T tiles'
+// codes, 1 / T of the broadcasts per vpdpwssd of q4x16_rows. Per row and feature the integer
+// sums and the float sequence are q4x16_rows' (the accumulators wait in memory between
+// groups, which changes no value), so its results are the same bits. wq, wd, wm: tile 0's;
+// tile u's are `tile_bytes` / `tile_floats` further on.
+template <int T, int R>
+inline void q4xT_rows(const uint8_t* wq, const float* wd, const float* wm, int64_t tile_bytes, int64_t tile_floats,
+                      int64_t ng, const QT* q, const float* dx, const float* sx, int64_t K, float* out, int64_t N) {
+  alignas(64) float acc[T][R][16] = {};
+  const __m512i low4 = _mm512_set1_epi16(0x0F);
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i dot[T][R];
+    for (int u = 0; u < T; ++u)
+      for (int r = 0; r < R; ++r) dot[u][r] = _mm512_setzero_si512();
+    for (int b = 0; b < 8; ++b) {
+      __m512i w0[T], w1[T];
+      for (int u = 0; u < T; ++u) {
+        const __m512i bytes = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + u * tile_bytes + g * 256 + b * 32)));
+        const __m512i lo = _mm512_and_si512(bytes, low4), hi = _mm512_srli_epi16(bytes, 4);
+        w0[u] = _mm512_unpacklo_epi16(lo, hi);
+        w1[u] = _mm512_unpackhi_epi16(lo, hi);
+      }
+      for (int r = 0; r < R; ++r) {
+        const int32_t* pairs = reinterpret_cast<const int32_t*>(q + r * K + g * G);
+        const __m512i x0 = _mm512_set1_epi32(pairs[2 * b]), x1 = _mm512_set1_epi32(pairs[2 * b + 1]);
+        for (int u = 0; u < T; ++u) {
+          dot[u][r] = _mm512_dpwssd_epi32(dot[u][r], w0[u], x0);
+          dot[u][r] = _mm512_dpwssd_epi32(dot[u][r], w1[u], x1);
+        }
+      }
+    }
+    for (int u = 0; u < T; ++u) {
+      const __m512 d = _mm512_loadu_ps(wd + u * tile_floats + g * 16), m = _mm512_loadu_ps(wm + u * tile_floats + g * 16);
+      for (int r = 0; r < R; ++r) {
+        __m512 v = _mm512_load_ps(acc[u][r]);
+        v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[u][r]), _mm512_mul_ps(d, _mm512_set1_ps(dx[r * ng + g])), v);
+        v = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[r * ng + g]), v);
+        _mm512_store_ps(acc[u][r], v);
+      }
+    }
+  }
+  for (int u = 0; u < T; ++u)
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * N + u * 16, _mm512_load_ps(acc[u][r]));
+}
+
 void q4x16_tile(const uint8_t* wq, const float* wd, const float* wm, int64_t ng, const QT* q, const float* dx,
                 const float* sx, int64_t K, float* o, int64_t N, int64_t M) {
   int64_t r = 0;
@@ -371,6 +417,28 @@ torch::Tensor q4_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
   float* O = out.data_ptr<float>();
 #if CLP_WIDE
   if (width == 16) {
+    if (M >= 8) {  // tiles two at a time for the blocks of 8 rows (q4xT_rows), the other rows by q4x16_tile
+      const int64_t blocks = M / 8, tb = ng * 256, tf = ng * 16;
+      at::parallel_for(0, (tiles + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t t = 2 * p, n_tiles = std::min<int64_t>(2, tiles - t);
+          for (int64_t blk = 0; blk < blocks; ++blk) {
+            const int64_t r = blk * 8;
+            if (n_tiles == 2)
+              q4xT_rows<2, 8>(W + t * tb, D + t * tf, Mn + t * tf, tb, tf, ng, qv + r * K, dxv + r * ng, sxv + r * ng,
+                              K, O + r * N + t * 16, N);
+            else
+              q4x16_tile(W + t * tb, D + t * tf, Mn + t * tf, ng, qv + r * K, dxv + r * ng, sxv + r * ng, K,
+                         O + r * N + t * 16, N, 8);
+          }
+          const int64_t done = blocks * 8;
+          if (M > done)
+            for (int64_t u = t; u < t + n_tiles; ++u)
+              q4x16_tile(W + u * tb, D + u * tf, Mn + u * tf, ng, qv + done * K, dxv + done * ng, sxv + done * ng, K,
+                         O + done * N + u * 16, N, M - done);
+        }
+      });
+    } else
     at::parallel_for(0, tiles, 2, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         q4x16_tile(W + t * ng * 256, D + t * ng * 16, Mn + t * ng * 16, ng, qv, dxv, sxv, K, O + t * 16, N, M);
