@@ -116,6 +116,9 @@ def test_cpu_info_and_ggml_flags(tmp_path):
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--prompts", "nope"], "unknown prompt set 'nope'"),
     (["--peers"], "--peers: "),  # the tiny model has no GGUF for llama-server
+    (["--also", "ar,nope"], "--also takes ar and/or off, got 'nope'"),
+    (["--also", "ar"], "--also ar: the main side already runs --method ar"),
+    (["--also", "off"], "--also off: the row budget only changes --method verified"),
 ])
 def test_refusals_are_one_line_before_anything_starts(capsys, tmp_path, tiny_llama_dir, prompts_file, extra, msg):
     code, out, err = bench_serve(capsys, tiny_llama_dir, prompts_file, "--method", "ar", "--out", str(tmp_path / "o"),
@@ -140,12 +143,18 @@ def test_end_to_end_on_the_tiny_model(capsys, tmp_path, tiny_llama_dir, heads_di
     out_dir = tmp_path / "bs"
     code, out, err = bench_serve(capsys, tiny_llama_dir, prompts_file, "--heads", str(heads_dir), "--numerics", "fp32",
                                  "--parallel", "2", "--concurrency", "1,2", "--requests", "2", "--max-new-tokens", "6",
-                                 "--out", str(out_dir))
+                                 "--also", "ar,off", "--out", str(out_dir))
     assert code == 0, err
     assert all(ln.startswith(("|", "report:")) for ln in out.splitlines() if ln.strip())
     assert "clp bench-serve: starting clp serve" in err and "some twice" in err  # 3 prompts for 4 requests
     res = json.loads((out_dir / "results.json").read_text())
-    assert [(r["side"], r["concurrency"]) for r in res["rows"]] == [("clp_serve", 1), ("clp_serve", 2)]
+    # --also: batched AR on the same server and a second server without the row budget, each
+    # right after the main side at every concurrency, judged against the main side's references
+    assert [(r["side"], r["concurrency"]) for r in res["rows"]] == [
+        (side, c) for c in (1, 2) for side in ("clp_serve", "clp_serve_ar", "clp_serve_off")]
+    off = res["servers"]["clp_serve_off"]["argv"]
+    assert off[off.index("--spec-budget") + 1] == "off" and set(res["references"]) == {"clp_serve"}
+    assert all(r["tokens_per_forward"] == 1 for r in res["rows"] if r["side"] == "clp_serve_ar")
     for r in res["rows"]:
         assert r["errors"] == 0 and r["requests"] == 2 * r["concurrency"]
         assert r["same_as_single_stream_ar"] == 1.0 and r["tokens_per_s"] > 0
@@ -157,7 +166,8 @@ def test_end_to_end_on_the_tiny_model(capsys, tmp_path, tiny_llama_dir, heads_di
     assert argv[argv.index("--threads") + 1] == "auto"  # clp serve keeps its own governor
     assert "model" in res["cpu"] and res["settings"]["concurrency"] == [1, 2]
     report = (out_dir / "report.md").read_text()
-    assert "| clp serve | 2 |" in report and "(load.png)" in report and "CPU: " in report
+    assert "| clp serve | 2 |" in report and "| clp serve, method ar | 2 |" in report
+    assert "(load.png)" in report and "CPU: " in report
     assert (out_dir / "load.png").read_bytes()[:4] == b"\x89PNG"
 
 

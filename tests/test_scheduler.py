@@ -111,6 +111,26 @@ def test_one_request_failing_or_cancelled_costs_the_others_nothing(q4):
     assert sorted(sched.free) == [0, 1, 2]
 
 
+def test_a_policy_shared_by_two_running_requests_fails_the_second_only(tiny_backbone):
+    """A policy object holds one request's draft state: a second running request on the same
+    object gets a clear error (before this it failed mid-step, "observe() twice without
+    propose()"); the first one is unharmed, and reusing the object afterwards is fine."""
+    drafter = random_drafter(tiny_backbone, k=2, seed=5)
+    policy = make_policy("verified", tiny_backbone, drafter)
+    cfg = GenerationConfig(max_new_tokens=8)
+    sched, done = Scheduler(tiny_backbone, slots=2), {}
+    for name in ("first", "second"):
+        sched.submit(Request([5, 6, 7], policy, cfg, on_done=lambda r, e, n=name: done.__setitem__(n, (r, e))))
+    sched.run()
+    want = generate(tiny_backbone, [5, 6, 7], make_policy("verified", tiny_backbone, drafter), cfg).token_ids
+    assert done["first"][0].token_ids == want and done["first"][1] is None
+    assert done["second"][0] is None and isinstance(done["second"][1], ClpError)
+    assert "make one per request" in str(done["second"][1])
+    sched.submit(Request([5, 6, 7], policy, cfg, on_done=lambda r, e: done.__setitem__("again", (r, e))))
+    sched.run()
+    assert done["again"][0].token_ids == want
+
+
 @native
 def test_requests_join_while_others_run(q4):
     """Continuous batching: a request submitted mid-run joins at a step boundary."""

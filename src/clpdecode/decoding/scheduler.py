@@ -217,6 +217,9 @@ class Scheduler:
                 self._end(req, None, None)
                 continue
             try:
+                if any(r.policy is req.policy for r in self.running):  # its draft state would be shared
+                    raise ClpError("this request's policy object is already decoding another request; a "
+                                   "policy holds one request's state: make one per request (make_policy)")
                 if len(req.prompt_ids) + req.cfg.max_new_tokens > self.capacity:
                     raise ClpError(f"the prompt is {len(req.prompt_ids)} tokens and max_new_tokens "
                                    f"{req.cfg.max_new_tokens}: more than a slot's {self.capacity} positions",

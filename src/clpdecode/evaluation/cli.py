@@ -269,6 +269,10 @@ def add_bench_serve_command(sub, add_model_args, add_drafter_args) -> None:
     s.add_argument("--peers", action="store_true",
                    help="also run llama-server --parallel N on the same GGUF (-c N x the context a slot needs, "
                         "-t/-tb the threads, greedy, no prompt cache)")
+    s.add_argument("--also", default="",
+                   help="our other settings, run at every concurrency right after the main one (this machine's "
+                        "speed drifts: separate runs do not compare): ar (the same server, requests with method "
+                        "ar: batched AR) and/or off (a second clp serve with --spec-budget off), comma-separated")
     s.set_defaults(func=cmd_bench_serve)
 
 

@@ -18,6 +18,7 @@ prompt_tokens it reports are checked against the ids' count.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import math
@@ -36,7 +37,25 @@ from .peers import REQUEST_S, LlamaServerPeer, ServerProcess, _free_port
 
 DEFAULT_CONCURRENCY = "1,2,4,8,16"
 OURS, PEER = "clp_serve", "llama_server"
-LABELS = {OURS: "clp serve", PEER: "llama-server"}
+# --also: our other settings, measured beside the main one at every concurrency.
+OURS_AR, OURS_OFF = "clp_serve_ar", "clp_serve_off"
+LABELS = {OURS: "clp serve", OURS_AR: "clp serve, method ar", OURS_OFF: "clp serve, --spec-budget off",
+          PEER: "llama-server"}
+ALSO = {"ar": OURS_AR, "off": OURS_OFF}
+SIDE_ORDER = (OURS, OURS_AR, OURS_OFF, PEER)
+
+
+def parse_also(text: str, method: str, budget: str) -> list[str]:
+    """--also 'ar,off' -> the sides it adds, refused where one would measure the main side again."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    for v in names:
+        if v not in ALSO:
+            raise ClpError(f"--also takes ar and/or off, got {v!r}")
+    if "ar" in names and method == "ar":
+        raise ClpError("--also ar: the main side already runs --method ar")
+    if "off" in names and (method != "verified" or budget == "off"):
+        raise ClpError("--also off: the row budget only changes --method verified with --spec-budget auto")
+    return [ALSO[v] for v in dict.fromkeys(names)]
 # A first `clp serve` on a machine builds the q4 kernels (~1 min on 2 cores) and may convert
 # the GGUF before it listens.
 CLP_SERVE_START_S = 900.0
@@ -319,6 +338,7 @@ def bench_serve(args) -> int:
 
     # Every check a user can fail comes before a server starts.
     concurrency = _int_list("--concurrency", args.concurrency)
+    also = parse_also(getattr(args, "also", ""), args.method, args.spec_budget)
     for flag in ("--requests", "--max-new-tokens", "--parallel"):
         check_positive_int(flag, getattr(args, flag[2:].replace("-", "_")))
     prompts = load_prompts(args.prompts)
@@ -357,13 +377,16 @@ def bench_serve(args) -> int:
                      "llama_server_threads": peer_threads if binary is not None else None,
                      "prompts": args.prompts, "n_prompts": n, "concurrency": list(concurrency),
                      "requests_per_client": args.requests, "max_new_tokens": args.max_new_tokens,
-                     "context_per_slot": context, "peers": bool(args.peers)},
+                     "context_per_slot": context, "peers": bool(args.peers), "also": also},
         "servers": {}, "references": {}, "rows": [],
     }
     servers: list[ServerProcess] = []
     try:
         # Both start at once (their loads overlap), then each is waited for.
         servers.append(ClpServeProcess.start(serve_flags(args, context, max(64, max(concurrency)))))
+        if OURS_OFF in also:
+            off = argparse.Namespace(**{**vars(args), "spec_budget": "off"})
+            servers.append(ClpServeProcess.start(serve_flags(off, context, max(64, max(concurrency)))))
         if binary is not None:
             servers.append(LlamaServerPeer.start(binary, "llama_server_ar", Path(gguf), peer_threads,
                                                  context * args.parallel, parallel=args.parallel))
@@ -372,15 +395,25 @@ def bench_serve(args) -> int:
             why = s.wait_ready(CLP_SERVE_START_S)
             if why is not None:
                 raise ClpError(f"{s.what} did not start: {why}")
-        procs = {OURS: servers[0], PEER: servers[-1]} if binary is not None else {OURS: servers[0]}
+        procs = {OURS: servers[0]}
         sides = {OURS: ClpServeClient(servers[0].url, args.model, prompts, args.max_new_tokens, chat=chat)}
+        if OURS_AR in also:  # the same server; each request asks for method ar
+            procs[OURS_AR] = servers[0]
+            sides[OURS_AR] = ClpServeClient(servers[0].url, args.model, prompts, args.max_new_tokens, chat=chat,
+                                            method="ar")
+        if OURS_OFF in also:
+            procs[OURS_OFF] = servers[1]
+            sides[OURS_OFF] = ClpServeClient(servers[1].url, args.model, prompts, args.max_new_tokens, chat=chat)
         if binary is not None:
-            sides[PEER] = LlamaServerClient(servers[1].url, ids, args.max_new_tokens)
+            procs[PEER] = servers[-1]
+            sides[PEER] = LlamaServerClient(servers[-1].url, ids, args.max_new_tokens)
         for side, proc in procs.items():
             results["servers"][side] = {"argv": proc.argv}
 
         references = {}
         for side, client in sides.items():
+            if side in (OURS_AR, OURS_OFF):  # the same backbone and numerics: the main side's reference
+                continue
             status(f"{LABELS[side]}: single-stream greedy AR answers to the {n} prompts, one at a time")
             runs, wall = run_clients(client.reference, 1, n, lambda c, j: j)
             failed = [r for r in runs if r.reply is None]
@@ -393,6 +426,8 @@ def bench_serve(args) -> int:
                                f"as {len(ids[r.prompt])}: the sides would not decode the same ids")
             references[side] = {r.prompt: r.reply.text for r in runs}
             results["references"][side] = summarize(runs, wall)
+        for side in also:
+            references[side] = references[OURS]
 
         per_client = args.requests
         for c in concurrency:
@@ -426,8 +461,8 @@ def load_table(results: dict) -> str:
     lines = ["| side | clients | tok/s (aggregate) | vs llama-server | tok/s per request (p50) | TTFT p50 / p99 s | "
              "latency p50 / p99 s | tokens/forward | = single-stream AR | errors |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(rows, key=lambda r: (r["concurrency"], r["side"] != OURS)):
-        vs = peer.get(r["concurrency"]) if r["side"] == OURS else None
+    for r in sorted(rows, key=lambda r: (r["concurrency"], SIDE_ORDER.index(r["side"]))):
+        vs = peer.get(r["concurrency"]) if r["side"] != PEER else None
         ratio = f"{r['tokens_per_s'] / vs:.2f}x" if vs and r["tokens_per_s"] else "-"
         same, judged = r.get("same_as_single_stream_ar_count", [0, 0])
         lines.append(f"| {LABELS[r['side']]} | {r['concurrency']} | {_fmt(r['tokens_per_s'], 1)} | {ratio} | "
@@ -442,12 +477,12 @@ def _scheduler_table(rows: list[dict]) -> list[str]:
     if not ours:
         return []
     lines = ["clp serve's scheduler in each run (from /health):", "",
-             "| clients | steps | rows per step | drafted | kept | kept share | resident MB |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in ours:
+             "| side | clients | steps | rows per step | drafted | kept | kept share | resident MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(ours, key=lambda r: (r["concurrency"], SIDE_ORDER.index(r["side"]))):
         s = r["scheduler"]
-        lines.append(f"| {r['concurrency']} | {s['steps']} | {_fmt(s['rows_per_step'])} | {s['drafted']} | "
-                     f"{s['kept']} | {_fmt(s['kept_share'])} | {_fmt(r['server_rss_mb'], 0)} |")
+        lines.append(f"| {LABELS[r['side']]} | {r['concurrency']} | {s['steps']} | {_fmt(s['rows_per_step'])} | "
+                     f"{s['drafted']} | {s['kept']} | {_fmt(s['kept_share'])} | {_fmt(r['server_rss_mb'], 0)} |")
     return lines + [""]
 
 
@@ -499,7 +534,7 @@ def _plot(results: dict, path: Path) -> Path:
     from ..atomic import atomic_file
 
     fig, (thr, lat) = plt.subplots(1, 2, figsize=(10, 4))
-    for side in (OURS, PEER):
+    for side in SIDE_ORDER:
         rows = sorted((r for r in results["rows"] if r["side"] == side), key=lambda r: r["concurrency"])
         if not rows:
             continue
