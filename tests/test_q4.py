@@ -303,19 +303,22 @@ def test_chain_drafting_on_the_kernels_matches_the_fp32_chain(q4_backbone):
 
 @native
 @pytest.mark.parametrize("group", [32, 16])
-def test_q8_linear_matches_the_dequantised_weight(group):
+@pytest.mark.parametrize("n", [20, 48])  # 20: a padded 4-feature tile; 48: three wide tiles (pairs and one alone)
+def test_q8_linear_matches_the_dequantised_weight(group, n):
     from clpdecode.backbone.quant import Int8Linear, Int8Weight
 
     g = torch.Generator().manual_seed(group)
-    n, k = 20, 96  # 20 outputs: a padded tile
+    k = 96
     w = Int8Weight(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
                    torch.rand(n, k // group, generator=g) * 0.01, group)
     lin = Int8Linear(w)
-    x = torch.randn(6, k, generator=g)
+    x = torch.randn(19, k, generator=g)  # two blocks of 8 rows and 3 more
     ref = x @ w.dequantize().t()
     y = lin(x)
-    assert y.shape == (6, n) and torch.allclose(y, ref, atol=2e-4 * ref.abs().max())
-    assert torch.equal(torch.cat([lin(x[i : i + 1]) for i in range(6)]), y)
+    assert y.shape == (19, n) and torch.allclose(y, ref, atol=2e-4 * ref.abs().max())
+    one = torch.cat([lin(x[i : i + 1]) for i in range(19)])
+    for rows in (1, 6, 8, 9, 16, 19):  # any number of rows: bit-identical to one-row products
+        assert torch.equal(lin(x[:rows]), one[:rows]), rows
 
 
 @native

@@ -160,6 +160,11 @@ def test_allocate_grants_the_most_valuable_rows_while_they_pay():
     # The drafter's own time counts against its rows, not against lookup's.
     slow = CostModel(a=10.0, b=2.0, draft_ms=20.0)
     assert allocate({"a": [0.9], "b": [0.9]}, rows=2, tokens=2.0, cost=slow, lookup={"b": True}) == {"a": 0, "b": 1}
+    # A prefill's rows make no tokens yet: against the step they share (1 token in 150 ms) any
+    # draft would look cheap; against what the decode rows alone make (8 in 26 ms) a 0.5 does not.
+    assert allocate({i: [0.5] for i in range(8)}, rows=70, tokens=8.0, cost=cost) == {i: 1 for i in range(8)}
+    assert allocate({i: [0.5] for i in range(8)}, rows=70, tokens=8.0, cost=cost, decode_rows=8) == {
+        i: 0 for i in range(8)}
 
 
 def test_cost_model_follows_the_measured_steps():

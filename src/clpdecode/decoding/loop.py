@@ -333,13 +333,19 @@ class Decoder:
             self.logprobs += [self._logprob(rows[j], tokens[j]) if rows is not None else None for j in range(n)]
         return n
 
+    @property
+    def budgeted(self) -> bool:
+        """Whether a scheduler may cap this request's drafts: greedy verified decoding, whose
+        output does not depend on its drafts. Not elsewhere: unverified drafts are output, and
+        a sampled request's drafts decide how its random numbers are drawn (its text must not
+        depend on the load)."""
+        return self.policy.verifies and self.sampler.greedy and hasattr(self.policy, "offer")
+
     def offer(self) -> "Offer | None":
         """What each draft row of the coming step is worth to this request (the chance that
         drafts 1..j are all kept, policies.Verified.offer), where a scheduler may cap its
-        drafts: greedy verified decoding, whose output does not depend on its drafts. None
-        elsewhere: unverified drafts are output, and a sampled request's drafts decide how
-        its random numbers are drawn (its text must not depend on the load)."""
-        if not (self.policy.verifies and self.sampler.greedy and hasattr(self.policy, "offer")):
+        drafts (`budgeted`); None elsewhere."""
+        if not self.budgeted:
             return None
         values, lookup = self.policy.offer(self.hidden, self.p, self.sampler)
         cap = self.policy.config.max_drafts or len(values)

@@ -188,6 +188,9 @@ class Verified(Policy):
         return self.ngrams.lookup()
 
     def propose(self, hidden, p, sampler, limit=None):
+        if self._choice is None and limit == 0 and self.tree is None:  # no drafts: no span to size
+            token = sampler.select(p)
+            self._choice = token, 0, self._lookup(token)
         token, span, found = self._choice or self._choose(hidden, p, sampler)
         self._choice = None
         span, found = _capped(span, limit), found[:limit]

@@ -58,6 +58,7 @@ class Request:
     decoder: Decoder | None = None
     slot: int = -1
     cache: object = None  # its own cache where the backbone does not batch rows
+    drafted_last: bool = False  # whether its last step drafted from the drafter (see _propose)
     submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
@@ -115,9 +116,12 @@ class CostModel:
         return self.step_ms(1) - per_row, per_row
 
 
-def allocate(offers: dict, rows: int, tokens: float, cost: CostModel, lookup: dict | None = None) -> dict:
+def allocate(offers: dict, rows: int, tokens: float, cost: CostModel, lookup: dict | None = None,
+             decode_rows: int | None = None) -> dict:
     """Grant draft rows: every offered row, most valuable first, while its expected kept
-    tokens per marginal millisecond beat the step's tokens per millisecond so far.
+    tokens per marginal millisecond beat the tokens per millisecond of a step of the decode
+    rows alone (what the time would make otherwise; a step's prompt rows make no tokens yet,
+    and counting them would make any draft look cheap beside a prefill).
 
     Args:
         offers: key -> the worth of its draft rows 1..m (non-increasing: draft j is kept only
@@ -125,10 +129,12 @@ def allocate(offers: dict, rows: int, tokens: float, cost: CostModel, lookup: di
         rows, tokens: the step's rows and expected tokens before any draft.
         cost: the step's cost per row, and the drafter's per drafted token.
         lookup: key -> True where the drafts come from n-gram lookup (no drafter cost).
+        decode_rows: the step's rows that decode (default: all of `rows`).
     Returns:
         key -> rows granted (0 .. len(offer)).
     """
     lookup = lookup or {}
+    decode_rows = rows if decode_rows is None else max(1, decode_rows)
     cands = sorted(((v, j, key) for key, vals in offers.items() for j, v in enumerate(vals)),
                    key=lambda c: (-c[0], c[1]))
     grant = {key: 0 for key in offers}
@@ -136,10 +142,11 @@ def allocate(offers: dict, rows: int, tokens: float, cost: CostModel, lookup: di
         if grant[key] != j:  # an earlier draft of this request was not granted
             continue
         marginal = cost.row_ms(rows) + (0.0 if lookup.get(key) else cost.draft_ms)
-        if v * cost.step_ms(rows) <= tokens * marginal:
+        if v * cost.step_ms(decode_rows) <= tokens * marginal:
             continue
         grant[key] += 1
         rows += 1
+        decode_rows += 1
         tokens += v
     return grant
 
@@ -296,9 +303,9 @@ class Scheduler:
         t0 = time.perf_counter()
         outputs = self._forward(plan)
         rows = sum(len(tokens) for _, tokens, _ in plan)
-        if self.batched:
-            self.cost.observe(rows, (time.perf_counter() - t0) * 1e3)
         self._advance(plan, outputs)
+        if self.batched:  # the forward, the LM head and verification: what a row adds (the drafter apart)
+            self.cost.observe(rows, (time.perf_counter() - t0) * 1e3)
         self.stats["steps"] += 1
         self.stats["rows"] += rows
         return rows
@@ -321,22 +328,34 @@ class Scheduler:
                 continue
             drafted = len(r.decoder.fed) - 1 if r.policy.verifies else 0
             self.stats["drafted"] += drafted
-            if drafted and not r.decoder.from_lookup:
+            # The drafter's cost per token, from steps that follow a drafting step: after a
+            # pause the drafter first catches up on the tokens it skipped (the lazy chain), and
+            # charging that to these drafts would make drafting look dearer the rarer it is.
+            if drafted and not r.decoder.from_lookup and r.drafted_last:
                 self.cost.observe_draft(drafted, (time.perf_counter() - t0) * 1e3)
+            r.drafted_last = drafted > 0 and not r.decoder.from_lookup
             if r.decoder.done:
                 self._end(r, r.decoder.result(), None)
 
     def _budget(self, ready: list[Request]) -> dict:
         """id(request) -> the drafts it may feed this step (absent: no cap)."""
+        decoding = sum(not r.decoder.prefilling for r in self.running)
+        prompt_rows = sum(len(r.prompt_ids) - r.decoder.prefilled for r in self.running if r.decoder.prefilling)
+        rows = decoding + min(prompt_rows, max(0, self.max_rows - decoding))
+        # Where not even a free draft sure to be kept would add tokens faster than the step
+        # makes them (a full step of other requests' rows), there are no offers to weigh:
+        # asking every request for its CLP estimates would only cost time (~7% of a step at 8
+        # requests). The usual path still runs before each probe, so the table stays fresh.
+        if (self._unprobed < PROBE_EVERY - 1
+                and self.cost.step_ms(max(1, decoding)) <= max(1.0, float(decoding)) * self.cost.row_ms(max(1, rows))):
+            self._unprobed += 1
+            return {id(r): 0 for r in ready if r.decoder.budgeted}
         offers, lookup = {}, {}
         for r in ready:
             got = []
             if self._guard(r, lambda r=r: got.append(r.decoder.offer())) and got[0] is not None:
                 offers[id(r)], lookup[id(r)] = got[0].values, got[0].lookup
-        decoding = sum(not r.decoder.prefilling for r in self.running)
-        prompt_rows = sum(len(r.prompt_ids) - r.decoder.prefilled for r in self.running if r.decoder.prefilling)
-        rows = decoding + min(prompt_rows, max(0, self.max_rows - decoding))
-        grant = allocate(offers, max(1, rows), max(1.0, float(decoding)), self.cost, lookup)
+        grant = allocate(offers, max(1, rows), max(1.0, float(decoding)), self.cost, lookup, decoding)
         # A probe now and then: with no draft granted, the cost of one more row is never measured
         # again, and a stale entry (a step slowed by another process) could keep drafting off.
         if offers and not any(grant.values()):
@@ -410,8 +429,9 @@ class Scheduler:
 
     # ---- calibration --------------------------------------------------------------------------
     def _calibrate(self, repeats: int = 3) -> None:
-        """Seed the cost model: steps of 1..16 rows on a scratch slot (a second or two), after
-        one untimed step (first calls pay for allocations)."""
+        """Seed the cost model: steps of 1..16 rows on a scratch slot (the forward and the LM head,
+        as step() times them; a second or two), after one untimed step (first calls pay for
+        allocations)."""
         slot = self.free[0]
         vocab = self.backbone.info.vocab_size
 
@@ -419,7 +439,8 @@ class Scheduler:
             self.cache.reset(slot)
             ids = [int(t) for t in torch.randint(0, vocab, (min(rows, self.capacity),))]
             t0 = time.perf_counter()
-            self.backbone.forward_rows(self.cache, [(slot, ids, None, None)])
+            states = self.backbone.forward_rows(self.cache, [(slot, ids, None, None)])[0]
+            self.backbone.logits(states)  # as in a step whose rows all need logits (decode, drafts)
             return (time.perf_counter() - t0) * 1e3
 
         with torch.inference_mode():

@@ -387,6 +387,7 @@ def bench_serve(args) -> int:
         if OURS_OFF in also:
             off = argparse.Namespace(**{**vars(args), "spec_budget": "off"})
             servers.append(ClpServeProcess.start(serve_flags(off, context, max(64, max(concurrency)))))
+            servers[-1].what = LABELS[OURS_OFF]  # in status lines and errors
         if binary is not None:
             servers.append(LlamaServerPeer.start(binary, "llama_server_ar", Path(gguf), peer_threads,
                                                  context * args.parallel, parallel=args.parallel))

@@ -585,6 +585,52 @@ inline void q8x16_rows(const int8_t* wq, const float* wd, int64_t ng, const QT* 
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * N, acc[r]);
 }
 
+// Two q8 tiles (32 features) against 8 rows: q8x16_rows with each broadcast input pair serving
+// both tiles (as q4xT_rows does for q4); the same integer sums and float sequence per row and
+// feature, the accumulators waiting in memory between groups: the same bits.
+template <bool S16>
+inline void q8x32_rows8(const int8_t* wq, const float* wd, int64_t tile_bytes, int64_t tile_floats, int64_t ng,
+                        const QT* q, const float* dx, int64_t K, float* out, int64_t N) {
+  constexpr int R = 8;
+  alignas(64) float acc[2][R][16] = {};
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i dot[2][R], dot2[2][R];
+    for (int u = 0; u < 2; ++u)
+      for (int r = 0; r < R; ++r) dot[u][r] = dot2[u][r] = _mm512_setzero_si512();
+    for (int k = 0; k < 16; ++k) {
+      const __m512i wa = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * 512 + k * 32)));
+      const __m512i wb = _mm512_cvtepi8_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + tile_bytes + g * 512 + k * 32)));
+      for (int r = 0; r < R; ++r) {
+        const __m512i x = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(q + r * K + g * G)[k]);
+        if (S16 && k >= 8) {
+          dot2[0][r] = _mm512_dpwssd_epi32(dot2[0][r], wa, x);
+          dot2[1][r] = _mm512_dpwssd_epi32(dot2[1][r], wb, x);
+        } else {
+          dot[0][r] = _mm512_dpwssd_epi32(dot[0][r], wa, x);
+          dot[1][r] = _mm512_dpwssd_epi32(dot[1][r], wb, x);
+        }
+      }
+    }
+    for (int u = 0; u < 2; ++u) {
+      const float* wdu = wd + u * tile_floats;
+      const __m512 d = _mm512_loadu_ps(wdu + g * (S16 ? 32 : 16));
+      for (int r = 0; r < R; ++r) {
+        const __m512 sx = _mm512_set1_ps(dx[r * ng + g]);
+        __m512 v = _mm512_load_ps(acc[u][r]);
+        v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[u][r]), _mm512_mul_ps(d, sx), v);
+        if (S16) {
+          const __m512 d2 = _mm512_loadu_ps(wdu + g * 32 + 16);
+          v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2[u][r]), _mm512_mul_ps(d2, sx), v);
+        }
+        _mm512_store_ps(acc[u][r], v);
+      }
+    }
+  }
+  for (int u = 0; u < 2; ++u)
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * N + u * 16, _mm512_load_ps(acc[u][r]));
+}
+
 template <bool S16>
 void q8x16_tile(const int8_t* wq, const float* wd, int64_t ng, const QT* q, const float* dx, int64_t K, float* o,
                 int64_t N, int64_t M) {
@@ -650,6 +696,36 @@ torch::Tensor q8_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
   float* O = out.data_ptr<float>();
 #if CLP_WIDE
   if (width == 16) {
+    if (M >= 8) {  // tiles two at a time for the blocks of 8 rows (q8x32_rows8), the other rows by q8x16_tile
+      const int64_t blocks = M / 8, tb = ng * 512, tf = ng * (s16 ? 32 : 16), done = blocks * 8;
+      at::parallel_for(0, (tiles + 1) / 2, 2, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t t = 2 * p, n_tiles = std::min<int64_t>(2, tiles - t);
+          for (int64_t blk = 0; blk < blocks; ++blk) {
+            const int64_t r = blk * 8;
+            float* o = O + r * N + t * 16;
+            if (n_tiles == 2 && s16)
+              q8x32_rows8<true>(W + t * tb, D + t * tf, tb, tf, ng, qv + r * K, dxv + r * ng, K, o, N);
+            else if (n_tiles == 2)
+              q8x32_rows8<false>(W + t * tb, D + t * tf, tb, tf, ng, qv + r * K, dxv + r * ng, K, o, N);
+            else if (s16)
+              q8x16_tile<true>(W + t * tb, D + t * tf, ng, qv + r * K, dxv + r * ng, K, o, N, 8);
+            else
+              q8x16_tile<false>(W + t * tb, D + t * tf, ng, qv + r * K, dxv + r * ng, K, o, N, 8);
+          }
+          for (int64_t u = t; u < t + n_tiles && M > done; ++u) {
+            float* o = O + done * N + u * 16;
+            if (s16)
+              q8x16_tile<true>(W + u * tb, D + u * tf, ng, qv + done * K, dxv + done * ng, K, o, N, M - done);
+            else
+              q8x16_tile<false>(W + u * tb, D + u * tf, ng, qv + done * K, dxv + done * ng, K, o, N, M - done);
+          }
+        }
+      });
+      if (bias.has_value() && bias->defined()) out.add_(*bias);
+      if (residual.has_value() && residual->defined()) out.add_(*residual);
+      return out;
+    }
     at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int8_t* wq = W + t * ng * 512;
