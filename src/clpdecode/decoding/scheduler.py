@@ -58,7 +58,6 @@ class Request:
     decoder: Decoder | None = None
     slot: int = -1
     cache: object = None  # its own cache where the backbone does not batch rows
-    drafted_last: bool = False  # whether its last step drafted from the drafter (see _propose)
     submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
@@ -328,12 +327,12 @@ class Scheduler:
                 continue
             drafted = len(r.decoder.fed) - 1 if r.policy.verifies else 0
             self.stats["drafted"] += drafted
-            # The drafter's cost per token, from steps that follow a drafting step: after a
-            # pause the drafter first catches up on the tokens it skipped (the lazy chain), and
-            # charging that to these drafts would make drafting look dearer the rarer it is.
-            if drafted and not r.decoder.from_lookup and r.drafted_last:
+            # The drafter's cost per drafted token, catching up included: after a pause the chain
+            # first runs over the tokens it skipped, and that is a cost of drafting again. (Timed
+            # on steady drafting alone, ~1 ms a token against ~7, the budget drafted more at 4-16
+            # clients and lost more to batched AR: docs/design.md, "Drafts budgeted by CLP".)
+            if drafted and not r.decoder.from_lookup:
                 self.cost.observe_draft(drafted, (time.perf_counter() - t0) * 1e3)
-            r.drafted_last = drafted > 0 and not r.decoder.from_lookup
             if r.decoder.done:
                 self._end(r, r.decoder.result(), None)
 
