@@ -382,20 +382,26 @@ def bench_serve(args) -> int:
     }
     servers: list[ServerProcess] = []
     try:
-        # Both start at once (their loads overlap), then each is waited for.
-        servers.append(ClpServeProcess.start(serve_flags(args, context, max(64, max(concurrency)))))
-        if OURS_OFF in also:
-            off = argparse.Namespace(**{**vars(args), "spec_budget": "off"})
-            servers.append(ClpServeProcess.start(serve_flags(off, context, max(64, max(concurrency)))))
-            servers[-1].what = LABELS[OURS_OFF]  # in status lines and errors
-        if binary is not None:
-            servers.append(LlamaServerPeer.start(binary, "llama_server_ar", Path(gguf), peer_threads,
-                                                 context * args.parallel, parallel=args.parallel))
-        status("starting " + " and ".join(s.what for s in servers))
-        for s in servers:
-            why = s.wait_ready(CLP_SERVE_START_S)
+        # One after another: each clp serve times its steps at startup to seed the row budget's
+        # cost table, and a table timed while another server loads skews the budget for the
+        # whole run (an earlier version started them together: the budget then never drafted
+        # at 1 client, 2 drafted tokens in a run where it drafted 579 in-process).
+        def start(server: ServerProcess) -> None:
+            servers.append(server)
+            status(f"starting {server.what}")
+            why = server.wait_ready(CLP_SERVE_START_S)
             if why is not None:
-                raise ClpError(f"{s.what} did not start: {why}")
+                raise ClpError(f"{server.what} did not start: {why}")
+
+        start(ClpServeProcess.start(serve_flags(args, context, max(64, max(concurrency)))))
+        if OURS_OFF in also:
+            off = ClpServeProcess.start(serve_flags(argparse.Namespace(**{**vars(args), "spec_budget": "off"}),
+                                                    context, max(64, max(concurrency))))
+            off.what = LABELS[OURS_OFF]  # in status lines and errors
+            start(off)
+        if binary is not None:
+            start(LlamaServerPeer.start(binary, "llama_server_ar", Path(gguf), peer_threads,
+                                        context * args.parallel, parallel=args.parallel))
         procs = {OURS: servers[0]}
         sides = {OURS: ClpServeClient(servers[0].url, args.model, prompts, args.max_new_tokens, chat=chat)}
         if OURS_AR in also:  # the same server; each request asks for method ar
