@@ -132,6 +132,21 @@ def test_a_policy_shared_by_two_running_requests_fails_the_second_only(tiny_back
 
 
 @native
+def test_one_request_alone_drafts_as_unbudgeted_verified(q4):
+    """The budget reduces to `verified` at one request: the same drafts as with no budget."""
+    drafter = random_drafter(q4, k=2, design="chained", seed=6)
+    drafted = {}
+    for budget in ("auto", "off"):
+        sched = Scheduler(q4, slots=2, budget=budget, calibrate=False)
+        sched.cost.draft_ms = 1e3  # by its cost model no drafter draft would pay: alone, it drafts anyway
+        for ids in ([5, 6, 7], [9, 4]):  # one after the other: never two at once
+            sched.submit(Request(ids, make_policy("verified", q4, drafter), GenerationConfig(max_new_tokens=16)))
+            sched.run()
+        drafted[budget] = sched.stats["drafted"]
+    assert drafted["auto"] == drafted["off"] > 0
+
+
+@native
 def test_requests_join_while_others_run(q4):
     """Continuous batching: a request submitted mid-run joins at a step boundary."""
     sched = Scheduler(q4, slots=2, calibrate=False)
