@@ -364,6 +364,28 @@ inline void q4xT_rows(const uint8_t* wq, const float* wd, const float* wm, int64
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * N + u * 16, _mm512_load_ps(acc[u][r]));
 }
 
+// A wide product over blocks of 8 rows, its tiles two at a time (threads take pairs):
+// pair(t, r) for tiles t, t + 1 and the 8 rows from r; one(t, r, rows) for a lone last tile's
+// blocks and for each tile's rows past the last full block. q4_linear and q8_linear's shared
+// split (which kernel computes a row never changes its bits).
+template <typename Pair, typename One>
+void tile_pairs(int64_t tiles, int64_t M, int64_t grain, const Pair& pair, const One& one) {
+  const int64_t done = M / 8 * 8;
+  at::parallel_for(0, (tiles + 1) / 2, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t t = 2 * p, n_tiles = std::min<int64_t>(2, tiles - t);
+      for (int64_t r = 0; r < done; r += 8) {
+        if (n_tiles == 2)
+          pair(t, r);
+        else
+          one(t, r, 8);
+      }
+      if (M > done)
+        for (int64_t u = t; u < t + n_tiles; ++u) one(u, done, M - done);
+    }
+  });
+}
+
 void q4x16_tile(const uint8_t* wq, const float* wd, const float* wm, int64_t ng, const QT* q, const float* dx,
                 const float* sx, int64_t K, float* o, int64_t N, int64_t M) {
   int64_t r = 0;
@@ -418,26 +440,17 @@ torch::Tensor q4_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
 #if CLP_WIDE
   if (width == 16) {
     if (M >= 8) {  // tiles two at a time for the blocks of 8 rows (q4xT_rows), the other rows by q4x16_tile
-      const int64_t blocks = M / 8, tb = ng * 256, tf = ng * 16;
-      at::parallel_for(0, (tiles + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t t = 2 * p, n_tiles = std::min<int64_t>(2, tiles - t);
-          for (int64_t blk = 0; blk < blocks; ++blk) {
-            const int64_t r = blk * 8;
-            if (n_tiles == 2)
-              q4xT_rows<2, 8>(W + t * tb, D + t * tf, Mn + t * tf, tb, tf, ng, qv + r * K, dxv + r * ng, sxv + r * ng,
-                              K, O + r * N + t * 16, N);
-            else
-              q4x16_tile(W + t * tb, D + t * tf, Mn + t * tf, ng, qv + r * K, dxv + r * ng, sxv + r * ng, K,
-                         O + r * N + t * 16, N, 8);
-          }
-          const int64_t done = blocks * 8;
-          if (M > done)
-            for (int64_t u = t; u < t + n_tiles; ++u)
-              q4x16_tile(W + u * tb, D + u * tf, Mn + u * tf, ng, qv + done * K, dxv + done * ng, sxv + done * ng, K,
-                         O + done * N + u * 16, N, M - done);
-        }
-      });
+      const int64_t tb = ng * 256, tf = ng * 16;
+      tile_pairs(
+          tiles, M, 1,
+          [&](int64_t t, int64_t r) {
+            q4xT_rows<2, 8>(W + t * tb, D + t * tf, Mn + t * tf, tb, tf, ng, qv + r * K, dxv + r * ng, sxv + r * ng, K,
+                            O + r * N + t * 16, N);
+          },
+          [&](int64_t t, int64_t r, int64_t rows) {
+            q4x16_tile(W + t * tb, D + t * tf, Mn + t * tf, ng, qv + r * K, dxv + r * ng, sxv + r * ng, K,
+                       O + r * N + t * 16, N, rows);
+          });
     } else
     at::parallel_for(0, tiles, 2, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
@@ -697,35 +710,22 @@ torch::Tensor q8_linear(const torch::Tensor& x_in, const torch::Tensor& qs, cons
 #if CLP_WIDE
   if (width == 16) {
     if (M >= 8) {  // tiles two at a time for the blocks of 8 rows (q8x32_rows8), the other rows by q8x16_tile
-      const int64_t blocks = M / 8, tb = ng * 512, tf = ng * (s16 ? 32 : 16), done = blocks * 8;
-      at::parallel_for(0, (tiles + 1) / 2, 2, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t t = 2 * p, n_tiles = std::min<int64_t>(2, tiles - t);
-          for (int64_t blk = 0; blk < blocks; ++blk) {
-            const int64_t r = blk * 8;
-            float* o = O + r * N + t * 16;
-            if (n_tiles == 2 && s16)
-              q8x32_rows8<true>(W + t * tb, D + t * tf, tb, tf, ng, qv + r * K, dxv + r * ng, K, o, N);
-            else if (n_tiles == 2)
-              q8x32_rows8<false>(W + t * tb, D + t * tf, tb, tf, ng, qv + r * K, dxv + r * ng, K, o, N);
-            else if (s16)
-              q8x16_tile<true>(W + t * tb, D + t * tf, ng, qv + r * K, dxv + r * ng, K, o, N, 8);
-            else
-              q8x16_tile<false>(W + t * tb, D + t * tf, ng, qv + r * K, dxv + r * ng, K, o, N, 8);
-          }
-          for (int64_t u = t; u < t + n_tiles && M > done; ++u) {
-            float* o = O + done * N + u * 16;
+      const int64_t tb = ng * 512, tf = ng * (s16 ? 32 : 16);
+      tile_pairs(
+          tiles, M, 2,
+          [&](int64_t t, int64_t r) {
             if (s16)
-              q8x16_tile<true>(W + u * tb, D + u * tf, ng, qv + done * K, dxv + done * ng, K, o, N, M - done);
+              q8x32_rows8<true>(W + t * tb, D + t * tf, tb, tf, ng, qv + r * K, dxv + r * ng, K, O + r * N + t * 16, N);
             else
-              q8x16_tile<false>(W + u * tb, D + u * tf, ng, qv + done * K, dxv + done * ng, K, o, N, M - done);
-          }
-        }
-      });
-      if (bias.has_value() && bias->defined()) out.add_(*bias);
-      if (residual.has_value() && residual->defined()) out.add_(*residual);
-      return out;
-    }
+              q8x32_rows8<false>(W + t * tb, D + t * tf, tb, tf, ng, qv + r * K, dxv + r * ng, K, O + r * N + t * 16, N);
+          },
+          [&](int64_t t, int64_t r, int64_t rows) {
+            if (s16)
+              q8x16_tile<true>(W + t * tb, D + t * tf, ng, qv + r * K, dxv + r * ng, K, O + r * N + t * 16, N, rows);
+            else
+              q8x16_tile<false>(W + t * tb, D + t * tf, ng, qv + r * K, dxv + r * ng, K, O + r * N + t * 16, N, rows);
+          });
+    } else
     at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int8_t* wq = W + t * ng * 512;
