@@ -52,5 +52,6 @@ def main() -> None:
         print(json.dumps({"median_tokens_per_s": {s: round(statistics.median(r), 1) for s, r in rates.items()},
                           "median_ratio_to_one_stream": {s: round(v, 2) for s, v in ratios.items()}}))
 
+
 if __name__ == "__main__":
     main()

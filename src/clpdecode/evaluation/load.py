@@ -44,6 +44,10 @@ LABELS = {OURS: "clp serve", OURS_AR: "clp serve, method ar", OURS_OFF: "clp ser
 ALSO = {"ar": OURS_AR, "off": OURS_OFF}
 SIDE_ORDER = (OURS, OURS_AR, OURS_OFF, PEER)
 
+# A first `clp serve` on a machine builds the q4 kernels (~1 min on 2 cores) and may convert
+# the GGUF before it listens.
+CLP_SERVE_START_S = 900.0
+
 
 def parse_also(text: str, method: str, budget: str) -> list[str]:
     """--also 'ar,off' -> the sides it adds, refused where one would measure the main side again."""
@@ -56,9 +60,11 @@ def parse_also(text: str, method: str, budget: str) -> list[str]:
     if "off" in names and (method != "verified" or budget == "off"):
         raise ClpError("--also off: the row budget only changes --method verified with --spec-budget auto")
     return [ALSO[v] for v in dict.fromkeys(names)]
-# A first `clp serve` on a machine builds the q4 kernels (~1 min on 2 cores) and may convert
-# the GGUF before it listens.
-CLP_SERVE_START_S = 900.0
+
+
+def _row_order(row: dict) -> tuple[int, int]:
+    """Report order: by concurrency, then the sides as SIDE_ORDER lists them."""
+    return row["concurrency"], SIDE_ORDER.index(row["side"])
 
 
 def status(msg: str) -> None:
@@ -393,10 +399,11 @@ def bench_serve(args) -> int:
             if why is not None:
                 raise ClpError(f"{server.what} did not start: {why}")
 
-        start(ClpServeProcess.start(serve_flags(args, context, max(64, max(concurrency)))))
+        max_queue = max(64, max(concurrency))
+        start(ClpServeProcess.start(serve_flags(args, context, max_queue)))
         if OURS_OFF in also:
             off = ClpServeProcess.start(serve_flags(argparse.Namespace(**{**vars(args), "spec_budget": "off"}),
-                                                    context, max(64, max(concurrency))))
+                                                    context, max_queue))
             off.what = LABELS[OURS_OFF]  # in status lines and errors
             start(off)
         if binary is not None:
@@ -409,8 +416,8 @@ def bench_serve(args) -> int:
             sides[OURS_AR] = ClpServeClient(servers[0].url, args.model, prompts, args.max_new_tokens, chat=chat,
                                             method="ar")
         if OURS_OFF in also:
-            procs[OURS_OFF] = servers[1]
-            sides[OURS_OFF] = ClpServeClient(servers[1].url, args.model, prompts, args.max_new_tokens, chat=chat)
+            procs[OURS_OFF] = off
+            sides[OURS_OFF] = ClpServeClient(off.url, args.model, prompts, args.max_new_tokens, chat=chat)
         if binary is not None:
             procs[PEER] = servers[-1]
             sides[PEER] = LlamaServerClient(servers[-1].url, ids, args.max_new_tokens)
@@ -419,7 +426,7 @@ def bench_serve(args) -> int:
 
         references = {}
         for side, client in sides.items():
-            if side in (OURS_AR, OURS_OFF):  # the same backbone and numerics: the main side's reference
+            if side in also:  # the same backbone and numerics: the main side's reference (below)
                 continue
             status(f"{LABELS[side]}: single-stream greedy AR answers to the {n} prompts, one at a time")
             runs, wall = run_clients(client.reference, 1, n, lambda c, j: j)
@@ -468,7 +475,7 @@ def load_table(results: dict) -> str:
     lines = ["| side | clients | tok/s (aggregate) | vs llama-server | tok/s per request (p50) | TTFT p50 / p99 s | "
              "latency p50 / p99 s | tokens/forward | = single-stream AR | errors |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(rows, key=lambda r: (r["concurrency"], SIDE_ORDER.index(r["side"]))):
+    for r in sorted(rows, key=_row_order):
         vs = peer.get(r["concurrency"]) if r["side"] != PEER else None
         ratio = f"{r['tokens_per_s'] / vs:.2f}x" if vs and r["tokens_per_s"] else "-"
         same, judged = r.get("same_as_single_stream_ar_count", [0, 0])
@@ -486,7 +493,7 @@ def _scheduler_table(rows: list[dict]) -> list[str]:
     lines = ["clp serve's scheduler in each run (from /health):", "",
              "| side | clients | steps | rows per step | drafted | kept | kept share | resident MB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(ours, key=lambda r: (r["concurrency"], SIDE_ORDER.index(r["side"]))):
+    for r in sorted(ours, key=_row_order):
         s = r["scheduler"]
         lines.append(f"| {LABELS[r['side']]} | {r['concurrency']} | {s['steps']} | {_fmt(s['rows_per_step'])} | "
                      f"{s['drafted']} | {s['kept']} | {_fmt(s['kept_share'])} | {_fmt(r['server_rss_mb'], 0)} |")
