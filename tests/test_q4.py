@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from clpdecode.backbone import kernels, load_backbone
 from clpdecode.backbone.attention import gqa_attention
 from clpdecode.backbone.gguf import DECODERS
-from clpdecode.backbone.quant import GROUP, Int4Linear, Int4Weight, from_blocks, pack_tiles
+from clpdecode.backbone.quant import GROUP, Int4Linear, Int4Weight, from_blocks, pack_dense, pack_tiles
 from clpdecode.decoding import GenerationConfig, generate, make_policy
 
 from conftest import random_drafter, save_tiny_model
@@ -203,6 +203,38 @@ def test_rope_store_rotates_and_writes_the_cache():
     assert kc[:, :start].abs().sum() == 0 and kc[:, start + t :].abs().sum() == 0
 
 
+amx = pytest.mark.skipif(not kernels.amx_prompts(), reason="no AMX-BF16 tiles here: prompts take the q4 kernels")
+
+
+@amx
+@pytest.mark.parametrize("n,k", [(960, 576), (16, 32), (48, 1536)])  # 48: an odd number of feature tiles
+def test_dense_linear_on_amx_tiles_is_bf16_math_and_rows_are_independent(n, k):
+    g = torch.Generator().manual_seed(n)
+    w, bias = torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+    packed = pack_dense(w)
+    op = lambda x, **kw: torch.ops.clp.dense_linear(  # noqa: E731
+        x, packed, kw.get("bias"), kw.get("norm"), kw.get("eps", 0.0), kw.get("act", 0), kw.get("residual"))
+    x = torch.randn(37, k, generator=g)  # two blocks of 16 rows and a padded third
+    y = op(x, bias=bias)
+    ref = F.linear(x.bfloat16().double(), w.bfloat16().double()) + bias.double()  # bf16 inputs, exact sums
+    assert torch.allclose(y.double(), ref, atol=1e-5 * ref.abs().max())
+    one = torch.cat([op(x[i : i + 1], bias=bias) for i in range(37)])
+    for a, b in [(0, 1), (0, 16), (3, 20), (5, 37), (17, 18)]:  # any rows, any split: the same bits
+        assert torch.equal(op(x[a:b], bias=bias), one[a:b])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(op(x, bias=bias), y)  # and any thread count
+    finally:
+        torch.set_num_threads(threads)
+    # The fused fronts and the residual, as q4_linear takes them.
+    norm, res = torch.rand(k, generator=g) + 0.5, torch.randn(37, n, generator=g)
+    assert torch.equal(op(x, norm=norm, eps=1e-6), op(F.rms_norm(x, (k,), norm, 1e-6)))
+    gu = torch.randn(37, 2 * k, generator=g)
+    assert torch.allclose(op(gu, act=1), op(F.silu(gu[:, :k]) * gu[:, k:]), atol=1e-2)
+    assert torch.equal(op(x, residual=res), op(x) + res)
+
+
 # ---- the q4 backbone ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def q4_backbone(tmp_path_factory):
@@ -231,6 +263,27 @@ def test_q4_steps_equal_one_token_steps_bit_for_bit(q4_backbone):
         assert torch.equal(joint, single)
     else:
         assert torch.allclose(joint, single, atol=1e-2)
+
+
+@amx
+def test_prompts_run_on_amx_tiles_chunked_or_whole_and_decode_rows_never_do(q4_backbone):
+    """On an AMX-BF16 machine a prompt's rows take the dense bf16 path: the same bits however
+    the prompt is cut into chunks, close to the q4 rows, and a decode step is untouched."""
+    assert q4_backbone._lean.prompt_weights()
+    ids = torch.tensor([[5, 9, 14, 20, 33, 7, 60, 2, 11, 40, 41, 42, 43, 8, 3, 19, 27, 31, 50]])
+    whole = q4_backbone.forward(ids, q4_backbone.new_cache(), prompt=True)
+    c = q4_backbone.new_cache()
+    chunks = torch.cat([q4_backbone.forward(ids[:, a:b], c, prompt=True) for a, b in [(0, 5), (5, 6), (6, 19)]], 1)
+    assert torch.equal(whole, chunks)
+    q4 = q4_backbone.forward(ids, q4_backbone.new_cache())
+    assert not torch.equal(whole, q4) and (whole - q4).abs().mean() < 0.02 * q4.abs().mean()
+    # Decode rows after a prompt: q4 rows, bit-identical to one-token steps.
+    c1, c2 = q4_backbone.new_cache(), q4_backbone.new_cache()
+    q4_backbone.forward(ids, c1, prompt=True)
+    q4_backbone.forward(ids, c2, prompt=True)
+    x = torch.tensor([[40, 41, 42]])
+    assert torch.equal(q4_backbone.forward(x, c1),
+                       torch.cat([q4_backbone.forward(x[:, i : i + 1], c2) for i in range(3)], 1))
 
 
 def _dequantised_reference(path):

@@ -27,7 +27,7 @@ from torch import nn
 
 from .attention import causal_offset_mask, gqa_attention_folded, prefill_attention, prepare_mask
 from .cache import SlotKVCache, StaticKVCache
-from .quant import QuantLinear, kernel_linear
+from .quant import QuantLinear, kernel_linear, pack_dense
 
 LEAN_MODEL_TYPES = ("llama", "qwen2", "gemma3_text")
 # Rotary variants whose tables depend only on the position (not on the sequence length).
@@ -105,6 +105,8 @@ class LinearOp:
             bias = torch.cat([b if b is not None else torch.zeros(_out_features(m))
                               for b, m in zip(biases, mods)]).float().contiguous()
         self.out_features = sum(_out_features(m) for m in mods)
+        self.bias_all = bias  # (N,) or None: the sources' biases side by side
+        self._mods = mods if self.kind in ("q4", "q8", "mixed") else []  # for dense_weights()
         if self.kind == "fp32":
             w = torch.cat([m.weight.detach() for m in mods]) if len(mods) > 1 else mods[0].weight.detach()
             self.weight, self.bias = w.contiguous(), bias
@@ -142,6 +144,14 @@ class LinearOp:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
+
+    def dense_weights(self) -> torch.Tensor | None:
+        """The sources' dequantised weights side by side, packed for clp::dense_linear (prompt
+        rows on AMX-BF16), or None where the shape does not fit its tiles."""
+        if not self._mods:
+            return None
+        w = torch.cat([m.weight_q.dequantize().float() for m in self._mods])
+        return pack_dense(w) if w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0 else None
 
 
 class _Concat:
@@ -250,6 +260,7 @@ class LeanForward:
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._table_len = 0
         self._plan = self._layer_plan() if self.native else None
+        self._dense: list[torch.Tensor] | None = None  # prompt_weights(), built on first use
 
     def _layer_plan(self) -> dict | None:
         """The model flattened for clp::layers_forward (the whole step's layers in one C++
@@ -279,6 +290,25 @@ class LeanForward:
                 "windows": windows, "keys": keys, "rope": [keys.index(layer.rope) for layer in self.layers],
                 "scale": float(scales.pop()), "act": 1 if self.layers[0].act == "silu" else 2}
 
+    def prompt_weights(self) -> list[torch.Tensor]:
+        """Per op of every layer (qkv, o, gate_up, down) its packed bf16 weights and bias, for
+        the prompt rows of a step on AMX-BF16 tiles (clp::dense_linear; kernels.amx_prompts),
+        or [] where prompts take the q4 kernels like every other row. Built on first use
+        (~2 bytes a trunk weight: ~210 MB for SmolLM2-135M)."""
+        if self._dense is None:
+            from .kernels import amx_prompts
+
+            dense: list[torch.Tensor] = []
+            if self._plan is not None and amx_prompts():
+                empty = torch.empty(0)
+                ops = [op for layer in self.layers for op in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+                weights = [op.dense_weights() for op in ops]
+                if all(w is not None for w in weights):
+                    for op, w in zip(ops, weights):
+                        dense += [w, op.bias_all if op.bias_all is not None else empty]
+            self._dense = dense
+        return self._dense
+
     # ---- cache and rotary tables ----------------------------------------------------------
     def new_cache(self, batch: int = 1, capacity: int = 0, chunk: int = 256) -> StaticKVCache:
         return StaticKVCache(len(self.layers), batch, self.n_kv, self.head_dim, capacity=capacity, chunk=chunk,
@@ -303,7 +333,7 @@ class LeanForward:
     # ---- forward --------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, aux_layers: tuple[int, ...] = ()):
+                positions: torch.Tensor | None = None, aux_layers: tuple[int, ...] = (), prompt: bool = False):
         """Run the new tokens through every layer, writing their K/V at [cache.length, +T).
 
         Args:
@@ -315,6 +345,8 @@ class LeanForward:
                 for draft trees whose nodes share depths.
             aux_layers: layer indices whose inputs (the residual stream before the layer, as
                 EAGLE-3 drafters read them; vLLM and llama.cpp take the same) are returned too.
+            prompt: the tokens are a prompt's: on the C++ path of an AMX-BF16 machine they run
+                on prompt_weights() (prompts always do there, so results stay deterministic).
         Returns:
             (B, T, d) post-norm hidden states; with aux_layers, also (B, T, len(aux_layers) * d),
             those inputs concatenated in the order given.
@@ -332,7 +364,7 @@ class LeanForward:
         if self.native and b == 1:
             step_mask = _step_mask(mask, start, t)
             if step_mask is not False:
-                return self._forward_native(input_ids, cache, rope, step_mask, aux_layers)
+                return self._forward_native(input_ids, cache, rope, step_mask, aux_layers, prompt)
         rope = {key: (cos[None, :, None, :], sin[None, :, None, :]) for key, (cos, sin) in rope.items()}  # (1,T,1,hd)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         end = start + t
@@ -396,7 +428,8 @@ class LeanForward:
         return SlotKVCache(len(self.layers), slots, self.n_kv, self.head_dim, capacity, dtype=self.kv_dtype)
 
     @torch.inference_mode()
-    def forward_rows(self, cache: SlotKVCache, steps: list, aux_layers: tuple[int, ...] = ()) -> list:
+    def forward_rows(self, cache: SlotKVCache, steps: list, aux_layers: tuple[int, ...] = (),
+                     prompts_from: int | None = None) -> list:
         """One forward over the new tokens of many sequences, each in its own slot of `cache`.
 
         Args:
@@ -405,6 +438,7 @@ class LeanForward:
                 draft tree's ancestors) or None (causal); offsets, (n,) rotary positions after
                 the slot's length (a tree node's depth) or None (0 .. n-1).
             aux_layers: as forward().
+            prompts_from: steps[prompts_from:] are prompt chunks (forward()'s prompt); None: none.
         Returns:
             Per sequence, its (n, d) post-norm hidden states, or with aux_layers the pair
             (hidden, (n, len(aux_layers) * d)). Each row equals the same row of a one-stream
@@ -437,7 +471,8 @@ class LeanForward:
             [tables[k][0].index_select(0, pos) for k in plan["keys"]],
             [tables[k][1].index_select(0, pos) for k in plan["keys"]],
             plan["rope"], plan["windows"], *longs, step_mask, self.n_heads, plan["scale"], plan["act"], self.norm,
-            self.norm_eps, list(aux_layers))
+            self.norm_eps, list(aux_layers), self.prompt_weights() if prompts_from is not None else [],
+            sum(len(s[1]) for s in steps[:prompts_from]) if prompts_from is not None else len(ids))
         results, at = [], 0
         for slot, tokens, _, _ in steps:
             n = len(tokens)
@@ -448,7 +483,7 @@ class LeanForward:
         return results
 
     def _forward_native(self, input_ids: torch.Tensor, cache: StaticKVCache, rope: dict,
-                        step_mask: torch.Tensor | None, aux_layers: tuple[int, ...] = ()):
+                        step_mask: torch.Tensor | None, aux_layers: tuple[int, ...] = (), prompt: bool = False):
         """Batch 1 on the C++ kernels: six fused ops per layer (RMSNorm into the QKV product,
         rotary (and Gemma's q/k norms) with the cache write, attention, the output product
         with its residual, RMSNorm into gate/up, the activation into the down product with
@@ -463,7 +498,7 @@ class LeanForward:
                 x, plan["parts"], plan["kinds"], plan["op_parts"], plan["norms"], plan["eps"], kc, vc,
                 [rope[k][0].contiguous() for k in plan["keys"]], [rope[k][1].contiguous() for k in plan["keys"]],
                 plan["rope"], plan["windows"], start, step_mask, self.n_heads, plan["scale"], plan["act"], self.norm,
-                self.norm_eps, list(aux_layers))
+                self.norm_eps, list(aux_layers), self.prompt_weights() if prompt else [], 0 if prompt else t)
             cache.advance(t)
             out = outs[0].view(1, t, -1)
             return (out, torch.cat(outs[1:], -1).view(1, t, -1)) if aux_layers else out

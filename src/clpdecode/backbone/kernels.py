@@ -115,6 +115,13 @@ def wide_q4() -> bool:
     return bool(module is not None and module.has_wide_q4())
 
 
+def amx_prompts() -> bool:
+    """Whether prompt rows run on AMX-BF16 tiles here (clp::dense_linear): the CPU has them,
+    Linux grants the tile state, and CLP_NO_AMX is unset."""
+    module = load(quiet=True)
+    return bool(module is not None and module.has_amx_bf16())
+
+
 def why_unavailable() -> str | None:
     return _state.get("why")
 
@@ -134,13 +141,17 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("clp::layers_forward")
     def _(x, parts, kinds, op_parts, norms, eps, k_caches, v_caches, cos, sin, rope, windows, start, step_mask,
-          n_heads, scale, act, final_norm, final_eps, aux_layers):
+          n_heads, scale, act, final_norm, final_eps, aux_layers, dense, dense_from):
         return [x.new_empty(x.shape) for _ in range(1 + len(aux_layers))]
 
     @torch.library.register_fake("clp::layers_forward_rows")
     def _(x, parts, kinds, op_parts, norms, eps, k_caches, v_caches, cos, sin, rope, windows, row_slot, row_write,
-          row_prefix, step_mask, n_heads, scale, act, final_norm, final_eps, aux_layers):
+          row_prefix, step_mask, n_heads, scale, act, final_norm, final_eps, aux_layers, dense, dense_from):
         return [x.new_empty(x.shape) for _ in range(1 + len(aux_layers))]
+
+    @torch.library.register_fake("clp::dense_linear")
+    def _(x, w, bias, norm, eps, act, residual):
+        return x.new_empty((x.shape[0], w.shape[0] * 16))
 
     @torch.library.register_fake("clp::rope_store")
     def _(qkv, cos, sin, k_cache, v_cache, start, n_heads, q_norm=None, k_norm=None, eps=0.0):

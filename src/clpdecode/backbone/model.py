@@ -231,7 +231,7 @@ class Backbone:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache, mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, aux_layers: tuple[int, ...] = ()):
+                positions: torch.Tensor | None = None, aux_layers: tuple[int, ...] = (), prompt: bool = False):
         """Run the trunk over new tokens, extending the cache.
 
         Args:
@@ -242,12 +242,15 @@ class Backbone:
                 new tokens. Default: causal, positions L .. L + T - 1.
             aux_layers: also return the inputs of these decoder layers (the residual stream
                 before each; EAGLE-3 drafters read three of them), concatenated.
+            prompt: the tokens are (part of) a prompt: on an AMX-BF16 machine they run on
+                bf16 tiles (LeanForward.prompt_weights), as every prompt does there.
         Returns:
             (B, T, d) post-norm hidden states, the input of the LM head; with aux_layers, a
             pair (hidden, (B, T, len(aux_layers) * d)).
         """
         if isinstance(cache, StaticKVCache):
-            return self._lean.forward(input_ids, cache, mask=mask, positions=positions, aux_layers=aux_layers)
+            return self._lean.forward(input_ids, cache, mask=mask, positions=positions, aux_layers=aux_layers,
+                                      prompt=prompt)
         if mask is not None or positions is not None:
             raise ClpError("custom attention masks and positions need the lean engine (Llama/Qwen2/Gemma 3)")
         out = self.trunk(input_ids=input_ids, cache=cache, use_cache=True, output_hidden_states=bool(aux_layers))
@@ -301,9 +304,10 @@ class Backbone:
         """A SlotKVCache for forward_rows(): `slots` sequences of up to `capacity` positions."""
         return self._lean.new_slot_cache(slots, capacity)
 
-    def forward_rows(self, cache, steps: list, aux_layers: tuple[int, ...] = ()) -> list:
+    def forward_rows(self, cache, steps: list, aux_layers: tuple[int, ...] = (),
+                     prompts_from: int | None = None) -> list:
         """One forward over several sequences' new tokens (LeanForward.forward_rows)."""
-        return self._lean.forward_rows(cache, steps, aux_layers)
+        return self._lean.forward_rows(cache, steps, aux_layers, prompts_from)
 
     @torch.inference_mode()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

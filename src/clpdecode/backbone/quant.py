@@ -195,6 +195,18 @@ def pack_tiles16(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return qs, d, m
 
 
+def pack_dense(w: torch.Tensor) -> torch.Tensor:
+    """The layout clp::dense_linear reads (prompt rows on AMX-BF16 tiles): fp32 weights (N, K)
+    rounded to bf16, as (N/16, K/32, 16, 32): per tile of 16 output features and block of 32
+    inputs, row p holds inputs (2p, 2p + 1) of features 0..15 side by side (AMX's B layout).
+    N must be a multiple of 16 and K of 32."""
+    n, k = w.shape
+    if n % 16 or k % 32:
+        raise ValueError(f"dense weights need N % 16 == 0 and K % 32 == 0, got {n} x {k}")
+    b = w.to(torch.bfloat16).view(n // 16, 16, k // 32, 16, 2)  # (tile, feature, block, pair, 2)
+    return b.permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 16, 32).contiguous()
+
+
 ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}  # an activation between the halves of [gate | up]
 
 

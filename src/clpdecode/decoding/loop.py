@@ -161,11 +161,11 @@ def prefill(backbone, prompt_ids: list[int], cache, aux_layers: tuple[int, ...] 
         (T, d) hidden states of the prompt positions, and the drafter's features of them
         ((T, 3d) aux-layer inputs, or the hidden states again).
     """
-    return decode_forward(backbone, list(prompt_ids), cache, None, aux_layers)
+    return decode_forward(backbone, list(prompt_ids), cache, None, aux_layers, prompt=True)
 
 
 def decode_forward(backbone, pending: list[int], cache, tree: DraftTree | None = None,
-                   aux_layers: tuple[int, ...] = ()):
+                   aux_layers: tuple[int, ...] = (), prompt: bool = False):
     """One forward over a step's tokens (a prompt, or a decode step's).
 
     Args:
@@ -174,12 +174,13 @@ def decode_forward(backbone, pending: list[int], cache, tree: DraftTree | None =
         tree: when the drafts branch, their tree (pending = tree.tokens): each node sees
             only its ancestors, at its depth's position.
         aux_layers: as for prefill().
+        prompt: pending is (a chunk of) the prompt (Backbone.forward's prompt).
     Returns:
         (len(pending), d) hidden states, and the drafter's features of those positions.
     """
     ids = torch.tensor([pending])
     if tree is None or tree.is_chain:
-        return _rows(backbone.forward(ids, cache, aux_layers=aux_layers), aux_layers)
+        return _rows(backbone.forward(ids, cache, aux_layers=aux_layers, prompt=prompt), aux_layers)
     past = cache.get_seq_length()
     out = backbone.forward(ids, cache, mask=tree.mask(past), positions=tree.positions(past), aux_layers=aux_layers)
     return _rows(out, aux_layers)
@@ -422,8 +423,9 @@ def generate(
 
     while not dec.done:
         threads.tick()
+        prompt = dec.prefilling
         tokens, tree = dec.next_tokens()
-        states, feats = decode_forward(backbone, tokens, cache, tree, dec.aux_layers)  # (n, d), (n, d or 3d)
+        states, feats = decode_forward(backbone, tokens, cache, tree, dec.aux_layers, prompt)  # (n, d), (n, d or 3d)
         rows = dec.logit_rows(len(tokens))
         dec.advance(states, feats, backbone.logits(states[rows]) if rows else None, keep)
         if dec.proposing:

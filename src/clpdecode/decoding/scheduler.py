@@ -402,11 +402,14 @@ class Scheduler:
         """Each planned request's (states, feats), from one forward over all rows."""
         aux = self._aux_layers(plan)
         if not self.batched:
-            return [decode_forward(self.backbone, tokens, r.cache, tree, r.decoder.aux_layers)
+            return [decode_forward(self.backbone, tokens, r.cache, tree, r.decoder.aux_layers, r.decoder.prefilling)
                     for r, tokens, tree in plan]
         steps = [(r.slot, tokens, tree.mask(0) if tree is not None and not tree.is_chain else None,
                   tree.positions(0) if tree is not None and not tree.is_chain else None) for r, tokens, tree in plan]
-        outs = self.backbone.forward_rows(self.cache, steps, aux)
+        # _plan puts the decode rows first and the prompt chunks after them: the prompts' rows
+        # are the step's last (forward_rows' prompts_from).
+        prompts_from = sum(1 for r, _, _ in plan if not r.decoder.prefilling)
+        outs = self.backbone.forward_rows(self.cache, steps, aux, prompts_from)
         return [(o[0], o[1] if r.decoder.aux_layers else o[0]) if aux else (o, o) for (r, _, _), o in zip(plan, outs)]
 
     def _advance(self, plan, outputs) -> None:

@@ -1273,6 +1273,126 @@ torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos, con
   return rope_store_rows(qkv, cos, sin, kc, vc, StepRows::single(qkv.size(0), start, nullptr), nh, q_norm, k_norm, eps);
 }
 
+// ---- prompt rows on AMX-BF16 (clp::dense_linear) -----------------------------------------------
+// A prompt's rows are many and arrive together: there the tile unit pays. Where the CPU has
+// AMX-BF16, a prompt's rows (never a decode step's) run y = op(x) W^T on tiles, with W the
+// linear's dequantised weights rounded once to bf16 and op(x) rounded to bf16 per row, fp32
+// sums (TDPBF16PS). Each 16 x 16 output tile sums its K blocks in one fixed order, and a row
+// only ever meets its own activations, so a row's result does not depend on the other rows,
+// on how a prompt is cut into chunks, or on the thread count: a request's text stays the same
+// under any load. It is not the q4 kernels' result (a prompt row's hidden state moves by
+// ~0.5% against the q4 path): prompts always take this path on such a machine, in one stream
+// as in a batch, and decode rows never do, so verified still equals AR token for token.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define CLP_AMX_BF16 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+// Linux hands out the tile state only on request (arch_prctl), once per process.
+bool amx_permitted() {
+  static const bool ok = [] {
+    if (std::getenv("CLP_NO_AMX") != nullptr) return false;
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+// Every tile 16 rows x 64 bytes: tiles 0..3 fp32 sums (row block 0/1 x feature tile 0/1),
+// 4, 5 two row blocks of activations (16 rows x 32 bf16), 6, 7 two feature tiles of weights
+// (16 pairs of inputs x 16 features x 2 bf16: AMX's B layout).
+void dense_configure() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  } c;
+  for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// RB row blocks x NB feature tiles of sums over kb blocks of 32 inputs. a: the first row
+// block's activations (row stride lda elements); b0, b1: the feature tiles' packed weights
+// (512 bf16 per block of 32 inputs); c: fp32 out (row stride ldc).
+template <int RB, int NB>
+void dense_tiles(const uint16_t* a, int64_t lda, const uint16_t* b0, const uint16_t* b1, int64_t kb, float* c,
+                 int64_t ldc) {
+  _tile_zero(0);
+  if (NB > 1) _tile_zero(1);
+  if (RB > 1) _tile_zero(2);
+  if (RB > 1 && NB > 1) _tile_zero(3);
+  for (int64_t k = 0; k < kb; ++k) {
+    _tile_loadd(4, a + k * 32, lda * 2);
+    if (RB > 1) _tile_loadd(5, a + 16 * lda + k * 32, lda * 2);
+    _tile_loadd(6, b0 + k * 512, 64);
+    if (NB > 1) _tile_loadd(7, b1 + k * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (NB > 1) _tile_dpbf16ps(1, 4, 7);
+    if (RB > 1) _tile_dpbf16ps(2, 5, 6);
+    if (RB > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, ldc * 4);
+  if (NB > 1) _tile_stored(1, c + 16, ldc * 4);
+  if (RB > 1) _tile_stored(2, c + 16 * ldc, ldc * 4);
+  if (RB > 1 && NB > 1) _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+}
+#else
+#define CLP_AMX_BF16 0
+bool amx_permitted() { return false; }
+#endif
+
+// x: (M, K') fp32 (K' = K, or 2K for act); w: (N / 16, K / 32, 16, 32) bf16, packed by
+// quant.pack_dense; returns (M, N) fp32 = op(x) W^T (+ bias) (+ residual).
+torch::Tensor dense_linear(const torch::Tensor& x_in, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias,
+                           const c10::optional<torch::Tensor>& norm, double eps, int64_t act,
+                           const c10::optional<torch::Tensor>& residual) {
+  TORCH_CHECK(CLP_AMX_BF16 && amx_permitted(), "dense_linear: this CPU (or process) has no AMX-BF16 tiles");
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.dim() == 4 && w.size(2) == 16 && w.size(3) == 32 &&
+                  w.is_contiguous(), "dense_linear: weights must be packed (N/16, K/32, 16, 32) bf16");
+  const auto x = x_in.contiguous();
+  const int64_t M = x.size(0), N = w.size(0) * 16, K = w.size(1) * 32, Mp = (M + 15) / 16 * 16;
+  TORCH_CHECK(x.size(1) == (act == ACT_NONE ? K : 2 * K), "dense_linear: input width does not match the weights");
+  auto out = torch::empty({Mp, N}, x.options());
+#if CLP_AMX_BF16
+  const float* nw = norm.has_value() && norm->defined() ? norm->data_ptr<float>() : nullptr;
+  std::vector<uint16_t> a(Mp * K, 0);  // the rows as AMX reads them, bf16, padded with zero rows
+  const float* X = x.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> row(K);
+    for (int64_t r = b; r < e; ++r) {
+      input_row(X + r * x.size(1), K, nw, (float)eps, act, row.data());
+      for (int64_t j = 0; j < K; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.data() + r * K + j),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row.data() + j)));
+    }
+  });
+  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* O = out.data_ptr<float>();
+  const int64_t kb = K / 32, ftiles = N / 16, rblocks = Mp / 16;
+  at::parallel_for(0, (ftiles + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
+    dense_configure();
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t f = 2 * p;
+      const uint16_t *b0 = W + f * kb * 512, *b1 = b0 + kb * 512;
+      const bool two = f + 1 < ftiles;
+      for (int64_t r = 0; r < rblocks; r += 2) {
+        const uint16_t* ar = a.data() + r * 16 * K;
+        float* c = O + r * 16 * N + f * 16;
+        if (r + 1 < rblocks)
+          two ? dense_tiles<2, 2>(ar, K, b0, b1, kb, c, N) : dense_tiles<2, 1>(ar, K, b0, b1, kb, c, N);
+        else
+          two ? dense_tiles<1, 2>(ar, K, b0, b1, kb, c, N) : dense_tiles<1, 1>(ar, K, b0, b1, kb, c, N);
+      }
+    }
+    _tile_release();
+  });
+#endif
+  out = out.narrow(0, 0, M);
+  if (bias.has_value() && bias->defined()) out.add_(*bias);
+  if (residual.has_value() && residual->defined()) out.add_(*residual);
+  return out;
+}
+
 // ---- a whole decode step's layers in one call --------------------------------------------------
 // The batch-1 step of LeanForward._forward_native, looped here instead of in Python: the same
 // kernels, called as C++ functions (no dispatcher, no interpreter between them), so the result
@@ -1313,8 +1433,11 @@ std::vector<torch::Tensor> layers_core(const torch::Tensor& x_in, const std::vec
                                        const std::vector<int64_t>& rope, const std::vector<int64_t>& windows,
                                        const StepRows& rows, int64_t n_heads, double scale, int64_t act,
                                        const torch::Tensor& final_norm, double final_eps,
-                                       const std::vector<int64_t>& aux_layers) {
+                                       const std::vector<int64_t>& aux_layers, const std::vector<torch::Tensor>& dense,
+                                       int64_t dense_from) {
   const int64_t n_layers = (int64_t)kcs.size();
+  TORCH_CHECK(dense.empty() || (int64_t)dense.size() == 8 * n_layers,
+              "layers_forward: dense takes 2 tensors (packed weight, bias) per op, 4 ops per layer");
   TORCH_CHECK((int64_t)op_parts.size() == 4 * n_layers && (int64_t)norms.size() == 6 * n_layers &&
                   (int64_t)eps.size() == 5 * n_layers && (int64_t)vcs.size() == n_layers &&
                   (int64_t)rope.size() == n_layers && (int64_t)windows.size() == n_layers,
@@ -1327,29 +1450,47 @@ std::vector<torch::Tensor> layers_core(const torch::Tensor& x_in, const std::vec
   const int64_t T = x.size(0);
   std::vector<torch::Tensor> out(1 + aux_layers.size());
   int64_t part = 0;
+  // Op o of layer l over the step's rows: rows [0, dense_from) on the q4/q8 parts, the prompt
+  // rows [dense_from, T) on the op's dense weights where it has them (dense_linear).
+  auto linear = [&](int64_t l, int64_t o, const torch::Tensor& in, int64_t first, int64_t count,
+                    const c10::optional<torch::Tensor>& norm, double e, int64_t a,
+                    const c10::optional<torch::Tensor>& residual) {
+    const int64_t lo = std::max<int64_t>(0, dense_from);
+    if (dense.empty() || lo >= T || !dense[8 * l + 2 * o].numel())
+      return linear_part(in, parts, kinds, first, count, norm, e, a, residual);
+    const auto& dw = dense[8 * l + 2 * o];
+    const auto db = opt(dense[8 * l + 2 * o + 1]);
+    auto rows = [&](const c10::optional<torch::Tensor>& t, int64_t from, int64_t n) {
+      return t.has_value() && t->defined() ? c10::optional<torch::Tensor>(t->narrow(0, from, n)) : c10::nullopt;
+    };
+    auto tail = dense_linear(in.narrow(0, lo, T - lo), dw, db, norm, e, a, rows(residual, lo, T - lo));
+    if (lo == 0) return tail;
+    return torch::cat({linear_part(in.narrow(0, 0, lo), parts, kinds, first, count, norm, e, a, rows(residual, 0, lo)),
+                       tail}, 0);
+  };
   for (int64_t l = 0; l < n_layers; ++l) {
     for (size_t a = 0; a < aux_layers.size(); ++a)
       if (aux_layers[a] == l) out[1 + a] = x;
     const torch::Tensor* nl = &norms[6 * l];
     const double* el = &eps[5 * l];
     const int64_t* np = &op_parts[4 * l];
-    auto h = linear_part(x, parts, kinds, part, np[0], opt(nl[0]), el[0], 0, c10::nullopt);
+    auto h = linear(l, 0, x, part, np[0], opt(nl[0]), el[0], 0, c10::nullopt);
     part += np[0];
     auto q = rope_store_rows(h, coss[rope[l]], sins[rope[l]], kcs[l], vcs[l], rows, n_heads, opt(nl[4]), opt(nl[5]),
                              el[4]);
     auto att = attention_rows(q, kcs[l], vcs[l], rows, scale, windows[l]).view({T, -1});
     if (nl[2].numel()) {  // Gemma 3: the attention output normed before its residual
-      x = rms_norm(linear_part(att, parts, kinds, part, np[1], c10::nullopt, 0.0, 0, c10::nullopt), nl[2], el[2], x);
+      x = rms_norm(linear(l, 1, att, part, np[1], c10::nullopt, 0.0, 0, c10::nullopt), nl[2], el[2], x);
     } else {
-      x = linear_part(att, parts, kinds, part, np[1], c10::nullopt, 0.0, 0, x);
+      x = linear(l, 1, att, part, np[1], c10::nullopt, 0.0, 0, x);
     }
     part += np[1];
-    h = linear_part(x, parts, kinds, part, np[2], opt(nl[1]), el[1], 0, c10::nullopt);
+    h = linear(l, 2, x, part, np[2], opt(nl[1]), el[1], 0, c10::nullopt);
     part += np[2];
     if (nl[3].numel()) {
-      x = rms_norm(linear_part(h, parts, kinds, part, np[3], c10::nullopt, 0.0, act, c10::nullopt), nl[3], el[3], x);
+      x = rms_norm(linear(l, 3, h, part, np[3], c10::nullopt, 0.0, act, c10::nullopt), nl[3], el[3], x);
     } else {
-      x = linear_part(h, parts, kinds, part, np[3], c10::nullopt, 0.0, act, x);
+      x = linear(l, 3, h, part, np[3], c10::nullopt, 0.0, act, x);
     }
     part += np[3];
   }
@@ -1368,11 +1509,12 @@ std::vector<torch::Tensor> layers_forward(const torch::Tensor& x, std::vector<to
                                           std::vector<int64_t> rope, std::vector<int64_t> windows, int64_t start,
                                           const c10::optional<torch::Tensor>& step_mask, int64_t n_heads, double scale,
                                           int64_t act, const torch::Tensor& final_norm, double final_eps,
-                                          std::vector<int64_t> aux_layers) {
+                                          std::vector<int64_t> aux_layers, std::vector<torch::Tensor> dense,
+                                          int64_t dense_from) {
   torch::Tensor holder;
   const auto rows = StepRows::single(x.size(0), start, mask_data(step_mask, x.size(0), holder, "layers_forward"));
   return layers_core(x, parts, kinds, op_parts, norms, eps, kcs, vcs, coss, sins, rope, windows, rows, n_heads, scale,
-                     act, final_norm, final_eps, aux_layers);
+                     act, final_norm, final_eps, aux_layers, dense, dense_from);
 }
 
 // Rows of many streams in one step: caches (slots, n_kv, capacity, hd) per layer; row i of x
@@ -1389,7 +1531,8 @@ std::vector<torch::Tensor> layers_forward_rows(const torch::Tensor& x, std::vect
                                                const torch::Tensor& row_prefix,
                                                const c10::optional<torch::Tensor>& step_mask, int64_t n_heads,
                                                double scale, int64_t act, const torch::Tensor& final_norm,
-                                               double final_eps, std::vector<int64_t> aux_layers) {
+                                               double final_eps, std::vector<int64_t> aux_layers,
+                                               std::vector<torch::Tensor> dense, int64_t dense_from) {
   const int64_t T = x.size(0);
   for (const auto* t : {&row_slot, &row_write, &row_prefix})
     TORCH_CHECK(t->scalar_type() == torch::kLong && t->dim() == 1 && t->size(0) == T && t->is_contiguous(),
@@ -1399,7 +1542,7 @@ std::vector<torch::Tensor> layers_forward_rows(const torch::Tensor& x, std::vect
   const StepRows rows(T, row_slot.data_ptr<int64_t>(), row_write.data_ptr<int64_t>(), row_prefix.data_ptr<int64_t>(),
                       mask_data(step_mask, T, holder, "layers_forward_rows"));
   return layers_core(x, parts, kinds, op_parts, norms, eps, kcs, vcs, coss, sins, rope, windows, rows, n_heads, scale,
-                     act, final_norm, final_eps, aux_layers);
+                     act, final_norm, final_eps, aux_layers, dense, dense_from);
 }
 
 }  // namespace
@@ -1411,11 +1554,12 @@ TORCH_LIBRARY(clp, m) {
   m.def("layers_forward(Tensor x, Tensor[] parts, int[] kinds, int[] op_parts, Tensor[] norms, float[] eps, "
         "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor[] cos, Tensor[] sin, int[] rope, int[] windows, "
         "int start, Tensor? step_mask, int n_heads, float scale, int act, Tensor final_norm, float final_eps, "
-        "int[] aux_layers) -> Tensor[]");
+        "int[] aux_layers, Tensor[] dense, int dense_from) -> Tensor[]");
   m.def("layers_forward_rows(Tensor x, Tensor[] parts, int[] kinds, int[] op_parts, Tensor[] norms, float[] eps, "
         "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor[] cos, Tensor[] sin, int[] rope, int[] windows, "
         "Tensor row_slot, Tensor row_write, Tensor row_prefix, Tensor? step_mask, int n_heads, float scale, int act, "
-        "Tensor final_norm, float final_eps, int[] aux_layers) -> Tensor[]");
+        "Tensor final_norm, float final_eps, int[] aux_layers, Tensor[] dense, int dense_from) -> Tensor[]");
+  m.def("dense_linear(Tensor x, Tensor w, Tensor? bias, Tensor? norm, float eps, int act, Tensor? residual) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor qs, Tensor d, Tensor? bias, Tensor? norm, float eps, int act, "
         "Tensor? residual) -> Tensor");
   m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
@@ -1431,10 +1575,12 @@ TORCH_LIBRARY_IMPL(clp, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("layers_forward", &layers_forward);
   m.impl("layers_forward_rows", &layers_forward_rows);
+  m.impl("dense_linear", &dense_linear);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx2", []() { return (bool)CLP_AVX2; });
   m.def("activation_levels", []() { return (double)QMAX; });
   m.def("has_wide_q4", []() { return (bool)CLP_WIDE; });
+  m.def("has_amx_bf16", []() { return (bool)CLP_AMX_BF16 && amx_permitted(); });
 }

@@ -1,0 +1,75 @@
+"""A burst of requests on the scheduler, in-process: when each one's first token comes, and
+how fast the whole burst goes. What `clp bench-serve` measures through HTTP at the start of
+each concurrency (every client sends at once), without the server around it.
+
+    python scripts/scheduler_probe.py --requests 8 --max-new-tokens 128
+    CLP_NO_AMX=1 python scripts/scheduler_probe.py --requests 8   # prompts on the q4 kernels
+
+Prints one JSON line per round (--repeats): each request's prompt tokens and time to first
+token (s, from the burst's submission), their p50 and max, the whole burst's seconds and
+tokens/s, the step count, and whether prompts ran on AMX-BF16 tiles (kernels.amx_prompts).
+Greedy AR by default (--method); the scheduler's defaults otherwise (as `clp serve` runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def main() -> None:
+    import torch
+
+    from clpdecode.backbone import kernels, load_backbone
+    from clpdecode.decoding import GenerationConfig, make_policy
+    from clpdecode.decoding.scheduler import Request, Scheduler
+    from clpdecode.evaluation.cpu import cpu_info, cpu_summary
+    from clpdecode.evaluation.prompts import load_prompts
+    from clpdecode.heads import resolve_drafter
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--prompts", default="mtbench")
+    p.add_argument("--requests", type=int, default=8, help="requests submitted at once (and slots)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--method", default="ar")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    bb = load_backbone(args.model, progress=False)
+    prompts = [bb.encode_prompt(t) for t in load_prompts(args.prompts, args.requests)]
+    sched = Scheduler(bb, slots=args.requests)
+    print(f"clp: {cpu_summary(cpu_info())}; prompts on AMX-BF16 tiles: {kernels.amx_prompts()}",
+          file=sys.stderr, flush=True)
+    drafter = None if args.method == "ar" else resolve_drafter(bb, None, None, required=True)
+    for _ in range(args.repeats):
+        first: dict[int, float] = {}
+        tokens = [0] * len(prompts)
+
+        def seen(i: int, ids: list[int]) -> None:
+            first.setdefault(i, time.perf_counter())
+            tokens[i] += len(ids)
+
+        steps = sched.stats["steps"]
+        t0 = time.perf_counter()
+        for i, ids in enumerate(prompts):  # a policy object per request, as the server makes them
+            sched.submit(Request(ids, make_policy(args.method, bb, drafter),
+                                 GenerationConfig(max_new_tokens=args.max_new_tokens),
+                                 on_tokens=lambda ids, _h, i=i: seen(i, ids)))
+        sched.run()
+        seconds = time.perf_counter() - t0
+        ttft = [first[i] - t0 for i in range(len(prompts))]
+        print(json.dumps({
+            "requests": len(prompts), "prompt_tokens": [len(x) for x in prompts],
+            "ttft_s": [round(t, 3) for t in ttft], "ttft_p50_s": round(statistics.median(ttft), 3),
+            "ttft_max_s": round(max(ttft), 3), "seconds": round(seconds, 2),
+            "tokens_per_s": round(sum(tokens) / seconds, 1), "steps": sched.stats["steps"] - steps,
+            "amx_prompts": kernels.amx_prompts()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
