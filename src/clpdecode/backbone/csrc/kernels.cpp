@@ -1231,36 +1231,42 @@ torch::Tensor rope_store_rows(const torch::Tensor& qkv_in, const torch::Tensor& 
   if (q_norm.has_value() && q_norm->defined()) qn = q_norm->contiguous();
   if (k_norm.has_value() && k_norm->defined()) kn = k_norm->contiguous();
   TORCH_CHECK((!qn.defined() || qn.numel() == hd) && (!kn.defined() || kn.numel() == hd), "rope_store: norm shape");
-  std::vector<float> tmp(hd), normed(hd);
-  for (int64_t t = 0; t < T; ++t) {
-    const float *c = C + t * hd, *s = S + t * hd, *row = X + t * qkv.size(1);
-    const int64_t base = rows.slot[t] * nkv * cap + rows.write[t];  // (slot, kvh = 0, position)
-    for (int64_t h = 0; h < nh + nkv; ++h) {
-      const float* x = row + h * hd;
-      const torch::Tensor& nw = h < nh ? qn : kn;
-      if (nw.defined()) {
-        input_row(x, hd, nw.data_ptr<float>(), (float)eps, ACT_NONE, normed.data());
-        x = normed.data();
+  // Rows in parallel (a prompt chunk has many; each row writes only its own cache positions),
+  // the same arithmetic per element whatever the split.
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<float> tmp(hd), normed(hd);
+    for (int64_t t = t0; t < t1; ++t) {
+      const float *c = C + t * hd, *s = S + t * hd, *row = X + t * qkv.size(1);
+      const int64_t base = rows.slot[t] * nkv * cap + rows.write[t];  // (slot, kvh = 0, position)
+      for (int64_t h = 0; h < nh + nkv; ++h) {
+        const float* x = row + h * hd;
+        const torch::Tensor& nw = h < nh ? qn : kn;
+        if (nw.defined()) {
+          input_row(x, hd, nw.data_ptr<float>(), (float)eps, ACT_NONE, normed.data());
+          x = normed.data();
+        }
+        float* dst = h < nh ? Q + (t * nh + h) * hd : tmp.data();
+        // x * cos + roll(x, hd / 2) * sin, in two halves (no index wrap: the loops vectorise)
+        for (int64_t i = 0; i < half; ++i) dst[i] = x[i] * c[i] + x[i + half] * s[i];
+        for (int64_t i = half; i < hd; ++i) dst[i] = x[i] * c[i] + x[i - half] * s[i];
+        if (h >= nh) {
+          const int64_t at = (base + (h - nh) * cap) * hd;
+          if (kc.scalar_type() == torch::kHalf)
+            store_row(kc.data_ptr<at::Half>() + at, tmp.data(), hd);
+          else
+            store_row(kc.data_ptr<float>() + at, tmp.data(), hd);
+        }
       }
-      float* dst = h < nh ? Q + (t * nh + h) * hd : tmp.data();
-      for (int64_t i = 0; i < hd; ++i) dst[i] = x[i] * c[i] + x[(i + half) % hd] * s[i];
-      if (h >= nh) {
-        const int64_t at = (base + (h - nh) * cap) * hd;
-        if (kc.scalar_type() == torch::kHalf)
-          store_row(kc.data_ptr<at::Half>() + at, tmp.data(), hd);
+      for (int64_t kvh = 0; kvh < nkv; ++kvh) {
+        const float* v = row + (nh + nkv + kvh) * hd;
+        const int64_t at = (base + kvh * cap) * hd;
+        if (vc.scalar_type() == torch::kHalf)
+          store_row(vc.data_ptr<at::Half>() + at, v, hd);
         else
-          store_row(kc.data_ptr<float>() + at, tmp.data(), hd);
+          store_row(vc.data_ptr<float>() + at, v, hd);
       }
     }
-    for (int64_t kvh = 0; kvh < nkv; ++kvh) {
-      const float* v = row + (nh + nkv + kvh) * hd;
-      const int64_t at = (base + kvh * cap) * hd;
-      if (vc.scalar_type() == torch::kHalf)
-        store_row(vc.data_ptr<at::Half>() + at, v, hd);
-      else
-        store_row(vc.data_ptr<float>() + at, v, hd);
-    }
-  }
+  });
   return q;
 }
 
@@ -1312,18 +1318,18 @@ void dense_configure() {
 }
 
 // RB row blocks x NB feature tiles of sums over kb blocks of 32 inputs. a: the first row
-// block's activations (row stride lda elements); b0, b1: the feature tiles' packed weights
-// (512 bf16 per block of 32 inputs); c: fp32 out (row stride ldc).
+// block's activations, packed as the weights are (512 bf16 per block of 16 rows x 32 inputs,
+// so that a tile load reads 1 KB in a row); b0, b1: the feature tiles' packed weights (512
+// bf16 per block of 32 inputs); c: fp32 out (row stride ldc).
 template <int RB, int NB>
-void dense_tiles(const uint16_t* a, int64_t lda, const uint16_t* b0, const uint16_t* b1, int64_t kb, float* c,
-                 int64_t ldc) {
+void dense_tiles(const uint16_t* a, const uint16_t* b0, const uint16_t* b1, int64_t kb, float* c, int64_t ldc) {
   _tile_zero(0);
   if (NB > 1) _tile_zero(1);
   if (RB > 1) _tile_zero(2);
   if (RB > 1 && NB > 1) _tile_zero(3);
   for (int64_t k = 0; k < kb; ++k) {
-    _tile_loadd(4, a + k * 32, lda * 2);
-    if (RB > 1) _tile_loadd(5, a + 16 * lda + k * 32, lda * 2);
+    _tile_loadd(4, a + k * 512, 64);
+    if (RB > 1) _tile_loadd(5, a + (kb + k) * 512, 64);
     _tile_loadd(6, b0 + k * 512, 64);
     if (NB > 1) _tile_loadd(7, b1 + k * 512, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -1355,20 +1361,23 @@ torch::Tensor dense_linear(const torch::Tensor& x_in, const torch::Tensor& w, co
   auto out = torch::empty({Mp, N}, x.options());
 #if CLP_AMX_BF16
   const float* nw = norm.has_value() && norm->defined() ? norm->data_ptr<float>() : nullptr;
-  std::vector<uint16_t> a(Mp * K, 0);  // the rows as AMX reads them, bf16, padded with zero rows
+  const int64_t kb = K / 32, ftiles = N / 16, rblocks = Mp / 16;
+  // The rows as AMX reads them: bf16, (row block, block of 32 inputs, 16 rows, 32), padded
+  // with zero rows.
+  std::vector<uint16_t> a(Mp * K, 0);
   const float* X = x.data_ptr<float>();
   at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
     std::vector<float> row(K);
     for (int64_t r = b; r < e; ++r) {
       input_row(X + r * x.size(1), K, nw, (float)eps, act, row.data());
+      uint16_t* dst = a.data() + (r / 16) * kb * 512 + (r % 16) * 32;
       for (int64_t j = 0; j < K; j += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.data() + r * K + j),
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (j / 32) * 512 + j % 32),
                             (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row.data() + j)));
     }
   });
   const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* O = out.data_ptr<float>();
-  const int64_t kb = K / 32, ftiles = N / 16, rblocks = Mp / 16;
   at::parallel_for(0, (ftiles + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
     dense_configure();
     for (int64_t p = p0; p < p1; ++p) {
@@ -1376,12 +1385,12 @@ torch::Tensor dense_linear(const torch::Tensor& x_in, const torch::Tensor& w, co
       const uint16_t *b0 = W + f * kb * 512, *b1 = b0 + kb * 512;
       const bool two = f + 1 < ftiles;
       for (int64_t r = 0; r < rblocks; r += 2) {
-        const uint16_t* ar = a.data() + r * 16 * K;
+        const uint16_t* ar = a.data() + r * kb * 512;
         float* c = O + r * 16 * N + f * 16;
         if (r + 1 < rblocks)
-          two ? dense_tiles<2, 2>(ar, K, b0, b1, kb, c, N) : dense_tiles<2, 1>(ar, K, b0, b1, kb, c, N);
+          two ? dense_tiles<2, 2>(ar, b0, b1, kb, c, N) : dense_tiles<2, 1>(ar, b0, b1, kb, c, N);
         else
-          two ? dense_tiles<1, 2>(ar, K, b0, b1, kb, c, N) : dense_tiles<1, 1>(ar, K, b0, b1, kb, c, N);
+          two ? dense_tiles<1, 2>(ar, b0, b1, kb, c, N) : dense_tiles<1, 1>(ar, b0, b1, kb, c, N);
       }
     }
     _tile_release();
