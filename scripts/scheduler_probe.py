@@ -14,7 +14,9 @@ Greedy AR by default (--method); the scheduler's defaults otherwise (as `clp ser
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -38,6 +40,8 @@ def main() -> None:
     p.add_argument("--method", default="ar")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="cProfile the rounds; print the N functions with the most own time to stderr")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     bb = load_backbone(args.model, progress=False)
@@ -46,6 +50,7 @@ def main() -> None:
     print(f"clp: {cpu_summary(cpu_info())}; prompts on AMX-BF16 tiles: {kernels.amx_prompts()}",
           file=sys.stderr, flush=True)
     drafter = None if args.method == "ar" else resolve_drafter(bb, None, None, required=True)
+    profiler = cProfile.Profile() if args.profile else None
     for _ in range(args.repeats):
         first: dict[int, float] = {}
         tokens = [0] * len(prompts)
@@ -60,7 +65,11 @@ def main() -> None:
             sched.submit(Request(ids, make_policy(args.method, bb, drafter),
                                  GenerationConfig(max_new_tokens=args.max_new_tokens),
                                  on_tokens=lambda ids, _h, i=i: seen(i, ids)))
+        if profiler is not None:
+            profiler.enable()
         sched.run()
+        if profiler is not None:
+            profiler.disable()
         seconds = time.perf_counter() - t0
         ttft = [first[i] - t0 for i in range(len(prompts))]
         print(json.dumps({
@@ -68,7 +77,10 @@ def main() -> None:
             "ttft_s": [round(t, 3) for t in ttft], "ttft_p50_s": round(statistics.median(ttft), 3),
             "ttft_max_s": round(max(ttft), 3), "seconds": round(seconds, 2),
             "tokens_per_s": round(sum(tokens) / seconds, 1), "steps": sched.stats["steps"] - steps,
-            "amx_prompts": kernels.amx_prompts()}), flush=True)
+            "amx_prompts": kernels.amx_prompts(), "drafted": sched.stats["drafted"], "kept": sched.stats["kept"]}),
+              flush=True)
+    if profiler is not None:
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile)
 
 
 if __name__ == "__main__":
