@@ -10,6 +10,7 @@ marginal ns per (feature, group, row) against M = 1. Run it on a quiet machine:
     python scripts/kernel_rows.py --threads 2 --attention   # clp::decode_attention instead
     python scripts/kernel_rows.py --threads 1 --attention --rows 1 --context 120 [--cache fp32]
     python scripts/kernel_rows.py --threads 1 --matmul      # the machine's fp32 matmul rate
+    python scripts/kernel_rows.py --threads 2 --dense --rows 1,16,64,256  # prompt rows: AMX-BF16 beside q4
 """
 import argparse
 import json
@@ -36,6 +37,9 @@ def main() -> None:
                    help="time clp::decode_attention (30 layers, 9 heads over 3 K/V heads, fp16 cache) instead")
     p.add_argument("--context", type=int, default=1000, help="--attention: cached tokens")
     p.add_argument("--cache", choices=["fp16", "fp32"], default="fp16", help="--attention: the K/V cache's dtype")
+    p.add_argument("--dense", action="store_true",
+                   help="also time clp::dense_linear (prompt rows on AMX-BF16 tiles) on the same weights, "
+                        "interleaved with the q4 passes")
     p.add_argument("--matmul", action="store_true",
                    help="the reference instead: torch's fp32 matmul (1024^3) in GFLOPS, the machine's FMA rate")
     args = p.parse_args()
@@ -53,21 +57,49 @@ def main() -> None:
     if args.attention:
         return attention(args)
     # Distinct weights per layer, so that a pass reads ~80 MB as a real step does (no cache reuse).
-    linears = [Int4Linear(Int4Weight.from_float(torch.randn(n, k) * 0.05)) for _ in range(args.layers)
-               for n, k in SHAPES]
+    weights = [Int4Weight.from_float(torch.randn(n, k) * 0.05) for _ in range(args.layers) for n, k in SHAPES]
+    linears = [Int4Linear(w) for w in weights]
     groups = sum(n * k // 32 for n, k in SHAPES) * args.layers  # (feature, group) pairs per pass
     base = None
+    if args.dense:
+        if not kernels.amx_prompts():
+            sys.exit("--dense needs AMX-BF16 tiles (kernels.amx_prompts), which this machine or process lacks")
+        from clpdecode.backbone.quant import pack_dense
+
+        dense = [pack_dense(w.dequantize()) for w in weights]  # the same weights, dequantised
+        op = torch.ops.clp.dense_linear.default
     for m in [int(r) for r in args.rows.split(",")]:
         xs = {k: torch.randn(m, k) for _, k in SHAPES}
         for lin, (_, k) in zip(linears[:7], SHAPES):
             lin(xs[k])  # warm-up
-        ms = median_ms(lambda: [lin(xs[k]) for lin, (_, k) in zip(linears, SHAPES * args.layers)], args.repeats)
+        q4_pass = lambda: [lin(xs[k]) for lin, (_, k) in zip(linears, SHAPES * args.layers)]  # noqa: E731
+        if args.dense:  # the two kernels' passes alternate, so that drift hits both alike
+            dense_pass = lambda: [op(xs[k], w, None, None, 0.0, 0, None)  # noqa: E731
+                                  for w, (_, k) in zip(dense, SHAPES * args.layers)]
+            dense_pass()
+            ms, dense_ms = median_ms_pair(q4_pass, dense_pass, args.repeats)
+        else:
+            ms = median_ms(q4_pass, args.repeats)
         base = ms if m == 1 else base
         row = {"rows": m, "threads": args.threads, "ms": round(ms, 3),
                "ns_per_feature_group": round(ms * 1e6 / groups, 3)}
         if m > 1:
             row["ns_per_feature_group_extra_row"] = round((ms - base) * 1e6 / groups / (m - 1), 3)
+        if args.dense:
+            row["dense_ms"] = round(dense_ms, 3)
+            row["dense_speedup"] = round(ms / dense_ms, 2)
         print(json.dumps(row), flush=True)
+
+
+def median_ms_pair(a, b, repeats: int) -> tuple[float, float]:
+    """Median wall times of a() and b(), run alternately `repeats` times each, in ms."""
+    ta, tb = [], []
+    for _ in range(repeats):
+        for f, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
 
 
 def median_ms(one_pass, repeats: int) -> float:

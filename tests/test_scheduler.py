@@ -196,6 +196,21 @@ def test_cost_model_follows_the_measured_steps():
     assert CostModel(a=10.0, b=2.0).step_ms(5) == 20.0  # nothing measured: the prior line
 
 
+@native
+def test_the_cost_table_learns_from_decode_steps_only(q4, monkeypatch):
+    """Prompt rows cost less than decode and draft rows (no LM head; their own kernel on
+    AMX-BF16), so steps carrying prompt chunks do not enter the table that prices drafts."""
+    sched = Scheduler(q4, slots=2, max_rows=64, calibrate=False)
+    seen = []
+    monkeypatch.setattr(sched.cost, "observe", lambda rows, ms: seen.append(rows))
+    for ids in ([5] * 20, [7] * 30):
+        sched.submit(Request(ids, make_policy("ar"), GenerationConfig(max_new_tokens=4)))
+    steps = []
+    while sched.running or sched.waiting:
+        steps.append(sched.step())
+    assert steps[0] == 50 and seen == [r for r in steps[1:] if r]  # the prompts' step only is left out
+
+
 def test_bad_scheduler_settings(tiny_backbone):
     for kw, param in [({"budget": "maybe"}, "spec_budget"), ({"slots": 0}, "parallel"), ({"max_rows": 0}, "max_rows")]:
         with pytest.raises(ClpError) as e:

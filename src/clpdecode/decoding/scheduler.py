@@ -299,11 +299,16 @@ class Scheduler:
         plan = self._rows()
         if not plan:
             return 0
+        # The cost table prices decode and draft rows, so it learns from steps of those alone: a
+        # prompt row costs less (no LM head; on AMX-BF16 its own kernel at ~half a q4 row's
+        # cost), and steps carrying prompt chunks made drafts look cheap at 8-16 clients
+        # (bench-out/serve-r13: the budget 16-19% behind batched AR there).
+        prompt_step = any(r.decoder.prefilling for r, _, _ in plan)
         t0 = time.perf_counter()
         outputs = self._forward(plan)
         rows = sum(len(tokens) for _, tokens, _ in plan)
         self._advance(plan, outputs)
-        if self.batched:  # the forward, the LM head and verification: what a row adds (the drafter apart)
+        if self.batched and not prompt_step:  # the forward, the LM head and verification (the drafter apart)
             self.cost.observe(rows, (time.perf_counter() - t0) * 1e3)
         self.stats["steps"] += 1
         self.stats["rows"] += rows
