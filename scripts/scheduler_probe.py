@@ -59,7 +59,7 @@ def main() -> None:
             first.setdefault(i, time.perf_counter())
             tokens[i] += len(ids)
 
-        steps = sched.stats["steps"]
+        before = {k: sched.stats[k] for k in ("steps", "drafted", "kept")}
         t0 = time.perf_counter()
         for i, ids in enumerate(prompts):  # a policy object per request, as the server makes them
             sched.submit(Request(ids, make_policy(args.method, bb, drafter),
@@ -76,9 +76,8 @@ def main() -> None:
             "requests": len(prompts), "prompt_tokens": [len(x) for x in prompts],
             "ttft_s": [round(t, 3) for t in ttft], "ttft_p50_s": round(statistics.median(ttft), 3),
             "ttft_max_s": round(max(ttft), 3), "seconds": round(seconds, 2),
-            "tokens_per_s": round(sum(tokens) / seconds, 1), "steps": sched.stats["steps"] - steps,
-            "amx_prompts": kernels.amx_prompts(), "drafted": sched.stats["drafted"], "kept": sched.stats["kept"]}),
-              flush=True)
+            "tokens_per_s": round(sum(tokens) / seconds, 1), "amx_prompts": kernels.amx_prompts(),
+            **{k: sched.stats[k] - v for k, v in before.items()}}), flush=True)
     if profiler is not None:
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile)
 

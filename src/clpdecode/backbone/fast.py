@@ -105,11 +105,11 @@ class LinearOp:
             bias = torch.cat([b if b is not None else torch.zeros(_out_features(m))
                               for b, m in zip(biases, mods)]).float().contiguous()
         self.out_features = sum(_out_features(m) for m in mods)
-        self.bias_all = bias  # (N,) or None: the sources' biases side by side
+        self.bias = bias  # (N,) or None: the sources' biases side by side
         self._mods = mods if self.kind in ("q4", "q8", "mixed") else []  # for dense_weights()
         if self.kind == "fp32":
             w = torch.cat([m.weight.detach() for m in mods]) if len(mods) > 1 else mods[0].weight.detach()
-            self.weight, self.bias = w.contiguous(), bias
+            self.weight = w.contiguous()
         elif self.kind == "fp16":
             w = torch.cat([m.weight() for m in mods]).float().contiguous()
             self.packed = torch.ops.quantized.linear_prepack_fp16(w, bias)
@@ -260,7 +260,7 @@ class LeanForward:
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._table_len = 0
         self._plan = self._layer_plan() if self.native else None
-        self._dense: list[torch.Tensor] | None = None  # prompt_weights(), built on first use
+        self._dense: list[torch.Tensor] | None = None  # prompt_weights(), built on its first call
 
     def _layer_plan(self) -> dict | None:
         """The model flattened for clp::layers_forward (the whole step's layers in one C++
@@ -293,8 +293,8 @@ class LeanForward:
     def prompt_weights(self) -> list[torch.Tensor]:
         """Per op of every layer (qkv, o, gate_up, down) its packed bf16 weights and bias, for
         the prompt rows of a step on AMX-BF16 tiles (clp::dense_linear; kernels.amx_prompts),
-        or [] where prompts take the q4 kernels like every other row. Built on first use
-        (~2 bytes a trunk weight: ~210 MB for SmolLM2-135M)."""
+        or [] where prompts take the q4 kernels like every other row. Built once, on the first
+        call (Backbone makes it at load; ~2 bytes a trunk weight: ~210 MB for SmolLM2-135M)."""
         if self._dense is None:
             from .kernels import amx_prompts
 
@@ -305,7 +305,7 @@ class LeanForward:
                 weights = [op.dense_weights() for op in ops]
                 if all(w is not None for w in weights):
                     for op, w in zip(ops, weights):
-                        dense += [w, op.bias_all if op.bias_all is not None else empty]
+                        dense += [w, op.bias if op.bias is not None else empty]
             self._dense = dense
         return self._dense
 

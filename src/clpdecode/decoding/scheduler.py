@@ -299,16 +299,19 @@ class Scheduler:
         plan = self._rows()
         if not plan:
             return 0
-        # The cost table prices decode and draft rows, so it learns from steps of those alone: a
-        # prompt row costs less (no LM head; on AMX-BF16 its own kernel at ~half a q4 row's
-        # cost), and steps carrying prompt chunks made drafts look cheap at 8-16 clients
-        # (bench-out/serve-r13: the budget 16-19% behind batched AR there).
-        prompt_step = any(r.decoder.prefilling for r, _, _ in plan)
+        # _rows puts the decode rows first and the prompt chunks after them: plan[prompts_from:]
+        # are prompt chunks.
+        prompts_from = sum(1 for r, _, _ in plan if not r.decoder.prefilling)
         t0 = time.perf_counter()
-        outputs = self._forward(plan)
+        outputs = self._forward(plan, prompts_from)
         rows = sum(len(tokens) for _, tokens, _ in plan)
         self._advance(plan, outputs)
-        if self.batched and not prompt_step:  # the forward, the LM head and verification (the drafter apart)
+        # The cost table prices decode and draft rows (the forward, the LM head and verification;
+        # the drafter apart), so it learns from steps of those alone: a prompt row costs less (no
+        # LM head; on AMX-BF16 its own kernel at ~half a q4 row's cost), and steps carrying
+        # prompt chunks made drafts look cheap at 8-16 clients (bench-out/serve-r13: the budget
+        # 16-19% behind batched AR there).
+        if self.batched and prompts_from == len(plan):
             self.cost.observe(rows, (time.perf_counter() - t0) * 1e3)
         self.stats["steps"] += 1
         self.stats["rows"] += rows
@@ -403,7 +406,7 @@ class Scheduler:
             raise ClpError("requests with different drafter feature layers cannot share a step")
         return layers.pop() if layers else ()
 
-    def _forward(self, plan) -> list:
+    def _forward(self, plan, prompts_from: int) -> list:
         """Each planned request's (states, feats), from one forward over all rows."""
         aux = self._aux_layers(plan)
         if not self.batched:
@@ -411,9 +414,6 @@ class Scheduler:
                     for r, tokens, tree in plan]
         steps = [(r.slot, tokens, tree.mask(0) if tree is not None and not tree.is_chain else None,
                   tree.positions(0) if tree is not None and not tree.is_chain else None) for r, tokens, tree in plan]
-        # _plan puts the decode rows first and the prompt chunks after them: the prompts' rows
-        # are the step's last (forward_rows' prompts_from).
-        prompts_from = sum(1 for r, _, _ in plan if not r.decoder.prefilling)
         outs = self.backbone.forward_rows(self.cache, steps, aux, prompts_from)
         return [(o[0], o[1] if r.decoder.aux_layers else o[0]) if aux else (o, o) for (r, _, _), o in zip(plan, outs)]
 
