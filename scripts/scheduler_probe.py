@@ -40,13 +40,14 @@ def main() -> None:
     p.add_argument("--method", default="ar")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-rows", type=int, default=None, help="the scheduler's row cap per step (default: its own)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="cProfile the rounds; print the N functions with the most own time to stderr")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     bb = load_backbone(args.model, progress=False)
     prompts = [bb.encode_prompt(t) for t in load_prompts(args.prompts, args.requests)]
-    sched = Scheduler(bb, slots=args.requests)
+    sched = Scheduler(bb, slots=args.requests, **({} if args.max_rows is None else {"max_rows": args.max_rows}))
     print(f"clp: {cpu_summary(cpu_info())}; prompts on AMX-BF16 tiles: {kernels.amx_prompts()}",
           file=sys.stderr, flush=True)
     drafter = None if args.method == "ar" else resolve_drafter(bb, None, None, required=True)

@@ -51,16 +51,19 @@ job = st.tuples(
 @native
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(jobs=st.lists(job, min_size=1, max_size=9), slots=st.integers(1, 5), max_rows=st.integers(1, 24),
-       budget=st.sampled_from(["auto", "off"]), seed=st.integers(0, 1000))
-def test_a_requests_text_is_its_text_alone_whatever_shares_its_steps(q4, jobs, slots, max_rows, budget, seed):
+       prefill_rows=st.integers(1, 48), budget=st.sampled_from(["auto", "off"]), seed=st.integers(0, 1000))
+def test_a_requests_text_is_its_text_alone_whatever_shares_its_steps(q4, jobs, slots, max_rows, prefill_rows,
+                                                                     budget, seed):
     """Batch invariance: every request's tokens equal generate()'s for it alone, for every
-    method, greedy or sampled, whatever the slots, the row cap (prompts fed in chunks) and the
-    draft budget (which changes a greedy verified request's drafts, never its text)."""
+    method, greedy or sampled, whatever the slots, the row caps (prompts fed in chunks, with
+    and without decode rows beside them) and the draft budget (which changes a greedy
+    verified request's drafts, never its text)."""
     drafter = random_drafter(q4, k=3, design="chained", seed=seed)
     jobs = [(ids, m, GenerationConfig(max_new_tokens=n, sampling=SamplingConfig(temperature=t, seed=i)), extra)
             for i, (ids, m, n, t, extra) in enumerate(jobs)]
     alone = [generate(q4, ids, make_policy(m, q4, drafter, **extra), cfg).token_ids for ids, m, cfg, extra in jobs]
-    sched = Scheduler(q4, slots=slots, max_rows=max_rows, budget=budget, calibrate=False)
+    sched = Scheduler(q4, slots=slots, max_rows=max_rows, max_prefill_rows=prefill_rows, budget=budget,
+                      calibrate=False)
     assert sched.batched
     results = run_all(sched, jobs, q4, drafter)
     assert [e for _, e in results] == [None] * len(jobs)
@@ -211,8 +214,23 @@ def test_the_cost_table_learns_from_decode_steps_only(q4, monkeypatch):
     assert steps[0] == 50 and seen == [r for r in steps[1:] if r]  # the prompts' step only is left out
 
 
+@native
+def test_a_burst_prefills_in_one_step_while_nobody_decodes(q4):
+    """Prompts arriving together run in one step under max_prefill_rows (nobody waits for a
+    token yet); a prompt arriving while others decode is fed in chunks of max_rows."""
+    sched = Scheduler(q4, slots=4, max_rows=8, max_prefill_rows=100, budget="off", calibrate=False)
+    for ids in ([5] * 20, [7] * 30, [9] * 25):
+        sched.submit(Request(ids, make_policy("ar"), GenerationConfig(max_new_tokens=12)))
+    assert sched.step() == 75  # the whole burst at once
+    assert sched.step() == 3  # three decode rows
+    sched.submit(Request([11] * 20, make_policy("ar"), GenerationConfig(max_new_tokens=4)))
+    assert [sched.step() for _ in range(5)] == [8, 8, 8, 8, 4]  # 3 decode rows + 5 of its 20, then 4 decode
+    assert Scheduler(q4, max_rows=300, max_prefill_rows=10, calibrate=False).max_prefill_rows == 300
+
+
 def test_bad_scheduler_settings(tiny_backbone):
-    for kw, param in [({"budget": "maybe"}, "spec_budget"), ({"slots": 0}, "parallel"), ({"max_rows": 0}, "max_rows")]:
+    for kw, param in [({"budget": "maybe"}, "spec_budget"), ({"slots": 0}, "parallel"), ({"max_rows": 0}, "max_rows"),
+                      ({"max_prefill_rows": 0}, "max_prefill_rows")]:
         with pytest.raises(ClpError) as e:
             Scheduler(tiny_backbone, **kw)
         assert e.value.param == param

@@ -44,7 +44,7 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..decoding import GenerationConfig, PolicyConfig, SamplingConfig, make_policy
-from ..decoding.scheduler import DEFAULT_SLOTS, Scheduler
+from ..decoding.scheduler import DEFAULT_MAX_PREFILL_ROWS, DEFAULT_MAX_ROWS, DEFAULT_SLOTS, Scheduler
 from ..decoding.scheduler import Request as SchedRequest
 from ..decoding.stream import StreamDecoder
 from ..errors import ClpError, check_context, check_positive_int, check_prompt, check_text
@@ -210,7 +210,8 @@ class Server:
     def __init__(self, backbone, drafter=None, *, model_id: str | None = None, aliases: tuple[str, ...] = (),
                  policy: PolicyConfig = PolicyConfig(method="verified"), api_key: str | None = None,
                  max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES, parallel: int = DEFAULT_SLOTS,
-                 spec_budget: str = "auto", context: int | None = None):
+                 spec_budget: str = "auto", context: int | None = None, max_rows: int = DEFAULT_MAX_ROWS,
+                 max_prefill_rows: int = DEFAULT_MAX_PREFILL_ROWS):
         self.backbone, self.drafter = backbone, drafter
         self.model_id = model_id or Path(str(backbone.name)).name or str(backbone.name)
         self.aliases = {self.model_id, str(backbone.name), *aliases}
@@ -222,7 +223,8 @@ class Server:
         self.max_queue = check_positive_int("--max-queue", max_queue)
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
-        self.scheduler = Scheduler(backbone, slots=parallel, capacity=context, budget=spec_budget)
+        self.scheduler = Scheduler(backbone, slots=parallel, capacity=context, max_rows=max_rows,
+                                   max_prefill_rows=max_prefill_rows, budget=spec_budget)
         self._lock = threading.Lock()
         self.rejected = 0
         self._mean_seconds = 1.0  # a request's time, for Retry-After

@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 
-from ..decoding.scheduler import BUDGETS, DEFAULT_SLOTS
+from ..decoding.scheduler import BUDGETS, DEFAULT_MAX_PREFILL_ROWS, DEFAULT_MAX_ROWS, DEFAULT_SLOTS
 from ..errors import ClpError, check_positive_int
 
 
@@ -40,6 +40,12 @@ def add_serve_command(sub, add_model_args, add_drafter_args, add_policy_args) ->
                    help="auto: greedy verified requests draft only the rows CLP expects to pay for, weighed "
                         "against the measured cost of a row (drafting falls as load rises); off: each request "
                         "drafts as it would alone (default: auto)")
+    s.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS,
+                   help="rows in one step at most while a request decodes: longer prompts are fed in chunks, "
+                        "so that a new prompt stalls the others' next tokens briefly (default: %(default)s)")
+    s.add_argument("--max-prefill-rows", type=int, default=DEFAULT_MAX_PREFILL_ROWS,
+                   help="rows in one step at most while no request decodes: a burst's prompts run together "
+                        "(default: %(default)s)")
     s.add_argument("--context", type=int, default=None,
                    help="positions per slot (a request's prompt + max_tokens must fit); the slots' cache is "
                         "allocated once: slots x context x (23 KB for SmolLM2) (default: the model's window, at "
@@ -79,6 +85,8 @@ def _stderr_logging() -> dict:
 def cmd_serve(args) -> int:
     check_positive_int("--max-queue", args.max_queue)
     check_positive_int("--parallel", args.parallel)
+    check_positive_int("--max-rows", args.max_rows)
+    check_positive_int("--max-prefill-rows", args.max_prefill_rows)
     if args.context is not None:
         check_positive_int("--context", args.context)
     if args.api_key is not None and not args.api_key.strip():
@@ -102,7 +110,7 @@ def cmd_serve(args) -> int:
     drafter = resolve_drafter(backbone, args.k, args.heads, required=needs)
     app = create_app(backbone, drafter, aliases=(args.model,), policy=args.policy, api_key=args.api_key,
                      max_queue=args.max_queue, parallel=args.parallel, spec_budget=args.spec_budget,
-                     context=args.context)
+                     context=args.context, max_rows=args.max_rows, max_prefill_rows=args.max_prefill_rows)
     served = app.state.server
 
     class Server(uvicorn.Server):
