@@ -447,3 +447,19 @@ def test_every_drafting_session_has_the_protocols_methods(tiny_backbone):
 
     for design in ("fused", "residual", "chained", "chained-mlp", "eagle3"):
         assert isinstance(random_drafter(tiny_backbone, k=2, design=design).session(tiny_backbone), DraftSession)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.sampled_from([-1.0, 0.0, 2.5, 2.5, float("inf"), float("-inf"), float("nan")]),
+                       min_size=1, max_size=40), n=st.integers(1, 3000), seed=st.integers(0, 99))
+def test_top1_is_torch_argmax(values, n, seed):
+    """The greedy pick through numpy is torch.argmax's, ties (first index), infinities and
+    NaN (the first NaN) included; other dtypes and shapes go to torch itself."""
+    from clpdecode.decoding.sampling import top1
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 3, (n,), generator=g).float()  # many ties
+    x[torch.randint(0, n, (len(values),), generator=g)] = torch.tensor(values)
+    assert top1(x) == int(torch.argmax(x))
+    for y in (x.half(), x[::2], x.double()):
+        assert top1(y) == int(torch.argmax(y))
