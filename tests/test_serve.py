@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -482,11 +483,17 @@ def test_clp_serve_command(tiny_llama_dir, heads_dir, tmp_path, capsys):
                               headers={"Authorization": "Bearer k"})
         assert status == 200 and resp["clp"]["method"] == "verified", resp
         assert raw(url, "GET", "/health")[2]["max_queue"] == 4
+        # Ctrl-C reaches uvicorn's graceful shutdown (the HTTP server runs on a thread of its
+        # own; the steps run on the main thread, serve/cli.py _run), and the command ends with 0.
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=20)
         log.close()
         out.close()
+    assert "Application shutdown complete" in (tmp_path / "serve.log").read_text()
     # Status and access log lines go to stderr; the server has no result for stdout.
     assert "POST /v1/chat/completions" in (tmp_path / "serve.log").read_text()
     assert (tmp_path / "stdout.log").read_text() == ""

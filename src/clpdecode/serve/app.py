@@ -205,14 +205,17 @@ def _stop_index(text: str, stops: tuple[str, ...]) -> int:
 
 
 class Server:
-    """The backbone, the drafter, the scheduler and the one worker thread that steps it."""
+    """The backbone, the drafter, the scheduler and the one thread that steps it: a worker
+    thread of its own (start()), or, with `steps_in_caller`, the thread that calls work()
+    (`clp serve`: the main thread, which loaded the model; see work())."""
 
     def __init__(self, backbone, drafter=None, *, model_id: str | None = None, aliases: tuple[str, ...] = (),
                  policy: PolicyConfig = PolicyConfig(method="verified"), api_key: str | None = None,
                  max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES, parallel: int = DEFAULT_SLOTS,
                  spec_budget: str = "auto", context: int | None = None, max_rows: int = DEFAULT_MAX_ROWS,
-                 max_prefill_rows: int = DEFAULT_MAX_PREFILL_ROWS):
+                 max_prefill_rows: int = DEFAULT_MAX_PREFILL_ROWS, steps_in_caller: bool = False):
         self.backbone, self.drafter = backbone, drafter
+        self.steps_in_caller = steps_in_caller
         self.model_id = model_id or Path(str(backbone.name)).name or str(backbone.name)
         self.aliases = {self.model_id, str(backbone.name), *aliases}
         # The server's defaults (a request's fields override some of them); whether they can
@@ -233,15 +236,17 @@ class Server:
 
     # -- worker ------------------------------------------------------------------------
     def start(self) -> None:
-        if self._worker is None:
+        """Start stepping requests (the app's startup): on a worker thread, unless the caller
+        steps them (steps_in_caller: its work() is already running or about to)."""
+        if self._worker is None and not self.steps_in_caller:
             self._closing.clear()
             self._worker = threading.Thread(target=self._work, name="clp-serve-worker", daemon=True)
             self._worker.start()
 
     def stop(self) -> None:
+        self._closing.set()
+        self.scheduler.wake()
         if self._worker is not None:
-            self._closing.set()
-            self.scheduler.wake()
             self._worker.join(timeout=30)
             self._worker = None
 
@@ -256,6 +261,20 @@ class Server:
                                     f"(--max-queue {self.max_queue}); retry after {retry} s",
                                type="server_busy", code="queue_full", headers={"Retry-After": str(retry)})
             sched.submit(job.request)
+
+    def work(self) -> None:
+        """Step requests on the calling thread until stop() (steps_in_caller).
+
+        Why the caller: torch's CPU kernels run on OpenMP (libgomp), and each thread that
+        starts parallel work gets a team of its own. Once a process has more team threads
+        than cores, libgomp stops spinning between parallel regions and every region wakes
+        its threads from sleep. Loading and calibrating the model on the main thread and then
+        stepping on a worker thread made two teams, and each batched step took ~15% longer
+        (21 -> 25 ms for 8 decode rows on the 2-core Xeon; 313 against 368 tokens/s for 16
+        requests over 8 slots: scripts/thread_teams.py; docs/design.md, "One thread for the
+        kernels"). So `clp serve` steps on the thread that loaded the model and runs the
+        HTTP server on another, which never starts kernels."""
+        self._work()
 
     def _work(self) -> None:
         sched = self.scheduler

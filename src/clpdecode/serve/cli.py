@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import socket
 import sys
+import threading
 
 from ..decoding.scheduler import BUDGETS, DEFAULT_MAX_PREFILL_ROWS, DEFAULT_MAX_ROWS, DEFAULT_SLOTS
 from ..errors import ClpError, check_positive_int
@@ -110,7 +113,8 @@ def cmd_serve(args) -> int:
     drafter = resolve_drafter(backbone, args.k, args.heads, required=needs)
     app = create_app(backbone, drafter, aliases=(args.model,), policy=args.policy, api_key=args.api_key,
                      max_queue=args.max_queue, parallel=args.parallel, spec_budget=args.spec_budget,
-                     context=args.context, max_rows=args.max_rows, max_prefill_rows=args.max_prefill_rows)
+                     context=args.context, max_rows=args.max_rows, max_prefill_rows=args.max_prefill_rows,
+                     steps_in_caller=True)
     served = app.state.server
 
     class Server(uvicorn.Server):
@@ -127,8 +131,38 @@ def cmd_serve(args) -> int:
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", http=TimedH11Protocol,
                                    timeout_graceful_shutdown=5, log_config=_stderr_logging()))
+    return _run(server, served)
+
+
+def _run(server, served) -> int:
+    """The HTTP server on a thread of its own; the requests' steps on this one, the thread
+    that loaded the model (Server.work says why). Ctrl-C or SIGTERM: uvicorn's graceful
+    shutdown (a second Ctrl-C forces it), whose app shutdown stops the steps."""
+    status = [0]
+
+    def http() -> None:
+        try:
+            server.run()
+        except SystemExit as e:  # a failed start: uvicorn exits with status 3
+            status[0] = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # noqa: BLE001 - logged; the steps must still stop
+            logging.getLogger("clpdecode.serve").exception("clp serve: the HTTP server failed")
+            status[0] = 1
+        finally:
+            served.stop()
+
+    # uvicorn listens for signals only on the main thread; here they reach its handler.
+    handled = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.signal(sig, server.handle_exit) for sig in handled}
+    thread = threading.Thread(target=http, name="clp-serve-http")
     try:
-        server.run()  # a failed start exits with uvicorn's status 3, as uvicorn.run does
-    except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C is the way to stop a server
-        pass
-    return 0
+        thread.start()
+        try:
+            served.work()
+        finally:  # (work() only ends on stop(); should it fail, the HTTP server must not outlive it)
+            server.should_exit = True
+            thread.join()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    return status[0]
