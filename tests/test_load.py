@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from clpdecode.cli import main
-from clpdecode.evaluation.load import Reply, RequestRun, percentile, scheduler_delta, summarize
+from clpdecode.evaluation.load import Reply, RequestRun, median_rows, percentile, scheduler_delta, summarize
 
 from conftest import random_drafter
 
@@ -73,6 +73,26 @@ def test_scheduler_delta_recovers_rows_from_the_running_mean():
     after = {"steps": 30, "rows_per_step": 3.0, "drafted": 14, "kept": 8}
     assert scheduler_delta(before, after) == {"steps": 20, "rows_per_step": 3.5, "drafted": 10, "kept": 6,
                                               "kept_share": 0.6}
+
+
+def test_median_rows_over_rounds():
+    """--repeats: per side and concurrency, the median of each figure, counts summed, every
+    round's tokens/s kept; the scheduler's rows per step weighted by its steps."""
+    def run(side, tps, ttft, same, steps, rows, drafted, rss):
+        return {"side": side, "concurrency": 8, "round": 0, "requests": 16, "errors": 0, "completion_tokens": 2000,
+                "tokens_per_s": tps, "ttft_p50": ttft, "ttft_p99": None, "same_as_single_stream_ar_count": [same, 16],
+                "server_rss_mb": rss, "scheduler": {"steps": steps, "rows_per_step": rows, "drafted": drafted,
+                                                    "kept": drafted // 2, "kept_share": 0.5}}
+
+    runs = [run("a", 200.0, 0.3, 16, 100, 8.0, 10, 900.0), run("b", 90.0, 1.0, 8, 1, 1.0, 0, None),
+            run("a", 260.0, 0.1, 16, 300, 12.0, 30, 950.0), run("a", 230.0, 0.2, 15, 200, 10.0, 0, 940.0)]
+    a, b = median_rows(runs)
+    assert (a["side"], a["rounds"], a["tokens_per_s"], a["ttft_p50"], a["ttft_p99"]) == ("a", 3, 230.0, 0.2, None)
+    assert a["tokens_per_s_rounds"] == [200.0, 260.0, 230.0] and a["requests"] == 48 and a["server_rss_mb"] == 950.0
+    assert a["same_as_single_stream_ar_count"] == [47, 48] and a["same_as_single_stream_ar"] == round(47 / 48, 4)
+    assert a["scheduler"] == {"steps": 600, "rows_per_step": round((800 + 3600 + 2000) / 600, 3), "drafted": 40,
+                              "kept": 20, "kept_share": 0.5}
+    assert b["rounds"] == 1 and b["tokens_per_s"] == 90.0 and b["server_rss_mb"] is None
 
 
 # ---- the CPU record and llama.cpp's flags ---------------------------------------------
@@ -143,20 +163,24 @@ def test_end_to_end_on_the_tiny_model(capsys, tmp_path, tiny_llama_dir, heads_di
     out_dir = tmp_path / "bs"
     code, out, err = bench_serve(capsys, tiny_llama_dir, prompts_file, "--heads", str(heads_dir), "--numerics", "fp32",
                                  "--parallel", "2", "--concurrency", "1,2", "--requests", "2", "--max-new-tokens", "6",
-                                 "--also", "ar,off", "--out", str(out_dir))
+                                 "--also", "ar,off", "--repeats", "2", "--out", str(out_dir))
     assert code == 0, err
     assert all(ln.startswith(("|", "report:")) for ln in out.splitlines() if ln.strip())
     assert "clp bench-serve: starting clp serve" in err and "some twice" in err  # 3 prompts for 4 requests
     res = json.loads((out_dir / "results.json").read_text())
     # --also: batched AR on the same server and a second server without the row budget, each
     # right after the main side at every concurrency, judged against the main side's references
-    assert [(r["side"], r["concurrency"]) for r in res["rows"]] == [
-        (side, c) for c in (1, 2) for side in ("clp_serve", "clp_serve_ar", "clp_serve_off")]
+    sides = ("clp_serve", "clp_serve_ar", "clp_serve_off")
+    assert [(r["side"], r["concurrency"]) for r in res["rows"]] == [(side, c) for c in (1, 2) for side in sides]
+    # --repeats 2: two rounds at each concurrency, the second in reverse order; rows are their medians
+    assert [(r["side"], r["concurrency"], r["round"]) for r in res["runs"]] == [
+        x for c in (1, 2) for x in [(side, c, 0) for side in sides] + [(side, c, 1) for side in sides[::-1]]]
     off = res["servers"]["clp_serve_off"]["argv"]
     assert off[off.index("--spec-budget") + 1] == "off" and set(res["references"]) == {"clp_serve"}
     assert all(r["tokens_per_forward"] == 1 for r in res["rows"] if r["side"] == "clp_serve_ar")
     for r in res["rows"]:
-        assert r["errors"] == 0 and r["requests"] == 2 * r["concurrency"]
+        assert r["errors"] == 0 and r["requests"] == 2 * 2 * r["concurrency"] and r["rounds"] == 2
+        assert len(r["tokens_per_s_rounds"]) == 2 and min(r["tokens_per_s_rounds"]) <= r["tokens_per_s"]
         assert r["same_as_single_stream_ar"] == 1.0 and r["tokens_per_s"] > 0
         assert 0 < r["ttft_p50"] <= r["latency_p99"] and r["tokens_per_forward"] >= 1
         assert r["scheduler"]["steps"] > 0
@@ -167,7 +191,7 @@ def test_end_to_end_on_the_tiny_model(capsys, tmp_path, tiny_llama_dir, heads_di
     assert "model" in res["cpu"] and res["settings"]["concurrency"] == [1, 2]
     report = (out_dir / "report.md").read_text()
     assert "| clp serve | 2 |" in report and "| clp serve, method ar | 2 |" in report
-    assert "(load.png)" in report and "CPU: " in report
+    assert "(load.png)" in report and "CPU: " in report and "2 rounds at each concurrency" in report
     assert (out_dir / "load.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -258,6 +258,11 @@ def add_bench_serve_command(sub, add_model_args, add_drafter_args) -> None:
     s.add_argument("--concurrency", default=DEFAULT_CONCURRENCY,
                    help=f"concurrent clients of each run, comma-separated (default: {DEFAULT_CONCURRENCY})")
     s.add_argument("--requests", type=int, default=2, help="requests each client sends back to back (default: 2)")
+    s.add_argument("--repeats", type=int, default=1,
+                   help="rounds of every side at each concurrency, back to back, the sides' order reversed in every "
+                        "other round; the report gives medians (and each round in results.json): this machine's "
+                        "speed drifts by tens of percent within minutes, so settings within ~15%% of each other "
+                        "need several rounds to be ranked (default: 1)")
     s.add_argument("--prompts", default="mtbench",
                    help="; ".join(f"{k}: {v}" for k, v in PROMPT_SET_HELP.items()
                                   if k in ("mtbench", "sharegpt-heldout"))

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -276,6 +277,49 @@ def run_clients(request: Callable[[int], Reply], clients: int, per_client: int,
     return runs, time.perf_counter() - t0
 
 
+# Per-run figures a side's rows at one concurrency report as their median over the rounds.
+MEDIAN_KEYS = ("seconds", "tokens_per_s", "request_tokens_per_s_p50", "request_tokens_per_s_mean", "ttft_p50",
+               "ttft_p99", "latency_p50", "latency_p99", "tokens_per_forward")
+
+
+def median_rows(runs: list[dict]) -> list[dict]:
+    """One row per side and concurrency from its rounds (`clp bench-serve --repeats`): the
+    median of each per-run figure, every round's aggregate tokens/s (tokens_per_s_rounds),
+    counts summed (requests, errors, tokens, texts judged, the scheduler's steps, rows and
+    drafts), the largest resident memory. One round: its own figures."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["side"], r["concurrency"]), []).append(r)
+    rows = []
+    for (side, c), rs in groups.items():
+        row = {"side": side, "concurrency": c, "rounds": len(rs),
+               "tokens_per_s_rounds": [r["tokens_per_s"] for r in rs]}
+        for key in MEDIAN_KEYS:
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            row[key] = _r(statistics.median(vals), 4) if vals else None
+        for key in ("requests", "errors", "completion_tokens"):
+            row[key] = sum(r[key] for r in rs)
+        errors = [r["first_error"] for r in rs if "first_error" in r]
+        if errors:
+            row["first_error"] = errors[0]
+        if all("same_as_single_stream_ar_count" in r for r in rs):
+            same = sum(r["same_as_single_stream_ar_count"][0] for r in rs)
+            judged = sum(r["same_as_single_stream_ar_count"][1] for r in rs)
+            row["same_as_single_stream_ar"] = _r(same / judged) if judged else None
+            row["same_as_single_stream_ar_count"] = [same, judged]
+        rss = [r["server_rss_mb"] for r in rs if r.get("server_rss_mb") is not None]
+        row["server_rss_mb"] = max(rss) if rss else None
+        if all("scheduler" in r for r in rs):
+            sched = [r["scheduler"] for r in rs]
+            steps = sum(x["steps"] for x in sched)
+            drafted, kept = sum(x["drafted"] for x in sched), sum(x["kept"] for x in sched)
+            rows_run = sum((x["rows_per_step"] or 0) * x["steps"] for x in sched)
+            row["scheduler"] = {"steps": steps, "rows_per_step": _r(rows_run / steps, 3) if steps else None,
+                                "drafted": drafted, "kept": kept, "kept_share": _r(kept / drafted) if drafted else None}
+        rows.append(row)
+    return rows
+
+
 def scheduler_delta(before: dict, after: dict) -> dict:
     """What our scheduler did between two /health snapshots: steps, rows per step, drafted and
     kept tokens (its rows_per_step is a running mean: rows are recovered from it and steps)."""
@@ -345,7 +389,7 @@ def bench_serve(args) -> int:
     # Every check a user can fail comes before a server starts.
     concurrency = _int_list("--concurrency", args.concurrency)
     also = parse_also(getattr(args, "also", ""), args.method, args.spec_budget)
-    for flag in ("--requests", "--max-new-tokens", "--parallel"):
+    for flag in ("--requests", "--max-new-tokens", "--parallel", "--repeats"):
         check_positive_int(flag, getattr(args, flag[2:].replace("-", "_")))
     prompts = load_prompts(args.prompts)
     check_drafter(args.model, args.k, args.heads, required=PolicyConfig(method=args.method).needs_drafter)
@@ -383,8 +427,9 @@ def bench_serve(args) -> int:
                      "llama_server_threads": peer_threads if binary is not None else None,
                      "prompts": args.prompts, "n_prompts": n, "concurrency": list(concurrency),
                      "requests_per_client": args.requests, "max_new_tokens": args.max_new_tokens,
+                     "repeats": args.repeats,
                      "context_per_slot": context, "peers": bool(args.peers), "also": also},
-        "servers": {}, "references": {}, "rows": [],
+        "servers": {}, "references": {}, "rows": [], "runs": [],
     }
     servers: list[ServerProcess] = []
     try:
@@ -445,17 +490,23 @@ def bench_serve(args) -> int:
 
         per_client = args.requests
         for c in concurrency:
-            for side, client in sides.items():
-                before = client.counters()
-                runs, wall = run_clients(client.request, c, per_client, lambda i, j: (i * per_client + j) % n)
-                row = {"side": side, "concurrency": c, **summarize(runs, wall, references[side]),
-                       "server_rss_mb": rss_mb(procs[side].proc.pid)}
-                if before is not None:
-                    row["scheduler"] = scheduler_delta(before, client.counters())
-                results["rows"].append(row)
-                status(f"{LABELS[side]}, {c} client(s): {row['tokens_per_s']} tokens/s, p99 latency "
-                       f"{row['latency_p99']} s, {row['errors']} error(s)")
-                atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
+            # --repeats: rounds back to back at each concurrency, the sides' order reversed in
+            # every other round, so that the machine's drift falls on every side alike.
+            for rnd in range(args.repeats):
+                for side in (list(sides) if rnd % 2 == 0 else list(sides)[::-1]):
+                    client = sides[side]
+                    before = client.counters()
+                    runs, wall = run_clients(client.request, c, per_client, lambda i, j: (i * per_client + j) % n)
+                    row = {"side": side, "concurrency": c, "round": rnd, **summarize(runs, wall, references[side]),
+                           "server_rss_mb": rss_mb(procs[side].proc.pid)}
+                    if before is not None:
+                        row["scheduler"] = scheduler_delta(before, client.counters())
+                    results["runs"].append(row)
+                    of = f", round {rnd + 1} of {args.repeats}" if args.repeats > 1 else ""
+                    status(f"{LABELS[side]}, {c} client(s){of}: {row['tokens_per_s']} tokens/s, p99 latency "
+                           f"{row['latency_p99']} s, {row['errors']} error(s)")
+                    results["rows"] = median_rows(results["runs"])
+                    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
     finally:
         close_peers(servers)
     written = write_load_report(results, out_dir)
@@ -479,7 +530,9 @@ def load_table(results: dict) -> str:
         vs = peer.get(r["concurrency"]) if r["side"] != PEER else None
         ratio = f"{r['tokens_per_s'] / vs:.2f}x" if vs and r["tokens_per_s"] else "-"
         same, judged = r.get("same_as_single_stream_ar_count", [0, 0])
-        lines.append(f"| {LABELS[r['side']]} | {r['concurrency']} | {_fmt(r['tokens_per_s'], 1)} | {ratio} | "
+        rounds = r.get("tokens_per_s_rounds") or []
+        spread = (f" ({min(rounds):.1f}-{max(rounds):.1f})" if len(rounds) > 1 and None not in rounds else "")
+        lines.append(f"| {LABELS[r['side']]} | {r['concurrency']} | {_fmt(r['tokens_per_s'], 1)}{spread} | {ratio} | "
                      f"{_fmt(r['request_tokens_per_s_p50'], 1)} | {_fmt(r['ttft_p50'])} / {_fmt(r['ttft_p99'])} | "
                      f"{_fmt(r['latency_p50'])} / {_fmt(r['latency_p99'])} | {_fmt(r['tokens_per_forward'])} | "
                      f"{same} of {judged} | {r['errors']} |")
@@ -525,7 +578,11 @@ def render_load_markdown(results: dict) -> str:
         f"Backbone {results['backbone']}, numerics {s['numerics']}, method {s['method']}, --parallel {s['parallel']}, "
         f"--spec-budget {s['spec_budget']}, --threads {s['threads']}, prompts {s['prompts']} "
         f"(n = {s['n_prompts']}, chat template), {s['requests_per_client']} request(s) per client back to back, "
-        f"{s['max_new_tokens']} new tokens at most, greedy, streamed; {s['context_per_slot']} positions per slot.", "",
+        f"{s['max_new_tokens']} new tokens at most, greedy, streamed; {s['context_per_slot']} positions per slot."
+        + (f" Each side ran {s['repeats']} rounds at each concurrency, back to back, its order among the sides "
+           "reversed in every other round: the table gives each figure's median over the rounds, and the "
+           "rounds' lowest and highest aggregate tokens/s in brackets (counts are summed)."
+           if s.get("repeats", 1) > 1 else ""), "",
         load_table(results), "",
         "![aggregate throughput and p99 latency against concurrency](load.png)", "",
         *_scheduler_table(results["rows"]),
