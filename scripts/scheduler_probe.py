@@ -37,22 +37,30 @@ def main() -> None:
     p.add_argument("--prompts", default="mtbench")
     p.add_argument("--requests", type=int, default=8, help="requests submitted at once (and slots)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--method", default="ar")
+    p.add_argument("--method", default="ar",
+                   help="the requests' method; several, comma-separated (ar,verified), take turns by round in one "
+                        "process, their order reversed in every other round")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--budget", default="auto", choices=["auto", "off"], help="the scheduler's --spec-budget")
     p.add_argument("--max-rows", type=int, default=None, help="the scheduler's row cap per step (default: its own)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="cProfile the rounds; print the N functions with the most own time to stderr")
+    p.add_argument("--sort", default="tottime", choices=["tottime", "cumtime"], help="--profile's order")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     bb = load_backbone(args.model, progress=False)
     prompts = [bb.encode_prompt(t) for t in load_prompts(args.prompts, args.requests)]
-    sched = Scheduler(bb, slots=args.requests, **({} if args.max_rows is None else {"max_rows": args.max_rows}))
+    sched = Scheduler(bb, slots=args.requests, budget=args.budget,
+                      **({} if args.max_rows is None else {"max_rows": args.max_rows}))
     print(f"clp: {cpu_summary(cpu_info())}; prompts on AMX-BF16 tiles: {kernels.amx_prompts()}",
           file=sys.stderr, flush=True)
-    drafter = None if args.method == "ar" else resolve_drafter(bb, None, None, required=True)
-    profiler = cProfile.Profile() if args.profile else None
-    for _ in range(args.repeats):
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    drafter = None if methods == ["ar"] else resolve_drafter(bb, None, None, required=True)
+    profilers = {m: cProfile.Profile() for m in methods} if args.profile else {}
+    rounds = [m for r in range(args.repeats) for m in (methods if r % 2 == 0 else methods[::-1])]
+    for method in rounds:
+        profiler = profilers.get(method)
         first: dict[int, float] = {}
         tokens = [0] * len(prompts)
 
@@ -63,7 +71,7 @@ def main() -> None:
         before = {k: sched.stats[k] for k in ("steps", "drafted", "kept")}
         t0 = time.perf_counter()
         for i, ids in enumerate(prompts):  # a policy object per request, as the server makes them
-            sched.submit(Request(ids, make_policy(args.method, bb, drafter),
+            sched.submit(Request(ids, make_policy(method, bb, drafter),
                                  GenerationConfig(max_new_tokens=args.max_new_tokens),
                                  on_tokens=lambda ids, _h, i=i: seen(i, ids)))
         if profiler is not None:
@@ -74,13 +82,14 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         ttft = [first[i] - t0 for i in range(len(prompts))]
         print(json.dumps({
-            "requests": len(prompts), "prompt_tokens": [len(x) for x in prompts],
+            "method": method, "requests": len(prompts), "prompt_tokens": [len(x) for x in prompts],
             "ttft_s": [round(t, 3) for t in ttft], "ttft_p50_s": round(statistics.median(ttft), 3),
             "ttft_max_s": round(max(ttft), 3), "seconds": round(seconds, 2),
             "tokens_per_s": round(sum(tokens) / seconds, 1), "amx_prompts": kernels.amx_prompts(),
             **{k: sched.stats[k] - v for k, v in before.items()}}), flush=True)
-    if profiler is not None:
-        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile)
+    for method, profiler in profilers.items():
+        print(f"---- {method}", file=sys.stderr)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats(args.sort).print_stats(args.profile)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from clpdecode.backbone import kernels, load_backbone
 from clpdecode.decoding import GenerationConfig, SamplingConfig, generate, make_policy
+from clpdecode.decoding.loop import Decoder
 from clpdecode.decoding.scheduler import CostModel, Request, Scheduler, allocate
 from clpdecode.errors import ClpError
 
@@ -183,6 +184,55 @@ def test_allocate_grants_the_most_valuable_rows_while_they_pay():
     assert allocate({i: [0.5] for i in range(8)}, rows=70, tokens=8.0, cost=cost) == {i: 1 for i in range(8)}
     assert allocate({i: [0.5] for i in range(8)}, rows=70, tokens=8.0, cost=cost, decode_rows=8) == {
         i: 0 for i in range(8)}
+
+
+def test_grants_follow_how_drafts_are_kept_and_what_they_save():
+    """CLP's worth is scaled by kept / expected of the drafts verified lately, and a grant's
+    expected saving (Grant.gain_ms) is its kept tokens at the ms per token of the step with the
+    grants before it, less its row."""
+    cost = CostModel(a=10.0, b=2.0, draft_ms=0.0)  # one request: 1 token in 12 ms, 2 ms a row
+    grant = allocate({"a": [0.9, 0.5, 0.1]}, rows=1, tokens=1.0, cost=cost)
+    assert grant == {"a": 2} and grant.gain_ms == pytest.approx((0.9 * 12 - 2) + (0.5 * 14 / 1.9 - 2))
+    assert cost.keep_scale == 1.0
+    cost.observe_keep(2.0, 1)  # too little evidence yet
+    assert cost.keep_scale == 1.0
+    for _ in range(20):
+        cost.observe_keep(1.0, 0)
+    assert cost.keep_scale < 0.1 + 1e-9  # drafts CLP liked were not kept: scaled down (to the floor)
+    assert allocate({"a": [0.9, 0.5, 0.1]}, rows=1, tokens=1.0, cost=cost) == {"a": 0}
+    for _ in range(200):
+        cost.observe_keep(1.0, 1)
+    assert cost.keep_scale == pytest.approx(1.0, abs=0.05)
+
+
+@native
+def test_the_budget_asks_seldom_while_asking_costs_more_than_it_buys(q4, monkeypatch):
+    """Where the grants' expected saving has been below what the offers cost, the requests
+    are asked once in ASK_EVERY steps; where it pays, every step."""
+    from clpdecode.decoding.scheduler import ASK_EVERY
+
+    drafter = random_drafter(q4, k=3, design="chained", seed=2)
+    asked = []
+
+    def run(gain_ms: float) -> list[int]:
+        sched = Scheduler(q4, slots=3, calibrate=False)
+        sched.cost = CostModel(a=10.0, b=0.1)  # rows cheap beside a step: drafts may pay
+        sched.cost.offer_ms, sched.cost.gain_ms = 1.0, gain_ms
+        for name in ("observe", "observe_gain", "observe_offers"):  # keep the costs as set
+            monkeypatch.setattr(sched.cost, name, lambda *a: None)
+        real = Decoder.offer
+        asked.clear()
+        monkeypatch.setattr(Decoder, "offer", lambda self: (asked.append(sched.stats["steps"]), real(self))[1])
+        for i in range(3):
+            policy = make_policy("verified", q4, drafter)
+            sched.submit(Request([5 + i] * 6, policy, GenerationConfig(max_new_tokens=40)))
+        for _ in range(1 + 2 * ASK_EVERY):
+            sched.step()
+        return sorted(set(asked))
+
+    seldom = run(0.5)  # 0.5 ms saved against 3 x 1 ms asked
+    assert 1 <= len(seldom) <= 3 and all(b - a == ASK_EVERY for a, b in zip(seldom, seldom[1:]))
+    assert len(run(50.0)) >= 2 * ASK_EVERY - 1  # asked at every step
 
 
 def test_cost_model_follows_the_measured_steps():

@@ -50,6 +50,7 @@ DEFAULT_MAX_ROWS = 256
 # 0.36-0.48 s for 8 MT-Bench prompts, 523 tokens).
 DEFAULT_MAX_PREFILL_ROWS = 2048
 PROBE_EVERY = 64  # steps without a granted draft before one is granted to re-measure a row's cost
+ASK_EVERY = 8  # while asking for offers costs more than the grants it buys, ask once in this many steps
 
 
 @dataclass
@@ -68,6 +69,8 @@ class Request:
     decoder: Decoder | None = None
     slot: int = -1
     cache: object = None  # its own cache where the backbone does not batch rows
+    offered: list | None = None  # this step's offer values (the budget asked), until it drafts
+    expected: float = 0.0  # the drafts it fed this step: how many CLP expected kept
     submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
@@ -92,6 +95,32 @@ class CostModel:
         self.ms: list[float | None] = [None] * len(self.SIZES)  # running averages, None: not measured
         self.weight = weight  # how much of an entry a new step leaves
         self.draft_ms = draft_ms
+        self.offer_ms = 0.0  # asking a request for its offer (CLP's estimate, the lookup), running average
+        # Drafts kept against CLP's expectation of them, decayed sums: CLP is trained on other
+        # answers than a server's, and on MT-Bench's first prompts the budget's drafts were kept
+        # 43% of the time where CLP had granted them at 46% or more (scheduler_probe.py, 2 requests).
+        self._expected = self._kept = 0.0
+        self.gain_ms: float | None = None  # what a step's grants were expected to save, running average
+
+    def observe_offers(self, requests: int, ms: float) -> None:
+        if requests > 0:
+            self.offer_ms = ms / requests if self.offer_ms == 0.0 else 0.9 * self.offer_ms + 0.1 * ms / requests
+
+    def observe_keep(self, expected: float, kept: int) -> None:
+        """A request's verified step: `kept` of the drafts CLP expected to keep `expected` of."""
+        self._expected = 0.98 * self._expected + expected
+        self._kept = 0.98 * self._kept + kept
+
+    @property
+    def keep_scale(self) -> float:
+        """How far CLP's expected kept drafts are from those kept lately (kept / expected):
+        1 until a few drafts' worth of evidence, within [0.1, 2]."""
+        if self._expected < 4.0:
+            return 1.0
+        return min(2.0, max(0.1, self._kept / self._expected))
+
+    def observe_gain(self, ms: float) -> None:
+        self.gain_ms = ms if self.gain_ms is None else 0.7 * self.gain_ms + 0.3 * ms
 
     def observe(self, rows: int, ms: float) -> None:
         """A measured step: moves the nearest entry toward it."""
@@ -125,12 +154,20 @@ class CostModel:
         return self.step_ms(1) - per_row, per_row
 
 
+class Grant(dict):
+    """key -> rows granted, and `gain_ms`: what the granted rows are expected to save, in ms
+    (each one's kept tokens at the step's milliseconds per token, less the row's cost)."""
+
+    gain_ms: float = 0.0
+
+
 def allocate(offers: dict, rows: int, tokens: float, cost: CostModel, lookup: dict | None = None,
-             decode_rows: int | None = None) -> dict:
+             decode_rows: int | None = None) -> Grant:
     """Grant draft rows: every offered row, most valuable first, while its expected kept
-    tokens per marginal millisecond beat the tokens per millisecond of a step of the decode
-    rows alone (what the time would make otherwise; a step's prompt rows make no tokens yet,
-    and counting them would make any draft look cheap beside a prefill).
+    tokens (CLP's, times cost.keep_scale) per marginal millisecond beat the tokens per
+    millisecond of a step of the decode rows alone (what the time would make otherwise; a
+    step's prompt rows make no tokens yet, and counting them would make any draft look
+    cheap beside a prefill).
 
     Args:
         offers: key -> the worth of its draft rows 1..m (non-increasing: draft j is kept only
@@ -140,19 +177,21 @@ def allocate(offers: dict, rows: int, tokens: float, cost: CostModel, lookup: di
         lookup: key -> True where the drafts come from n-gram lookup (no drafter cost).
         decode_rows: the step's rows that decode (default: all of `rows`).
     Returns:
-        key -> rows granted (0 .. len(offer)).
+        key -> rows granted (0 .. len(offer)), with the grants' expected saving (Grant.gain_ms).
     """
     lookup = lookup or {}
     decode_rows = rows if decode_rows is None else max(1, decode_rows)
-    cands = sorted(((v, j, key) for key, vals in offers.items() for j, v in enumerate(vals)),
+    scale = cost.keep_scale  # CLP's worth, as this server's drafts have been kept lately
+    cands = sorted(((v * scale, j, key) for key, vals in offers.items() for j, v in enumerate(vals)),
                    key=lambda c: (-c[0], c[1]))
-    grant = {key: 0 for key in offers}
+    grant = Grant({key: 0 for key in offers})
     for v, j, key in cands:
         if grant[key] != j:  # an earlier draft of this request was not granted
             continue
         marginal = cost.row_ms(rows) + (0.0 if lookup.get(key) else cost.draft_ms)
         if v * cost.step_ms(decode_rows) <= tokens * marginal:
             continue
+        grant.gain_ms += v * cost.step_ms(decode_rows) / tokens - marginal
         grant[key] += 1
         rows += 1
         decode_rows += 1
@@ -200,6 +239,7 @@ class Scheduler:
         self._wake = threading.Condition(self._lock)
         self.cost = CostModel()
         self._unprobed = 0  # budgeted steps in a row that granted no draft
+        self._asked_ago = 0  # budgeted steps since the requests were last asked for offers
         # steps and rows run; drafted and kept draft tokens (verified); tokens and forwards of
         # the requests completed; requests completed, cancelled and failed
         self.stats = {"steps": 0, "rows": 0, "drafted": 0, "kept": 0, "tokens": 0, "forwards": 0,
@@ -351,6 +391,9 @@ class Scheduler:
                 continue
             drafted = len(r.decoder.fed) - 1 if r.policy.verifies else 0
             self.stats["drafted"] += drafted
+            if r.offered is not None and r.decoder.tree is not None and r.decoder.tree.is_chain:
+                r.expected = sum(r.offered[:drafted])  # values[j - 1]: drafts 1..j all kept
+            r.offered = None
             # The drafter's cost per drafted token, catching up included: after a pause the chain
             # first runs over the tokens it skipped, and that is a cost of drafting again. (Timed
             # on steady drafting alone, ~1 ms a token against ~7, the budget drafted more at 4-16
@@ -378,12 +421,29 @@ class Scheduler:
                 and self.cost.step_ms(max(1, decoding)) <= max(1.0, float(decoding)) * self.cost.row_ms(max(1, rows))):
             self._unprobed += 1
             return {id(r): 0 for r in ready if r.decoder.budgeted}
+        # Asking is not free either: CLP's estimate and the lookup cost ~0.2 ms a request
+        # (cProfile, 4 requests in-process), ~6% of a step at 4 requests, and at 4-16 requests
+        # on the 2-core Xeon few drafts pass and each barely pays. Where the grants' expected
+        # saving has been below what asking costs, ask once in ASK_EVERY steps (to notice when
+        # drafting pays again) and grant nothing in between.
+        budgeted = [r for r in ready if r.decoder.budgeted]
+        gain = self.cost.gain_ms
+        if (self._asked_ago < ASK_EVERY - 1 and self._unprobed < PROBE_EVERY - 1 and gain is not None
+                and gain < self.cost.offer_ms * len(budgeted)):
+            self._asked_ago += 1
+            self._unprobed += 1
+            return {id(r): 0 for r in budgeted}
+        self._asked_ago = 0
         offers, lookup = {}, {}
+        t0 = time.perf_counter()
         for r in ready:
             got = []
             if self._guard(r, lambda r=r: got.append(r.decoder.offer())) and got[0] is not None:
                 offers[id(r)], lookup[id(r)] = got[0].values, got[0].lookup
+                r.offered = got[0].values
+        self.cost.observe_offers(len(offers), (time.perf_counter() - t0) * 1e3)
         grant = allocate(offers, max(1, rows), max(1.0, float(decoding)), self.cost, lookup, decoding)
+        self.cost.observe_gain(grant.gain_ms)
         # A probe now and then: with no draft granted, the cost of one more row is never measured
         # again, and a stale entry (a step slowed by another process) could keep drafting off.
         if offers and not any(grant.values()):
@@ -447,6 +507,9 @@ class Scheduler:
             ok = self._guard(r, r.decoder.advance, states, feats, lg, self._keeper(r))
             if ok and r.policy.verifies and len(r.decoder.accepted) > before:
                 self.stats["kept"] += r.decoder.accepted[-1]
+                if r.expected > 0:
+                    self.cost.observe_keep(r.expected, r.decoder.accepted[-1])
+                    r.expected = 0.0
             if ok and r.decoder.done:
                 self._end(r, r.decoder.result(), None)
 
