@@ -139,6 +139,7 @@ def test_cpu_info_and_ggml_flags(tmp_path):
     (["--also", "ar,nope"], "--also takes ar and/or off, got 'nope'"),
     (["--also", "ar"], "--also ar: the main side already runs --method ar"),
     (["--also", "off"], "--also off: the row budget only changes --method verified"),
+    (["--same-prompts", "--concurrency", "2,3", "--requests", "1"], "2 clients cannot share them evenly"),
 ])
 def test_refusals_are_one_line_before_anything_starts(capsys, tmp_path, tiny_llama_dir, prompts_file, extra, msg):
     code, out, err = bench_serve(capsys, tiny_llama_dir, prompts_file, "--method", "ar", "--out", str(tmp_path / "o"),
@@ -295,6 +296,34 @@ def test_peers_beside_a_stand_in_llama_server(capsys, tmp_path, tiny_llama_dir, 
     assert bodies[0]["prompt"] == tiny.encode_prompt("hello there")  # the ids clp serve decodes too
     with pytest.raises(ProcessLookupError):  # no server outlives the bench
         os.kill(json.loads(log.read_text().splitlines()[0])["pid"], 0)
+
+
+def test_same_prompts_at_every_concurrency(capsys, tmp_path, tiny_llama_dir, prompts_file, monkeypatch,
+                                           fake_llama_server):
+    """--same-prompts: every concurrency answers the same (most clients x --requests) prompts,
+    split over its clients; 1 client sends them all back to back."""
+    import clpdecode.backbone.loading as loading
+    import clpdecode.backbone.model as model
+    from clpdecode.backbone import load_backbone
+
+    fake_gguf = tmp_path / "model.gguf"
+    monkeypatch.setattr(model, "source_gguf", lambda name: fake_gguf)
+    monkeypatch.setattr(loading, "source_gguf", lambda name: fake_gguf)
+    monkeypatch.setenv("CLP_LLAMA_SERVER", str(fake_llama_server))
+    out_dir = tmp_path / "bs"
+    code, out, err = bench_serve(capsys, tiny_llama_dir, prompts_file, "--numerics", "fp32", "--method", "ar",
+                                 "--concurrency", "2,1", "--requests", "1", "--max-new-tokens", "3", "--peers",
+                                 "--same-prompts", "--out", str(out_dir))
+    assert code == 0, err
+    res = json.loads((out_dir / "results.json").read_text())
+    assert [(r["side"], r["concurrency"], r["requests"]) for r in res["rows"]] == [
+        ("clp_serve", 2, 2), ("llama_server", 2, 2), ("clp_serve", 1, 2), ("llama_server", 1, 2)]
+    assert res["settings"]["same_prompts"] and "the same 2 requests at every concurrency" in (
+        out_dir / "report.md").read_text()
+    bodies = [json.loads(ln)["body"] for ln in (tmp_path / "fake.jsonl").read_text().splitlines() if "body" in ln]
+    tiny = load_backbone(str(tiny_llama_dir), numerics="fp32")
+    ids = [tiny.encode_prompt(p) for p in ("hello there", "What is 2+2?")]
+    assert [b["prompt"] for b in bodies[4:]] == ids  # the 1-client run: both prompts, in order
 
 
 def test_make_peers_check_keeps_only_a_build_that_decodes(fake_llama_server, monkeypatch, capsys):

@@ -190,7 +190,9 @@ class Verified(Policy):
     def propose(self, hidden, p, sampler, limit=None):
         if self._choice is None and limit == 0 and self.tree is None:  # no drafts: no span to size
             token = sampler.select(p)
-            self._choice = token, 0, self._lookup(token)
+            if self.ngrams is not None:  # the index still learns the token; no draft to look up
+                self.ngrams.extend([token])
+            self._choice = token, 0, []
         token, span, found = self._choice or self._choose(hidden, p, sampler)
         self._choice = None
         span, found = _capped(span, limit), found[:limit]

@@ -258,6 +258,11 @@ def add_bench_serve_command(sub, add_model_args, add_drafter_args) -> None:
     s.add_argument("--concurrency", default=DEFAULT_CONCURRENCY,
                    help=f"concurrent clients of each run, comma-separated (default: {DEFAULT_CONCURRENCY})")
     s.add_argument("--requests", type=int, default=2, help="requests each client sends back to back (default: 2)")
+    s.add_argument("--same-prompts", action="store_true",
+                   help="every concurrency answers the same requests: the most clients x --requests, split over "
+                        "its clients (1 client sends them all back to back), so that concurrencies compare on the "
+                        "same prompts; without it each client sends --requests, and 1 client answers the first "
+                        "--requests prompts only")
     s.add_argument("--repeats", type=int, default=1,
                    help="rounds of every side at each concurrency, back to back, the sides' order reversed in every "
                         "other round; the report gives medians (and each round in results.json): this machine's "

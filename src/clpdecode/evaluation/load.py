@@ -405,7 +405,13 @@ def bench_serve(args) -> int:
     # llama-server has no such mode, so it gets the count: --threads N, or for auto every core
     # this process may use (what auto runs on while nothing else does), as set before the command ran.
     peer_threads = torch.get_num_threads()
-    n = min(len(prompts), max(concurrency) * args.requests)
+    total = max(concurrency) * args.requests
+    if args.same_prompts:
+        uneven = [c for c in concurrency if total % c]
+        if uneven:
+            raise ClpError(f"--same-prompts splits {total} requests (the most clients x --requests) over every "
+                           f"concurrency's clients: {uneven[0]} clients cannot share them evenly")
+    n = min(len(prompts), total)
     if n < max(concurrency) * args.requests:
         status(f"{args.prompts} has {n} prompts: the requests at {max(concurrency)} clients ask some twice")
     prompts = prompts[:n]
@@ -426,7 +432,8 @@ def bench_serve(args) -> int:
                      "parallel": args.parallel, "spec_budget": args.spec_budget, "threads": args.threads,
                      "llama_server_threads": peer_threads if binary is not None else None,
                      "prompts": args.prompts, "n_prompts": n, "concurrency": list(concurrency),
-                     "requests_per_client": args.requests, "max_new_tokens": args.max_new_tokens,
+                     "requests_per_client": args.requests, "same_prompts": bool(args.same_prompts),
+                     "max_new_tokens": args.max_new_tokens,
                      "repeats": args.repeats,
                      "context_per_slot": context, "peers": bool(args.peers), "also": also},
         "servers": {}, "references": {}, "rows": [], "runs": [],
@@ -488,15 +495,19 @@ def bench_serve(args) -> int:
         for side in also:
             references[side] = references[OURS]
 
-        per_client = args.requests
         for c in concurrency:
+            # --same-prompts: every concurrency sends the same max(C) x R requests, split over its
+            # clients (request j of client c asks prompt j x C + c); else each client sends R.
+            per_client = total // c if args.same_prompts else args.requests
+            stride = c if args.same_prompts else 1
             # --repeats: rounds back to back at each concurrency, the sides' order reversed in
             # every other round, so that the machine's drift falls on every side alike.
             for rnd in range(args.repeats):
                 for side in (list(sides) if rnd % 2 == 0 else list(sides)[::-1]):
                     client = sides[side]
                     before = client.counters()
-                    runs, wall = run_clients(client.request, c, per_client, lambda i, j: (i * per_client + j) % n)
+                    runs, wall = run_clients(client.request, c, per_client,
+                                             lambda i, j: (j * c + i if stride > 1 else i * per_client + j) % n)
                     row = {"side": side, "concurrency": c, "round": rnd, **summarize(runs, wall, references[side]),
                            "server_rss_mb": rss_mb(procs[side].proc.pid)}
                     if before is not None:
@@ -577,8 +588,11 @@ def render_load_markdown(results: dict) -> str:
         f"CPU: {cpu_summary(results['cpu'])}.", "",
         f"Backbone {results['backbone']}, numerics {s['numerics']}, method {s['method']}, --parallel {s['parallel']}, "
         f"--spec-budget {s['spec_budget']}, --threads {s['threads']}, prompts {s['prompts']} "
-        f"(n = {s['n_prompts']}, chat template), {s['requests_per_client']} request(s) per client back to back, "
-        f"{s['max_new_tokens']} new tokens at most, greedy, streamed; {s['context_per_slot']} positions per slot."
+        f"(n = {s['n_prompts']}, chat template), "
+        + (f"the same {max(s['concurrency']) * s['requests_per_client']} requests at every concurrency, split "
+           "over its clients, each client's back to back, "
+           if s.get("same_prompts") else f"{s['requests_per_client']} request(s) per client back to back, ")
+        + f"{s['max_new_tokens']} new tokens at most, greedy, streamed; {s['context_per_slot']} positions per slot."
         + (f" Each side ran {s['repeats']} rounds at each concurrency, back to back, its order among the sides "
            "reversed in every other round: the table gives each figure's median over the rounds, and the "
            "rounds' lowest and highest aggregate tokens/s in brackets (counts are summed)."
