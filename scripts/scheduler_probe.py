@@ -42,6 +42,7 @@ def main() -> None:
                         "process, their order reversed in every other round")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--slots", type=int, default=None, help="the scheduler's slots (default: --requests)")
     p.add_argument("--budget", default="auto", choices=["auto", "off"], help="the scheduler's --spec-budget")
     p.add_argument("--max-rows", type=int, default=None, help="the scheduler's row cap per step (default: its own)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -51,7 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bb = load_backbone(args.model, progress=False)
     prompts = [bb.encode_prompt(t) for t in load_prompts(args.prompts, args.requests)]
-    sched = Scheduler(bb, slots=args.requests, budget=args.budget,
+    sched = Scheduler(bb, slots=args.slots or args.requests, budget=args.budget,
                       **({} if args.max_rows is None else {"max_rows": args.max_rows}))
     print(f"clp: {cpu_summary(cpu_info())}; prompts on AMX-BF16 tiles: {kernels.amx_prompts()}",
           file=sys.stderr, flush=True)

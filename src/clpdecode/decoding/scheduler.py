@@ -101,9 +101,6 @@ class CostModel:
         # 43% of the time where CLP had granted them at 46% or more (scheduler_probe.py, 2 requests).
         self._expected = self._kept = 0.0
         self.gain_ms: float | None = None  # what a step's grants were expected to save, running average
-        # A step's time besides its forward and LM head (and its drafting), running average: a
-        # step saved saves that too.
-        self.overhead_ms = 0.0
 
     def observe_offers(self, requests: int, ms: float) -> None:
         if requests > 0:
@@ -121,9 +118,6 @@ class CostModel:
         if self._expected < 4.0:
             return 1.0
         return min(2.0, max(0.1, self._kept / self._expected))
-
-    def observe_overhead(self, ms: float) -> None:
-        self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * max(0.0, ms)
 
     def observe_gain(self, ms: float) -> None:
         self.gain_ms = ms if self.gain_ms is None else 0.7 * self.gain_ms + 0.3 * ms
@@ -195,7 +189,7 @@ def allocate(offers: dict, rows: int, tokens: float, cost: CostModel, lookup: di
         if grant[key] != j:  # an earlier draft of this request was not granted
             continue
         marginal = cost.row_ms(rows) + (0.0 if lookup.get(key) else cost.draft_ms)
-        step = cost.step_ms(decode_rows) + cost.overhead_ms  # what a step of these rows takes in all
+        step = cost.step_ms(decode_rows)
         if v * step <= tokens * marginal:
             continue
         grant.gain_ms += v * step / tokens - marginal
@@ -247,7 +241,6 @@ class Scheduler:
         self.cost = CostModel()
         self._unprobed = 0  # budgeted steps in a row that granted no draft
         self._asked_ago = 0  # budgeted steps since the requests were last asked for offers
-        self._drafting_ms = 0.0  # this step's drafter time
         # steps and rows run; drafted and kept draft tokens (verified); tokens and forwards of
         # the requests completed; requests completed, cancelled and failed
         self.stats = {"steps": 0, "rows": 0, "drafted": 0, "kept": 0, "tokens": 0, "forwards": 0,
@@ -354,8 +347,6 @@ class Scheduler:
     def step(self) -> int:
         """Run one step for every running request (admitting waiting ones first); returns the
         rows it ran (0: nothing to do)."""
-        start = time.perf_counter()
-        self._drafting_ms = 0.0
         threads.tick()
         for req in list(self.running):
             if req.cancelled.is_set():
@@ -378,11 +369,7 @@ class Scheduler:
         # prompt chunks made drafts look cheap at 8-16 clients (bench-out/serve-r13: the budget
         # 16-19% behind batched AR there).
         if self.batched and prompts_from == len(plan):
-            end = time.perf_counter()
-            self.cost.observe(rows, (end - t0) * 1e3)
-            # The rest of the step, the drafter apart: choosing tokens, the budget, and whatever
-            # else shares the machine with the steps (a server's event loop, its streams).
-            self.cost.observe_overhead((t0 - start) * 1e3 - self._drafting_ms)
+            self.cost.observe(rows, (time.perf_counter() - t0) * 1e3)
         self.stats["steps"] += 1
         self.stats["rows"] += rows
         return rows
@@ -413,9 +400,7 @@ class Scheduler:
             # on steady drafting alone, ~1 ms a token against ~7, the budget drafted more at 4-16
             # clients and lost more to batched AR: docs/design.md, "Drafts budgeted by CLP".)
             if drafted and not r.decoder.from_lookup:
-                ms = (time.perf_counter() - t0) * 1e3
-                self.cost.observe_draft(drafted, ms)
-                self._drafting_ms += ms
+                self.cost.observe_draft(drafted, (time.perf_counter() - t0) * 1e3)
             if r.decoder.done:
                 self._end(r, r.decoder.result(), None)
 
