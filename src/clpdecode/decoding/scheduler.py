@@ -81,7 +81,9 @@ class CostModel:
     """A step's milliseconds against its rows: a table at 1, 2, 3, 4, 6, 8, ... rows, each entry
     a running average of the steps measured near it (seeded by a calibration, else a prior
     line), read by linear interpolation between measured entries (past them, the slope of the
-    last two); and the drafter's milliseconds per drafted token.
+    last two); the drafter's milliseconds per drafted token; what asking a request for its
+    offer costs (offer_ms) and what a step's grants were expected to save (gain_ms); and how
+    drafts have been kept against CLP's expectation (keep_scale).
 
     A table, not a line: the cost of a row is not constant (on this CPU the second row of a
     step costs less than the ninth: weights read once serve every row, and attention grows
