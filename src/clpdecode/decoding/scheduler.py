@@ -416,6 +416,7 @@ class Scheduler:
             # ran 7% slower than unbudgeted verified at 1 client (bench-out/serve-r11).
             return {}
         rows = decoding + min(prompt_rows, max(0, self.max_rows - decoding))
+        budgeted = [r for r in ready if r.decoder.budgeted]
         # Where not even a free draft sure to be kept would add tokens faster than the step
         # makes them (a full step of other requests' rows), there are no offers to weigh:
         # asking every request for its CLP estimates would only cost time (~7% of a step at 8
@@ -423,13 +424,12 @@ class Scheduler:
         if (self._unprobed < PROBE_EVERY - 1
                 and self.cost.step_ms(max(1, decoding)) <= max(1.0, float(decoding)) * self.cost.row_ms(max(1, rows))):
             self._unprobed += 1
-            return {id(r): 0 for r in ready if r.decoder.budgeted}
+            return {id(r): 0 for r in budgeted}
         # Asking is not free either: CLP's estimate and the lookup cost ~0.2 ms a request
         # (cProfile, 4 requests in-process), ~6% of a step at 4 requests, and at 4-16 requests
         # on the 2-core Xeon few drafts pass and each barely pays. Where the grants' expected
         # saving has been below what asking costs, ask once in ASK_EVERY steps (to notice when
         # drafting pays again) and grant nothing in between.
-        budgeted = [r for r in ready if r.decoder.budgeted]
         gain = self.cost.gain_ms
         if (self._asked_ago < ASK_EVERY - 1 and self._unprobed < PROBE_EVERY - 1 and gain is not None
                 and gain < self.cost.offer_ms * len(budgeted)):

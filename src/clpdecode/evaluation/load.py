@@ -412,7 +412,7 @@ def bench_serve(args) -> int:
             raise ClpError(f"--same-prompts splits {total} requests (the most clients x --requests) over every "
                            f"concurrency's clients: {uneven[0]} clients cannot share them evenly")
     n = min(len(prompts), total)
-    if n < max(concurrency) * args.requests:
+    if n < total:
         status(f"{args.prompts} has {n} prompts: the requests at {max(concurrency)} clients ask some twice")
     prompts = prompts[:n]
 
@@ -499,7 +499,6 @@ def bench_serve(args) -> int:
             # --same-prompts: every concurrency sends the same max(C) x R requests, split over its
             # clients (request j of client c asks prompt j x C + c); else each client sends R.
             per_client = total // c if args.same_prompts else args.requests
-            stride = c if args.same_prompts else 1
             # --repeats: rounds back to back at each concurrency, the sides' order reversed in
             # every other round, so that the machine's drift falls on every side alike.
             for rnd in range(args.repeats):
@@ -507,7 +506,7 @@ def bench_serve(args) -> int:
                     client = sides[side]
                     before = client.counters()
                     runs, wall = run_clients(client.request, c, per_client,
-                                             lambda i, j: (j * c + i if stride > 1 else i * per_client + j) % n)
+                                             lambda i, j: (j * c + i if args.same_prompts else i * per_client + j) % n)
                     row = {"side": side, "concurrency": c, "round": rnd, **summarize(runs, wall, references[side]),
                            "server_rss_mb": rss_mb(procs[side].proc.pid)}
                     if before is not None:

@@ -274,7 +274,7 @@ class Server:
         steps them (steps_in_caller: its work() is already running or about to)."""
         if self._worker is None and not self.steps_in_caller:
             self._closing.clear()
-            self._worker = threading.Thread(target=self._work, name="clp-serve-worker", daemon=True)
+            self._worker = threading.Thread(target=self.work, name="clp-serve-worker", daemon=True)
             self._worker.start()
 
     def stop(self) -> None:
@@ -297,20 +297,18 @@ class Server:
             sched.submit(job.request)
 
     def work(self) -> None:
-        """Step requests on the calling thread until stop() (steps_in_caller).
+        """Step requests on the calling thread until stop(): the worker thread's loop, or with
+        steps_in_caller the caller's.
 
         Why the caller: torch's CPU kernels run on OpenMP (libgomp), and each thread that
         starts parallel work gets a team of its own. Once a process has more team threads
         than cores, libgomp stops spinning between parallel regions and every region wakes
         its threads from sleep. Loading and calibrating the model on the main thread and then
         stepping on a worker thread made two teams, and each batched step took ~15% longer
-        (21 -> 25 ms for 8 decode rows on the 2-core Xeon; 313 against 368 tokens/s for 16
-        requests over 8 slots: scripts/thread_teams.py; docs/design.md, "One thread for the
-        kernels"). So `clp serve` steps on the thread that loaded the model and runs the
+        (22.0 -> 25.2 ms for 8 decode rows on the 2-core Xeon, scripts/thread_teams.py; 313
+        against 368 tokens/s for 16 requests over 8 slots; docs/design.md, "One thread for
+        the kernels"). So `clp serve` steps on the thread that loaded the model and runs the
         HTTP server on another, which never starts kernels."""
-        self._work()
-
-    def _work(self) -> None:
         sched = self.scheduler
         while not self._closing.is_set():
             if not sched.wait_for_work(timeout=0.5):
